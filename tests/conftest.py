@@ -11,7 +11,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
 
-try:
+try:  # noqa: SIM105 - a star import cannot live inside contextlib.suppress
     from tests.conftest_zoo import *  # noqa: F403,E402  (session fixture `test_zoo`)
 except ModuleNotFoundError:  # the zoo fixtures land with the zoo
     pass

@@ -169,11 +169,27 @@ class Layout:
         w = self.handle.tensor(name, dtype)
         if spec.get("layout") == "conv1d" and w.ndim == 2:
             w = w.T
+        return self._unfuse(name, w, spec)
+
+    def bias(self, role: str, layer: int | None = None, expert: int | None = None,
+             dtype=np.float64) -> np.ndarray | None:
+        """The role's bias vector (split like its weight when fused), or None when the checkpoint has none."""
+        spec = self.family.spec(role)
+        weight = self.name(role, layer, expert)
+        if not spec.get("bias") or weight is None:
+            return None
+        full = self._full(role, spec["bias"], layer, expert)
+        if full not in self._names:
+            return None
+        return self._unfuse(weight, self.handle.tensor(full, dtype), spec)
+
+    def _unfuse(self, weight_name: str, w: np.ndarray, spec: dict) -> np.ndarray:
+        """Rows of a fused tensor (GPT-2 c_attn, Phi-3 qkv_proj/gate_up_proj) that belong to this role."""
         split = spec.get("split")
-        if split and name.endswith(split["of"]):
+        if split and weight_name.endswith(split["of"]):
             sizes = [self.dims[p] for p in split["parts"]]
             if sum(sizes) != w.shape[0]:
-                raise CorruptCheckpoint(f"{name}: fused size {w.shape[0]} != {' + '.join(map(str, sizes))} "
+                raise CorruptCheckpoint(f"{weight_name}: fused size {w.shape[0]} != {' + '.join(map(str, sizes))} "
                                         f"expected from config", self.handle.name)
             start = sum(sizes[: split["index"]])
             w = w[start:start + sizes[split["index"]]]
@@ -187,12 +203,7 @@ class Layout:
         """A norm's effective gain (offset applied, e.g. Gemma 1 + w) and bias if it has one."""
         spec = self.family.spec(role)
         gain = self.read(role, layer) + self.family.norm_offset
-        bias = None
-        if spec.get("bias"):
-            template = spec["bias"]
-            full = self._full(role, template, layer, None)
-            if full in self._names:
-                bias = self.handle.tensor(full, np.float64)
+        bias = self.bias(role, layer)
         kind = spec["kind"]
         if kind == "rms_or_layer":
             kind = "layer" if bias is not None else "rms"

@@ -1,0 +1,7 @@
+"""``python -m lmsurgeon``: the same entry point as the console script."""
+
+import sys
+
+from lmsurgeon.cli import main
+
+sys.exit(main())
