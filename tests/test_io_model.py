@@ -144,3 +144,15 @@ def test_load_model_gives_the_saved_weights(tmp_path):
     live = model.state_dict()["transformer.h.0.ln_1.weight"].numpy()
     np.testing.assert_array_equal(live, handle.tensor("transformer.h.0.ln_1.weight"))
     assert not model.training
+
+
+def test_inputs_record_hashes_of_what_was_read(tmp_path):
+    import hashlib
+
+    folder = write_plain(tmp_path / "m", {"w": torch.ones(3)})
+    handle = open_model(folder)
+    handle.tensor("w")
+    inputs = {i["file"]: i for i in handle.inputs()}
+    assert set(inputs) == {"config.json", "model.safetensors"}
+    for fname, ident in inputs.items():
+        assert ident["sha256"] == hashlib.sha256((folder / fname).read_bytes()).hexdigest()

@@ -14,6 +14,8 @@ from pathlib import Path
 from lmsurgeon.errors import RemoteError, SourceNotFound, UnsafeInput
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+#: input files up to this size are hashed whole for results.json
+WHOLE_HASH_LIMIT = 16 * 2**20
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
 
@@ -74,9 +76,23 @@ class LocalStore:
         return self.path(fname)
 
     def identity(self, fname: str) -> dict:
-        """What results.json records about an input file: size and modification time (hashing 100 GB is not free)."""
-        st = self.path(fname).stat()
-        return {"file": fname, "size": st.st_size, "mtime": int(st.st_mtime)}
+        """What results.json records about an input file: size, mtime and a sha256.
+
+        Small files are hashed whole; a safetensors shard is hashed over its header (names, dtypes, shapes and
+        offsets), because hashing 100 GB of weights would cost more than the analysis that reads 1 MB of them.
+        """
+        path = self.path(fname)
+        st = path.stat()
+        out = {"file": fname, "size": st.st_size, "mtime": int(st.st_mtime)}
+        with open(path, "rb") as f:
+            if st.st_size <= WHOLE_HASH_LIMIT:
+                out["sha256"] = hashlib.sha256(f.read()).hexdigest()
+            elif fname.endswith(".safetensors"):
+                n = int.from_bytes(f.read(8), "little")
+                if 8 + n <= st.st_size:
+                    f.seek(0)
+                    out["header_sha256"] = hashlib.sha256(f.read(8 + n)).hexdigest()
+        return out
 
 
 class HubStore:

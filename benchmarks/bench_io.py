@@ -1,0 +1,180 @@
+"""Reading every layer's norm vectors from a large sharded MoE checkpoint: lmsurgeon vs loading every shard.
+
+Generates (once, cached in --dir) a synthetic GLM-4.5-Air-shaped checkpoint in bf16 — dense layer 0, MoE layers
+with routed + shared experts and a sigmoid router, an extra MTP layer, one shard per layer — then measures, each
+in a fresh process so peak RSS is its own:
+
+* lmsurgeon: ``Layout(open_model(dir)).norm(role, layer)`` for every norm (headers + norm tensors only);
+* naive: read every shard into memory and deserialize it (``safetensors.torch.load(bytes)``, as ``torch.load``
+  or a download-then-load script does), then pick the norm tensors. (``load_file`` alone would not be a fair
+  naive way: it memory-maps, so untouched tensors are never read.)
+
+Usage: python benchmarks/bench_io.py [--dir DIR] [--gb 2.0] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 2048, 16, 4, 128
+EXPERTS, MOE_INTER, DENSE_INTER, VOCAB = 24, 704, 5632, 32000
+
+
+def layer_bytes() -> int:
+    attn = (HEADS * HEAD_DIM * HIDDEN * 2 + KV_HEADS * HEAD_DIM * HIDDEN * 2) * 2
+    moe = (EXPERTS + 1) * 3 * HIDDEN * MOE_INTER * 2 + EXPERTS * HIDDEN * 2
+    return attn + moe
+
+
+def config(n_layers: int) -> dict:
+    return {"model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"], "hidden_size": HIDDEN,
+            "num_hidden_layers": n_layers, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+            "head_dim": HEAD_DIM, "intermediate_size": DENSE_INTER, "moe_intermediate_size": MOE_INTER,
+            "n_routed_experts": EXPERTS, "n_shared_experts": 1, "first_k_dense_replace": 1, "vocab_size": VOCAB,
+            "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def layer_tensors(i: int, dense: bool):
+    import torch
+
+    p = f"model.layers.{i}."
+    t = {p + "input_layernorm.weight": torch.randn(HIDDEN) * 0.1 + 1,
+         p + "post_attention_layernorm.weight": torch.randn(HIDDEN) * 0.1 + 1,
+         p + "self_attn.q_proj.weight": torch.empty(HEADS * HEAD_DIM, HIDDEN),
+         p + "self_attn.k_proj.weight": torch.empty(KV_HEADS * HEAD_DIM, HIDDEN),
+         p + "self_attn.v_proj.weight": torch.empty(KV_HEADS * HEAD_DIM, HIDDEN),
+         p + "self_attn.o_proj.weight": torch.empty(HIDDEN, HEADS * HEAD_DIM)}
+    mlps = {"mlp.": DENSE_INTER} if dense else {f"mlp.experts.{e}.": MOE_INTER for e in range(EXPERTS)}
+    if not dense:
+        mlps["mlp.shared_experts."] = MOE_INTER
+        t[p + "mlp.gate.weight"] = torch.empty(EXPERTS, HIDDEN)
+        t[p + "mlp.gate.e_score_correction_bias"] = torch.zeros(EXPERTS)
+    for m, inter in mlps.items():
+        t[p + m + "gate_proj.weight"] = torch.empty(inter, HIDDEN)
+        t[p + m + "up_proj.weight"] = torch.empty(inter, HIDDEN)
+        t[p + m + "down_proj.weight"] = torch.empty(HIDDEN, inter)
+    return {k: v.normal_(0, 0.02).to(torch.bfloat16) if v.ndim > 1 else v.to(torch.bfloat16) for k, v in t.items()}
+
+
+def generate(folder: Path, gb: float) -> Path:
+    """Write the checkpoint shard by shard (bounded memory); reuse it when its config already matches."""
+    import torch
+    from safetensors.torch import save_file
+
+    n_layers = max(3, round(gb * 1e9 / layer_bytes()))
+    cfg = config(n_layers)
+    if (folder / "config.json").exists() and json.loads((folder / "config.json").read_text()) == cfg:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    weight_map = {}
+    n_shards = n_layers + 2  # one per layer, the MTP layer, and embeddings + final norm + head
+
+    def shard(k: int) -> dict:
+        if k <= n_layers:  # k == n_layers is the MTP layer
+            return layer_tensors(k, dense=k == 0)
+        return {"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN).to(torch.bfloat16),
+                "model.norm.weight": (torch.randn(HIDDEN) * 0.1 + 1).to(torch.bfloat16),
+                "lm_head.weight": torch.randn(VOCAB, HIDDEN).to(torch.bfloat16)}
+
+    for k in range(n_shards):  # one shard in memory at a time
+        tensors = shard(k)
+        fname = f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file(tensors, folder / fname)
+        weight_map.update(dict.fromkeys(tensors, fname))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def worker(method: str, folder: Path) -> dict:
+    """One measurement in this (fresh) process: time (imports excluded, both sides), bytes read, peak RSS."""
+    import numpy as np
+    from safetensors.torch import load
+
+    from lmsurgeon.arch import Layout
+    from lmsurgeon.io import open_model
+
+    start = time.perf_counter()
+    if method == "lmsurgeon":
+        handle = open_model(folder)
+        layout = Layout(handle)
+        norms = {(r, i): layout.norm(r, i).gain for r, i in layout.norms_present()}
+        bytes_read = handle.bytes_read
+    else:
+        norms, bytes_read = {}, 0
+        for shard in sorted(folder.glob("*.safetensors")):
+            tensors = load(shard.read_bytes())  # what every non-mmap loader (and a hub download) does
+            bytes_read += shard.stat().st_size
+            norms.update({k: v.float().numpy().astype(np.float64) for k, v in tensors.items() if "norm" in k})
+            del tensors
+    seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"method": method, "seconds": seconds, "bytes_read": bytes_read, "peak_rss": rss, "n_norms": len(norms)}
+
+
+def norm_and_header_bytes(folder: Path) -> int:
+    from lmsurgeon.arch import Layout
+    from lmsurgeon.io import open_model
+
+    handle = open_model(folder)
+    layout = Layout(handle)
+    total = sum(handle.info(layout.name(r, i)).nbytes for r, i in layout.norms_present())
+    for shard in set(handle.weight_map.values()):
+        with open(folder / shard, "rb") as f:
+            total += 8 + int.from_bytes(f.read(8), "little")
+    return total
+
+
+def measure(method: str, folder: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", method, "--dir", str(folder)], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def generate_in_subprocess(folder: Path, gb: float) -> None:
+    """Generate in a child, so this process stays small and its children's peak RSS is their own."""
+    subprocess.run([sys.executable, __file__, "--worker", "generate", "--dir", str(folder), "--gb", str(gb)],
+                   check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=Path(".bench-cache/glm45-air-like"))
+    ap.add_argument("--gb", type=float, default=2.0, help="approximate checkpoint size to generate")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--worker", choices=["lmsurgeon", "naive", "generate"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker == "generate":
+        generate(args.dir, args.gb)
+        return
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.dir)))
+        return
+    generate_in_subprocess(args.dir, args.gb)
+    folder = args.dir
+    files = list(folder.glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    floor = norm_and_header_bytes(folder)
+    print(f"checkpoint: {folder} — {total / 1e9:.2f} GB in {len(files)} shards (bf16, GLM-4.5-Air-shaped)")
+    print(f"norm tensors + headers: {floor:,} bytes\n")
+    rows = {m: min((measure(m, folder) for _ in range(args.repeat)), key=lambda r: r["seconds"])
+            for m in ("lmsurgeon", "naive")}
+    assert rows["lmsurgeon"]["n_norms"] == rows["naive"]["n_norms"] - 2, "both must see the same norms"
+    print(f"{'method':<12}{'bytes read':>16}{'seconds':>10}{'peak RSS MB':>13}  (page cache warm for both)")
+    for m, r in rows.items():
+        print(f"{m:<12}{r['bytes_read']:>16,}{r['seconds']:>10.4f}{r['peak_rss'] / 2**20:>13.0f}")
+    lm, nv = rows["lmsurgeon"], rows["naive"]
+    print(f"\nbytes read / (norms + headers): {lm['bytes_read'] / floor:.3f}  (target ≤ 1.05)")
+    print(f"naive / lmsurgeon: time {nv['seconds'] / lm['seconds']:.0f}×  (target ≥ 100×), "
+          f"bytes {nv['bytes_read'] / lm['bytes_read']:.0f}×, peak RSS {nv['peak_rss'] / lm['peak_rss']:.1f}×")
+
+
+if __name__ == "__main__":
+    main()
