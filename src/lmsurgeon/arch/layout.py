@@ -74,9 +74,9 @@ class Layout:
         """Sizes that fused-tensor splits are expressed in."""
         d = self.hidden_size
         n_heads = self._int_cfg("n_heads", 1) or 1
-        head_dim = self.cfg("head_dim") or d // n_heads
-        n_kv = self.cfg("n_kv_heads") or n_heads
-        inter = self.cfg("intermediate_size") or 4 * d
+        head_dim = self._int_cfg("head_dim", d // n_heads) or d // n_heads
+        n_kv = self._int_cfg("n_kv_heads", n_heads) or n_heads
+        inter = self._int_cfg("intermediate_size", 4 * d) or 4 * d
         return {"hidden_size": d, "q_dim": n_heads * head_dim, "kv_dim": n_kv * head_dim,
                 "intermediate_size": inter, "head_dim": head_dim, "n_heads": n_heads, "n_kv_heads": n_kv}
 

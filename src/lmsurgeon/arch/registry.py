@@ -89,6 +89,9 @@ def detect_family(config: dict, where: str = "config.json") -> Family:
         raise CorruptCheckpoint("config.json is not a JSON object", where)
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
+    if not isinstance(model_type, str | None) or not isinstance(archs, list):
+        raise CorruptCheckpoint(f"model_type must be a string and architectures a list, got {model_type!r} and "
+                                f"{archs!r}", where)
     for fam in families().values():
         if model_type in fam.model_types:
             return fam
