@@ -112,3 +112,19 @@ def test_changed_etag_invalidates_cached_ranges(folders, tmp_path):
         again = open_remote(server, "org/single", tmp_path / "cache")
         again.tensor(NAME)
         assert again.network_bytes > 0  # nothing served from ranges cached under the old ETag
+
+
+def test_a_stalled_server_times_out_into_a_clear_error(folders, tmp_path):
+    from lmsurgeon.io.model import ModelHandle
+    from lmsurgeon.io.stores import HubStore
+
+    with HubServer(folders) as server:
+        store = HubStore("org/single", endpoint=server.endpoint, cache_dir=tmp_path / "cache", timeout=0.5,
+                         max_retries=1)
+        handle = ModelHandle(store)
+        handle.names()
+        server.faults.stall_s = 3.0
+        start = time.monotonic()
+        with pytest.raises(RemoteError, match="org/single"):
+            handle.tensor(NAME)
+        assert time.monotonic() - start < 10

@@ -82,3 +82,56 @@ def _append_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
             index = {"metadata": {}, "weight_map": dict.fromkeys(f.keys(), "model.safetensors")}
     index["weight_map"].update(dict.fromkeys(tensors, "model-extra.safetensors"))
     index_path.write_text(json.dumps(index))
+
+
+def write_sparse_llama(folder: Path, n_layers: int = 16, hidden: int = 8192, intermediate: int = 28672,
+                       kv_heads: int = 8, head_dim: int = 128, vocab: int = 128256, seed: int = 0) -> int:
+    """A Llama-70B-shaped bf16 checkpoint, one shard per layer, whose weights are holes in sparse files.
+
+    Only the norm gains are written (random), so a 30 GB checkpoint costs a few MB of disk: the test of
+    "analyse a model larger than RAM" without the disk. Returns the apparent size in bytes.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    heads = hidden // head_dim
+    shapes = {"input_layernorm.weight": [hidden], "post_attention_layernorm.weight": [hidden],
+              "self_attn.q_proj.weight": [heads * head_dim, hidden],
+              "self_attn.k_proj.weight": [kv_heads * head_dim, hidden],
+              "self_attn.v_proj.weight": [kv_heads * head_dim, hidden],
+              "self_attn.o_proj.weight": [hidden, heads * head_dim],
+              "mlp.gate_proj.weight": [intermediate, hidden], "mlp.up_proj.weight": [intermediate, hidden],
+              "mlp.down_proj.weight": [hidden, intermediate]}
+    shards = [{f"model.layers.{i}.{k}": v for k, v in shapes.items()} for i in range(n_layers)]
+    shards.append({"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden],
+                   "lm_head.weight": [vocab, hidden]})
+    weight_map, total = {}, 0
+    for k, tensors in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {}, 0
+        for name, shape in tensors.items():
+            n = int(np.prod(shape)) * 2
+            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        start = 8 + len(raw)
+        with open(folder / fname, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for name, shape in tensors.items():
+                if len(shape) == 1:  # a norm gain: real values
+                    gain = torch.from_numpy(1 + 0.1 * rng.standard_normal(shape[0], dtype=np.float32))
+                    f.seek(start + header[name]["data_offsets"][0])
+                    f.write(gain.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+            f.truncate(start + offset)
+        total += start + offset
+        weight_map.update(dict.fromkeys(tensors, fname))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": n_layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16"}))
+    return total
