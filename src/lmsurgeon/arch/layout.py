@@ -70,6 +70,15 @@ class Layout:
         return self._int_cfg("n_layers", cap=MAX_LAYERS)
 
     @cached_property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model accepts (learned position tables index out of range past it), or None."""
+        for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+            v = self.config.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    @cached_property
     def dims(self) -> dict[str, int]:
         """Sizes that fused-tensor splits are expressed in."""
         d = self.hidden_size

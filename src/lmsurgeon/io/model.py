@@ -7,6 +7,7 @@ about a megabyte. Loading a whole ``transformers`` model is a separate, explicit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from functools import cached_property
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmsurgeon.errors import CorruptCheckpoint, LmsurgeonError, MissingTensor, SourceNotFound, UnsafeInput
+from lmsurgeon.errors import BadNumbers, CorruptCheckpoint, LmsurgeonError, MissingTensor, SourceNotFound, UnsafeInput
 from lmsurgeon.io.header import TensorInfo, header_length, parse_header
 from lmsurgeon.io.stores import HubStore, LocalStore, check_plain_file_name
 
@@ -285,10 +286,12 @@ class ModelHandle:
         if isinstance(self.store, HubStore):
             kwargs["revision"] = self.store.revision
         try:
-            model = classes[kind].from_pretrained(str(self.local_dir()), **kwargs)
+            with quiet_transformers():
+                model = classes[kind].from_pretrained(str(self.local_dir()), **kwargs)
         except (OSError, ValueError, KeyError) as e:
             raise LmsurgeonError(f"transformers cannot load it as {kind}: {str(e).splitlines()[0]}",
                                  self.name) from None
+        _refuse_non_finite(model, self.name)
         if device_map is None:
             model = model.to(device)
         return model.eval()
@@ -331,3 +334,27 @@ def _to_numpy(t: torch.Tensor, dtype) -> np.ndarray:
     return t.numpy().astype(dtype, copy=False)
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Loading is ours to report: silence transformers' per-load progress bar and load report (unused heads)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _refuse_non_finite(model, where: str) -> None:
+    """NaN or Inf in a weight poisons every activation after it: say which tensor instead of measuring noise."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+                n = int((~torch.isfinite(p)).sum())
+                raise BadNumbers(f"{name} holds {n} NaN/Inf values; no analysis of this model is meaningful",
+                                        where)

@@ -20,7 +20,8 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
 
 def cache_root() -> Path:
-    """Root of lmsurgeon's on-disk caches (``$LMSURGEON_CACHE`` or ``~/.cache/lmsurgeon``)."""
+    """Root of lmsurgeon's on-disk caches (``$LMSURGEON_CACHE`` or ``~/.cache/lmsurgeon``), read on every call
+    so a CI job or a test can point every cache at a scratch folder with one environment variable."""
     return Path(os.environ.get("LMSURGEON_CACHE") or Path.home() / ".cache" / "lmsurgeon")
 
 
