@@ -1,0 +1,29 @@
+"""The three-way verdict (spec §7.7) from the decisive tests' z-scores; naive numbers never count.
+
+Thresholds: T_hi = 5 and T_lo = 3 standard deviations of each test's stated null (one-sided p ≈ 3e-7 and
+1e-3). They are fixed by the null's scale, not fitted to any particular set of models.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+T_HI = 5.0
+T_LO = 3.0
+DECISIVE = ("awm", "phi_u", "phi_match")
+
+
+def verdict(tests: list[dict]) -> tuple[str, list[str]]:
+    """``derived`` (max z ≥ T_hi and min z ≥ T_lo), ``independent`` (max z < T_lo), else ``inconclusive``."""
+    used = [t for t in tests if t["name"] in DECISIVE and t.get("applies") and np.isfinite(t.get("z", np.nan))]
+    if not used:
+        reasons = [f"{t['name']}: {t.get('reason', '')}" for t in tests if not t.get("applies")]
+        return "inconclusive", ["no decisive test applies"] + reasons
+    zs = {t["name"]: float(t["z"]) for t in used}
+    desc = ", ".join(f"{k} z={v:.1f}" for k, v in zs.items())
+    hi, lo = max(zs.values()), min(zs.values())
+    if hi >= T_HI and lo >= T_LO:
+        return "derived", [f"all decisive tests ≥ {T_LO} and one ≥ {T_HI} ({desc})"]
+    if hi < T_LO:
+        return "independent", [f"no decisive test reaches {T_LO} ({desc})"]
+    return "inconclusive", [f"tests disagree ({desc}): derived needs max ≥ {T_HI} and min ≥ {T_LO}"]

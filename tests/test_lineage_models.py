@@ -1,0 +1,147 @@
+"""Lineage on tiny checkpoints built here: positive controls are `derived`, independents `independent`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lmsurgeon.arch import Layout
+from lmsurgeon.io import open_model
+from lmsurgeon.lineage import compare
+from lmsurgeon.lineage.fold import fold_gains
+from tests.lineage_models import logits, permute_llama, random_llama, save, state_np
+
+TESTS = ("awm", "phi_u")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """base, a fine-tuned-like copy, a permuted copy, a γ-folded copy, a pruned copy, two independents."""
+    root = tmp_path_factory.mktemp("lineage_tiny")
+    base = random_llama(0, n_layers=4)
+    st = state_np(base)
+    paths = {"base": save(base, root / "base")}
+    rng = np.random.default_rng(1)
+    tuned = {k: v + 0.02 * v.std() * rng.standard_normal(v.shape) for k, v in st.items()}
+    paths["tuned"] = save(random_llama(9, n_layers=4), root / "tuned", tuned)
+    perm_model = random_llama(9, n_layers=4)
+    paths["permuted"] = save(perm_model, root / "permuted", permute_llama(st, 4, seed=2))
+    folded = fold_gains(st, Layout(open_model(paths["base"])))
+    fold_model = random_llama(9, n_layers=4)
+    paths["folded"] = save(fold_model, root / "folded", folded)
+    pruned = random_llama(9, n_layers=2)
+    keep = {k: v for k, v in st.items() if not k.startswith(("model.layers.1.", "model.layers.3."))}
+    keep = {k.replace("model.layers.2.", "model.layers.1."): v for k, v in keep.items()}
+    paths["pruned"] = save(pruned, root / "pruned", keep)
+    paths["indep1"] = save(random_llama(11, n_layers=4), root / "indep1")
+    paths["indep2"] = save(random_llama(12, n_layers=4), root / "indep2")
+    return {"paths": paths, "base": base, "perm_model": perm_model, "fold_model": fold_model}
+
+
+def _pair(zoo, a, b, **kw):
+    r = compare([str(zoo["paths"][a]), str(zoo["paths"][b])], write=False, tests=TESTS, **kw)
+    return r["pairs"][0]
+
+
+def _z(pair, name):
+    return next(t for t in pair["tests"] if t["name"] == name)["z"]
+
+
+def test_function_preserving_permutation_keeps_logits_and_is_called_derived(zoo):
+    np.testing.assert_allclose(logits(zoo["perm_model"]), logits(zoo["base"]), atol=1e-5)
+    p = _pair(zoo, "base", "permuted")
+    assert p["verdict"] == "derived"
+    assert abs(p["naive"]["mean_pearson"]) < 0.5            # the naive signal is gone...
+    assert next(t for t in p["tests"] if t["name"] == "awm")["statistic"] > 0.99   # ...the sound one is not
+    assert p["layer_map"] == [[i, i] for i in range(4)]
+
+
+def test_gamma_folded_copy_keeps_logits_erases_gains_and_is_still_derived(zoo):
+    np.testing.assert_allclose(logits(zoo["fold_model"]), logits(zoo["base"]), atol=1e-4)
+    folded = _pair(zoo, "indep1", "folded")
+    plain = _pair(zoo, "indep1", "base")
+    assert folded["naive"]["mean_pearson"] is None             # u = 1: Pearson undefined, not 0
+    for name in TESTS:                                         # sound statistics do not move under folding
+        sf = next(t for t in folded["tests"] if t["name"] == name)["statistic"]
+        sp = next(t for t in plain["tests"] if t["name"] == name)["statistic"]
+        assert sf == pytest.approx(sp, abs=1e-6)
+    assert _pair(zoo, "base", "folded")["verdict"] == "derived"
+
+
+def test_fine_tuned_copy_is_derived(zoo):
+    p = _pair(zoo, "base", "tuned")
+    assert p["verdict"] == "derived" and min(_z(p, n) for n in TESTS) >= 5
+
+
+def test_pruned_copy_is_derived_with_the_surviving_layers_mapped(zoo):
+    p = _pair(zoo, "base", "pruned")
+    assert p["verdict"] == "derived"
+    assert p["layer_map"] == [[0, 0], [2, 1]]
+
+
+def test_independent_models_have_high_raw_cosine_yet_are_independent(zoo):
+    p = _pair(zoo, "indep1", "indep2")
+    assert p["naive"]["mean_raw_cosine"] >= 0.9                # the seed's phenomenon
+    assert abs(p["naive"]["mean_pearson"]) < 0.3
+    assert p["verdict"] == "independent"
+    assert all(t["z"] < 3 for t in p["tests"])
+
+
+def test_same_inputs_and_seed_give_the_same_results(zoo):
+    a = compare([str(zoo["paths"]["base"]), str(zoo["paths"]["tuned"])], write=False, tests=TESTS)
+    b = compare([str(zoo["paths"]["base"]), str(zoo["paths"]["tuned"])], write=False, tests=TESTS)
+    a.pop("timings"), b.pop("timings")
+    for p in a["pairs"] + b["pairs"]:
+        p.pop("seconds")
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_naive_only_reads_only_norm_tensors(zoo):
+    r = compare([str(zoo["paths"]["base"]), str(zoo["paths"]["indep1"])], write=False, naive_only=True)
+    h = open_model(zoo["paths"]["base"])
+    norm_bytes = sum(i.nbytes for n, i in h.header().items() if "norm" in n)
+    raw = (zoo["paths"]["base"] / "model.safetensors").read_bytes()
+    header_bytes = 8 + int.from_bytes(raw[:8], "little")
+    assert norm_bytes <= r["models"][0]["bytes_read"] <= 1.05 * (norm_bytes + header_bytes)
+    assert r["pairs"][0]["verdict"] == "inconclusive" and r["pairs"][0]["tests"] == []
+
+
+def test_cli_writes_results_report_and_figures(zoo, tmp_path):
+    from lmsurgeon.cli import main
+
+    out = tmp_path / "run"
+    code = main(["lineage", str(zoo["paths"]["base"]), str(zoo["paths"]["permuted"]), "--out", str(out),
+                 "--tests", "awm,phi_u"])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["schema"] == "lmsurgeon/lineage@1"
+    p = res["pairs"][0]
+    assert {"a", "b", "verdict", "naive", "tests"} <= set(p)
+    assert {"mean_raw_cosine", "mean_pearson"} <= set(p["naive"])
+    assert all({"name", "statistic", "z", "neg_log10_p", "applies"} <= set(t) for t in p["tests"])
+    assert (out / "report.html").stat().st_size > 1000 and list((out / "figures").glob("*.png"))
+
+
+def test_too_few_shared_tokens_makes_weight_tests_not_apply(zoo, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    folder = tmp_path / "othervocab"
+    import shutil
+    shutil.copytree(zoo["paths"]["indep2"], folder)
+    Tokenizer(models.WordLevel({f"x{i}": i for i in range(400)}, unk_token="x0")).save(str(folder / "tokenizer.json"))
+    r = compare([str(zoo["paths"]["base"]), str(folder)], write=False, tests=TESTS)
+    p = r["pairs"][0]
+    assert p["verdict"] == "inconclusive"
+    assert all(not t["applies"] and "shared tokens" in t["reason"] for t in p["tests"])
+
+
+def test_three_sources_compare_the_first_against_each_other_unless_all_pairs(zoo):
+    srcs = [str(zoo["paths"][k]) for k in ("base", "tuned", "permuted")]
+    first = compare(srcs, write=False, naive_only=True)
+    every = compare(srcs, write=False, naive_only=True, all_pairs=True)
+    names = [m["name"] for m in first["models"]]
+    assert [(p["a"], p["b"]) for p in first["pairs"]] == [(names[0], names[1]), (names[0], names[2])]
+    assert [(p["a"], p["b"]) for p in every["pairs"]] == [(names[0], names[1]), (names[0], names[2]),
+                                                           (names[1], names[2])]

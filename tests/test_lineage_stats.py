@@ -1,0 +1,130 @@
+"""Every lineage statistic against an independent float64 numpy/scipy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+from scipy.stats import ortho_group
+
+from lmsurgeon.lineage import stats
+from lmsurgeon.lineage.align import align_residual, canonical_token
+from lmsurgeon.lineage.cka import Grams, cka, hsic1
+from lmsurgeon.lineage.naive import depth_map, monotone_map
+from lmsurgeon.lineage.verdict import verdict
+
+rng = np.random.default_rng(0)
+A = 1.0 + 0.1 * rng.standard_normal(200)
+B = 1.0 + 0.1 * rng.standard_normal(200)
+
+
+def test_cosine_pearson_spearman_match_numpy_and_scipy():
+    assert stats.cosine(A, B) == pytest.approx(A @ B / np.sqrt(A @ A) / np.sqrt(B @ B), abs=1e-14)
+    assert stats.pearson(A, B) == pytest.approx(np.corrcoef(A, B)[0, 1], abs=1e-12)
+    ties = np.round(B, 1)
+    assert stats.spearman(A, ties) == pytest.approx(sps.spearmanr(A, ties).statistic, abs=1e-12)
+
+
+def test_raw_cosine_identity_of_spec_section_2():
+    r = stats.pearson(A, B)
+    sa, sb, ma, mb = A.std(), B.std(), A.mean(), B.mean()
+    rhs = (r * sa * sb + ma * mb) / np.sqrt((sa**2 + ma**2) * (sb**2 + mb**2))
+    assert stats.cosine(A, B) == pytest.approx(rhs, abs=1e-12)
+    cva, cvb = sa / ma, sb / mb
+    assert stats.cosine(A, B) == pytest.approx((1 + r * cva * cvb) / np.sqrt((1 + cva**2) * (1 + cvb**2)), abs=1e-12)
+
+
+def test_shuffled_control_closed_form_matches_monte_carlo():
+    sh = stats.shuffled_control(A, B, seed=1, n=2000)
+    cva, cvb = A.std() / A.mean(), B.std() / B.mean()
+    assert sh["expected"] == pytest.approx(1 / np.sqrt((1 + cva**2) * (1 + cvb**2)), abs=1e-12)
+    assert sh["mean"] == pytest.approx(sh["expected"], abs=3 * sh["std"] / np.sqrt(2000) + 1e-9)
+
+
+def test_constant_vectors_give_undefined_not_zero():
+    c = np.ones(50)
+    assert np.isnan(stats.pearson(c, B[:50]))
+    assert np.isnan(stats.spearman(c, B[:50]))
+    assert np.isnan(stats.cosine(np.zeros(5), np.ones(5)))
+    assert np.isnan(stats.gain_summary(np.zeros(4))["cv"])
+
+
+def test_symmetric_relative_l2():
+    assert stats.rel_l2(A, B) == pytest.approx(2 * np.linalg.norm(A - B) / (np.linalg.norm(A) + np.linalg.norm(B)))
+    assert stats.rel_l2(A, B) == stats.rel_l2(B, A)
+
+
+def test_fisher_log_p_matches_chi2_where_finite_and_stays_finite_beyond():
+    lps = np.log([0.03, 0.2, 0.5, 1e-4])
+    ref = sps.chi2.logsf(-2 * lps.sum(), 2 * lps.size)
+    assert stats.fisher_log_p(lps) == pytest.approx(ref, rel=1e-10)
+    huge = [stats.log_p_from_z(40.0)] * 6
+    assert np.isfinite(stats.fisher_log_p(huge)) and stats.fisher_log_p(huge) < -4000
+
+
+@pytest.mark.parametrize("z", [-2.0, 0.0, 1.5, 8.0, 38.0])
+def test_z_and_log_p_round_trip_against_norm_isf(z):
+    lp = stats.log_p_from_z(z)
+    assert stats.z_from_log_p(lp) == pytest.approx(z, abs=1e-8)
+    if z < 30:
+        assert sps.norm.isf(np.exp(lp)) == pytest.approx(z, abs=1e-6)
+    assert stats.neg_log10_p(lp) == pytest.approx(-sps.norm.logsf(z) / np.log(10))
+
+
+def _hsic_direct(K, L):
+    n = K.shape[0]
+    K, L = K.copy(), L.copy()
+    np.fill_diagonal(K, 0)
+    np.fill_diagonal(L, 0)
+    one = np.ones(n)
+    return (np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * one @ K @ L @ one) / (n * (n - 3))
+
+
+def test_unbiased_hsic_without_gram_matrices_matches_direct_gram_code():
+    X, Y = rng.standard_normal((30, 7)), rng.standard_normal((30, 11))
+    assert hsic1(Grams(X), Grams(Y)) == pytest.approx(_hsic_direct(X @ X.T, Y @ Y.T), abs=1e-10)
+    ref = _hsic_direct(X @ X.T, Y @ Y.T) / np.sqrt(_hsic_direct(X @ X.T, X @ X.T) * _hsic_direct(Y @ Y.T, Y @ Y.T))
+    assert cka(X, Y) == pytest.approx(ref, abs=1e-10)
+
+
+def test_cka_is_one_under_orthogonal_feature_maps():
+    X = rng.standard_normal((40, 12))
+    assert cka(X, X @ ortho_group.rvs(12, random_state=3)) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_planted_permutation_and_signs_are_recovered():
+    E_A = rng.standard_normal((500, 24))
+    perm, s = rng.permutation(24), rng.choice([-1.0, 1.0], 24)
+    E_B = E_A[:, perm] * s + 0.01 * rng.standard_normal((500, 24))
+    al = align_residual(E_A, E_B)
+    np.testing.assert_array_equal(al.perm, perm)
+    np.testing.assert_array_equal(al.sign, s)
+
+
+def test_tokens_are_canonicalised_across_conventions():
+    assert canonical_token("Ġthe", False) == canonical_token("▁the", False) == canonical_token("the", True)
+    assert canonical_token("##ing", True) == canonical_token("ing", False)
+    assert canonical_token("<0x41>", False) == "A"
+    assert canonical_token("[CLS]", True) is None and canonical_token("<s>", False) is None
+
+
+def test_relative_depth_pairs_nearest_t_and_monotone_map_maximises_sum():
+    assert depth_map(3, 5) == [(0, 0), (1, 2), (2, 4)]
+    assert depth_map(4, 4) == [(i, i) for i in range(4)]
+    R = np.array([[0.9, 0.1, 0.0, 0.0], [0.0, 0.0, 0.2, 0.8]])
+    assert monotone_map(R) == [(0, 0), (1, 3)]
+    assert monotone_map(R.T) == [(0, 0), (3, 1)]
+
+
+@pytest.mark.parametrize("zs,want", [((13.0, 6.0), "derived"), ((1.0, -0.5), "independent"),
+                                     ((6.0, 1.0), "inconclusive"), ((4.0, 4.0), "inconclusive")])
+def test_verdict_thresholds(zs, want):
+    tests = [{"name": n, "applies": True, "z": z} for n, z in zip(("awm", "phi_u"), zs, strict=False)]
+    assert verdict(tests)[0] == want
+
+
+def test_verdict_without_applicable_tests_is_inconclusive_and_naive_never_counts():
+    v, reasons = verdict([{"name": "awm", "applies": False, "reason": "only 3 shared tokens"},
+                          {"name": "act_cka", "applies": True, "z": 50.0}])
+    assert v == "inconclusive" and any("shared tokens" in r for r in reasons)
