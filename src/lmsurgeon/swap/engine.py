@@ -1,0 +1,204 @@
+"""The two passes of a swap analysis: fit A_i on the fit split, then measure everything on the eval split.
+
+Per batch: one captured forward, then running sums of every statistic, then the cache is discarded (spec §8),
+so memory is ≈ (L+1)·B·T·d activations plus d² float64 per layer. The eval pass per batch:
+
+* δ(i, i+1): block i on block i+1's output on h_i (2 block calls per pair, the inner one reused by drops);
+* δ'(i, i+1): X̂_i (A_iA_{i+1} − A_{i+1}A_i), no model call;
+* BI(i), ang1(i), ang2(i), eval-split R²;
+* end-to-end (decoders): from the exchanged pair's output (and from L_{i+1}(h_i) for dropping layer i) run
+  the remaining blocks, final norm and head: Δloss, KL(p_orig ‖ p_swap).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lmsurgeon.swap.capture import Capture, call_block, capture, continue_from, swapped_output, token_delta
+from lmsurgeon.swap.e2e import Head, reference_logp, token_losses
+from lmsurgeon.swap.linear import LinearFit, accumulate, new_sums, pair_inputs, solve
+from lmsurgeon.swap.metrics import r_squared
+
+
+@dataclass
+class Batch:
+    """One right-padded batch and the token selections every statistic uses."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T] 1 = real token
+    skip_first: int = 0
+
+    @property
+    def sel(self) -> torch.Tensor:
+        """Real positions counted by δ, δ', BI, R² and the fit: not padding, not among the first skip_first."""
+        pos = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)[None, :]
+        return self.attention_mask.bool() & (pos >= self.skip_first)
+
+    @property
+    def last(self) -> torch.Tensor:
+        """Index of each row's last real token (angular distance of Gromov et al.)."""
+        return self.attention_mask.sum(1) - 1
+
+    @property
+    def loss_sel(self) -> torch.Tensor:
+        """Positions that predict a real next token (padding and each row's last position excluded)."""
+        m = self.attention_mask.bool()
+        out = torch.zeros_like(m)
+        out[:, :-1] = m[:, :-1] & m[:, 1:]
+        return out
+
+    @property
+    def targets(self) -> torch.Tensor:
+        t = torch.zeros_like(self.input_ids)
+        t[:, :-1] = self.input_ids[:, 1:]
+        return t
+
+    def inputs(self) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+
+@dataclass
+class EvalSums:
+    """Running sums over the eval split; ``finish`` turns them into per-layer and per-pair means."""
+
+    n_layers: int
+    n_tok: int = 0
+    n_rows: int = 0
+    n_loss: int = 0
+    delta: np.ndarray = None
+    delta_lin: np.ndarray = None
+    bi_cos: np.ndarray = None
+    ang1: np.ndarray = None
+    ang2: np.ndarray = None
+    resid: np.ndarray = None
+    y_sq: np.ndarray = None
+    y_sum: list = None
+    loss0: float = 0.0
+    dloss_swap: np.ndarray = None
+    kl_swap: np.ndarray = None
+    dloss_drop: np.ndarray = None
+    kl_drop: np.ndarray = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        L = self.n_layers
+        for name, n in [("delta", L - 1), ("delta_lin", L - 1), ("bi_cos", L), ("ang1", L), ("ang2", L - 1),
+                        ("resid", L), ("y_sq", L), ("dloss_swap", L - 1), ("kl_swap", L - 1), ("dloss_drop", L),
+                        ("kl_drop", L)]:
+            setattr(self, name, np.zeros(n))
+        self.y_sum = [0.0] * L
+
+
+def fit_pass(model, layers_paths, batches, n_layers: int, d: int, window: int, ridge: float,
+             device, tick=None) -> LinearFit:
+    """A_i for every layer from the fit split (one captured forward per batch, no block replays)."""
+    sums = new_sums(n_layers, d, device)
+    for b in batches:
+        cap = capture(model, layers_paths, **b.inputs())
+        accumulate(sums, cap.h, b.sel, window)
+        if tick:
+            tick()
+    return solve(sums, ridge, window)
+
+
+def eval_pass(model, layers, layers_paths, batches, fit: LinearFit, head: Head | None, window: int,
+              device, tick=None) -> EvalSums:
+    """All eval-split statistics, batch by batch."""
+    L = len(layers)
+    S = EvalSums(L)
+    A = [torch.from_numpy(a).to(device) for a in fit.A]
+    comm = [A[i] @ A[i + 1] - A[i + 1] @ A[i] for i in range(L - 1)]  # [d, d] commutators, eq. 16
+    for b in batches:
+        cap = capture(model, layers_paths, **b.inputs())
+        _layer_stats(S, cap, b, A, comm, window)
+        _pair_stats(S, layers, cap, b, head)
+        if tick:
+            tick()
+    return S
+
+
+def _layer_stats(S: EvalSums, cap: Capture, b: Batch, A, comm, window: int) -> None:
+    sel, last, rows = b.sel, b.last, torch.arange(b.input_ids.shape[0], device=b.input_ids.device)
+    S.n_tok += int(sel.sum())
+    S.n_rows += int(rows.numel())
+    L = S.n_layers
+    for i in range(L):
+        Xhat, Y = pair_inputs(cap.h[i], cap.h[i + 1], sel, window)
+        R = Xhat @ A[i] - Y
+        S.resid[i] += float((R * R).sum())
+        S.y_sq[i] += float((Y * Y).sum())
+        S.y_sum[i] = S.y_sum[i] + Y.sum(0).cpu().numpy()
+        if i < L - 1:
+            num = (Xhat @ comm[i]).norm(dim=-1)
+            S.delta_lin[i] += float((num / Xhat.norm(dim=-1)).sum())
+        S.bi_cos[i] += float(_cos(cap.h[i][sel], cap.h[i + 1][sel]).sum())
+        S.ang1[i] += float(_angle(cap.h[i][rows, last], cap.h[i + 1][rows, last]).sum())
+        if i < L - 1:
+            S.ang2[i] += float(_angle(cap.h[i][rows, last], cap.h[i + 2][rows, last]).sum())
+
+
+def _pair_stats(S: EvalSums, layers, cap: Capture, b: Batch, head: Head | None) -> None:
+    sel = b.sel
+    L = S.n_layers
+    if head is not None:
+        lsel, tgt = b.loss_sel, b.targets
+        ref = reference_logp(head, cap.h[L], lsel)
+        ce0, _ = token_losses(head, cap.h[L], tgt, lsel)
+        S.loss0 += float(ce0.sum())
+        S.n_loss += int(ce0.numel())
+
+        def score(x_final):
+            ce, kl = token_losses(head, x_final, tgt, lsel, ref)
+            return float((ce - ce0).sum()), float(kl.sum())
+
+    for i in range(L - 1):
+        inner = call_block(layers, i + 1, cap.h[i], cap)  # L_{i+1}(h_i)
+        swapped = swapped_output(layers, i, cap, inner)  # L_i(L_{i+1}(h_i))
+        S.delta[i] += float(token_delta(cap.h[i], cap.h[i + 2], swapped)[sel].sum())
+        if head is not None:
+            d_, k_ = score(continue_from(layers, i + 2, swapped, cap))
+            S.dloss_swap[i] += d_
+            S.kl_swap[i] += k_
+            d_, k_ = score(continue_from(layers, i + 2, inner, cap))  # layer i dropped
+            S.dloss_drop[i] += d_
+            S.kl_drop[i] += k_
+        del inner, swapped
+    if head is not None:
+        d_, k_ = score(cap.h[L - 1])  # the last layer dropped
+        S.dloss_drop[L - 1] += d_
+        S.kl_drop[L - 1] += k_
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.double(), b.double()
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def _angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """arccos(cos(a, b))/π in the atan2 form, accurate near cos = ±1 (Gromov et al.'s angular distance)."""
+    u = a.double() / a.double().norm(dim=-1, keepdim=True)
+    v = b.double() / b.double().norm(dim=-1, keepdim=True)
+    return 2.0 * torch.atan2((u - v).norm(dim=-1), (u + v).norm(dim=-1)) / math.pi
+
+
+def finish(S: EvalSums, has_head: bool) -> dict:
+    """Means from the sums: per-layer {bi, ang1, r2_eval}, per-pair {delta, delta_linear, angular, dloss...}."""
+    nt, nr, nl = max(S.n_tok, 1), max(S.n_rows, 1), max(S.n_loss, 1)
+    L = S.n_layers
+    out = {
+        "bi": list(1.0 - S.bi_cos / nt), "ang1": list(S.ang1 / nr), "ang2": list(S.ang2 / nr),
+        "delta": list(S.delta / nt), "delta_linear": list(S.delta_lin / nt),
+        "r2_eval": [r_squared(S.resid[i], S.y_sq[i], np.asarray(S.y_sum[i]), S.n_tok) for i in range(L)],
+        "n_tokens": S.n_tok, "n_rows": S.n_rows, "n_loss_tokens": S.n_loss,
+    }
+    if has_head:
+        out["loss"] = S.loss0 / nl
+        out["dloss_swap"] = list(S.dloss_swap / nl)
+        out["kl_swap"] = list(S.kl_swap / nl)
+        out["dloss_drop"] = list(S.dloss_drop / nl)
+        out["kl_drop"] = list(S.kl_drop / nl)
+    return out

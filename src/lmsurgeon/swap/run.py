@@ -1,0 +1,255 @@
+"""``analyze``: the whole swap analysis of one model (spec §5–§12), returning exactly what results.json holds."""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from lmsurgeon.arch import Layout, find_module
+from lmsurgeon.errors import LmsurgeonError
+from lmsurgeon.io import open_model
+from lmsurgeon.report import RunFolder
+from lmsurgeon.swap.e2e import find_head
+from lmsurgeon.swap.engine import Batch, eval_pass, finish, fit_pass
+from lmsurgeon.swap.metrics import RIDGE, WINDOW, dep, trans
+from lmsurgeon.swap.stats import spearman_ci
+
+MIN_ROW_TOKENS = 16
+PAPER = {"model": "openai-community/gpt2-large", "pairs": 35, "r_vs_delta": 0.91, "linear_vs_delta": 0.91}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def analyze(source, data=None, *, eval_data=None, tokens: int = 65_536, fit_tokens: int | None = None,
+            seq_len: int = 512, device: str = "cpu", dtype: str = "auto", out=None, seed: int = 0,
+            window: int = WINDOW, ridge: float = RIDGE, skip_first: int = 0, bootstrap: int = 2000,
+            e2e: bool = True, apply: int | None = None, drop: int | None = None, batch_tokens: int = 8192,
+            progress: bool = False, overwrite: bool = False) -> dict:
+    """Analyse every adjacent layer pair of ``source`` and write a run folder; returns results.json's dict.
+
+    ``data`` is the fit text (None: the built-in corpus's train split, eval on its validation split);
+    ``eval_data`` feeds δ, δ', Δloss and perplexity (absent with ``data``: ``data``'s documents shuffled with
+    ``seed`` and split 50/50). ``tokens`` is the eval budget in real tokens; the fit budget is
+    ``fit_tokens`` or max(tokens, 8·d). ``apply=i`` also writes ``swap_i_{i+1}/``, ``drop=i`` writes ``drop_i/``.
+    """
+    with RunFolder(out, command="swap", seed=seed, overwrite=overwrite) as run:  # refuses a used --out first
+        t0 = time.time()
+        timings: dict[str, float] = {}
+        handle = open_model(source)
+        layout = Layout(handle)
+        family = layout.family
+        torch_dtype = resolve_dtype(dtype, device, handle)
+        kind = "base" if family.encoder else "causal-lm"
+        model = handle.load_model(kind, dtype=torch_dtype, device=device)
+        tokenizer = handle.load_tokenizer()
+        layers = find_module(model, family.modules["layers"])
+        L, d = len(layers), layout.hidden_size
+        if L < 2:
+            raise LmsurgeonError(f"a swap needs at least 2 layers, the model has {L}", handle.name)
+        _check_index(apply, L - 1, "--apply")
+        _check_index(drop, L, "--drop")
+        head = find_head(model, family) if e2e else None  # no head: δ, δ', Trans, Dep only
+        timings["load_seconds"] = time.time() - t0
+
+        seq_len = min(seq_len, layout.max_positions or seq_len)  # learned position tables end there
+        fit_texts, eval_texts, data_desc = split_texts(data, eval_data, seed)
+        fit_budget = fit_tokens or max(tokens, 8 * d)
+        pad_id = _pad_id(tokenizer)
+        fit_rows = tokenize_rows(tokenizer, fit_texts, seq_len, fit_budget)
+        eval_rows = tokenize_rows(tokenizer, eval_texts, seq_len, tokens)
+        if not fit_rows or not eval_rows:
+            raise LmsurgeonError(f"no text row has at least {MIN_ROW_TOKENS} tokens", str(data or "built-in corpus"))
+        fit_batches = make_batches(fit_rows, batch_tokens, seq_len, pad_id, device, skip_first)
+        eval_batches = make_batches(eval_rows, batch_tokens, seq_len, pad_id, device, skip_first)
+
+        with _progress(progress, len(fit_batches) + len(eval_batches)) as tick:
+            t1 = time.time()
+            fit = fit_pass(model, family.modules["layers"], fit_batches, L, d, window, ridge, device, tick)
+            timings["fit_seconds"] = time.time() - t1
+            t1 = time.time()
+            S = eval_pass(model, layers, family.modules["layers"], eval_batches, fit, head, window, device, tick)
+            ev = finish(S, head is not None)
+            timings["eval_seconds"] = time.time() - t1
+
+        body = assemble(fit, ev, L, d, head is not None, bootstrap, seed)
+        body.update({
+            "model": {"source": str(source), "family": family.name, "n_layers": L, "hidden_size": d,
+                      "encoder": family.encoder, "dtype": str(torch_dtype).replace("torch.", ""), "device": device},
+            "settings": {"data": data_desc, "seq_len": seq_len, "fit_tokens_budget": fit_budget,
+                         "eval_tokens_budget": tokens, "window": window, "ridge": ridge, "skip_first": skip_first,
+                         "bootstrap": bootstrap, "min_row_tokens": MIN_ROW_TOKENS, "e2e": head is not None,
+                         "batch_tokens": batch_tokens, "padding": "right",
+                         "special_tokens": "tokenizer default"},
+            "tokens": {"fit": fit.n_fit, "eval": ev["n_tokens"], "eval_rows": ev["n_rows"],
+                       "fit_rows": len(fit_rows), "loss_tokens": ev["n_loss_tokens"]},
+            "paper": PAPER,
+        })
+        from lmsurgeon.swap.report import build_report, draw_figures
+
+        body["apply"] = None
+        if apply is not None or drop is not None:
+            from lmsurgeon.swap.apply import apply_and_evaluate
+
+            t1 = time.time()
+            body["apply"] = apply_and_evaluate(handle, layout, run.path, eval_batches, kind, torch_dtype, device,
+                                               swap=apply, drop=drop, model=model)
+            timings["apply_seconds"] = time.time() - t1
+        figures = draw_figures(run, body)
+        timings["analysis_seconds"] = time.time() - t0
+        results = run.write_results(body, inputs=handle.inputs(), timings=timings)
+        run.write_report(build_report(results, figures))
+    return results
+
+
+def _check_index(i: int | None, n: int, flag: str) -> None:
+    if i is not None and not 0 <= i < n:
+        raise LmsurgeonError(f"{flag} {i} is out of range (0…{n - 1})")
+
+
+def resolve_dtype(dtype: str | None, device: str, handle) -> torch.dtype:
+    """``auto``: float32 if it fits in 60 % of the device's memory, else the checkpoint dtype (spec §7)."""
+    if dtype not in (None, "auto"):
+        if dtype not in DTYPES:
+            raise LmsurgeonError(f"unknown --dtype {dtype!r} (auto, {', '.join(sorted(DTYPES))})")
+        return DTYPES[dtype]
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    n_params = sum(int(np.prod(info.shape)) for info in handle.header().values())
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if 4 * n_params < 0.6 * total:
+        return torch.float32
+    saved = handle.config.get("dtype") or handle.config.get("torch_dtype") or "bfloat16"
+    return DTYPES.get(str(saved), torch.bfloat16)
+
+
+def split_texts(data, eval_data, seed: int) -> tuple[list[str], list[str], dict]:
+    """Fit and eval documents per spec §7."""
+    from lmsurgeon.data import load_texts
+
+    if data is None and eval_data is None:
+        return (load_texts(None, "train"), load_texts(None, "validation"),
+                {"fit": "built-in corpus: train", "eval": "built-in corpus: validation"})
+    if eval_data is not None:
+        fit = load_texts(data, "train") if data is not None else load_texts(None, "train")
+        return fit, load_texts(eval_data, "validation"), {"fit": str(data or "built-in corpus: train"),
+                                                          "eval": str(eval_data)}
+    docs = list(load_texts(data, "train"))
+    random.Random(seed).shuffle(docs)
+    half = max(1, len(docs) // 2)
+    if len(docs) < 2:
+        raise LmsurgeonError("--data needs at least 2 documents to split into fit and eval halves", str(data))
+    return docs[:half], docs[half:], {"fit": f"{data} (shuffled half 1, seed {seed})",
+                                      "eval": f"{data} (shuffled half 2, seed {seed})"}
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def tokenize_rows(tokenizer, texts: list[str], seq_len: int, budget: int) -> list[list[int]]:
+    """One document per row, cut at seq_len, rows under 16 tokens skipped, until ``budget`` real tokens."""
+    rows, total = [], 0
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=seq_len)["input_ids"]
+        if len(ids) < MIN_ROW_TOKENS:
+            continue
+        rows.append(list(ids))
+        total += len(ids)
+        if total >= budget:
+            break
+    return rows
+
+
+def make_batches(rows: list[list[int]], batch_tokens: int, seq_len: int, pad_id: int, device,
+                 skip_first: int = 0) -> list[Batch]:
+    """Right-padded batches of about ``batch_tokens`` padded positions each."""
+    per = max(1, batch_tokens // max(1, seq_len))
+    out = []
+    for a in range(0, len(rows), per):
+        chunk = rows[a:a + per]
+        T = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for k, r in enumerate(chunk):
+            ids[k, :len(r)] = torch.tensor(r)
+            mask[k, :len(r)] = 1
+        out.append(Batch(ids.to(device), mask.to(device), skip_first))
+    return out
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return nullcontext(None)
+    from contextlib import contextmanager
+
+    from rich.progress import Progress
+
+    @contextmanager
+    def bar():
+        with Progress(transient=True) as p:
+            task = p.add_task("swap: batches", total=total)
+            yield lambda: p.advance(task)
+
+    return bar()
+
+
+def assemble(fit, ev: dict, L: int, d: int, has_head: bool, bootstrap: int, seed: int) -> dict:
+    """Per-layer and per-pair tables, Spearman correlations with CIs, and the safest-swap ranking."""
+    A = fit.A
+    T = [trans(a) for a in A]
+    snorm = [float(np.linalg.norm(a, 2)) for a in A]
+    floor = 1e-12 * max(snorm) if snorm else 0.0
+    layers = [{"i": i, "trans": T[i], "r2_fit": fit.r2_fit[i], "r2_eval": ev["r2_eval"][i], "bi": ev["bi"][i],
+               "ang1": ev["ang1"][i], "spectral_norm": snorm[i],
+               "dloss_drop": ev["dloss_drop"][i] if has_head else None,
+               "kl_drop": ev["kl_drop"][i] if has_head else None} for i in range(L)]
+    pairs = []
+    for i in range(L - 1):
+        d_ij, d_ji = dep(A[i], A[i + 1], floor), dep(A[i + 1], A[i], floor)
+        dl = ev["dloss_swap"][i] if has_head else None
+        pairs.append({
+            "i": i, "j": i + 1, "trans_i": T[i], "trans_j": T[i + 1], "dep_ij": d_ij, "dep_ji": d_ji,
+            "r": T[i] * T[i + 1] * (d_ij + d_ji), "delta": ev["delta"][i], "delta_linear": ev["delta_linear"][i],
+            "bi": ev["bi"][i] * ev["bi"][i + 1], "angular": ev["ang2"][i],
+            "trans_product": T[i] * T[i + 1], "dep_sum": d_ij + d_ji,
+            "dep_flagged": bool(min(snorm[i], snorm[i + 1]) < floor),
+            "dloss": dl, "ppl_ratio": float(np.exp(dl)) if dl is not None else None,
+            "kl": ev["kl_swap"][i] if has_head else None,
+        })
+    return {"layers": layers, "pairs": pairs, "spearman": correlations(pairs, has_head, bootstrap, seed),
+            "ranking": ranking(pairs), "loss": ev.get("loss"),
+            "perplexity": float(np.exp(ev["loss"])) if has_head else None,
+            "dloss_applicable": has_head}
+
+
+PREDICTORS = {"r": "r", "linear": "delta_linear", "bi": "bi", "angular": "angular",
+              "trans": "trans_product", "dep": "dep_sum"}
+
+
+def correlations(pairs: list[dict], has_head: bool, bootstrap: int, seed: int) -> dict:
+    """Spearman ρ (95 % bootstrap CI over pairs) of each predictor vs δ and vs Δloss, and δ vs Δloss."""
+    col = {k: [p[k] for p in pairs] for k in pairs[0]} if pairs else {}
+    out = {}
+    for target in ["delta", "dloss"] if has_head else ["delta"]:
+        for name, key in PREDICTORS.items():
+            out[f"{name}_vs_{target}"] = spearman_ci(col[key], col[target], n_boot=bootstrap, seed=seed)
+    if has_head:
+        out["delta_vs_dloss"] = spearman_ci(col["delta"], col["dloss"], n_boot=bootstrap, seed=seed)
+    return out
+
+
+def ranking(pairs: list[dict]) -> list[dict]:
+    """Safest swaps first: by Δloss where there is a head, else by δ; ties broken by r."""
+    by = "dloss" if pairs and pairs[0]["dloss"] is not None else "delta"
+    order = sorted(pairs, key=lambda p: (p[by], p["r"]))
+    return [{"rank": k + 1, "i": p["i"], "j": p["j"], "by": by, "dloss": p["dloss"], "ppl_ratio": p["ppl_ratio"],
+             "delta": p["delta"], "r": p["r"]} for k, p in enumerate(order)]
+
