@@ -16,6 +16,8 @@ try:  # noqa: SIM105 - a star import cannot live inside contextlib.suppress
 except ModuleNotFoundError:  # the zoo fixtures land with the zoo
     pass
 
+from tests.conftest_merge import *  # noqa: F403,E402  (session fixture `merge_pair`)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():

@@ -1,0 +1,97 @@
+"""Merge trial cost: in-place patch/evaluate/restore vs one perplexity evaluation vs reloading B per trial,
+and trials per minute with 1 and 2 worker processes on one shared Optuna storage.
+
+    /work/venv/bin/python benchmarks/bench_merge.py [--profile full|test] [--trials 8] [--storage URL]
+
+Default storage for the worker rows is a SQLite file (any RDB URL, e.g. postgresql://..., works the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _params(rng) -> dict:
+    return {"target_emb_frac": rng.uniform(0.5, 0.8), "alpha_cap_emb": rng.uniform(0.8, 0.95),
+            "alpha_floor_emb": rng.uniform(0.02, 0.1), "min_tau_emb": rng.uniform(0.5, 0.6),
+            "target_head_rows": int(rng.integers(3000, 20000)), "alpha_cap_head": rng.uniform(0.6, 0.95),
+            "alpha_floor_head": rng.uniform(0.1, 0.25), "min_tau_head": rng.uniform(0.6, 0.72),
+            "use_soft_clip": bool(rng.integers(2))}
+
+
+def _workers(n: int, base: str, donor: str, trials: int, storage: str, name: str) -> float:
+    """Wall seconds for `n` worker processes to finish `trials` trials of one study (startup included)."""
+    args = [sys.executable, "-m", "lmsurgeon.cli", "merge", "--base", base, "--donor", donor, "--storage",
+            storage, "--study-name", name, "--trials", str(trials), "--max-prompts", "32", "--worker"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // n))}
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
+    for p in procs:
+        if p.wait() != 0:
+            raise SystemExit(f"worker failed: {' '.join(args)}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="full")
+    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--worker-trials", type=int, default=16)
+    ap.add_argument("--storage", default=None)
+    a = ap.parse_args()
+
+    from lmsurgeon.data import load_texts
+    from lmsurgeon.merge import MergeSession
+    from lmsurgeon.zoo import ensure_zoo
+
+    zoo_dir, _ = ensure_zoo(a.profile)
+    base, donor = str(zoo_dir / "llama-sp"), str(zoo_dir / "gpt2-bpe")
+    texts = load_texts(None, "validation")[:32]
+    s = MergeSession(base, donor, texts)
+    evals = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        s.evaluator.evaluate(s.model)
+        evals.append(time.perf_counter() - t0)
+    t_eval = float(np.median(evals))
+    rng = np.random.default_rng(0)
+    stats = [s.trial(_params(rng)) for _ in range(a.trials)]
+    t_trial = float(np.median([st["seconds"] for st in stats]))
+    n_evals = float(np.mean([st["n_evals"] for st in stats]))
+    t_reload = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        s.base_handle.load_model()
+        t_reload.append(time.perf_counter() - t0)
+    t_reload_trial = float(np.median(t_reload)) + t_trial
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        for n in (1, 2):
+            url = a.storage or f"sqlite:///{Path(tmp) / f'w{n}.db'}"
+            secs = _workers(n, base, donor, a.worker_trials, url, f"bench-{n}-{time.time_ns()}")
+            rows.append((n, secs, 60 * a.worker_trials / secs))
+
+    print(f"zoo pair llama-sp (base) ← gpt2-bpe (donor), profile {a.profile}, {len(s.evaluator.seqs)} prompts")
+    print(f"{'measure':48s} {'seconds':>9s} {'ratio':>8s}")
+    print(f"{'one perplexity evaluation':48s} {t_eval:9.3f} {1.0:8.2f}")
+    print(f"{'in-place trial (patch, evaluate, restore)':48s} {t_trial:9.3f} {t_trial / t_eval:8.2f}")
+    print(f"{'  per perplexity evaluation inside the trial':48s} {t_trial / n_evals:9.3f} "
+          f"{t_trial / n_evals / t_eval:8.2f}   (target ≤ 1.2)")
+    print(f"{'reload B + trial (naive)':48s} {t_reload_trial:9.3f} {t_reload_trial / t_eval:8.2f}")
+    print(f"{'naive / in-place':48s} {'':9s} {t_reload_trial / t_trial:8.2f}")
+    for n, secs, tpm in rows:
+        print(f"{f'{n} worker process(es), {a.worker_trials} trials, wall':48s} {secs:9.2f}   "
+              f"{tpm:6.1f} trials/min (process start included)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""Cross-architecture embedding merge: token correspondence, Procrustes alignment, guarded blend, Optuna search."""
+
+from lmsurgeon.merge.generate import compare_generation
+from lmsurgeon.merge.run import MergeSession, run_merge
+
+__all__ = ["MergeSession", "compare_generation", "run_merge"]

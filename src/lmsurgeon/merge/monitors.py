@@ -1,0 +1,106 @@
+"""Perplexity and symmetric top-K KL on the search prompts (spec §3, §8.4).
+
+One forward pass over the prompts gives both: the token-weighted NLL for perplexity and the next-token
+log-probabilities at the KL positions. The base's log-probabilities are cached once; every later evaluation is
+compared against them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lmsurgeon.errors import LmsurgeonError
+
+
+def kl_positions(L: int, spec: str) -> list[int]:
+    """T_p for a prompt of L tokens: `tail:N` → {max(0, L−N), …, L−1}; `all` → every position."""
+    if spec == "all":
+        return list(range(L))
+    if spec.startswith("tail:"):
+        N = int(spec.split(":", 1)[1])
+        if N < 1:
+            raise LmsurgeonError(f"--kl-positions {spec}: N must be ≥ 1")
+        return list(range(max(0, L - N), L))
+    raise LmsurgeonError(f"--kl-positions {spec!r}: expected tail:N or all")
+
+
+@dataclass
+class Evaluation:
+    """Result of one pass: perplexity and the log-probabilities at the KL positions ([n_pos, V], float32)."""
+
+    nll_sum: float
+    n_tokens: int
+    logprobs: torch.Tensor
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll_sum / self.n_tokens)
+
+
+def sym_kl_topk(logP: torch.Tensor, logQ: torch.Tensor, k: int = 512, rest_floor: float = 1e-12) -> torch.Tensor:
+    """½[KL(P̂‖Q̂) + KL(Q̂‖P̂)] per row on U = topK(P) ∪ topK(Q) plus one rest bucket (coarse-graining)."""
+    logP, logQ = logP.double(), logQ.double()
+    V = logP.shape[-1]
+    k = min(k, V)
+    mask = torch.zeros_like(logP, dtype=torch.bool)
+    mask.scatter_(-1, logP.topk(k, dim=-1).indices, True)
+    mask.scatter_(-1, logQ.topk(k, dim=-1).indices, True)
+    P, Q = logP.exp() * mask, logQ.exp() * mask
+    P_rest = (1.0 - P.sum(-1)).clamp_min(rest_floor)
+    Q_rest = (1.0 - Q.sum(-1)).clamp_min(rest_floor)
+    diff = torch.where(mask, logP - logQ, torch.zeros_like(logP))
+    kl_pq = (P * diff).sum(-1) + P_rest * (P_rest.log() - Q_rest.log())
+    kl_qp = (-Q * diff).sum(-1) + Q_rest * (Q_rest.log() - P_rest.log())
+    return 0.5 * (kl_pq + kl_qp)
+
+
+class PromptEvaluator:
+    """Encoded prompts in a fixed order, batched with right padding; evaluates any model sharing B's tokenizer."""
+
+    def __init__(self, tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
+                 positions: str = "tail:8", pad_id: int = 0, device: str = "cpu"):
+        seqs = [enc.ids[:max_length] for enc in tokenizer.encode_batch(list(texts))]
+        self.seqs = [s for s in seqs if len(s) >= 2]
+        if not self.seqs:
+            raise LmsurgeonError("no prompt has 2 or more tokens (empty prompts)")
+        self.batch_size, self.pad_id, self.device = batch_size, pad_id, device
+        self.positions = [kl_positions(len(s), positions) for s in self.seqs]
+        self.n_tokens = sum(len(s) - 1 for s in self.seqs)
+
+    def _batches(self):
+        for a in range(0, len(self.seqs), self.batch_size):
+            group = self.seqs[a:a + self.batch_size]
+            L = max(len(s) for s in group)
+            ids = torch.full((len(group), L), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(group), L), dtype=torch.long)
+            for r, s in enumerate(group):
+                ids[r, :len(s)] = torch.tensor(s)
+                mask[r, :len(s)] = 1
+            yield a, group, ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def evaluate(self, model) -> Evaluation:
+        """NLL in float32, summed in float64; log-probs at the KL positions of every prompt, in order."""
+        nll_sum, picked = 0.0, []
+        for a, group, ids, mask in self._batches():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            for r, s in enumerate(group):
+                L = len(s)
+                tgt = ids[r, 1:L]
+                nll_sum += float(-logp[r, :L - 1].gather(-1, tgt[:, None]).sum(dtype=torch.float64))
+                picked.append(logp[r, self.positions[a + r]].cpu())
+        return Evaluation(nll_sum, self.n_tokens, torch.cat(picked))
+
+
+def relative_ppl(current: Evaluation, base: Evaluation) -> float:
+    """r = PPL(current) / PPL(B)."""
+    return current.ppl / base.ppl
+
+
+def sym_kl(current: Evaluation, base: Evaluation, k: int = 512) -> float:
+    """Mean symmetric top-K KL over every (prompt, position) pair."""
+    return float(sym_kl_topk(base.logprobs, current.logprobs, k).mean())

@@ -1,0 +1,202 @@
+"""Optuna multi-objective search over the blend hyperparameters, and `run_merge`, the merge API (spec §4, §8.3).
+
+Objectives: minimise r (relative perplexity), maximise symKL (how far the outputs moved). The study lives in a
+journal file next to the run folder by default, so a killed run resumes with the next trial number; a
+`postgresql://` storage lets several processes or machines run trials of one study (`worker=True`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from lmsurgeon.errors import LmsurgeonError, OutputExists
+from lmsurgeon.report.results import jsonable
+
+SPACE = {  # name → (low, high) floats, ints, or a list of choices (spec §4)
+    "target_emb_frac": (0.50, 0.80), "alpha_cap_emb": (0.80, 0.95), "alpha_floor_emb": (0.02, 0.10),
+    "min_tau_emb": (0.50, 0.60), "target_head_rows": (3000, 20000), "alpha_cap_head": (0.60, 0.95),
+    "alpha_floor_head": (0.10, 0.25), "min_tau_head": (0.60, 0.72), "use_soft_clip": [True, False],
+}
+HEAD_PARAMS = ("target_head_rows", "alpha_cap_head", "alpha_floor_head", "min_tau_head")
+
+
+def load_space(path: str | Path | None) -> dict:
+    """The search space, with `--space FILE` (JSON of the same shape) overriding single entries."""
+    space = dict(SPACE)
+    if path is not None:
+        try:
+            over = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise LmsurgeonError(f"cannot read the search space: {e}", path) from None
+        unknown = set(over) - set(SPACE)
+        if unknown:
+            raise LmsurgeonError(f"unknown parameters {sorted(unknown)}", path)
+        space.update({k: tuple(v) if len(v) == 2 and not isinstance(v[0], bool) else list(v)
+                      for k, v in over.items()})
+    return space
+
+
+def suggest(trial: optuna.Trial, space: dict, tied: bool) -> dict:
+    params = {}
+    for name, rng in space.items():
+        if tied and name in HEAD_PARAMS:
+            continue  # Stage B never runs on a tied base: do not search what cannot matter
+        if isinstance(rng, list):
+            params[name] = trial.suggest_categorical(name, rng)
+        elif isinstance(rng[0], int) and isinstance(rng[1], int):
+            params[name] = trial.suggest_int(name, rng[0], rng[1])
+        else:
+            params[name] = trial.suggest_float(name, float(rng[0]), float(rng[1]))
+    return params
+
+
+def make_storage(storage: str | None, journal: Path):
+    """Journal file by default; `postgresql://…` (or any SQLAlchemy URL) → RDBStorage with heartbeats."""
+    if storage is None:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(journal)))
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    for attempt in range(5):  # workers starting together race to create the schema: the loser retries
+        try:
+            return RDBStorage(storage, heartbeat_interval=60, grace_period=180,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+        except Exception as e:  # sqlalchemy IntegrityError/ProgrammingError on concurrent CREATE
+            if attempt == 4 or "already exists" not in str(e):
+                raise LmsurgeonError(f"cannot open the Optuna storage: {str(e).splitlines()[0]}") from None
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
+
+
+def open_study(storage, study_name: str, seed: int, fingerprint: str) -> optuna.Study:
+    """create_study(minimise r, maximise symKL), TPE multivariate + constant liar; refuse a changed fingerprint."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed)
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=["minimize", "maximize"],
+                                sampler=sampler, load_if_exists=True)
+    old = study.user_attrs.get("fingerprint")
+    if old is None:
+        study.set_user_attr("fingerprint", fingerprint)
+    elif old != fingerprint:
+        raise LmsurgeonError(f"study {study_name!r} was started with other inputs or settings (fingerprint "
+                             f"{old[:12]} ≠ {fingerprint[:12]}); use another --out/--study-name")
+    return study
+
+
+def fail_dead_trials(study: optuna.Study) -> int:
+    """Journal storage has no heartbeat: RUNNING trials of this host whose process is gone are failed and
+    their parameters enqueued again, so numbering continues and no work is lost."""
+    host, n = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid")):
+            continue
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        if t.params:
+            study.enqueue_trial(t.params, skip_if_exists=False)
+        n += 1
+    return n
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def n_complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def run_trials(study: optuna.Study, session, space: dict, trials: int, callbacks=(), progress: bool = False) -> None:
+    """Run trials until the study holds `trials` COMPLETE ones (shared by every worker of the study)."""
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        stats = session.trial(suggest(trial, space, session.tied))
+        trial.set_user_attr("stats", jsonable(stats))
+        return stats["r"], stats["sym_kl"]
+
+    left = trials - n_complete(study)
+    if left <= 0:
+        return
+    stop = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=left, callbacks=[stop, *callbacks], show_progress_bar=progress)
+
+
+def wait_for_running(study: optuna.Study, timeout: float = 3600.0, poll: float = 1.0) -> None:
+    """A finaliser waits until no other worker is still running a trial of the study."""
+    t0 = time.time()
+    while study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if time.time() - t0 > timeout:
+            raise LmsurgeonError("other workers are still running trials after the wait limit")
+        time.sleep(poll)
+
+
+def pareto_front(records: list[dict], ppl_cap: float) -> list[dict]:
+    """Non-dominated trials (min r, max symKL) among those with r ≤ ppl_cap, in trial order."""
+    ok = [t for t in records if t["r"] <= ppl_cap]
+    front = []
+    for t in ok:
+        dominated = any(o["r"] <= t["r"] and o["sym_kl"] >= t["sym_kl"] and
+                        (o["r"] < t["r"] or o["sym_kl"] > t["sym_kl"]) for o in ok)
+        if not dominated:
+            front.append(t)
+    return sorted(front, key=lambda t: t["number"])
+
+
+def select_best(front: list[dict], how: str = "knee", max_rel_ppl: float = 1.2) -> dict | None:
+    """`knee`: nearest to (best r, best symKL) after min-max normalisation; `max-kl`: largest symKL with
+    r ≤ max_rel_ppl. Ties go to the lower trial number."""
+    if not front:
+        return None
+    if how == "max-kl":
+        ok = [t for t in front if t["r"] <= max_rel_ppl] or [min(front, key=lambda t: (t["r"], t["number"]))]
+        return max(ok, key=lambda t: (t["sym_kl"], -t["number"]))
+    r = np.array([t["r"] for t in front])
+    kl = np.array([t["sym_kl"] for t in front])
+    nr = (r - r.min()) / (np.ptp(r) or 1.0)
+    nk = (kl.max() - kl) / (np.ptp(kl) or 1.0)
+    dist = np.hypot(nr, nk)
+    best = min(range(len(front)), key=lambda i: (round(float(dist[i]), 12), front[i]["number"]))
+    return front[best]
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(jsonable(parts), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def journal_path(out: Path) -> Path:
+    """Where the journal lives while the run folder is being built (a hidden sibling; copied in at the end)."""
+    return out.parent / f".{out.name}.study.journal"
+
+
+def prepare_journal(out: Path, resume: bool) -> Path:
+    journal = journal_path(out)
+    finished = out / "study.journal"
+    if resume:
+        if not journal.exists() and finished.exists():
+            shutil.copy2(finished, journal)
+        return journal
+    if journal.exists():
+        raise OutputExists("an interrupted study exists for this --out (pass --resume to continue it)", journal)
+    if out.exists() and any(out.iterdir()):
+        raise OutputExists("output folder exists and is not empty (choose another --out or --resume)", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return journal

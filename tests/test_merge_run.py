@@ -1,0 +1,118 @@
+"""Stage A/B on real tiny models: identity donor, broken donor, in-place restore, single merge and resume."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from lmsurgeon.merge import MergeSession, run_merge
+from lmsurgeon.merge.search import journal_path
+
+EVERYTHING = {"target_emb_frac": 1.0, "min_tau_emb": -1.0, "alpha_cap_emb": 0.95, "alpha_floor_emb": 0.5,
+              "target_head_rows": 10**6, "min_tau_head": -1.0, "alpha_cap_head": 0.95, "alpha_floor_head": 0.5}
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_donor_equal_to_base_gives_the_base_back(merge_pair, dtype, tmp_path):
+    src = merge_pair["llama"]
+    if dtype == "bf16":  # the checkpoint itself in bf16, so base and donor rows are the same numbers
+        w = load_file(src / "model.safetensors")
+        src = tmp_path / "bf16"
+        shutil.copytree(merge_pair["llama"], src)
+        torch_w = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in w.items()}
+        from safetensors.torch import save_file as save_torch
+
+        save_torch(torch_w, src / "model.safetensors", metadata={"format": "pt"})
+    s = MergeSession(str(src), str(src), merge_pair["texts"][:16], dtype=dtype)
+    before = _weights(s.model)
+    st = s.trial(EVERYTHING, keep=True)
+    assert st["stage_a"]["rows"] > 0 and st["stage_b"]["rows"] > 0
+    assert st["r"] == pytest.approx(1.0, abs=1e-6)
+    for k, v in s.model.state_dict().items():
+        if dtype == "bf16":
+            assert torch.equal(v, before[k]), k
+        else:
+            torch.testing.assert_close(v, before[k], rtol=1e-6, atol=1e-7)
+
+
+def test_trials_restore_the_base_bit_for_bit(merge_pair):
+    s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:16])
+    before = _weights(s.model)
+    st = s.trial(EVERYTHING)
+    assert st["sym_kl"] > 0 and st["stage_a"]["outcome"] == "applied"
+    for k, v in s.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.fixture
+def broken_donor(merge_pair, tmp_path):
+    """The GPT-2 donor with its embeddings scaled by 1e3 and permuted: blending it wrecks perplexity."""
+    d = tmp_path / "broken"
+    shutil.copytree(merge_pair["gpt2"], d)
+    w = load_file(d / "model.safetensors")
+    E = w["transformer.wte.weight"]
+    w["transformer.wte.weight"] = (np.random.default_rng(0).permutation(E) * 1e3).astype(E.dtype)
+    save_file(w, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def test_broken_donor_trips_the_guard_and_rolls_back(merge_pair, broken_donor):
+    s = MergeSession(str(merge_pair["llama"]), str(broken_donor), merge_pair["texts"][:16], ppl_cap=1.0001)
+    before = _weights(s.model)
+    st = s.trial({**EVERYTHING, "use_soft_clip": False}, keep=True)
+    assert st["stage_a"]["outcome"] == "rolled_back" and st["stage_b"]["outcome"] == "skipped_guard"
+    assert st["r"] == 1.0 and st["sym_kl"] == 0.0
+    for k, v in s.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_stage_b_alone_is_rolled_back_when_the_head_moves_too_far(merge_pair):
+    """Stage A with α = 0 keeps r_A = 1 exactly; a strict cap then refuses the head blend, which is undone."""
+    s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:16], ppl_cap=1.0001)
+    head_before = s.model.lm_head.weight.detach().clone()
+    st = s.trial({**EVERYTHING, "alpha_floor_emb": 0.0, "alpha_cap_emb": 0.0}, keep=True)
+    assert st["stage_a"]["outcome"] == "applied" and st["r_A"] == 1.0
+    assert st["stage_b"]["outcome"] == "rolled_back" and st["r_B"] > 1.0001
+    assert torch.equal(s.model.lm_head.weight, head_before) and st["r"] == 1.0
+
+
+def test_single_merge_writes_the_run_folder(merge_pair, tmp_path):
+    out = tmp_path / "one"
+    res = run_merge(str(merge_pair["gpt2"]), str(merge_pair["llama"]), out, trials=0,
+                    prompts_file=str(merge_pair["prompts"]), params={"min_tau_emb": 0.0}, max_prompts=12)
+    assert res["schema"] == "lmsurgeon/merge@1" and res["tied"] is True
+    assert json.loads((out / "results.json").read_text()) == res
+    for f in ("best_model/model.safetensors", "best_model/tokenizer.json", "pareto.png", "report.html",
+              "pareto.json", "best.json", "trials.csv", "stats/trial_0000.json"):
+        assert (out / f).exists(), f
+    assert res["best_stats"]["stage_b"]["outcome"] == "skipped_tied"
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_study_resumes_with_the_next_trial_number(merge_pair, tmp_path):
+    out = tmp_path / "study"
+    kw = dict(prompts_file=str(merge_pair["prompts"]), max_prompts=8, seed=3)
+
+    def stop_after_two(study, trial):
+        if trial.number == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=5, callbacks=[stop_after_two],
+                  **kw)
+    assert journal_path(out).exists() and not out.exists()
+    res = run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=5, resume=True, **kw)
+    numbers = sorted(int(p.stem.split("_")[1]) for p in (out / "stats").glob("trial_*.json"))
+    assert numbers == [0, 1, 2, 3, 4] and res["n_trials"] == 5
+    assert (out / "study.journal").exists() and not journal_path(out).exists()
+    assert res["best"] is not None and res["best"]["r"] <= 2.5
