@@ -66,6 +66,10 @@ def main() -> None:
     stats = [s.trial(_params(rng)) for _ in range(a.trials)]
     t_trial = float(np.median([st["seconds"] for st in stats]))
     n_evals = float(np.mean([st["n_evals"] for st in stats]))
+    head_only, s.head_only = s.head_only, False  # Stage B re-running the body: the straightforward way
+    rng = np.random.default_rng(0)
+    t_full_b = float(np.median([s.trial(_params(rng))["seconds"] for _ in range(a.trials)]))
+    s.head_only = head_only
     t_reload = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -83,9 +87,11 @@ def main() -> None:
     print(f"zoo pair llama-sp (base) ← gpt2-bpe (donor), profile {a.profile}, {len(s.evaluator.seqs)} prompts")
     print(f"{'measure':48s} {'seconds':>9s} {'ratio':>8s}")
     print(f"{'one perplexity evaluation':48s} {t_eval:9.3f} {1.0:8.2f}")
-    print(f"{'in-place trial (patch, evaluate, restore)':48s} {t_trial:9.3f} {t_trial / t_eval:8.2f}")
-    print(f"{'  per perplexity evaluation inside the trial':48s} {t_trial / n_evals:9.3f} "
-          f"{t_trial / n_evals / t_eval:8.2f}   (target ≤ 1.2)")
+    print(f"{'in-place trial (patch, evaluate, restore)':48s} {t_trial:9.3f} {t_trial / t_eval:8.2f}   "
+          f"(target ≤ 1.2; Stage B from the body's kept outputs: {head_only})")
+    print(f"{'  per body evaluation inside the trial':48s} {t_trial / max(n_evals, 1):9.3f} "
+          f"{t_trial / max(n_evals, 1) / t_eval:8.2f}")
+    print(f"{'trial with Stage B re-running the body':48s} {t_full_b:9.3f} {t_full_b / t_eval:8.2f}")
     print(f"{'reload B + trial (naive)':48s} {t_reload_trial:9.3f} {t_reload_trial / t_eval:8.2f}")
     print(f"{'naive / in-place':48s} {'':9s} {t_reload_trial / t_trial:8.2f}")
     for n, secs, tpm in rows:

@@ -51,6 +51,22 @@ def test_trials_restore_the_base_bit_for_bit(merge_pair):
         assert torch.equal(v, before[k]), k
 
 
+def test_stage_b_from_kept_head_inputs_equals_a_full_evaluation(merge_pair):
+    """Stage B touches only the head, so r_B from the body's kept outputs must be what a full forward gives."""
+    s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:16])
+    assert s.head_only and s.stage_b is not None
+    cautious = {**EVERYTHING, "alpha_cap_emb": 0.3, "alpha_floor_emb": 0.05, "alpha_cap_head": 0.3}
+    st = s.trial(cautious, keep=True)
+    assert st["stage_b"]["outcome"] == "applied" and st["n_evals"] == 1
+    full = s.evaluator.evaluate(s.model)
+    assert st["stage_b"]["ppl"] == pytest.approx(full.ppl, rel=1e-5)
+    s.restore()
+    s.head_only = False
+    again = s.trial(cautious)
+    assert again["n_evals"] == 2 and again["r"] == pytest.approx(st["r"], rel=1e-5)
+    assert again["sym_kl"] == pytest.approx(st["sym_kl"], rel=1e-4, abs=1e-7)
+
+
 @pytest.fixture
 def broken_donor(merge_pair, tmp_path):
     """The GPT-2 donor with its embeddings scaled by 1e3 and permuted: blending it wrecks perplexity."""

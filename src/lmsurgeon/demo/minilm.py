@@ -26,8 +26,14 @@ COPIES = ("minilm-finetuned", "minilm-permuted", "minilm-pruned")
 
 
 def derived_dir() -> Path:
-    header = open_model("minilm").inputs()
-    key = json.dumps({"recipe": RECIPE, "minilm": header}, sort_keys=True, default=str)
+    """Keyed by content only (no paths or mtimes), so every install of the same MiniLM shares the copies."""
+    weights = minilm_path() / "model.safetensors"
+    with weights.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = hashlib.sha256(f.read(min(n, 1 << 24))).hexdigest()
+    config = hashlib.sha256((minilm_path() / "config.json").read_bytes()).hexdigest()
+    key = json.dumps({"recipe": RECIPE, "weights": [weights.stat().st_size, header], "config": config},
+                     sort_keys=True)
     return cache_root() / "minilm-derived" / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

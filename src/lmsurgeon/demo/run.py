@@ -97,7 +97,7 @@ def build_steps(zoo_model: Callable[[str], str], minilm_copies: dict[str, Path],
              "permuted and pruned here.", lambda out: compare(minilm, out=out, progress=progress),
              lineage_headline),
         Step("swap-deep", "Layer swap: deep decoder", "Trans/Dep/r against the measured swap effect δ on the "
-             "zoo's deep Llama.", lambda out: analyze(zoo_model("deep-llama"), tokens=16_384, seq_len=256, out=out,
+             "zoo's deep Llama.", lambda out: analyze(zoo_model("deep-llama"), tokens=4_096, seq_len=256, out=out,
                                 progress=progress),
              swap_headline),
         Step("swap-minilm", "Layer swap: MiniLM", "The same analysis on the real pretrained encoder.",

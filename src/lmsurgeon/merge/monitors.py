@@ -34,6 +34,7 @@ class Evaluation:
     nll_sum: float
     n_tokens: int
     logprobs: torch.Tensor
+    head_inputs: list[torch.Tensor] | None = None  # per batch, what the LM head saw (kept for Stage B)
 
     @property
     def ppl(self) -> float:
@@ -82,17 +83,41 @@ class PromptEvaluator:
             yield a, group, ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def evaluate(self, model) -> Evaluation:
-        """NLL in float32, summed in float64; log-probs at the KL positions of every prompt, in order."""
+    def evaluate(self, model, keep_head_inputs: bool = False) -> Evaluation:
+        """NLL in float32, summed in float64; log-probs at the KL positions of every prompt, in order.
+
+        ``keep_head_inputs`` also keeps the LM head's input per batch, so a change to the head alone (Stage B)
+        is evaluated by :meth:`evaluate_head` without running the transformer body again.
+        """
+        seen: list[torch.Tensor] = []
+        hook = None
+        if keep_head_inputs:
+            hook = model.get_output_embeddings().register_forward_hook(
+                lambda module, args, output: seen.append(args[0].detach()))
+        try:
+            ev = self._score(model(input_ids=ids, attention_mask=mask).logits for _, _, ids, mask in self._batches())
+        finally:
+            if hook is not None:
+                hook.remove()
+        ev.head_inputs = seen if keep_head_inputs else None
+        return ev
+
+    @torch.no_grad()
+    def evaluate_head(self, head_logits, head_inputs: list[torch.Tensor]) -> Evaluation:
+        """The same numbers with the body's outputs reused: logits = ``head_logits(h)`` per batch."""
+        return self._score(head_logits(h) for h in head_inputs)
+
+    def _score(self, logits_per_batch) -> Evaluation:
+        """Consume one batch's logits at a time (a [B, T, V] tensor per batch, never all batches at once)."""
         nll_sum, picked = 0.0, []
-        for a, group, ids, mask in self._batches():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
+        for (a, group, ids, _), logits in zip(self._batches(), logits_per_batch, strict=True):
+            logp = torch.log_softmax(logits.float(), dim=-1)
             for r, s in enumerate(group):
                 L = len(s)
                 tgt = ids[r, 1:L]
                 nll_sum += float(-logp[r, :L - 1].gather(-1, tgt[:, None]).sum(dtype=torch.float64))
                 picked.append(logp[r, self.positions[a + r]].cpu())
+            del logp, logits
         return Evaluation(nll_sum, self.n_tokens, torch.cat(picked))
 
 
