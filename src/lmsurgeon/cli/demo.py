@@ -9,7 +9,7 @@ from lmsurgeon.cli.common import emit, json_option, out_option, progress_enabled
 
 @click.command("demo", epilog="""\b
 Examples:
-  lmsurgeon demo                         # zoo + lineage + swap + merge, about 15 min on 2 cores the first time
+  lmsurgeon demo                         # zoo, lineage, swap, merge: ~14 min on 2 cores at first, ~2 min cached
   lmsurgeon demo --out runs/tour         # choose the run folder
   lmsurgeon demo --profile test          # the small test zoo: a quicker, rougher tour""")
 @out_option

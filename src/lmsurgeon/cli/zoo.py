@@ -11,7 +11,7 @@ from lmsurgeon.cli.common import json_option, progress_enabled
 
 EXAMPLES = """\b
 Examples:
-  lmsurgeon zoo build ./zoo                  # the full zoo (about 6 minutes on a 2-core CPU)
+  lmsurgeon zoo build ./zoo                  # the full zoo (about 8 minutes on a 2-core CPU)
   lmsurgeon zoo build ./zoo-test --profile test
   lmsurgeon zoo build ./zoo --seed 1         # the same recipe from other seeds
   lmsurgeon zoo build ./zoo --force          # delete the zoo files there and rebuild
