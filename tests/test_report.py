@@ -23,9 +23,9 @@ def write_run(out, fail: bool = False, **kw):
         ax.plot([0, 1], [1, 0])
         rel = run.save_figure(fig, "line")
         results = run.write_results({"value": np.float32(0.5), "undefined": math.nan, "arr": np.arange(3)})
+        table = [{"name": "layer 0", "x": 1.0, "y": None}]
         run.write_report(Report(title="Unit <run>", summary={"verdict": "ok"}, how_to_read="Read me.",
-                                sections=[Section("Numbers", text="a & b", table=[{"x": 1.0, "y": None}],
-                                                  figures=[rel])]))
+                                sections=[Section("Numbers", text="a & b", table=table, figures=[rel])]))
         assert run.path != out and out.exists() == bool(kw.get("overwrite"))
         if fail:
             raise RuntimeError("boom")
@@ -88,3 +88,11 @@ def test_jsonable_turns_non_finite_numbers_into_null():
                                         (True, "yes"), (3, "3")])
 def test_cells_render_at_readable_precision(value, text):
     assert format_cell(value) == text
+
+
+def test_numbers_are_right_aligned_and_text_left(tmp_path):
+    out = tmp_path / "r"
+    write_run(out)
+    html = (out / "report.html").read_text()
+    assert '<td class="num">1</td>' in html
+    assert "<td>layer 0</td>" in html and "<td>—</td>" in html

@@ -37,7 +37,13 @@ def _env() -> Environment:
     env = Environment(loader=PackageLoader("lmsurgeon.report", "templates"),
                       autoescape=select_autoescape(["html", "j2"]), trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = format_cell
+    env.tests["numeric"] = is_numeric_cell
     return env
+
+
+def is_numeric_cell(v) -> bool:
+    """Numbers are right-aligned so their digits line up; text, names and verdicts stay left."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def format_cell(v) -> str:
