@@ -80,7 +80,8 @@ def _fmt(v) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="test")
-    ap.add_argument("--act", action="store_true", help="also run the activation test (loads both models)")
+    ap.add_argument("--act", action="store_true",
+                    help="also run the activation tests phi_match and act_cka (load both models)")
     ap.add_argument("--ws-python", default="/tmp/ws_venv/bin/python",
                     help="python of a throwaway venv with `pip install weightscope`")
     ap.add_argument("--json", default=None, help="write all rows to this file")
@@ -95,7 +96,7 @@ def main() -> None:
         print("weightscope: not installed in --ws-python (pip install weightscope into a throwaway venv); "
               "peer column skipped")
     paths, roots = models(args.profile)
-    tests = ("awm", "phi_u") + (("act_cka",) if args.act else ())
+    tests = ("awm", "phi_u") + (("phi_match", "act_cka") if args.act else ())
     rows = []
     for a, b in itertools.combinations(sorted(paths), 2):
         t0 = time.time()

@@ -128,3 +128,44 @@ def test_verdict_without_applicable_tests_is_inconclusive_and_naive_never_counts
     v, reasons = verdict([{"name": "awm", "applies": False, "reason": "only 3 shared tokens"},
                           {"name": "act_cka", "applies": True, "z": 50.0}])
     assert v == "inconclusive" and any("shared tokens" in r for r in reasons)
+
+
+def _mlp_outputs(seed: int, n_items: int = 400, d: int = 24, m: int = 64):
+    """Gate and up outputs of a random gated MLP on random inputs: [n_items, m] each."""
+    g = np.random.default_rng(seed)
+    x = g.standard_normal((n_items, d))
+    return x @ g.standard_normal((m, d)).T, x @ g.standard_normal((m, d)).T, x
+
+
+def test_phi_match_recovers_a_planted_unit_permutation_and_its_analytic_z():
+    from lmsurgeon.lineage.activations import match_rho
+
+    gate, up, _ = _mlp_outputs(0)
+    perm = np.random.default_rng(1).permutation(gate.shape[1])
+    noise = np.random.default_rng(2).standard_normal(gate.shape) * 0.05
+    rho, n = match_rho(gate, up, gate[:, perm] + noise, up[:, perm] + noise, None)
+    assert rho == pytest.approx(1.0) and n == 64
+    assert stats.spearman_z(rho, n) == pytest.approx(np.sqrt(63))
+
+
+def test_phi_match_of_unrelated_mlps_on_the_same_inputs_is_null():
+    from lmsurgeon.lineage.activations import match_rho
+
+    gate, up, x = _mlp_outputs(0)
+    g = np.random.default_rng(7)
+    gate_b, up_b = x @ g.standard_normal((80, 24)).T, x @ g.standard_normal((80, 24)).T   # other width too
+    rho, n = match_rho(gate, up, gate_b, up_b, None)
+    assert 32 < n <= 64 and abs(stats.spearman_z(rho, n)) < 4     # B units matched in both views
+
+
+def test_phi_match_is_unchanged_by_a_rotation_of_the_inputs():
+    """Outputs only see W x: rotating the residual basis (x → Qx, W → WQᵀ) leaves every activation, and ρ, alone."""
+    from lmsurgeon.lineage.activations import match_rho
+
+    gate, up, x = _mlp_outputs(3)
+    g = np.random.default_rng(4)
+    Wg, Wu = g.standard_normal((64, 24)), g.standard_normal((64, 24))
+    Q = ortho_group.rvs(24, random_state=5)
+    base = match_rho(gate, up, x @ Wg.T, x @ Wu.T, None)
+    rotated = match_rho(gate, up, (x @ Q.T) @ (Wg @ Q.T).T, (x @ Q.T) @ (Wu @ Q.T).T, None)
+    assert rotated[0] == pytest.approx(base[0], abs=1e-12)

@@ -31,3 +31,43 @@ def test_zoo_lineage_pairs_get_the_verdict_of_their_manifest_lineage(test_zoo):
         else:
             assert p["verdict"] == "independent" and max(zs) < 3, (a, b, zs)
             assert p["naive"]["mean_raw_cosine"] >= 0.9       # the seed's phenomenon on independents
+
+
+def _zoo_paths(test_zoo, names):
+    zoo_dir, manifest = test_zoo
+    return [str(Path(zoo_dir) / manifest["models"][n]["path"]) for n in names]
+
+
+def test_phi_match_separates_descendants_from_independents_on_the_zoo(test_zoo):
+    r = compare(_zoo_paths(test_zoo, LIN), write=False, tests=("phi_match",))
+    for p, name in zip(r["pairs"], LIN[1:], strict=True):
+        t = next(t for t in p["tests"] if t["name"] == "phi_match")
+        assert t["applies"] and t["layer_map_from"] == "act_cka"
+        if "indep" in name:
+            assert t["z"] < 3 and p["verdict"] == "independent", (name, t["z"])
+        else:
+            assert t["z"] >= 12 and p["verdict"] == "derived", (name, t["z"])
+
+
+def test_rotated_copy_defeats_weight_alignment_but_not_phi_match(test_zoo, tmp_path):
+    """Gains folded, then the residual stream rotated by a random orthogonal matrix: same function, a basis no
+    permutation explains. awm cannot see it, phi_match still does, so the verdict is not `independent`."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmsurgeon.zoo.transforms import logit_discrepancy, rotate_model
+
+    base_dir = Path(_zoo_paths(test_zoo, ["lin-base"])[0])
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    rotated = rotate_model(base, seed=5)
+    ids = torch.randint(0, base.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert logit_discrepancy(base, rotated, ids) < 1e-4
+    out = tmp_path / "lin-rotated"
+    rotated.save_pretrained(out)
+    shutil.copy(base_dir / "tokenizer.json", out / "tokenizer.json")
+    p = compare([str(base_dir), str(out)], write=False, tests=("awm", "phi_match"))["pairs"][0]
+    z = {t["name"]: t["z"] for t in p["tests"]}
+    assert z["awm"] < 3 <= 12 <= z["phi_match"], z
+    assert p["verdict"] == "inconclusive" and "disagree" in p["reasons"][0]

@@ -419,3 +419,16 @@ def test_interrupted_build_resumes_with_only_the_missing_model(test_zoo, tmp_pat
     assert {k: v for k, v in resumed["models"]["lin-gammafold"].items() if k not in strip} == {
         k: v for k, v in manifest["models"]["lin-gammafold"].items() if k not in strip}
     assert resumed["models"]["lin-base"] == manifest["models"]["lin-base"]
+
+
+def test_rotation_preserves_the_function_and_needs_folded_gains(tiny_llama):
+    from lmsurgeon.zoo.transforms import LLAMA, random_orthogonal, rotate_model, rotate_state_dict, state_dict_of
+
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    rotated = rotate_model(tiny_llama, seed=1)
+    assert logit_discrepancy(tiny_llama, rotated, ids) < 1e-5
+    Q = random_orthogonal(8, seed=2)
+    assert torch.allclose(Q @ Q.T, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    sd = state_dict_of(tiny_llama)
+    with pytest.raises(LmsurgeonError, match="fold the norm gains"):
+        rotate_state_dict(sd, LLAMA, random_orthogonal(tiny_llama.config.hidden_size, seed=2))

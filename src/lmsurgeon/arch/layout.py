@@ -204,6 +204,24 @@ class Layout:
             w = w[start:start + sizes[split["index"]]]
         return np.ascontiguousarray(w)
 
+    def role_module(self, role: str, layer: int) -> tuple[str, slice] | None:
+        """Where a loaded model computes ``role`` in ``layer``: the module path inside the layer and the slice of
+        its output's last axis that is the role (all of it unless the tensor is fused), or None when absent.
+
+        Activation tests hook these modules; the path comes from the same registry data as the tensor names.
+        """
+        name = self.name(role, layer)
+        if name is None or not self.family.is_layer_role(role):
+            return None
+        inner = name[len(self.prefix + self.family.layer_prefix.replace("{i}", str(layer))):]
+        path = inner.rsplit(".", 1)[0]
+        split = self.family.spec(role).get("split")
+        if not (split and name.endswith(split["of"])):
+            return path, slice(None)
+        sizes = [self.dims[p] for p in split["parts"]]
+        start = sum(sizes[: split["index"]])
+        return path, slice(start, start + sizes[split["index"]])
+
     def read_rows(self, role: str, idx, dtype=np.float64) -> np.ndarray:
         """Rows of a vocabulary-indexed role (``embed``, ``lm_head``) without reading the rest."""
         return self.handle.rows(self.require(role), idx, dtype)

@@ -23,8 +23,8 @@ Examples:
 @json_option
 @seed_option
 @click.option("--naive-only", is_flag=True, help="Only the norm-gain report (reads only norm tensors).")
-@click.option("--tests", default="awm,phi_u,act_cka", show_default=True,
-              help="Comma-separated sound tests: awm, phi_u, act_cka.")
+@click.option("--tests", default="awm,phi_u,phi_match,act_cka", show_default=True,
+              help="Comma-separated sound tests: awm, phi_u, phi_match (activations), act_cka (activations).")
 @click.option("--null", "null", multiple=True, help="A known independent model for the null (repeatable).")
 @click.option("--focus-layer", type=int, default=None, help="Headline layer of the naive table (default 10).")
 @click.option("--depth", type=click.Choice(["relative", "monotone"]), default="relative", show_default=True)

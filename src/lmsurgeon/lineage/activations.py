@@ -1,23 +1,36 @@
-"""Activation test (spec §7.4): hidden-state CKA on the same words, across any widths and vocabularies.
+"""Activation tests (spec §7.4): both models read the same words, so widths and vocabularies may differ.
 
-Both models read the same text; items are whitespace words that both tokenisers end on a token boundary
-(the word's last sub-token). Features are each layer's hidden states, so widths and vocabularies may differ.
-Reported with a permutation null but never decisive: same-data independents also score high (REEF-like).
+Items are whitespace words that both tokenisers end on a token boundary (the word's last sub-token). One forward
+pass per model and text records, at those items, every layer's hidden state and, for gated MLPs, every unit's
+gate-projection and up-projection output. Two tests use them:
+
+* ``act_cka``: hidden-state CKA per layer pair, layer map by assignment, item-permutation null. Never decisive:
+  independents trained on similar data also align (REEF-like).
+* ``phi_match`` (φ_MATCH, Zhu et al.): B's MLP units are matched to A's twice, by gate outputs and by up
+  outputs, and ρ = Spearman of the two matchings per matched layer; Fisher over layers. Outputs of a layer are
+  unchanged by any rotation of the residual stream, so this survives what the weight tests need
+  ``--align procrustes`` for.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from lmsurgeon.lineage.awm import layer_map
 from lmsurgeon.lineage.cka import Grams, cka_grams
-from lmsurgeon.lineage.stats import log_p_from_z, neg_log10_p, z_against
+from lmsurgeon.lineage.phi_u import combine_layers, match_units
+from lmsurgeon.lineage.sound import not_applicable
+from lmsurgeon.lineage.stats import log_p_from_z, neg_log10_p, spearman, spearman_z, z_against
 
 MAX_ITEMS = 1024
 MAX_TOKENS = 128
+MAX_UNITS = 4096
+MIN_ITEMS = 16
 N_PERMUTATIONS = 20
+ACTIVATION_TESTS = ("act_cka", "phi_match")
 
 
 def word_ends(text: str) -> list[int]:
@@ -33,57 +46,90 @@ def last_token_at(offsets, ends: list[int]) -> dict[int, int]:
     return {e: by_end[e] for e in ends if e in by_end}
 
 
-def hidden_states(handle, texts: list[str]) -> tuple[list[dict], object]:
-    """Per text: token ids and char end → token index; plus the loaded base model."""
-    tok = handle.tokenizer
-    if tok is None:
-        return [], None
-    tok.no_truncation()
+def encode(tokenizer, texts: list[str]) -> list[dict]:
+    """Per text: token ids (at most MAX_TOKENS) and char end → token index."""
+    tokenizer.no_truncation()
     enc = []
     for text in texts:
-        e = tok.encode(text)
+        e = tokenizer.encode(text)
         n = min(len(e.ids), MAX_TOKENS)
         enc.append({"ids": e.ids[:n], "ends": last_token_at(e.offsets[:n], word_ends(text))})
-    return enc, handle.load_model("base")
+    return enc
 
 
-def collect(model, enc: list[dict], keep: list[list[int]]) -> list[np.ndarray]:
-    """Per layer (after each block), the hidden states at the kept word ends: [n_items, d] float64."""
+def shared_items(enc_a: list[dict], enc_b: list[dict], max_items: int = MAX_ITEMS) -> list[list[int]]:
+    """Per text, the char ends both tokenisations end a token at; whole texts in order until the budget is spent."""
+    keep = [sorted(set(a["ends"]) & set(b["ends"])) for a, b in zip(enc_a, enc_b, strict=True)]
+    budget, trimmed = max_items, []
+    for k in keep:
+        trimmed.append(k[:max(budget, 0)])
+        budget -= len(k)
+    return trimmed
+
+
+@dataclass
+class Activations:
+    """One model's activations at the shared items, per layer: hidden states [n, d] (float64) and, where the
+    layer has a dense gated MLP, gate and up outputs [n, m] (float32 to bound memory)."""
+
+    hidden: list[np.ndarray] = field(default_factory=list)
+    gate: list[np.ndarray | None] = field(default_factory=list)
+    up: list[np.ndarray | None] = field(default_factory=list)
+
+
+def mlp_taps(layout, model) -> list[dict] | None:
+    """Per analysed layer: the modules (and output slices) computing gate and up; None unless every layer has a
+    dense gated MLP (GPT-2 and BERT have no gate; MoE layers have experts instead)."""
+    from lmsurgeon.arch import find_module
+
+    where = [(layout.role_module("gate", i), layout.role_module("up", i)) for i in layout.layers]
+    if not where or any(g is None or u is None for g, u in where):
+        return None
+    layers = find_module(model, layout.family.modules["layers"])
+    return [{"gate": (layers[i].get_submodule(g[0]), g[1]), "up": (layers[i].get_submodule(u[0]), u[1])}
+            for i, (g, u) in zip(layout.layers, where, strict=True)]
+
+
+def collect(model, enc: list[dict], keep: list[list[int]], taps: list[dict] | None) -> Activations:
+    """Hidden states after each block, and gate/up outputs when ``taps`` are given, at the kept word ends."""
     import torch
 
-    per_layer: list[list[np.ndarray]] = []
-    with torch.no_grad():
-        for e, ends in zip(enc, keep, strict=True):
-            if not ends:
-                continue
-            out = model(input_ids=torch.tensor([e["ids"]]), output_hidden_states=True)
-            hs = out.hidden_states[1:]
-            idx = [e["ends"][c] for c in ends]
-            for li, h in enumerate(hs):
-                if len(per_layer) <= li:
-                    per_layer.append([])
-                per_layer[li].append(h[0, idx].double().numpy())
-    return [np.concatenate(p) for p in per_layer]
+    acts = Activations()
+    hidden: list[list[np.ndarray]] = []
+    mlp: dict[str, list[list[np.ndarray]]] = {"gate": [[] for _ in taps or []], "up": [[] for _ in taps or []]}
+    rows: list[int] = []
+
+    def hook(kind: str, li: int, cols: slice):
+        def save(_module, _inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            mlp[kind][li].append(out[0, rows][:, cols].float().numpy())
+        return save
+
+    handles = [tap[kind][0].register_forward_hook(hook(kind, li, tap[kind][1]))
+               for li, tap in enumerate(taps or []) for kind in ("gate", "up")]
+    try:
+        with torch.no_grad():
+            for e, ends in zip(enc, keep, strict=True):
+                if not ends:
+                    continue
+                rows[:] = [e["ends"][c] for c in ends]
+                out = model(input_ids=torch.tensor([e["ids"]]), output_hidden_states=True)
+                for li, h in enumerate(out.hidden_states[1:]):
+                    if len(hidden) <= li:
+                        hidden.append([])
+                    hidden[li].append(h[0, rows].double().numpy())
+    finally:
+        for h in handles:
+            h.remove()
+    acts.hidden = [np.concatenate(p) for p in hidden]
+    for kind in ("gate", "up"):
+        setattr(acts, kind, [np.concatenate(p) if p else None for p in mlp[kind]])
+    return acts
 
 
-def act_cka_test(handle_a, handle_b, texts: list[str], seed: int = 0) -> dict:
-    """CKA matrix of hidden states over shared word items, layer map by assignment, permutation-null z."""
-    enc_a, model_a = hidden_states(handle_a, texts)
-    enc_b, model_b = hidden_states(handle_b, texts)
-    if model_a is None or model_b is None:
-        return {"name": "act_cka", "applies": False, "reason": "a model has no tokenizer.json"}
-    keep = [sorted(set(a["ends"]) & set(b["ends"])) for a, b in zip(enc_a, enc_b, strict=True)]
-    total = sum(len(k) for k in keep)
-    if total > MAX_ITEMS:            # keep whole texts in order until the item budget is spent
-        budget, trimmed = MAX_ITEMS, []
-        for k in keep:
-            trimmed.append(k[:max(budget, 0)])
-            budget -= len(k)
-        keep = trimmed
-    HA, HB = collect(model_a, enc_a, keep), collect(model_b, enc_b, keep)
-    n = HA[0].shape[0] if HA else 0
-    if n < 16:
-        return {"name": "act_cka", "applies": False, "reason": f"only {n} shared word items in the text"}
+def act_cka(HA: list[np.ndarray], HB: list[np.ndarray], seed: int = 0) -> dict:
+    """CKA matrix of hidden states over the shared items, layer map by assignment, permutation-null z."""
+    n = HA[0].shape[0]
     GA = [Grams(h - h.mean(0)) for h in HA]
     GB = [Grams(h - h.mean(0)) for h in HB]
     M = np.array([[cka_grams(a, b) for b in GB] for a in GA])
@@ -102,3 +148,61 @@ def act_cka_test(handle_a, handle_b, texts: list[str], seed: int = 0) -> dict:
             "statistic": s, "z": z, "neg_log10_p": neg_log10_p(log_p_from_z(z)), "null": null, "n_items": n,
             "layer_map": [list(p) for p in pairs], "matrix": M.tolist(),
             "per_layer": [{"a": i, "b": j, "cka": float(M[i, j])} for i, j in pairs]}
+
+
+def _centered_units(X: np.ndarray) -> np.ndarray:
+    """Units as rows of centred outputs, so the cosine of two rows is their correlation over the items."""
+    X = np.asarray(X, dtype=np.float64)
+    return (X - X.mean(0)).T
+
+
+def match_rho(gate_a, up_a, gate_b, up_b, units: np.ndarray | None) -> tuple[float, int]:
+    """ρ = Spearman(σ_gate, σ_up) over B's (optionally subsampled) units."""
+    gA, uA, gB, uB = map(_centered_units, (gate_a, up_a, gate_b, up_b))
+    if units is not None:
+        gB, uB = gB[units], uB[units]
+    s_gate, s_up = match_units(gA, gB), match_units(uA, uB)
+    ok = (s_gate >= 0) & (s_up >= 0)
+    return spearman(s_gate[ok], s_up[ok]), int(ok.sum())
+
+
+def phi_match(A: Activations, B: Activations, pairs: list[tuple[int, int]], seed: int = 0,
+              max_units: int = MAX_UNITS) -> dict:
+    """Per matched layer pair ρ_l, z_l = ρ_l√(n_l−1); Fisher over layers (the same combination as φ_U)."""
+    rng = np.random.default_rng(seed)
+    per_layer = []
+    for i, j in pairs:
+        m_b = B.gate[j].shape[1]
+        units = np.sort(rng.choice(m_b, max_units, replace=False)) if m_b > max_units else None
+        rho, n = match_rho(A.gate[i], A.up[i], B.gate[j], B.up[j], units)
+        per_layer.append({"a": i, "b": j, "rho": rho, "n_units": n, "z": spearman_z(rho, n)})
+    return combine_layers("phi_match", per_layer,
+                          "analytic: rho*sqrt(n-1) ~ N(0,1) under independent matchings; Fisher over layers")
+
+
+def activation_tests(layout_a, layout_b, texts: list[str], tests=ACTIVATION_TESTS, seed: int = 0) -> list[dict]:
+    """Load both models once, read ``texts``, and run the requested activation tests."""
+    tests = [t for t in ACTIVATION_TESTS if t in tests]
+    if layout_a.handle.tokenizer is None or layout_b.handle.tokenizer is None:
+        return [not_applicable(t, "a model has no tokenizer.json") for t in tests]
+    enc_a, enc_b = encode(layout_a.handle.tokenizer, texts), encode(layout_b.handle.tokenizer, texts)
+    keep = shared_items(enc_a, enc_b)
+    n = sum(len(k) for k in keep)
+    if n < MIN_ITEMS:
+        return [not_applicable(t, f"only {n} shared word items in the text") for t in tests]
+    model_a, model_b = layout_a.handle.load_model("base"), layout_b.handle.load_model("base")
+    taps_a = mlp_taps(layout_a, model_a) if "phi_match" in tests else None
+    taps_b = mlp_taps(layout_b, model_b) if "phi_match" in tests else None
+    gated = taps_a is not None and taps_b is not None
+    A = collect(model_a, enc_a, keep, taps_a if gated else None)
+    B = collect(model_b, enc_b, keep, taps_b if gated else None)
+    cka = act_cka(A.hidden, B.hidden, seed)
+    out = [cka] if "act_cka" in tests else []
+    if "phi_match" in tests:
+        if not gated:
+            out.append(not_applicable("phi_match", "needs a dense gated MLP (gate and up) in every layer of both"))
+        else:
+            t = phi_match(A, B, [tuple(p) for p in cka["layer_map"]], seed)
+            t["layer_map_from"] = "act_cka"
+            out.append(t)
+    return out

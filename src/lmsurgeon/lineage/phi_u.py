@@ -44,25 +44,32 @@ def layer_rho(up_a, down_a, up_b, down_b, al: Alignment, units: np.ndarray | Non
     return spearman(s_in[ok], s_out[ok]), int(ok.sum())
 
 
+def combine_layers(name: str, per_layer: list[dict], null_source: str) -> dict:
+    """A test result from per-layer ρ_l and z_l: log p_l, Fisher's combination, and z from the combined p."""
+    log_ps = []
+    for p in per_layer:
+        lp = log_p_from_z(p["z"]) if np.isfinite(p["z"]) else float("nan")
+        p["neg_log10_p"] = neg_log10_p(lp)
+        log_ps.append(lp)
+    log_p = fisher_log_p(log_ps)
+    return {"name": name, "applies": True, "reason": "",
+            "statistic": float(np.nanmean([p["rho"] for p in per_layer])) if per_layer else float("nan"),
+            "z": z_from_log_p(log_p), "neg_log10_p": neg_log10_p(log_p),
+            "null": {"source": null_source, "mean": 0.0, "std": 1.0, "n": len(per_layer)},
+            "per_layer": per_layer}
+
+
 def phi_u_test(layout_a, layout_b, al: Alignment, pairs: list[tuple[int, int]], seed: int = 0,
                max_units: int = MAX_UNITS) -> dict:
     """Per matched layer pair ρ_l, z_l = ρ_l√(n_l−1), log p_l; Fisher over layers; z from the combined p."""
     rng = np.random.default_rng(seed)
-    per_layer, log_ps = [], []
+    per_layer = []
     for i, j in pairs:
         la, lb = layout_a.layers[i], layout_b.layers[j]
         up_b = layout_b.read("up", lb)
         units = np.sort(rng.choice(up_b.shape[0], max_units, replace=False)) if up_b.shape[0] > max_units else None
         rho, n = layer_rho(layout_a.read("up", la), layout_a.read("down", la), up_b, layout_b.read("down", lb),
                            al, units)
-        z = spearman_z(rho, n)
-        lp = log_p_from_z(z) if np.isfinite(z) else float("nan")
-        log_ps.append(lp)
-        per_layer.append({"a": la, "b": lb, "rho": rho, "n_units": n, "z": z, "neg_log10_p": neg_log10_p(lp)})
-    log_p = fisher_log_p(log_ps)
-    return {"name": "phi_u", "applies": True, "reason": "",
-            "statistic": float(np.nanmean([p["rho"] for p in per_layer])) if per_layer else float("nan"),
-            "z": z_from_log_p(log_p), "neg_log10_p": neg_log10_p(log_p),
-            "null": {"source": "analytic: rho*sqrt(n-1) ~ N(0,1) under independent matchings; Fisher over layers",
-                     "mean": 0.0, "std": 1.0, "n": len(per_layer)},
-            "per_layer": per_layer}
+        per_layer.append({"a": la, "b": lb, "rho": rho, "n_units": n, "z": spearman_z(rho, n)})
+    return combine_layers("phi_u", per_layer,
+                          "analytic: rho*sqrt(n-1) ~ N(0,1) under independent matchings; Fisher over layers")

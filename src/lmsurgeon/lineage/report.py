@@ -8,9 +8,11 @@ from lmsurgeon.report import Report, RunFolder, Section
 from lmsurgeon.report.figures import new_figure
 
 HOW_TO_READ = """The verdict comes only from the sound tests (awm: CKA of aligned q/k weights; phi_u: do up-rows and \
-down-columns pick the same MLP units). Each z is measured against a stated null: awm against the pair's own \
-unmatched layers (same basis, separately initialised weights) or --null models, phi_u analytically. derived needs \
-max z ≥ 5 and min z ≥ 3; independent needs every z < 3.
+down-columns pick the same MLP units; phi_match: do gate outputs and up outputs on the same words pick the same \
+MLP units, which survives rotations of the residual stream). Each z is measured against a stated null: awm \
+against the pair's own unmatched layers (same basis, separately initialised weights) or --null models, phi_u \
+and phi_match analytically. derived needs max z ≥ 5 and min z ≥ 3; independent needs every z < 3. act_cka \
+(hidden-state CKA) is shown for its layer map and never decides.
 
 The naive columns reproduce the original claim: raw cosine of norm gains. Compare it with the shuffled control \
 (the cosine expected from the value distribution alone): when they agree, the cosine carried no evidence. \
@@ -62,7 +64,7 @@ def _tests_table(p) -> list[dict]:
 def _phi_figure(run, t, name) -> str:
     fig, ax = new_figure(6, 3)
     ax.bar(range(len(t["per_layer"])), [p["neg_log10_p"] or 0 for p in t["per_layer"]])
-    ax.set(title="phi_u per matched layer", xlabel="matched layer pair", ylabel="-log10 p_l")
+    ax.set(title=f"{t['name']} per matched layer", xlabel="matched layer pair", ylabel="-log10 p_l")
     return run.save_figure(fig, name)
 
 
@@ -91,8 +93,8 @@ def write_run(out, body, layouts, nvs, pairs, names, *, seed, timings, overwrite
                                                                              _index_map(t, layouts, x, y)]
                     figs.append(_heatmap(run, t["matrix"], f"{t['name']} CKA (dots: layer map)",
                                          f"p{k}_{t['name']}_cka", "B layer", "A layer", marks))
-                if t["name"] == "phi_u" and t.get("applies"):
-                    figs.append(_phi_figure(run, t, f"p{k}_phi_u"))
+                if t["name"] in ("phi_u", "phi_match") and t.get("applies"):
+                    figs.append(_phi_figure(run, t, f"p{k}_{t['name']}"))
             focus = [r for r in body["naive"]["same_layer"][k]["focus"]]
             sections.append(Section(f"{p['a']} vs {p['b']}: {p['verdict']}", text="; ".join(p["reasons"]),
                                     table=_tests_table(p) or None, figures=figs,

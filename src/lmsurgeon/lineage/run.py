@@ -11,13 +11,14 @@ import numpy as np
 from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.io import open_model
 from lmsurgeon.lineage import naive
+from lmsurgeon.lineage.activations import ACTIVATION_TESTS, activation_tests
 from lmsurgeon.lineage.checks import CheckedLayout, invalidate_tests
 from lmsurgeon.lineage.norms import is_pre_norm, norm_vectors
-from lmsurgeon.lineage.sound import null_from_values, weight_tests
+from lmsurgeon.lineage.sound import not_applicable, null_from_values, weight_tests
 from lmsurgeon.lineage.stats import log_p_from_z, neg_log10_p, z_against
 from lmsurgeon.lineage.verdict import T_HI, T_LO, verdict
 
-ALL_TESTS = ("awm", "phi_u", "act_cka")
+ALL_TESTS = ("awm", "phi_u", "phi_match", "act_cka")
 
 
 def _model_entry(name: str, source: str, layout) -> dict:
@@ -51,12 +52,12 @@ def pair_tests(la, lb, tests, seed, texts_fn, null_layouts) -> tuple[list[dict],
                     if ref.get("applies"):
                         vals.append(ref["statistic"] if t["name"] != "phi_u" else ref["z"])
             _apply_null(t, vals)
-    if "act_cka" in tests:
-        from lmsurgeon.lineage.activations import act_cka_test
+    wanted = [t for t in ACTIVATION_TESTS if t in tests]
+    if wanted:
         try:
-            out.append(act_cka_test(la.handle, lb.handle, texts_fn(), seed))
+            out += activation_tests(la, lb, texts_fn(), wanted, seed)
         except (LmsurgeonError, MemoryError, OSError, ValueError) as e:
-            out.append({"name": "act_cka", "applies": False, "reason": f"cannot run the models: {e}"})
+            out += [not_applicable(t, f"cannot run the models: {e}") for t in wanted]
     return out, facts
 
 

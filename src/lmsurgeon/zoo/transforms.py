@@ -248,6 +248,42 @@ def _check_untied(sd: Mapping[str, torch.Tensor], name: str) -> None:
             raise LmsurgeonError(f"{name!r} is tied to {other!r}; untie the weights before folding norm gains")
 
 
+# ---------------------------------------------------------------------------------------------- rotation
+
+
+def random_orthogonal(d: int, seed: int) -> torch.Tensor:
+    """A Haar-random d×d orthogonal matrix (QR of a Gaussian matrix with the sign of R's diagonal fixed)."""
+    g = torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    return q * torch.sign(torch.diagonal(r))
+
+
+def rotate_state_dict(sd: Mapping[str, torch.Tensor], layout: Layout, Q: torch.Tensor) -> StateDict:
+    """The residual stream expressed in the basis ``x' = Q x``: readers become ``W Qᵀ``, writers ``Q W``.
+
+    RMSNorm commutes with an orthogonal map only when its gain is uniform, so gains must be folded first
+    (:func:`fold_norm_gains`); they are checked and kept. What a permutation-based alignment cannot undo, this
+    is: the attack the activation test φ_MATCH exists for.
+    """
+    if not layout.folds:
+        raise LmsurgeonError(f"the {layout.family} layout has no foldable gains: a rotation would change its function")
+    out: StateDict = {}
+    for name, tensor in sd.items():
+        template, _ = layout.role(name)
+        if template in layout.folds:
+            if not torch.all(tensor == tensor.reshape(-1)[0]):
+                raise LmsurgeonError(f"{name!r} is not a uniform gain: fold the norm gains before rotating")
+            out[name] = tensor.clone()
+            continue
+        result = tensor
+        for axis, label in enumerate(layout.axes[template]):
+            if label == RESIDUAL:
+                moved = result.movedim(axis, -1)
+                result = (moved.double() @ Q.T.to(moved.device)).to(tensor.dtype).movedim(-1, axis)
+        out[name] = result.clone() if result is tensor else result.contiguous()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- pruning
 
 
@@ -301,6 +337,14 @@ def fold_model(model):
     A model with a tied lm_head is refused (the final norm would have to be folded into the embeddings too).
     """
     return model_from_state_dict(model, fold_norm_gains(state_dict_of(model), layout_for(model)))
+
+
+def rotate_model(model, seed: int):
+    """A function-identical copy with gains folded and the residual stream rotated by a random orthogonal Q."""
+    layout = layout_for(model)
+    sd = fold_norm_gains(state_dict_of(model), layout)
+    d = axis_sizes(sd, layout)[RESIDUAL]
+    return model_from_state_dict(model, rotate_state_dict(sd, layout, random_orthogonal(d, seed)))
 
 
 def prune_model(model, drop: Iterable[int]):
