@@ -169,3 +169,16 @@ def test_phi_match_is_unchanged_by_a_rotation_of_the_inputs():
     base = match_rho(gate, up, x @ Wg.T, x @ Wu.T, None)
     rotated = match_rho(gate, up, (x @ Q.T) @ (Wg @ Q.T).T, (x @ Q.T) @ (Wu @ Q.T).T, None)
     assert rotated[0] == pytest.approx(base[0], abs=1e-12)
+
+
+@pytest.mark.parametrize("d_b", [24, 16])
+def test_procrustes_alignment_recovers_a_planted_rotation_same_and_narrower_width(d_b):
+    from lmsurgeon.lineage.align import align_rotation
+
+    E_A = np.random.default_rng(0).standard_normal((500, 24)) + 3.0        # offset: centring must handle it
+    R = ortho_group.rvs(24, random_state=1)[:, :d_b]
+    al = align_rotation(E_A, E_A @ R)
+    np.testing.assert_allclose(al.rotation, R, atol=1e-10)
+    assert al.mean_abs_corr == pytest.approx(1.0) and al.method == "procrustes"
+    W = np.random.default_rng(2).standard_normal((7, 24))                   # a reader of A's residual stream
+    np.testing.assert_allclose(al.a_in(W), W @ R, atol=1e-12)

@@ -70,4 +70,13 @@ def test_rotated_copy_defeats_weight_alignment_but_not_phi_match(test_zoo, tmp_p
     p = compare([str(base_dir), str(out)], write=False, tests=("awm", "phi_match"))["pairs"][0]
     z = {t["name"]: t["z"] for t in p["tests"]}
     assert z["awm"] < 3 <= 12 <= z["phi_match"], z
-    assert p["verdict"] == "inconclusive" and "disagree" in p["reasons"][0]
+    assert p["verdict"] == "inconclusive" and "disagree" in p["reasons"][0] and "procrustes" in p["reasons"][1]
+
+    # --align procrustes undoes the rotation for the weight tests, and still calls the independents independent
+    others = _zoo_paths(test_zoo, ["lin-indep-1", "lin-indep-2", "lin-indep-3"])
+    r = compare([str(base_dir), str(out), *others], write=False, tests=("awm", "phi_u"), align="procrustes")
+    rot, *indeps = r["pairs"]
+    assert rot["verdict"] == "derived" and min(t["z"] for t in rot["tests"]) >= 12, rot["tests"]
+    assert rot["alignment"]["method"] == "procrustes" and rot["alignment"]["embedding_mean_abs_corr"] > 0.99
+    for p in indeps:
+        assert p["verdict"] == "independent", [(t["name"], t["z"]) for t in p["tests"]]

@@ -28,11 +28,13 @@ Examples:
 @click.option("--null", "null", multiple=True, help="A known independent model for the null (repeatable).")
 @click.option("--focus-layer", type=int, default=None, help="Headline layer of the naive table (default 10).")
 @click.option("--depth", type=click.Choice(["relative", "monotone"]), default="relative", show_default=True)
+@click.option("--align", type=click.Choice(["permutation", "procrustes"]), default="permutation", show_default=True,
+              help="Residual alignment for the weight tests; procrustes undoes rotations (folded gains).")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Text for the activation test (default: bundled corpus).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--all-pairs", is_flag=True, help="Compare every pair of SOURCES, not only A against each other.")
-def lineage(sources, out, as_json, seed, naive_only, tests, null, focus_layer, depth, text, overwrite,
+def lineage(sources, out, as_json, seed, naive_only, tests, null, focus_layer, depth, align, text, overwrite,
             all_pairs) -> None:
     """Is model B derived from model A? With SOURCES A B C ... compares A against each other source
     (A vs B, A vs C, ...); --all-pairs compares every pair.
@@ -45,7 +47,7 @@ def lineage(sources, out, as_json, seed, naive_only, tests, null, focus_layer, d
     if len(sources) < 2:
         raise click.UsageError("give at least two models")
     results = compare(list(sources), out, naive_only=naive_only, tests=tuple(t for t in tests.split(",") if t),
-                      null=list(null), focus_layer=focus_layer, depth=depth, text=text, seed=seed,
+                      null=list(null), focus_layer=focus_layer, depth=depth, align=align, text=text, seed=seed,
                       overwrite=overwrite, progress=progress_enabled() and not as_json,
                       all_pairs=all_pairs)
     lines = []

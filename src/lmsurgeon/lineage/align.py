@@ -1,7 +1,9 @@
 """Residual alignment (spec §7.1): which hidden dimension of B is which of A, and with what sign.
 
 Hidden units of a transformer can be permuted and sign-flipped without changing its function, so weight
-comparisons first recover that map from the embedding columns of tokens both vocabularies share.
+comparisons first recover that map from the embedding columns of tokens both vocabularies share. Once norm gains
+are folded away, any orthogonal rotation of the residual stream preserves the function too; ``procrustes`` then
+recovers the rotation from the same rows (``scipy.linalg.orthogonal_procrustes``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import orthogonal_procrustes
 from scipy.optimize import linear_sum_assignment
 
 MAX_SHARED = 32_768
@@ -58,14 +61,39 @@ def shared_tokens(tok_a, tok_b, seed: int = 0, limit: int = MAX_SHARED) -> tuple
     return ia[order], ib[order]
 
 
+ALIGN_METHODS = ("permutation", "procrustes")
+
+
 @dataclass
 class Alignment:
-    """B-dim l ↔ A-dim perm[l], with sign[l]; ``swapped`` when A was the narrower model and roles flipped."""
+    """B-dim l ↔ A-dim perm[l] with sign[l]; or, with ``rotation`` R [d_A, d_B] (orthonormal columns),
+    B's residual basis x_B ≈ Rᵀ x_A. Weights of A are brought into B's basis, never the other way round."""
 
     perm: np.ndarray      # [d_B] indices into A's residual dims
     sign: np.ndarray      # [d_B] ±1
-    mean_abs_corr: float  # mean |C_{π(l), l}|
+    mean_abs_corr: float  # mean |corr| of matched columns
     n_tokens: int
+    rotation: np.ndarray | None = None
+
+    @property
+    def method(self) -> str:
+        return "permutation" if self.rotation is None else "procrustes"
+
+    def a_in(self, W: np.ndarray) -> np.ndarray:
+        """A weight that reads the residual stream ([out, d_A]) as it reads B's basis: W[:, π] or W R."""
+        return W[:, self.perm] if self.rotation is None else W @ self.rotation
+
+    def b_in(self, W: np.ndarray) -> np.ndarray:
+        """B's reader [out, d_B] with the recovered signs."""
+        return W * self.sign[None, :]
+
+    def a_out(self, W: np.ndarray) -> np.ndarray:
+        """A weight that writes the residual stream ([d_A, in]) in B's basis: W[π, :] or Rᵀ W."""
+        return W[self.perm, :] if self.rotation is None else self.rotation.T @ W
+
+    def b_out(self, W: np.ndarray) -> np.ndarray:
+        """B's writer [d_B, in] with the recovered signs."""
+        return self.sign[:, None] * W
 
 
 def column_cosines(E_A: np.ndarray, E_B: np.ndarray) -> np.ndarray:
@@ -85,3 +113,25 @@ def align_residual(E_A: np.ndarray, E_B: np.ndarray) -> Alignment:
     perm[cols] = rows
     c = C[perm, np.arange(E_B.shape[1])]
     return Alignment(perm, np.where(c < 0, -1.0, 1.0), float(np.mean(np.abs(c))), E_A.shape[0])
+
+
+def align_rotation(E_A: np.ndarray, E_B: np.ndarray) -> Alignment:
+    """R [d_A, d_B] with orthonormal columns mapping A's centred rows onto B's: E_A R ≈ E_B (d_B ≤ d_A).
+
+    Equal widths: ``scipy.linalg.orthogonal_procrustes``, the exact minimiser of ‖E_A R − E_B‖_F. A narrower B
+    has no closed form (zero-padding B biases the fit towards A's low-variance directions), so R is the polar
+    factor of the least-squares map, which is exact whenever B is a rotated projection of A.
+    """
+    A = E_A - E_A.mean(axis=0)
+    B = E_B - E_B.mean(axis=0)
+    if A.shape[1] == B.shape[1]:
+        R, _ = orthogonal_procrustes(A, B)
+    else:
+        T = np.linalg.lstsq(A, B, rcond=None)[0]
+        U, _, Vt = np.linalg.svd(T, full_matrices=False)
+        R = U @ Vt
+    fitted = A @ R
+    corr = np.sum(fitted * B, axis=0) / np.maximum(np.linalg.norm(fitted, axis=0) * np.linalg.norm(B, axis=0),
+                                                   1e-300)
+    d_b = B.shape[1]
+    return Alignment(np.arange(d_b), np.ones(d_b), float(np.mean(np.abs(corr))), E_A.shape[0], rotation=R)

@@ -22,13 +22,13 @@ ROLES = ("q", "k")
 
 
 def items_a(W: np.ndarray, al: Alignment) -> np.ndarray:
-    """A's input side restricted to the aligned dims: (W_A[:, π])ᵀ, [d_B, out]."""
-    return unit_rows(W[:, al.perm].T)
+    """A's input side in B's residual basis: (W_A[:, π])ᵀ or (W_A R)ᵀ, [d_B, out]."""
+    return unit_rows(al.a_in(W).T)
 
 
 def items_b(W: np.ndarray, al: Alignment) -> np.ndarray:
     """B's input side with recovered signs: (W_B·diag(s))ᵀ, [d_B, out]."""
-    return unit_rows((W * al.sign[None, :]).T)
+    return unit_rows(al.b_in(W).T)
 
 
 def layer_grams(layout, al: Alignment, side: str, rows: np.ndarray | None = None) -> dict[str, list[Grams]]:
@@ -94,9 +94,19 @@ def permutation_null(GA: dict, GB: dict, pairs, seed: int, n: int = N_PERMUTATIO
             "std": float(vals.std(ddof=1)), "n": n}
 
 
-def shipped_null() -> dict:
-    """The calibration shipped with the package: mean CKA of independently trained same-data models."""
-    data = json.loads((Path(__file__).parent / "calibration.json").read_text())["awm"]
+CALIBRATION_FILE = Path(__file__).parent / "calibration.json"
+
+
+def calibration_key(method: str) -> str:
+    return "awm" if method == "permutation" else f"awm_{method}"
+
+
+def shipped_null(method: str = "permutation") -> dict | None:
+    """The calibration shipped with the package (``benchmarks/calibrate_lineage.py``): mean CKA of independently
+    trained same-data models under the given residual alignment."""
+    data = json.loads(CALIBRATION_FILE.read_text()).get(calibration_key(method))
+    if data is None:
+        return None
     v = np.asarray(data["values"], dtype=np.float64)
     return {"source": data["source"], "mean": float(v.mean()), "std": float(v.std(ddof=1)), "n": int(v.size)}
 
@@ -117,11 +127,12 @@ def awm_test(layout_a, layout_b, al: Alignment, seed: int = 0, null: dict | None
     s = float(np.mean([M[i, j] for i, j in pairs]))
     perm = permutation_null(GA, GB, pairs, seed)
     inner = unmatched_null(M, pairs, seed)
-    z, chosen = conservative_z(s, [null or shipped_null(), inner if np.isfinite(inner["std"]) else perm])
+    independents = null or shipped_null(al.method)   # a fitted rotation has more freedom: its own calibration
+    z, chosen = conservative_z(s, [n for n in (independents, inner if np.isfinite(inner["std"]) else perm) if n])
     lp = log_p_from_z(z) if np.isfinite(z) else float("nan")
     return {"name": "awm", "applies": True, "reason": "", "statistic": s, "z": z, "neg_log10_p": neg_log10_p(lp),
             "null": chosen,
-            "nulls": {"permutation": perm, "unmatched_layers": inner, "independents": null or shipped_null(),
+            "nulls": {"permutation": perm, "unmatched_layers": inner, "independents": independents,
                                       "z_permutation": z_against(s, perm["mean"], perm["std"])},
             "per_layer": [{"a": layout_a.layers[i], "b": layout_b.layers[j], "cka": float(M[i, j])}
                           for i, j in pairs],

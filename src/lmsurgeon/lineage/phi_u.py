@@ -33,10 +33,10 @@ def match_units(U_A: np.ndarray, U_B: np.ndarray) -> np.ndarray:
 
 def layer_rho(up_a, down_a, up_b, down_b, al: Alignment, units: np.ndarray | None) -> tuple[float, int]:
     """ρ_l = Spearman(σ_in, σ_out) over B's (optionally subsampled) units."""
-    upA = _unit(up_a[:, al.perm], 0)                       # columns unit-normalised: folded gains cancel
-    upB = _unit(up_b * al.sign[None, :], 0)
-    dnA = down_a[al.perm, :].T                             # units as rows: [m_A, d_B]
-    dnB = (al.sign[:, None] * down_b).T
+    upA = _unit(al.a_in(up_a), 0)                          # columns unit-normalised: folded gains cancel
+    upB = _unit(al.b_in(up_b), 0)
+    dnA = al.a_out(down_a).T                               # units as rows: [m_A, d_B]
+    dnB = al.b_out(down_b).T
     if units is not None:
         upB, dnB = upB[units], dnB[units]
     s_in, s_out = match_units(upA, upB), match_units(dnA, dnB)

@@ -12,6 +12,7 @@ from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.io import open_model
 from lmsurgeon.lineage import naive
 from lmsurgeon.lineage.activations import ACTIVATION_TESTS, activation_tests
+from lmsurgeon.lineage.align import ALIGN_METHODS
 from lmsurgeon.lineage.checks import CheckedLayout, invalidate_tests
 from lmsurgeon.lineage.norms import is_pre_norm, norm_vectors
 from lmsurgeon.lineage.sound import not_applicable, null_from_values, weight_tests
@@ -41,14 +42,14 @@ def _apply_null(test: dict, values: list[float]) -> None:
     test["neg_log10_p"] = neg_log10_p(log_p_from_z(test["z"]))
 
 
-def pair_tests(la, lb, tests, seed, texts_fn, null_layouts) -> tuple[list[dict], dict]:
-    out, facts = weight_tests(la, lb, tuple(t for t in tests if t in ("awm", "phi_u")), seed)
+def pair_tests(la, lb, tests, seed, texts_fn, null_layouts, align="permutation") -> tuple[list[dict], dict]:
+    out, facts = weight_tests(la, lb, tuple(t for t in tests if t in ("awm", "phi_u")), seed, align)
     if null_layouts:
         for t in out:
             vals = []
             for nl in null_layouts:
                 for x in (la, lb):
-                    ref = {r["name"]: r for r in weight_tests(x, nl, (t["name"],), seed)[0]}[t["name"]]
+                    ref = {r["name"]: r for r in weight_tests(x, nl, (t["name"],), seed, align)[0]}[t["name"]]
                     if ref.get("applies"):
                         vals.append(ref["statistic"] if t["name"] != "phi_u" else ref["z"])
             _apply_null(t, vals)
@@ -63,13 +64,17 @@ def pair_tests(la, lb, tests, seed, texts_fn, null_layouts) -> tuple[list[dict],
 
 def compare(sources: list[str], out: str | Path | None = None, *, naive_only: bool = False,
             tests: tuple[str, ...] = ALL_TESTS, null: list[str] | None = None, focus_layer: int | None = None,
-            depth: str = "relative", text: str | None = None, seed: int = 0, overwrite: bool = False,
+            depth: str = "relative", align: str = "permutation", text: str | None = None, seed: int = 0,
+            overwrite: bool = False,
             write: bool = True, progress: bool = False, all_pairs: bool = False) -> dict:
     """Compare ``sources[0]`` against each other source (every pair with ``all_pairs``); write the run folder
     (unless ``write`` is False) and return results.
 
     The first source is the model whose descendants are in question, so A-vs-each is the default; every pair
     (n·(n−1)/2) is for surveys such as the benchmark.
+
+    ``align``: how B's residual basis is matched to A's for the weight tests, ``permutation`` (units and signs)
+    or ``procrustes`` (any rotation, for models whose gains were folded and basis rotated).
 
     Reads only norm tensors for the naive part; the sound tests add the shared embedding rows and the q/k/up/down
     matrices. Bytes read are reported per model.
@@ -79,6 +84,8 @@ def compare(sources: list[str], out: str | Path | None = None, *, naive_only: bo
     unknown = set(tests) - set(ALL_TESTS)
     if unknown:
         raise LmsurgeonError(f"unknown tests {sorted(unknown)} (known: {', '.join(ALL_TESTS)})", "--tests")
+    if align not in ALIGN_METHODS:
+        raise LmsurgeonError(f"unknown alignment {align!r} (known: {', '.join(ALIGN_METHODS)})", "--align")
     t0 = time.time()
     names = _unique_names(sources)
     layouts = [CheckedLayout(open_model(s)) for s in sources]
@@ -121,7 +128,7 @@ def compare(sources: list[str], out: str | Path | None = None, *, naive_only: bo
         else:
             t_pair = time.time()
             before = [layouts[x].handle.bytes_read, layouts[y].handle.bytes_read]
-            tlist, facts = pair_tests(layouts[x], layouts[y], tests, seed, texts, null_layouts)
+            tlist, facts = pair_tests(layouts[x], layouts[y], tests, seed, texts, null_layouts, align)
             invalidate_tests(tlist, [layouts[x], layouts[y]])
             v, reasons = verdict(tlist)
             awm = next((t for t in tlist if t["name"] == "awm" and t.get("applies")), None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmsurgeon.lineage.align import MIN_SHARED, align_residual, shared_tokens
+from lmsurgeon.lineage.align import MIN_SHARED, align_residual, align_rotation, shared_tokens
 from lmsurgeon.lineage.awm import awm_test
 from lmsurgeon.lineage.checks import problem
 from lmsurgeon.lineage.phi_u import phi_u_test
@@ -23,8 +23,10 @@ def _roles_present(layout, roles) -> str | None:
     return None
 
 
-def alignment(la, lb, seed: int = 0):
-    """(alignment, swapped, reason): B is the narrower model; fails with a reason when too few shared tokens."""
+def alignment(la, lb, seed: int = 0, method: str = "permutation"):
+    """(alignment, swapped, reason): B is the narrower model; fails with a reason when too few shared tokens.
+
+    ``method``: ``permutation`` (units and signs, spec §7.1) or ``procrustes`` (any orthogonal map)."""
     swapped = lb.hidden_size > la.hidden_size
     if swapped:
         la, lb = lb, la
@@ -40,15 +42,17 @@ def alignment(la, lb, seed: int = 0):
         why = problem(E)
         if why:
             return None, swapped, f"bad numbers: {lay.handle.name} embedding rows have {why}"
-    return align_residual(E_A, E_B), swapped, ""
+    fit = align_rotation if method == "procrustes" else align_residual
+    return fit(E_A, E_B), swapped, ""
 
 
-def weight_tests(la, lb, tests: tuple[str, ...], seed: int = 0) -> tuple[list[dict], dict]:
+def weight_tests(la, lb, tests: tuple[str, ...], seed: int = 0,
+                 align: str = "permutation") -> tuple[list[dict], dict]:
     """awm and phi_u for one pair (B narrower after an internal swap); returns the tests and alignment facts."""
-    al, swapped, why = alignment(la, lb, seed)
+    al, swapped, why = alignment(la, lb, seed, align)
     if swapped:
         la, lb = lb, la
-    facts = {"swapped": swapped, "shared_tokens": None if al is None else al.n_tokens,
+    facts = {"method": align, "swapped": swapped, "shared_tokens": None if al is None else al.n_tokens,
              "embedding_mean_abs_corr": None if al is None else al.mean_abs_corr}
     out = []
     awm = None

@@ -26,4 +26,8 @@ def verdict(tests: list[dict]) -> tuple[str, list[str]]:
         return "derived", [f"all decisive tests ≥ {T_LO} and one ≥ {T_HI} ({desc})"]
     if hi < T_LO:
         return "independent", [f"no decisive test reaches {T_LO} ({desc})"]
-    return "inconclusive", [f"tests disagree ({desc}): derived needs max ≥ {T_HI} and min ≥ {T_LO}"]
+    reasons = [f"tests disagree ({desc}): derived needs max ≥ {T_HI} and min ≥ {T_LO}"]
+    if zs.get("phi_match", 0.0) >= T_HI and min(zs.get("awm", T_HI), zs.get("phi_u", T_HI)) < T_LO:
+        reasons.append("activations match but weights do not: a rotated residual basis (folded gains) fits this; "
+                       "rerun the weight tests with --align procrustes")
+    return "inconclusive", reasons
