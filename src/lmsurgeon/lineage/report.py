@@ -19,10 +19,20 @@ The naive columns reproduce the original claim: raw cosine of norm gains. Compar
 Pearson (centered cosine) near 0 means no shared pattern; gains can also be folded away entirely (γ-fold table)."""
 
 
+def _num(x) -> str:
+    """Four decimals, or 'undefined' (constant vectors give no correlation, not NaN and not 0)."""
+    return "undefined" if x is None or not np.isfinite(x) else f"{x:.4f}"
+
+
 def _heatmap(run, M, title, name, xlabel, ylabel, marks=None) -> str:
     fig, ax = new_figure(5, 4)
     im = ax.imshow(np.asarray(M, dtype=float), aspect="auto", cmap="viridis", origin="lower")
-    fig.colorbar(im, ax=ax)
+    bar = fig.colorbar(im, ax=ax)
+    bar.formatter.set_useOffset(False)   # values like 0.99998 read as such, not as an offset above the title
+    bar.update_ticks()
+    if not np.isfinite(np.asarray(M, dtype=float)).any():
+        ax.text(0.5, 0.5, "undefined everywhere\n(constant vectors, e.g. folded gains)", transform=ax.transAxes,
+                ha="center", va="center")
     if marks:
         ax.plot([m[1] for m in marks], [m[0] for m in marks], "r.", ms=6)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -98,9 +108,9 @@ def write_run(out, body, layouts, nvs, pairs, names, *, seed, timings, overwrite
             focus = [r for r in body["naive"]["same_layer"][k]["focus"]]
             sections.append(Section(f"{p['a']} vs {p['b']}: {p['verdict']}", text="; ".join(p["reasons"]),
                                     table=_tests_table(p) or None, figures=figs,
-                                    note=f"naive: mean raw cosine {p['naive']['mean_raw_cosine']:.4f}, mean "
-                                         f"Pearson {p['naive']['mean_pearson']:.4f}, shuffled control "
-                                         f"{p['naive']['mean_shuffled']:.4f}; layer map {p.get('layer_map')}"))
+                                    note=f"naive: mean raw cosine {_num(p['naive']['mean_raw_cosine'])}, mean "
+                                         f"Pearson {_num(p['naive']['mean_pearson'])}, shuffled control "
+                                         f"{_num(p['naive']['mean_shuffled'])}; layer map {p.get('layer_map')}"))
             if focus:
                 sections.append(Section(f"{p['a']} vs {p['b']}: same-layer table at layer {fl} (the seed's headline)",
                                         table=focus))
