@@ -182,3 +182,17 @@ def test_procrustes_alignment_recovers_a_planted_rotation_same_and_narrower_widt
     assert al.mean_abs_corr == pytest.approx(1.0) and al.method == "procrustes"
     W = np.random.default_rng(2).standard_normal((7, 24))                   # a reader of A's residual stream
     np.testing.assert_allclose(al.a_in(W), W @ R, atol=1e-12)
+
+
+def test_awm_z_is_against_independents_unless_the_wrong_layer_guard_is_not_cleared():
+    from lmsurgeon.lineage.awm import guarded_z
+
+    independents = {"mean": 0.1, "std": 0.025}
+    guard = {"mean": 0.3, "std": 0.1}
+    z, null = guarded_z(0.99, independents, guard)              # clears the guard by 6.9σ: independents' z
+    assert null is independents and z == pytest.approx((0.99 - 0.1) / 0.025)
+    z, null = guarded_z(0.35, independents, guard)              # far above independents, not above other layers
+    assert null is guard and z == pytest.approx(0.5)
+    z, null = guarded_z(0.05, independents, guard)              # below both: the lower z either way
+    assert z == pytest.approx(min((0.05 - 0.1) / 0.025, (0.05 - 0.3) / 0.1))
+    assert guarded_z(0.99, None, guard)[1] is guard

@@ -10,9 +10,10 @@ from lmsurgeon.report.figures import new_figure
 HOW_TO_READ = """The verdict comes only from the sound tests (awm: CKA of aligned q/k weights; phi_u: do up-rows and \
 down-columns pick the same MLP units; phi_match: do gate outputs and up outputs on the same words pick the same \
 MLP units, which survives rotations of the residual stream). Each z is measured against a stated null: awm \
-against the pair's own unmatched layers (same basis, separately initialised weights) or --null models, phi_u \
-and phi_match analytically. derived needs max z ≥ 5 and min z ≥ 3; independent needs every z < 3. act_cka \
-(hidden-state CKA) is shown for its layer map and never decides.
+against independently trained models (the shipped calibration, or --null models), unless the pair does not clear \
+its own wrong layer maps (same basis, separately initialised weights) by 3 standard deviations, in which case \
+that lower z is shown; phi_u and phi_match analytically. derived needs max z ≥ 5 and min z ≥ 3; independent \
+needs every z < 3. act_cka (hidden-state CKA) is shown for its layer map and never decides.
 
 The naive columns reproduce the original claim: raw cosine of norm gains. Compare it with the shuffled control \
 (the cosine expected from the value distribution alone): when they agree, the cosine carried no evidence. \

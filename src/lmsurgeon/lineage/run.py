@@ -13,6 +13,7 @@ from lmsurgeon.io import open_model
 from lmsurgeon.lineage import naive
 from lmsurgeon.lineage.activations import ACTIVATION_TESTS, activation_tests
 from lmsurgeon.lineage.align import ALIGN_METHODS
+from lmsurgeon.lineage.awm import guarded_z
 from lmsurgeon.lineage.checks import CheckedLayout, invalidate_tests
 from lmsurgeon.lineage.norms import is_pre_norm, norm_vectors
 from lmsurgeon.lineage.sound import not_applicable, null_from_values, weight_tests
@@ -38,7 +39,7 @@ def _apply_null(test: dict, values: list[float]) -> None:
     test["null"], test["z"] = null, z_against(s, null["mean"], null["std"])
     inner = test.get("nulls", {}).get("unmatched_layers")
     if test["name"] == "awm" and inner and np.isfinite(inner["std"]):
-        test["z"] = min(test["z"], z_against(s, inner["mean"], inner["std"]))
+        test["z"], test["null"] = guarded_z(s, null, inner)
     test["neg_log10_p"] = neg_log10_p(log_p_from_z(test["z"]))
 
 
