@@ -76,12 +76,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device, *args):
-    _sync(device)
-    t = time.perf_counter()
-    res = fn(*args)
-    _sync(device)
-    return res, time.perf_counter() - t
+def timed(fn, device, *args, repeat: int = 1):
+    """Result and median wall time over ``repeat`` runs (single runs of a few seconds vary by ±20% on a CPU)."""
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        t = time.perf_counter()
+        res = fn(*args)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return res, float(sorted(times)[len(times) // 2])
 
 
 def main() -> None:
@@ -93,19 +97,20 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="median of this many timed runs per method")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = build(args.layers, args.hidden, args.vocab, args.device)
     ids, mask = batch(args.rows, args.seq, args.vocab, args.device)
     cached_deltas(model, ids[:1, :16], mask[:1, :16])  # warm-up (kernels, allocator)
-    fast, t_fast = timed(cached_deltas, args.device, model, ids, mask)
-    slow, t_slow = timed(naive_deltas, args.device, model, ids, mask)
+    fast, t_fast = timed(cached_deltas, args.device, model, ids, mask, repeat=args.repeat)
+    slow, t_slow = timed(naive_deltas, args.device, model, ids, mask, repeat=args.repeat)
     L = args.layers
     diff = max(abs(a - b) for a, b in zip(fast, slow, strict=True))
     rel = max(abs(a - b) / abs(b) for a, b in zip(fast, slow, strict=True))
     print(f"model: random Llama, {L} layers, d = {args.hidden}, vocab {args.vocab}; batch {args.rows}×{args.seq} "
           f"({int(mask.sum())} real tokens), device {args.device}, {torch.get_num_threads()} threads")
-    print(f"{'method':<44}{'block calls':>12}{'seconds':>10}")
+    print(f"{'method':<44}{'block calls':>12}{'seconds':>10}   (median of {args.repeat})")
     print(f"{'cached inputs (1 forward + 2(L-1) blocks)':<44}{L + 2 * (L - 1):>12}{t_fast:>10.3f}")
     print(f"{'naive (1 forward + swapped forward per pair)':<44}{L + (L - 1) * L:>12}{t_slow:>10.3f}")
     print(f"time ratio naive/cached: {t_slow / t_fast:.1f}x   max |Δδ| = {diff:.2e}   max relative {rel:.2e}   "
