@@ -8,7 +8,7 @@ compared against them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,24 +35,37 @@ class Evaluation:
     n_tokens: int
     logprobs: torch.Tensor
     head_inputs: list[torch.Tensor] | None = None  # per batch, what the LM head saw (kept for Stage B)
+    top_k: dict[int, tuple] = field(default_factory=dict)  # cached top_k_set(logprobs, K) per K
 
     @property
     def ppl(self) -> float:
         return math.exp(self.nll_sum / self.n_tokens)
 
 
-def sym_kl_topk(logP: torch.Tensor, logQ: torch.Tensor, k: int = 512, rest_floor: float = 1e-12) -> torch.Tensor:
-    """½[KL(P̂‖Q̂) + KL(Q̂‖P̂)] per row on U = topK(P) ∪ topK(Q) plus one rest bucket (coarse-graining)."""
-    logP, logQ = logP.double(), logQ.double()
-    V = logP.shape[-1]
-    k = min(k, V)
-    mask = torch.zeros_like(logP, dtype=torch.bool)
-    mask.scatter_(-1, logP.topk(k, dim=-1).indices, True)
-    mask.scatter_(-1, logQ.topk(k, dim=-1).indices, True)
-    P, Q = logP.exp() * mask, logQ.exp() * mask
+def top_k_set(logP: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """P's top-K indices per row and the same set as a [rows, V] membership mask."""
+    top = logP.topk(min(k, logP.shape[-1]), dim=-1, sorted=False).indices
+    return top, torch.zeros_like(logP, dtype=torch.bool).scatter_(-1, top, True)
+
+
+def sym_kl_topk(logP: torch.Tensor, logQ: torch.Tensor, k: int = 512, rest_floor: float = 1e-12,
+                p_set: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """½[KL(P̂‖Q̂) + KL(Q̂‖P̂)] per row on U = topK(P) ∪ topK(Q) plus one rest bucket (coarse-graining).
+
+    Works on the ≤ 2K gathered entries per row, never on [rows, V] in float64 (V is 150k for current models);
+    U is topK(P) followed by the entries of topK(Q) that P's set lacks. ``p_set``: :func:`top_k_set` of P when
+    the caller has it already (the base's is fixed for a whole study).
+    """
+    k = min(k, logP.shape[-1])
+    top_p, in_p = p_set if p_set is not None else top_k_set(logP, k)
+    top_q = logQ.topk(k, dim=-1, sorted=False).indices
+    idx = torch.cat([top_p, top_q], dim=-1)
+    once = torch.cat([torch.ones_like(top_p, dtype=torch.bool), ~in_p.gather(-1, top_q)], dim=-1)
+    lp, lq = logP.gather(-1, idx).double(), logQ.gather(-1, idx).double()
+    P, Q = lp.exp() * once, lq.exp() * once
     P_rest = (1.0 - P.sum(-1)).clamp_min(rest_floor)
     Q_rest = (1.0 - Q.sum(-1)).clamp_min(rest_floor)
-    diff = torch.where(mask, logP - logQ, torch.zeros_like(logP))
+    diff = (lp - lq) * once
     kl_pq = (P * diff).sum(-1) + P_rest * (P_rest.log() - Q_rest.log())
     kl_qp = (-Q * diff).sum(-1) + Q_rest * (Q_rest.log() - P_rest.log())
     return 0.5 * (kl_pq + kl_qp)
@@ -127,5 +140,8 @@ def relative_ppl(current: Evaluation, base: Evaluation) -> float:
 
 
 def sym_kl(current: Evaluation, base: Evaluation, k: int = 512) -> float:
-    """Mean symmetric top-K KL over every (prompt, position) pair."""
-    return float(sym_kl_topk(base.logprobs, current.logprobs, k).mean())
+    """Mean symmetric top-K KL over every (prompt, position) pair; the base's top-K is computed once."""
+    k = min(k, base.logprobs.shape[-1])
+    if k not in base.top_k:
+        base.top_k[k] = top_k_set(base.logprobs, k)
+    return float(sym_kl_topk(base.logprobs, current.logprobs, k, p_set=base.top_k[k]).mean())
