@@ -145,3 +145,53 @@ def test_three_sources_compare_the_first_against_each_other_unless_all_pairs(zoo
     assert [(p["a"], p["b"]) for p in first["pairs"]] == [(names[0], names[1]), (names[0], names[2])]
     assert [(p["a"], p["b"]) for p in every["pairs"]] == [(names[0], names[1]), (names[0], names[2]),
                                                            (names[1], names[2])]
+
+
+def _tiny_qwen2_moe(seed: int):
+    import torch
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from tests.lineage_models import VOCAB
+
+    torch.manual_seed(seed)
+    cfg = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                         shared_expert_intermediate_size=64, num_experts=6, num_experts_per_tok=2,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    return Qwen2MoeForCausalLM(cfg).eval()
+
+
+def test_moe_phi_u_matches_experts_by_router_rows_across_an_expert_permutation(tmp_path):
+    """A MoE copy with its experts reordered (router rows with them) and every weight perturbed is derived by
+    phi_u through the router-matched experts and the shared expert; an independent MoE is not."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    paths = {"base": save(_tiny_qwen2_moe(0), tmp_path / "base"), "indep": save(_tiny_qwen2_moe(7), tmp_path / "indep")}
+    st = load_file(paths["base"] / "model.safetensors")            # on disk: one tensor per expert
+    g = torch.Generator().manual_seed(1)
+    order = torch.randperm(6, generator=g).tolist()
+    moved = dict(st)
+    for layer in range(2):
+        pre = f"model.layers.{layer}.mlp."
+        moved[pre + "gate.weight"] = st[pre + "gate.weight"][order]
+        for e in range(6):
+            for w in ("gate_proj", "up_proj", "down_proj"):
+                moved[f"{pre}experts.{e}.{w}.weight"] = st[f"{pre}experts.{order[e]}.{w}.weight"]
+    moved = {k: (v + 0.02 * v.std() * torch.randn(v.shape, generator=g)).contiguous() for k, v in moved.items()}
+    paths["moved"] = tmp_path / "moved"
+    shutil.copytree(paths["base"], paths["moved"])
+    save_file(moved, paths["moved"] / "model.safetensors", metadata={"format": "pt"})
+    r = compare([str(paths["base"]), str(paths["moved"]), str(paths["indep"])], write=False, tests=TESTS)
+    derived, indep = r["pairs"]
+    phi = next(t for t in derived["tests"] if t["name"] == "phi_u")
+    blocks = {p["block"].split(" (")[0] for p in phi["per_layer"]}
+    assert "shared expert" in blocks and any(b.startswith("experts") for b in blocks)
+    for p in phi["per_layer"]:                                   # matched experts are the moved ones
+        if p["block"].startswith("experts"):
+            e_a, e_b = (int(x) for x in p["block"].split(" ")[1].split("↔"))
+            assert order[e_b] == e_a
+    assert phi["z"] >= 5 and derived["verdict"] == "derived"
+    assert next(t for t in indep["tests"] if t["name"] == "phi_u")["z"] < 3 and indep["verdict"] == "independent"

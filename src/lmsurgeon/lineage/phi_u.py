@@ -4,6 +4,10 @@ Unit permutations defeat Zhu et al.'s "matched index vs identity" statistic, so 
 one of A twice, independently: by its (aligned, column-normalised) up_proj row → σ_in, and by its aligned
 down_proj column → σ_out. For separately initialised models the two matchings are unrelated (ρ ≈ 0); for a
 shared history they coincide (ρ = 1) whatever permutation was applied.
+
+Mixture-of-experts layers (spec §7.3): experts are matched by their aligned, column-normalised router rows; the
+2 best-matched expert pairs and the shared expert (when both have one) each add a ρ to Fisher's combination.
+A layer pair where one side is dense and the other MoE (GLM's first dense layers) is skipped.
 """
 
 from __future__ import annotations
@@ -59,17 +63,62 @@ def combine_layers(name: str, per_layer: list[dict], null_source: str) -> dict:
             "per_layer": per_layer}
 
 
+BEST_EXPERTS = 2
+
+
+def mlp_kind(layout, layer: int) -> str | None:
+    """``dense`` (up and down), ``moe`` (router and experts) or None when the layer has neither."""
+    if layout.has("up", layer) and layout.has("down", layer):
+        return "dense"
+    if layout.has("router", layer) and layout.experts(layer, "experts.up"):
+        return "moe"
+    return None
+
+
+def matched_experts(layout_a, layout_b, la: int, lb: int, al: Alignment) -> list[tuple[int, int, float]]:
+    """(expert of A, expert of B, cosine) for the BEST_EXPERTS best pairs of the router-row assignment."""
+    ea, eb = layout_a.experts(la, "experts.up"), layout_b.experts(lb, "experts.up")
+    Ra = _unit(al.a_in(layout_a.read("router", la))[ea], 0)     # column-normalised: folded gains cancel
+    Rb = _unit(al.b_in(layout_b.read("router", lb))[eb], 0)
+    C = _unit(Ra, 1) @ _unit(Rb, 1).T
+    rows, cols = linear_sum_assignment(C, maximize=True)
+    best = sorted(zip(rows, cols, strict=True), key=lambda rc: -C[rc])[:BEST_EXPERTS]
+    return [(ea[r], eb[c], float(C[r, c])) for r, c in best]
+
+
+def mlp_blocks(layout_a, layout_b, la: int, lb: int, al: Alignment) -> list[dict]:
+    """The (up, down) pairs to compare in one matched layer pair: the dense MLP, or matched experts + shared."""
+    kind = mlp_kind(layout_a, la)
+    if kind is None or kind != mlp_kind(layout_b, lb):
+        return []
+    if kind == "dense":
+        return [{"block": "mlp", "roles": ("up", "down"), "experts": (None, None)}]
+    blocks = [{"block": f"experts {e_a}↔{e_b} (router cosine {c:.3f})", "roles": ("experts.up", "experts.down"),
+               "experts": (e_a, e_b)} for e_a, e_b, c in matched_experts(layout_a, layout_b, la, lb, al)]
+    if all(lay.has(r, layer) for lay, layer in ((layout_a, la), (layout_b, lb)) for r in ("shared.up", "shared.down")):
+        blocks.append({"block": "shared expert", "roles": ("shared.up", "shared.down"), "experts": (None, None)})
+    return blocks
+
+
 def phi_u_test(layout_a, layout_b, al: Alignment, pairs: list[tuple[int, int]], seed: int = 0,
                max_units: int = MAX_UNITS) -> dict:
-    """Per matched layer pair ρ_l, z_l = ρ_l√(n_l−1), log p_l; Fisher over layers; z from the combined p."""
+    """Per matched layer pair (per expert pair in MoE) ρ_l, z_l = ρ_l√(n_l−1); Fisher over all of them."""
     rng = np.random.default_rng(seed)
     per_layer = []
     for i, j in pairs:
         la, lb = layout_a.layers[i], layout_b.layers[j]
-        up_b = layout_b.read("up", lb)
-        units = np.sort(rng.choice(up_b.shape[0], max_units, replace=False)) if up_b.shape[0] > max_units else None
-        rho, n = layer_rho(layout_a.read("up", la), layout_a.read("down", la), up_b, layout_b.read("down", lb),
-                           al, units)
-        per_layer.append({"a": la, "b": lb, "rho": rho, "n_units": n, "z": spearman_z(rho, n)})
+        for blk in mlp_blocks(layout_a, layout_b, la, lb, al):
+            (up, down), (e_a, e_b) = blk["roles"], blk["experts"]
+            up_b = layout_b.read(up, lb, e_b)
+            m = up_b.shape[0]
+            units = np.sort(rng.choice(m, max_units, replace=False)) if m > max_units else None
+            rho, n = layer_rho(layout_a.read(up, la, e_a), layout_a.read(down, la, e_a), up_b,
+                               layout_b.read(down, lb, e_b), al, units)
+            per_layer.append({"a": la, "b": lb, "block": blk["block"], "rho": rho, "n_units": n,
+                              "z": spearman_z(rho, n)})
+    if not per_layer:
+        return {"name": "phi_u", "applies": False, "statistic": None, "z": None, "neg_log10_p": None, "null": None,
+                "per_layer": [], "reason": "no matched layer pair has the same MLP kind (dense or experts) on both"}
     return combine_layers("phi_u", per_layer,
-                          "analytic: rho*sqrt(n-1) ~ N(0,1) under independent matchings; Fisher over layers")
+                          "analytic: rho*sqrt(n-1) ~ N(0,1) under independent matchings; Fisher over layers "
+                          "(and expert pairs)")

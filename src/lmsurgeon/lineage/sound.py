@@ -23,6 +23,14 @@ def _roles_present(layout, roles) -> str | None:
     return None
 
 
+def _mlp_missing(layout) -> str | None:
+    """Why φ_U cannot read a model's MLPs (a layer with neither up/down nor router + experts), or None."""
+    from lmsurgeon.lineage.phi_u import mlp_kind
+
+    bad = [i for i in layout.layers if mlp_kind(layout, i) is None]
+    return f"{layout.handle.name} has no up/down or experts in layer {bad[0]}" if bad else None
+
+
 def alignment(la, lb, seed: int = 0, method: str = "permutation"):
     """(alignment, swapped, reason): B is the narrower model; fails with a reason when too few shared tokens.
 
@@ -65,7 +73,7 @@ def weight_tests(la, lb, tests: tuple[str, ...], seed: int = 0,
         if "awm" in tests:
             out.append(awm)
     if "phi_u" in tests:
-        missing = _roles_present(la, ("up", "down")) or _roles_present(lb, ("up", "down"))
+        missing = _mlp_missing(la) or _mlp_missing(lb)
         if al is None or missing:
             out.append(not_applicable("phi_u", why or missing))
         elif not awm.get("applies"):
