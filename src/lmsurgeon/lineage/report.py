@@ -79,6 +79,40 @@ def _phi_figure(run, t, name) -> str:
     return run.save_figure(fig, name)
 
 
+def _evidence_figure(run, p, name) -> str | None:
+    """Left: each applicable test's z against the verdict thresholds. Right: the awm statistic beside its nulls
+    (independents and the pair's own wrong layer maps), drawn as normal densities with their mean and std."""
+    from scipy.stats import norm
+
+    from lmsurgeon.lineage.verdict import DECISIVE, T_HI, T_LO
+
+    tests = [t for t in p.get("tests", []) if t.get("applies") and t.get("z") is not None]
+    if not tests:
+        return None
+    fig, axes = new_figure(11, 3.4, ncols=2)
+    ax, bx = axes[0]
+    zs = [t["z"] for t in tests]
+    ax.barh([t["name"] for t in tests], zs,
+            color=["tab:blue" if t["name"] in DECISIVE else "tab:gray" for t in tests])
+    ax.set_xscale("symlog", linthresh=10)
+    for x, style in ((T_LO, ":"), (T_HI, "--")):
+        ax.axvline(x, color="k", ls=style, lw=1)
+    ax.set(title="z per test (dotted T_lo, dashed T_hi; grey: never decisive)", xlabel="z (symlog)")
+    awm = next((t for t in tests if t["name"] == "awm"), None)
+    if awm is None:
+        bx.set_axis_off()
+        return run.save_figure(fig, name)
+    nulls = {k: v for k, v in (awm.get("nulls") or {}).items()
+             if isinstance(v, dict) and np.isfinite(v.get("std") or np.nan) and k != "permutation"}
+    x = np.linspace(-0.05, 1.05, 600)
+    for label, nl in nulls.items():
+        bx.plot(x, norm.pdf(x, nl["mean"], max(nl["std"], 1e-3)), label=f"{label}: {nl['mean']:.3f} ± {nl['std']:.3f}")
+    bx.axvline(awm["statistic"], color="tab:red", label=f"observed {awm['statistic']:.3f}")
+    bx.set(title="awm statistic (mean matched CKA) and its nulls", xlabel="mean matched CKA", ylabel="density")
+    bx.legend(fontsize=7)
+    return run.save_figure(fig, name)
+
+
 def write_run(out, body, layouts, nvs, pairs, names, *, seed, timings, overwrite=False) -> dict:
     """Figures and HTML for the body assembled by :func:`lmsurgeon.lineage.run.compare`."""
     with RunFolder(out, command="lineage", seed=seed, overwrite=overwrite) as run:
@@ -106,6 +140,8 @@ def write_run(out, body, layouts, nvs, pairs, names, *, seed, timings, overwrite
                                          f"p{k}_{t['name']}_cka", "B layer", "A layer", marks))
                 if t["name"] in ("phi_u", "phi_match") and t.get("applies"):
                     figs.append(_phi_figure(run, t, f"p{k}_{t['name']}"))
+            evidence = _evidence_figure(run, p, f"p{k}_evidence")
+            figs = ([evidence] if evidence else []) + figs
             focus = [r for r in body["naive"]["same_layer"][k]["focus"]]
             sections.append(Section(f"{p['a']} vs {p['b']}: {p['verdict']}", text="; ".join(p["reasons"]),
                                     table=_tests_table(p) or None, figures=figs,
