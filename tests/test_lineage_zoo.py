@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from lmsurgeon.lineage import compare
 
 LIN = ["lin-base", "lin-finetune", "lin-permuted", "lin-pruned", "lin-gammafold", "lin-indep-1", "lin-indep-2",
@@ -80,3 +82,18 @@ def test_rotated_copy_defeats_weight_alignment_but_not_phi_match(test_zoo, tmp_p
     assert rot["alignment"]["method"] == "procrustes" and rot["alignment"]["embedding_mean_abs_corr"] > 0.99
     for p in indeps:
         assert p["verdict"] == "independent", [(t["name"], t["z"]) for t in p["tests"]]
+
+
+def test_null_models_replace_each_decisive_tests_null(test_zoo):
+    """--null: every decisive test's z is measured against A and B compared with the given independents."""
+    base, tuned, indep, *nulls = _zoo_paths(test_zoo, ["lin-base", "lin-finetune", "lin-indep-1", "lin-indep-2",
+                                                       "lin-indep-3"])
+    r = compare([base, tuned, indep], write=False, tests=("awm", "phi_u", "phi_match"), null=nulls)
+    derived, independent = r["pairs"]
+    for p in (derived, independent):
+        for t in p["tests"]:
+            assert t["null"]["source"] == "4 comparisons with the --null models" and t["null"]["n"] == 4, t
+            if t["name"] != "awm":      # phi tests: their analytic z (kept under nulls.own) against the null
+                own = t["nulls"]["own"]["z"]
+                assert t["z"] == pytest.approx((own - t["null"]["mean"]) / max(t["null"]["std"], 1e-3))
+    assert derived["verdict"] == "derived" and independent["verdict"] == "independent"

@@ -29,12 +29,20 @@ def _model_entry(name: str, source: str, layout) -> dict:
             "n_layers": layout.n_layers, "hidden_size": layout.hidden_size, "bytes_read": h.bytes_read}
 
 
+ANALYTIC_Z = ("phi_u", "phi_match")  # tests whose statistic for the --null comparison is their analytic z
+
+
+def _null_value(t: dict) -> float:
+    return t["z"] if t["name"] in ANALYTIC_Z else t["statistic"]
+
+
 def _apply_null(test: dict, values: list[float]) -> None:
-    """Replace a test's z by the independents' null: z = (s − μ₀)/max(σ₀, 0.001) (s = statistic, or z for φ_U)."""
+    """Replace a test's z by the independents' null: z = (s − μ₀)/max(σ₀, 0.001) (s = statistic, or the
+    analytic z for φ_U and φ_MATCH)."""
     null = null_from_values(values, f"{len(values)} comparisons with the --null models")
     if null is None or not test.get("applies"):
         return
-    s = test["statistic"] if test["name"] != "phi_u" else test["z"]
+    s = _null_value(test)
     test.setdefault("nulls", {})["own"] = {**(test.get("null") or {}), "z": test["z"]}
     test["null"], test["z"] = null, z_against(s, null["mean"], null["std"])
     inner = test.get("nulls", {}).get("unmatched_layers")
@@ -43,23 +51,37 @@ def _apply_null(test: dict, values: list[float]) -> None:
     test["neg_log10_p"] = neg_log10_p(log_p_from_z(test["z"]))
 
 
+def _run_activation_tests(la, lb, texts, wanted, seed) -> list[dict]:
+    try:
+        return activation_tests(la, lb, texts, wanted, seed)
+    except (LmsurgeonError, MemoryError, OSError, ValueError) as e:
+        return [not_applicable(t, f"cannot run the models: {e}") for t in wanted]
+
+
+def _null_values(name: str, la, lb, null_layouts, run_test) -> list[float]:
+    """The test's statistic for A and for B against every --null model (where it applies)."""
+    vals = []
+    for nl in null_layouts:
+        for x in (la, lb):
+            ref = next(r for r in run_test(x, nl) if r["name"] == name)
+            if ref.get("applies"):
+                vals.append(_null_value(ref))
+    return vals
+
+
 def pair_tests(la, lb, tests, seed, texts_fn, null_layouts, align="permutation") -> tuple[list[dict], dict]:
     out, facts = weight_tests(la, lb, tuple(t for t in tests if t in ("awm", "phi_u")), seed, align)
-    if null_layouts:
-        for t in out:
-            vals = []
-            for nl in null_layouts:
-                for x in (la, lb):
-                    ref = {r["name"]: r for r in weight_tests(x, nl, (t["name"],), seed, align)[0]}[t["name"]]
-                    if ref.get("applies"):
-                        vals.append(ref["statistic"] if t["name"] != "phi_u" else ref["z"])
-            _apply_null(t, vals)
+    for t in out if null_layouts else []:
+        _apply_null(t, _null_values(t["name"], la, lb, null_layouts,
+                                    lambda x, nl, n=t["name"]: weight_tests(x, nl, (n,), seed, align)[0]))
     wanted = [t for t in ACTIVATION_TESTS if t in tests]
     if wanted:
-        try:
-            out += activation_tests(la, lb, texts_fn(), wanted, seed)
-        except (LmsurgeonError, MemoryError, OSError, ValueError) as e:
-            out += [not_applicable(t, f"cannot run the models: {e}") for t in wanted]
+        acts = _run_activation_tests(la, lb, texts_fn(), wanted, seed)
+        for t in acts if null_layouts else []:
+            if t["name"] == "phi_match":     # act_cka never decides: its own permutation null stays
+                _apply_null(t, _null_values("phi_match", la, lb, null_layouts,
+                                            lambda x, nl: _run_activation_tests(x, nl, texts_fn(), wanted, seed)))
+        out += acts
     return out, facts
 
 
