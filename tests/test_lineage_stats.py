@@ -196,3 +196,12 @@ def test_awm_z_is_against_independents_unless_the_wrong_layer_guard_is_not_clear
     z, null = guarded_z(0.05, independents, guard)              # below both: the lower z either way
     assert z == pytest.approx(min((0.05 - 0.1) / 0.025, (0.05 - 0.3) / 0.1))
     assert guarded_z(0.99, None, guard)[1] is guard
+
+
+def test_rotation_hint_only_when_activations_match_and_weights_were_aligned_by_permutation():
+    tests = [{"name": "awm", "applies": True, "z": 0.5, "align": "permutation"},
+             {"name": "phi_match", "applies": True, "z": 20.0}]
+    v, reasons = verdict(tests)
+    assert v == "inconclusive" and "--align procrustes" in reasons[-1]
+    tests[0]["align"] = "procrustes"
+    assert not any("--align" in r for r in verdict(tests)[1])

@@ -141,8 +141,8 @@ def awm_test(layout_a, layout_b, al: Alignment, seed: int = 0, null: dict | None
     independents = null or shipped_null(al.method)   # a fitted rotation has more freedom: its own calibration
     z, chosen = guarded_z(s, independents, inner if np.isfinite(inner["std"]) else perm)
     lp = log_p_from_z(z) if np.isfinite(z) else float("nan")
-    return {"name": "awm", "applies": True, "reason": "", "statistic": s, "z": z, "neg_log10_p": neg_log10_p(lp),
-            "null": chosen,
+    return {"name": "awm", "applies": True, "reason": "", "align": al.method, "statistic": s, "z": z,
+            "neg_log10_p": neg_log10_p(lp), "null": chosen,
             "nulls": {"permutation": perm, "unmatched_layers": inner, "independents": independents,
                                       "z_permutation": z_against(s, perm["mean"], perm["std"])},
             "per_layer": [{"a": layout_a.layers[i], "b": layout_b.layers[j], "cka": float(M[i, j])}

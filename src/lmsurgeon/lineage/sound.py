@@ -7,7 +7,7 @@ import numpy as np
 from lmsurgeon.lineage.align import MIN_SHARED, align_residual, align_rotation, shared_tokens
 from lmsurgeon.lineage.awm import awm_test
 from lmsurgeon.lineage.checks import problem
-from lmsurgeon.lineage.phi_u import phi_u_test
+from lmsurgeon.lineage.phi_u import mlp_kind, phi_u_test
 
 
 def not_applicable(name: str, reason: str) -> dict:
@@ -25,8 +25,6 @@ def _roles_present(layout, roles) -> str | None:
 
 def _mlp_missing(layout) -> str | None:
     """Why φ_U cannot read a model's MLPs (a layer with neither up/down nor router + experts), or None."""
-    from lmsurgeon.lineage.phi_u import mlp_kind
-
     bad = [i for i in layout.layers if mlp_kind(layout, i) is None]
     return f"{layout.handle.name} has no up/down or experts in layer {bad[0]}" if bad else None
 

@@ -27,7 +27,8 @@ def verdict(tests: list[dict]) -> tuple[str, list[str]]:
     if hi < T_LO:
         return "independent", [f"no decisive test reaches {T_LO} ({desc})"]
     reasons = [f"tests disagree ({desc}): derived needs max ≥ {T_HI} and min ≥ {T_LO}"]
-    if zs.get("phi_match", 0.0) >= T_HI and min(zs.get("awm", T_HI), zs.get("phi_u", T_HI)) < T_LO:
+    permutation = all(t.get("align", "permutation") == "permutation" for t in used)
+    if permutation and zs.get("phi_match", 0.0) >= T_HI and min(zs.get("awm", T_HI), zs.get("phi_u", T_HI)) < T_LO:
         reasons.append("activations match but weights do not: a rotated residual basis (folded gains) fits this; "
                        "rerun the weight tests with --align procrustes")
     return "inconclusive", reasons
