@@ -81,19 +81,28 @@ class PromptEvaluator:
         if not self.seqs:
             raise LmsurgeonError("no prompt has 2 or more tokens (empty prompts)")
         self.batch_size, self.pad_id, self.device = batch_size, pad_id, device
+        self._prepared: list[dict] | None = None
         self.positions = [kl_positions(len(s), positions) for s in self.seqs]
         self.n_tokens = sum(len(s) - 1 for s in self.seqs)
 
-    def _batches(self):
-        for a in range(0, len(self.seqs), self.batch_size):
-            group = self.seqs[a:a + self.batch_size]
-            L = max(len(s) for s in group)
-            ids = torch.full((len(group), L), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(group), L), dtype=torch.long)
-            for r, s in enumerate(group):
-                ids[r, :len(s)] = torch.tensor(s)
-                mask[r, :len(s)] = 1
-            yield a, group, ids.to(self.device), mask.to(self.device)
+    def _batches(self) -> list[dict]:
+        """Right-padded batches, built once: ids, mask, which next-token targets count, and the KL picks."""
+        if self._prepared is None:
+            self._prepared = [self._prepare(a) for a in range(0, len(self.seqs), self.batch_size)]
+        return self._prepared
+
+    def _prepare(self, a: int) -> dict:
+        group = self.seqs[a:a + self.batch_size]
+        L = max(len(s) for s in group)
+        ids = torch.full((len(group), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), L), dtype=torch.long)
+        for r, s in enumerate(group):
+            ids[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s)] = 1
+        rows = torch.cat([torch.full((len(self.positions[a + r]),), r) for r in range(len(group))])
+        cols = torch.cat([torch.tensor(self.positions[a + r]) for r in range(len(group))])
+        return {"ids": ids.to(self.device), "mask": mask.to(self.device), "valid": mask[:, 1:].bool().to(self.device),
+                "pick": (rows.to(self.device), cols.to(self.device))}
 
     @torch.no_grad()
     def evaluate(self, model, keep_head_inputs: bool = False) -> Evaluation:
@@ -108,7 +117,7 @@ class PromptEvaluator:
             hook = model.get_output_embeddings().register_forward_hook(
                 lambda module, args, output: seen.append(args[0].detach()))
         try:
-            ev = self._score(model(input_ids=ids, attention_mask=mask).logits for _, _, ids, mask in self._batches())
+            ev = self._score(model(input_ids=b["ids"], attention_mask=b["mask"]).logits for b in self._batches())
         finally:
             if hook is not None:
                 hook.remove()
@@ -123,14 +132,12 @@ class PromptEvaluator:
     def _score(self, logits_per_batch) -> Evaluation:
         """Consume one batch's logits at a time (a [B, T, V] tensor per batch, never all batches at once)."""
         nll_sum, picked = 0.0, []
-        for (a, group, ids, _), logits in zip(self._batches(), logits_per_batch, strict=True):
+        for b, logits in zip(self._batches(), logits_per_batch, strict=True):
             logp = torch.log_softmax(logits.float(), dim=-1)
-            for r, s in enumerate(group):
-                L = len(s)
-                tgt = ids[r, 1:L]
-                nll_sum += float(-logp[r, :L - 1].gather(-1, tgt[:, None]).sum(dtype=torch.float64))
-                picked.append(logp[r, self.positions[a + r]].cpu())
-            del logp, logits
+            target = logp[:, :-1].gather(-1, b["ids"][:, 1:, None])[..., 0]        # float32, [B, T−1]
+            nll_sum -= float(torch.where(b["valid"], target, 0.0).sum(dtype=torch.float64))
+            picked.append(logp[b["pick"]].cpu())
+            del logp, logits, target
         return Evaluation(nll_sum, self.n_tokens, torch.cat(picked))
 
 
