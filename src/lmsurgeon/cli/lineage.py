@@ -13,6 +13,7 @@ Examples:
   lmsurgeon lineage A B C --all-pairs                    # A vs B, A vs C and B vs C
   lmsurgeon lineage A B C --naive-only                   # the seed's norm-gain comparison only
   lmsurgeon lineage A B --tests awm,phi_u --null I1 --null I2   # z against known independent models
+  lmsurgeon lineage A B --align procrustes               # B's residual stream may be rotated (folded gains)
   lmsurgeon lineage A B --json > results.json
 """
 
