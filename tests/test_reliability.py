@@ -92,8 +92,14 @@ def kill_when(predicate, process: subprocess.Popen, timeout: float = 180.0) -> N
 
 
 def completed_trials(journal: Path) -> dict[int, dict]:
+    """Finished trials in the journal; none while the file exists but the study is not yet recorded in it."""
+    if not journal.exists():
+        return {}
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name="lmsurgeon-merge", storage=storage)
+    try:
+        study = optuna.load_study(study_name="lmsurgeon-merge", storage=storage)
+    except KeyError:  # the worker has created the journal file but not yet written the study into it
+        return {}
     return {t.number: t.params for t in study.get_trials(deepcopy=False)
             if t.state == optuna.trial.TrialState.COMPLETE}
 
@@ -105,7 +111,7 @@ def test_kill_9_during_a_merge_study_then_resume_keeps_the_finished_trials(merge
     journal = journal_path(out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     p = start(*args, "--trials", "200")
-    kill_when(lambda: journal.exists() and len(completed_trials(journal)) >= 2, p)
+    kill_when(lambda: len(completed_trials(journal)) >= 2, p)
     assert not out.exists()  # the run folder appears only when the study is finished
     done = completed_trials(journal)
     total = max(done) + 3
