@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -115,10 +116,17 @@ def test_kill_9_during_a_merge_study_then_resume_keeps_the_finished_trials(merge
     assert not out.exists()  # the run folder appears only when the study is finished
     done = completed_trials(journal)
     total = max(done) + 3
+    # A worker killed between creating a trial and its first write leaves a RUNNING trial with no process
+    # recorded; the resumed run must fail it after the grace period instead of waiting for it for ever.
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    orphan = optuna.load_study(study_name="lmsurgeon-merge", storage=storage).ask().number
     again = subprocess.run([sys.executable, "-m", "lmsurgeon", *args, "--trials", str(total), "--resume"],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert is_complete(out)
+    final = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
+    states = {t.number: t.state for t in optuna.load_study(study_name="lmsurgeon-merge", storage=final).trials}
+    assert states[orphan] == optuna.trial.TrialState.FAIL
     trials = {t["number"]: t for t in (json.loads(f.read_text()) for f in (out / "stats").glob("trial_*.json"))}
     assert set(done) <= set(trials)  # finished trials were kept, with their parameters
     assert all(trials[n]["params"] == {**trials[n]["params"], **params} for n, params in done.items())
@@ -210,3 +218,27 @@ def test_nan_weights_are_refused_by_swap_and_merge_with_the_tensor_named(tiny_de
     assert main(["merge", "--base", str(merge_pair["llama"]), "--donor", str(donor), "--trials", "1",
                  "--out", str(tmp_path / "m")]) == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_dead_and_orphaned_journal_trials_are_failed_live_ones_kept(tmp_path):
+    """fail_dead_trials: a RUNNING trial whose recorded pid is gone is failed and its parameters re-enqueued; one
+    with a live pid is kept; one that never recorded a process is failed once older than the grace period."""
+    from lmsurgeon.merge.search import fail_dead_trials, wait_for_running
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j")))
+    study = optuna.create_study(storage=storage, study_name="s", directions=["minimize", "maximize"])
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live, orphan = study.ask(), study.ask(), study.ask()
+    dead.suggest_float("x", 0.0, 1.0)
+    for trial, pid in ((dead, int(gone.stdout)), (live, os.getpid())):
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", pid)
+    assert fail_dead_trials(study, grace=3600.0) == 1          # the orphan is still within its grace period
+    assert fail_dead_trials(study, grace=0.0) == 1             # now it is not
+    states = {t.number: t.state for t in study.trials}
+    assert states[dead.number] == states[orphan.number] == optuna.trial.TrialState.FAIL
+    assert states[live.number] == optuna.trial.TrialState.RUNNING
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [dead.params]   # its work is queued again
+    study.tell(live, [1.0, 0.0])
+    wait_for_running(study, reap=fail_dead_trials, timeout=5.0, poll=0.05)   # returns: nothing runs any more

@@ -333,7 +333,11 @@ def run_merge(base: str, donor: str, out=None, trials: int | None = 48, *, dtype
             mine = [t for t in study.get_trials(deepcopy=False) if t.number not in before
                     and t.user_attrs.get("pid") == os.getpid()]
             return {"worker": True, "trials_run": len(mine)}
-        search.wait_for_running(study)
+        reap = search.fail_dead_trials if storage is None else optuna.storages.fail_stale_trials
+        search.wait_for_running(study, reap)
+        if search.n_complete(study) < trials:   # a worker died mid-trial while we waited: finish its share
+            search.run_trials(study, session, space_d, trials, callbacks, progress)
+            search.wait_for_running(study, reap)
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             st = t.user_attrs["stats"]
             records.append({"number": t.number, "r": t.values[0], "sym_kl": t.values[1],

@@ -7,6 +7,7 @@ journal file next to the run folder by default, so a killed run resumes with the
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -93,18 +94,37 @@ def open_study(storage, study_name: str, seed: int, fingerprint: str) -> optuna.
     return study
 
 
-def fail_dead_trials(study: optuna.Study) -> int:
+ORPHAN_GRACE_S = 10.0
+
+
+def fail_dead_trials(study: optuna.Study, grace: float = ORPHAN_GRACE_S) -> int:
     """Journal storage has no heartbeat: RUNNING trials of this host whose process is gone are failed and
-    their parameters enqueued again, so numbering continues and no work is lost."""
+    their parameters enqueued again, so numbering continues and no work is lost.
+
+    A trial that never recorded its process (its worker was killed between creating it and its first write, a
+    window of milliseconds) cannot be checked; it counts as gone once it has been running for ``grace`` seconds.
+    """
     host, n = socket.gethostname(), 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid")):
+        if not _gone(t, host, grace):
             continue
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
         if t.params:
             study.enqueue_trial(t.params, skip_if_exists=False)
         n += 1
     return n
+
+
+def _gone(t: optuna.trial.FrozenTrial, host: str, grace: float) -> bool:
+    pid = t.user_attrs.get("pid")
+    if pid is None:
+        return t.datetime_start is None or _age_seconds(t.datetime_start) > grace
+    return t.user_attrs.get("host") == host and not _alive(pid)
+
+
+def _age_seconds(start: datetime.datetime) -> float:
+    now = datetime.datetime.now(start.tzinfo) if start.tzinfo else datetime.datetime.now()
+    return (now - start).total_seconds()
 
 
 def _alive(pid) -> bool:
@@ -140,10 +160,19 @@ def run_trials(study: optuna.Study, session, space: dict, trials: int, callbacks
     study.optimize(objective, n_trials=left, callbacks=[stop, *callbacks], show_progress_bar=progress)
 
 
-def wait_for_running(study: optuna.Study, timeout: float = 3600.0, poll: float = 1.0) -> None:
-    """A finaliser waits until no other worker is still running a trial of the study."""
+def wait_for_running(study: optuna.Study, reap=None, timeout: float = 3600.0, poll: float = 1.0) -> None:
+    """A finaliser waits until no other worker is still running a trial of the study.
+
+    ``reap(study)`` is called on every poll to fail the trials of dead workers (:func:`fail_dead_trials` for a
+    journal, heartbeat-based ``optuna.storages.fail_stale_trials`` for an RDB), so a killed worker cannot make
+    the finaliser wait for ever.
+    """
     t0 = time.time()
-    while study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    while True:
+        if reap is not None:
+            reap(study)
+        if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            return
         if time.time() - t0 > timeout:
             raise LmsurgeonError("other workers are still running trials after the wait limit")
         time.sleep(poll)
