@@ -21,13 +21,12 @@ import numpy as np
 
 from lmsurgeon.lineage.awm import layer_map
 from lmsurgeon.lineage.cka import Grams, cka_grams
-from lmsurgeon.lineage.phi_u import combine_layers, match_units
+from lmsurgeon.lineage.phi_u import MAX_UNITS, combine_layers, match_units, subsample_units
 from lmsurgeon.lineage.sound import not_applicable
 from lmsurgeon.lineage.stats import log_p_from_z, neg_log10_p, spearman, spearman_z, z_against
 
 MAX_ITEMS = 1024
 MAX_TOKENS = 128
-MAX_UNITS = 4096
 MIN_ITEMS = 16
 N_PERMUTATIONS = 20
 ACTIVATION_TESTS = ("act_cka", "phi_match")
@@ -172,12 +171,10 @@ def phi_match(A: Activations, B: Activations, pairs: list[tuple[int, int]], seed
     rng = np.random.default_rng(seed)
     per_layer = []
     for i, j in pairs:
-        m_b = B.gate[j].shape[1]
-        units = np.sort(rng.choice(m_b, max_units, replace=False)) if m_b > max_units else None
+        units = subsample_units(rng, B.gate[j].shape[1], max_units)
         rho, n = match_rho(A.gate[i], A.up[i], B.gate[j], B.up[j], units)
         per_layer.append({"a": i, "b": j, "rho": rho, "n_units": n, "z": spearman_z(rho, n)})
-    return combine_layers("phi_match", per_layer,
-                          "analytic: rho*sqrt(n-1) ~ N(0,1) under independent matchings; Fisher over layers")
+    return combine_layers("phi_match", per_layer)
 
 
 def activation_tests(layout_a, layout_b, texts: list[str], tests=ACTIVATION_TESTS, seed: int = 0) -> list[dict]:

@@ -48,7 +48,15 @@ def layer_rho(up_a, down_a, up_b, down_b, al: Alignment, units: np.ndarray | Non
     return spearman(s_in[ok], s_out[ok]), int(ok.sum())
 
 
-def combine_layers(name: str, per_layer: list[dict], null_source: str) -> dict:
+ANALYTIC_NULL = "analytic: rho*sqrt(n-1) ~ N(0,1) under independent matchings; Fisher over layers"
+
+
+def subsample_units(rng: np.random.Generator, m: int, max_units: int = MAX_UNITS) -> np.ndarray | None:
+    """Sorted indices of ``max_units`` of B's ``m`` units chosen by seed, or None to keep them all."""
+    return np.sort(rng.choice(m, max_units, replace=False)) if m > max_units else None
+
+
+def combine_layers(name: str, per_layer: list[dict], null_source: str = ANALYTIC_NULL) -> dict:
     """A test result from per-layer ρ_l and z_l: log p_l, Fisher's combination, and z from the combined p."""
     log_ps = []
     for p in per_layer:
@@ -101,8 +109,10 @@ def mlp_blocks(layout_a, layout_b, la: int, lb: int, al: Alignment) -> list[dict
 
 
 def phi_u_test(layout_a, layout_b, al: Alignment, pairs: list[tuple[int, int]], seed: int = 0,
-               max_units: int = MAX_UNITS) -> dict:
-    """Per matched layer pair (per expert pair in MoE) ρ_l, z_l = ρ_l√(n_l−1); Fisher over all of them."""
+               max_units: int = MAX_UNITS) -> dict | None:
+    """Per matched layer pair (per expert pair in MoE) ρ_l, z_l = ρ_l√(n_l−1); Fisher over all of them.
+
+    None when no matched layer pair has the same MLP kind on both sides (the caller says it does not apply)."""
     rng = np.random.default_rng(seed)
     per_layer = []
     for i, j in pairs:
@@ -110,15 +120,10 @@ def phi_u_test(layout_a, layout_b, al: Alignment, pairs: list[tuple[int, int]], 
         for blk in mlp_blocks(layout_a, layout_b, la, lb, al):
             (up, down), (e_a, e_b) = blk["roles"], blk["experts"]
             up_b = layout_b.read(up, lb, e_b)
-            m = up_b.shape[0]
-            units = np.sort(rng.choice(m, max_units, replace=False)) if m > max_units else None
             rho, n = layer_rho(layout_a.read(up, la, e_a), layout_a.read(down, la, e_a), up_b,
-                               layout_b.read(down, lb, e_b), al, units)
+                               layout_b.read(down, lb, e_b), al, subsample_units(rng, up_b.shape[0], max_units))
             per_layer.append({"a": la, "b": lb, "block": blk["block"], "rho": rho, "n_units": n,
                               "z": spearman_z(rho, n)})
     if not per_layer:
-        return {"name": "phi_u", "applies": False, "statistic": None, "z": None, "neg_log10_p": None, "null": None,
-                "per_layer": [], "reason": "no matched layer pair has the same MLP kind (dense or experts) on both"}
-    return combine_layers("phi_u", per_layer,
-                          "analytic: rho*sqrt(n-1) ~ N(0,1) under independent matchings; Fisher over layers "
-                          "(and expert pairs)")
+        return None
+    return combine_layers("phi_u", per_layer, ANALYTIC_NULL + " (and expert pairs)")

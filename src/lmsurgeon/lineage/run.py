@@ -58,29 +58,26 @@ def _run_activation_tests(la, lb, texts, wanted, seed) -> list[dict]:
         return [not_applicable(t, f"cannot run the models: {e}") for t in wanted]
 
 
-def _null_values(name: str, la, lb, null_layouts, run_test) -> list[float]:
-    """The test's statistic for A and for B against every --null model (where it applies)."""
-    vals = []
-    for nl in null_layouts:
-        for x in (la, lb):
-            ref = next(r for r in run_test(x, nl) if r["name"] == name)
-            if ref.get("applies"):
-                vals.append(_null_value(ref))
-    return vals
+def _apply_nulls(tests: list[dict], la, lb, null_layouts, run_tests) -> None:
+    """Recalibrate ``tests`` against A and B each compared once with every --null model (``run_tests(x, nl)``
+    returns all the tests of one comparison)."""
+    refs = [r for nl in null_layouts for x in (la, lb) for r in run_tests(x, nl)]
+    for t in tests:
+        _apply_null(t, [_null_value(r) for r in refs if r["name"] == t["name"] and r.get("applies")])
 
 
 def pair_tests(la, lb, tests, seed, texts_fn, null_layouts, align="permutation") -> tuple[list[dict], dict]:
-    out, facts = weight_tests(la, lb, tuple(t for t in tests if t in ("awm", "phi_u")), seed, align)
-    for t in out if null_layouts else []:
-        _apply_null(t, _null_values(t["name"], la, lb, null_layouts,
-                                    lambda x, nl, n=t["name"]: weight_tests(x, nl, (n,), seed, align)[0]))
+    weight = tuple(t for t in tests if t in ("awm", "phi_u"))
+    out, facts = weight_tests(la, lb, weight, seed, align)
+    if null_layouts and out:
+        _apply_nulls(out, la, lb, null_layouts, lambda x, nl: weight_tests(x, nl, weight, seed, align)[0])
     wanted = [t for t in ACTIVATION_TESTS if t in tests]
     if wanted:
         acts = _run_activation_tests(la, lb, texts_fn(), wanted, seed)
-        for t in acts if null_layouts else []:
-            if t["name"] == "phi_match":     # act_cka never decides: its own permutation null stays
-                _apply_null(t, _null_values("phi_match", la, lb, null_layouts,
-                                            lambda x, nl: _run_activation_tests(x, nl, texts_fn(), wanted, seed)))
+        decisive = [t for t in acts if t["name"] == "phi_match"]   # act_cka never decides: its own null stays
+        if null_layouts and decisive:
+            _apply_nulls(decisive, la, lb, null_layouts,
+                         lambda x, nl: _run_activation_tests(x, nl, texts_fn(), ("phi_match",), seed))
         out += acts
     return out, facts
 

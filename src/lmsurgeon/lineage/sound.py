@@ -79,7 +79,8 @@ def weight_tests(la, lb, tests: tuple[str, ...], seed: int = 0,
         else:
             pairs = [(la.layers.index(a), lb.layers.index(b)) for a, b in
                      ([[b, a] for a, b in awm["layer_map"]] if swapped else awm["layer_map"])]
-            t = phi_u_test(la, lb, al, pairs, seed=seed)
+            t = phi_u_test(la, lb, al, pairs, seed=seed) or not_applicable(
+                "phi_u", "no matched layer pair has the same MLP kind (dense or experts) on both")
             if swapped:
                 t["per_layer"] = [{**p, "a": p["b"], "b": p["a"]} for p in t["per_layer"]]
             out.append(t)

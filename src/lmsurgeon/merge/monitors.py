@@ -81,17 +81,12 @@ class PromptEvaluator:
         if not self.seqs:
             raise LmsurgeonError("no prompt has 2 or more tokens (empty prompts)")
         self.batch_size, self.pad_id, self.device = batch_size, pad_id, device
-        self._prepared: list[dict] | None = None
         self.positions = [kl_positions(len(s), positions) for s in self.seqs]
         self.n_tokens = sum(len(s) - 1 for s in self.seqs)
-
-    def _batches(self) -> list[dict]:
-        """Right-padded batches, built once: ids, mask, which next-token targets count, and the KL picks."""
-        if self._prepared is None:
-            self._prepared = [self._prepare(a) for a in range(0, len(self.seqs), self.batch_size)]
-        return self._prepared
+        self.batches = [self._prepare(a) for a in range(0, len(self.seqs), batch_size)]
 
     def _prepare(self, a: int) -> dict:
+        """One right-padded batch, built once: ids, mask, which next-token targets count, and the KL picks."""
         group = self.seqs[a:a + self.batch_size]
         L = max(len(s) for s in group)
         ids = torch.full((len(group), L), self.pad_id, dtype=torch.long)
@@ -117,7 +112,7 @@ class PromptEvaluator:
             hook = model.get_output_embeddings().register_forward_hook(
                 lambda module, args, output: seen.append(args[0].detach()))
         try:
-            ev = self._score(model(input_ids=b["ids"], attention_mask=b["mask"]).logits for b in self._batches())
+            ev = self._score(model(input_ids=b["ids"], attention_mask=b["mask"]).logits for b in self.batches)
         finally:
             if hook is not None:
                 hook.remove()
@@ -132,7 +127,7 @@ class PromptEvaluator:
     def _score(self, logits_per_batch) -> Evaluation:
         """Consume one batch's logits at a time (a [B, T, V] tensor per batch, never all batches at once)."""
         nll_sum, picked = 0.0, []
-        for b, logits in zip(self._batches(), logits_per_batch, strict=True):
+        for b, logits in zip(self.batches, logits_per_batch, strict=True):
             logp = torch.log_softmax(logits.float(), dim=-1)
             target = logp[:, :-1].gather(-1, b["ids"][:, 1:, None])[..., 0]        # float32, [B, T−1]
             nll_sum -= float(torch.where(b["valid"], target, 0.0).sum(dtype=torch.float64))
