@@ -56,20 +56,21 @@ def main() -> None:
     base, donor = str(zoo_dir / "llama-sp"), str(zoo_dir / "gpt2-bpe")
     texts = load_texts(None, "validation")[:32]
     s = MergeSession(base, donor, texts)
-    evals = []
-    for _ in range(3):
+    def timed(fn) -> float:
         t0 = time.perf_counter()
-        s.evaluator.evaluate(s.model)
-        evals.append(time.perf_counter() - t0)
-    t_eval = float(np.median(evals))
-    heads = []
-    for _ in range(3):  # Stage B's guard: the head alone on the body's kept outputs
-        t0 = time.perf_counter()
-        s.evaluator.evaluate_head(s.head_logits, s.base_eval.head_inputs or [])
-        heads.append(time.perf_counter() - t0)
-    t_head = float(np.median(heads)) if s.head_only else t_eval
+        fn()
+        return time.perf_counter() - t0
+
+    # Interleaved rounds (evaluation, Stage B guard, trial), medians of each: measured back to back, the three
+    # drift apart with the CPU's state and the ratio moved by ±0.15 between runs.
     rng = np.random.default_rng(0)
-    stats = [s.trial(_params(rng)) for _ in range(a.trials)]
+    evals, heads, stats = [], [], []
+    for _ in range(a.trials):
+        evals.append(timed(lambda: s.evaluator.evaluate(s.model)))
+        heads.append(timed(lambda: s.evaluator.evaluate_head(s.head_logits, s.base_eval.head_inputs or [])))
+        stats.append(s.trial(_params(rng)))
+    t_eval = float(np.median(evals))
+    t_head = float(np.median(heads)) if s.head_only else t_eval
     t_trial = float(np.median([st["seconds"] for st in stats]))
     head_only, s.head_only = s.head_only, False  # Stage B re-running the body: the straightforward way
     rng = np.random.default_rng(0)
