@@ -33,7 +33,8 @@ def test_donor_equal_to_base_gives_the_base_back(merge_pair, dtype, tmp_path):
     s = MergeSession(str(src), str(src), merge_pair["texts"][:16], dtype=dtype)
     before = _weights(s.model)
     st = s.trial(EVERYTHING, keep=True)
-    assert st["stage_a"]["rows"] > 0 and st["stage_b"]["rows"] > 0
+    assert st["stage_a"]["rows"] > 0
+    assert st["stage_b"]["rows"] > 0
     assert st["r"] == pytest.approx(1.0, abs=1e-6)
     for k, v in s.model.state_dict().items():
         if dtype == "bf16":
@@ -46,7 +47,8 @@ def test_trials_restore_the_base_bit_for_bit(merge_pair):
     s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:16])
     before = _weights(s.model)
     st = s.trial(EVERYTHING)
-    assert st["sym_kl"] > 0 and st["stage_a"]["outcome"] == "applied"
+    assert st["stage_a"]["outcome"] == "applied"
+    assert st["sym_kl"] > 0
     for k, v in s.model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -54,16 +56,19 @@ def test_trials_restore_the_base_bit_for_bit(merge_pair):
 def test_stage_b_from_kept_head_inputs_equals_a_full_evaluation(merge_pair):
     """Stage B touches only the head, so r_B from the body's kept outputs must be what a full forward gives."""
     s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:16])
-    assert s.head_only and s.stage_b is not None
+    assert s.stage_b is not None
+    assert s.head_only
     cautious = {**EVERYTHING, "alpha_cap_emb": 0.3, "alpha_floor_emb": 0.05, "alpha_cap_head": 0.3}
     st = s.trial(cautious, keep=True)
-    assert st["stage_b"]["outcome"] == "applied" and st["n_evals"] == 1
+    assert st["stage_b"]["outcome"] == "applied"
+    assert st["n_evals"] == 1  # Stage B reused the body's outputs of Stage A's evaluation
     full = s.evaluator.evaluate(s.model)
     assert st["stage_b"]["ppl"] == pytest.approx(full.ppl, rel=1e-5)
     s.restore()
     s.head_only = False
     again = s.trial(cautious)
-    assert again["n_evals"] == 2 and again["r"] == pytest.approx(st["r"], rel=1e-5)
+    assert again["n_evals"] == 2
+    assert again["r"] == pytest.approx(st["r"], rel=1e-5)
     assert again["sym_kl"] == pytest.approx(st["sym_kl"], rel=1e-4, abs=1e-7)
 
 
@@ -83,8 +88,10 @@ def test_broken_donor_trips_the_guard_and_rolls_back(merge_pair, broken_donor):
     s = MergeSession(str(merge_pair["llama"]), str(broken_donor), merge_pair["texts"][:16], ppl_cap=1.0001)
     before = _weights(s.model)
     st = s.trial({**EVERYTHING, "use_soft_clip": False}, keep=True)
-    assert st["stage_a"]["outcome"] == "rolled_back" and st["stage_b"]["outcome"] == "skipped_guard"
-    assert st["r"] == 1.0 and st["sym_kl"] == 0.0
+    assert st["stage_a"]["outcome"] == "rolled_back"
+    assert st["stage_b"]["outcome"] == "skipped_guard"
+    assert st["r"] == 1.0
+    assert st["sym_kl"] == 0.0
     for k, v in s.model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -94,17 +101,22 @@ def test_stage_b_alone_is_rolled_back_when_the_head_moves_too_far(merge_pair):
     s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:16], ppl_cap=1.0001)
     head_before = s.model.lm_head.weight.detach().clone()
     st = s.trial({**EVERYTHING, "alpha_floor_emb": 0.0, "alpha_cap_emb": 0.0}, keep=True)
-    assert st["stage_a"]["outcome"] == "applied" and st["r_A"] == 1.0
-    assert st["stage_b"]["outcome"] == "rolled_back" and st["r_B"] > 1.0001
-    assert torch.equal(s.model.lm_head.weight, head_before) and st["r"] == 1.0
+    assert st["stage_a"]["outcome"] == "applied"
+    assert st["r_A"] == 1.0
+    assert st["stage_b"]["outcome"] == "rolled_back"
+    assert st["r_B"] > 1.0001
+    assert torch.equal(s.model.lm_head.weight, head_before)
+    assert st["r"] == 1.0
 
 
 def test_single_merge_writes_the_run_folder(merge_pair, tmp_path):
     out = tmp_path / "one"
     res = run_merge(str(merge_pair["gpt2"]), str(merge_pair["llama"]), out, trials=0,
                     prompts_file=str(merge_pair["prompts"]), params={"min_tau_emb": 0.0}, max_prompts=12)
-    assert res["schema"] == "lmsurgeon/merge@1" and res["tied"] is True
-    assert json.loads((out / "results.json").read_text()) == res
+    assert res["schema"] == "lmsurgeon/merge@1"
+    assert res["tied"] is True
+    assert res["out"] == str(out)
+    assert json.loads((out / "results.json").read_text()) == {k: v for k, v in res.items() if k != "out"}
     for f in ("best_model/model.safetensors", "best_model/tokenizer.json", "pareto.png", "report.html",
               "pareto.json", "best.json", "trials.csv", "stats/trial_0000.json"):
         assert (out / f).exists(), f
@@ -126,9 +138,61 @@ def test_interrupted_study_resumes_with_the_next_trial_number(merge_pair, tmp_pa
     with pytest.raises(_Interrupt):
         run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=5, callbacks=[stop_after_two],
                   **kw)
-    assert journal_path(out).exists() and not out.exists()
+    assert journal_path(out).exists()
+    assert not out.exists()
     res = run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=5, resume=True, **kw)
     numbers = sorted(int(p.stem.split("_")[1]) for p in (out / "stats").glob("trial_*.json"))
-    assert numbers == [0, 1, 2, 3, 4] and res["n_trials"] == 5
-    assert (out / "study.journal").exists() and not journal_path(out).exists()
-    assert res["best"] is not None and res["best"]["r"] <= 2.5
+    assert numbers == [0, 1, 2, 3, 4]
+    assert res["n_trials"] == 5
+    assert (out / "study.journal").exists()
+    assert not journal_path(out).exists()
+    assert res["best"] is not None
+    assert res["best"]["r"] <= 2.5
+
+
+def test_study_fingerprint_of_default_settings_is_the_one_studies_were_started_with():
+    """A study started before MergeConfig existed must still resume: the old positional fingerprint."""
+    from lmsurgeon.merge import MergeConfig
+    from lmsurgeon.merge.config import fingerprint, study_fingerprint
+    from lmsurgeon.merge.search import SPACE
+
+    inputs_b, inputs_d, texts = [{"file": "b"}], [{"file": "d"}], ["one prompt", "another"]
+    legacy = fingerprint(inputs_b, inputs_d, texts, 2.5, 512, "tail:8", 50_000, "fp32", 12.0, "rollback", SPACE,
+                         None, 64)
+    assert study_fingerprint(inputs_b, inputs_d, texts, MergeConfig(), SPACE) == legacy
+    assert study_fingerprint(inputs_b, inputs_d, texts, MergeConfig(trials=3, seed=9, batch_size=2), SPACE) == legacy
+    assert study_fingerprint(inputs_b, inputs_d, texts, MergeConfig(max_length=64), SPACE) != legacy
+    assert study_fingerprint(inputs_b, inputs_d, texts, MergeConfig(ppl_cap=2.0), SPACE) != legacy
+
+
+def test_resuming_with_another_guard_is_refused(merge_pair, tmp_path):
+    from lmsurgeon.errors import LmsurgeonError
+
+    out = tmp_path / "study"
+    kw = dict(prompts_file=str(merge_pair["prompts"]), max_prompts=4, seed=3)
+
+    def stop_at_once(study, trial):
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=3, callbacks=[stop_at_once], **kw)
+    with pytest.raises(LmsurgeonError, match="fingerprint"):
+        run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=3, resume=True, ppl_cap=2.0, **kw)
+
+
+def test_config_and_keywords_give_the_same_settings():
+    from lmsurgeon.merge import MergeConfig
+
+    assert MergeConfig().with_overrides(trials=3, ppl_cap=2.0) == MergeConfig(trials=3, ppl_cap=2.0)
+    with pytest.raises(TypeError, match="donor_on_cpu"):
+        MergeConfig().with_overrides(donor_on_cpu=True)
+
+
+def test_bad_settings_name_the_option():
+    from lmsurgeon.errors import LmsurgeonError
+    from lmsurgeon.merge import MergeConfig
+
+    with pytest.raises(LmsurgeonError, match="--ppl-cap"):
+        MergeConfig(ppl_cap=1.0)
+    with pytest.raises(LmsurgeonError, match="--dtype 'fp8'"):
+        MergeConfig(dtype="fp8")

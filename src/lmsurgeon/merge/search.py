@@ -1,4 +1,4 @@
-"""Optuna multi-objective search over the blend hyperparameters, and `run_merge`, the merge API (spec §4, §8.3).
+"""Optuna multi-objective search over the blend hyperparameters, and the study's storage and journal (spec §4, §8.3).
 
 Objectives: minimise r (relative perplexity), maximise symKL (how far the outputs moved). The study lives in a
 journal file next to the run folder by default, so a killed run resumes with the next trial number; a
@@ -8,7 +8,6 @@ journal file next to the run folder by default, so a killed run resumes with the
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -205,10 +204,6 @@ def select_best(front: list[dict], how: str = "knee", max_rel_ppl: float = 1.2) 
     dist = np.hypot(nr, nk)
     best = min(range(len(front)), key=lambda i: (round(float(dist[i]), 12), front[i]["number"]))
     return front[best]
-
-
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(jsonable(parts), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def journal_path(out: Path) -> Path:
