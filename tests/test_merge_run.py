@@ -123,6 +123,104 @@ def test_single_merge_writes_the_run_folder(merge_pair, tmp_path):
     assert res["best_stats"]["stage_b"]["outcome"] == "skipped_tied"
 
 
+def test_results_report_bits_per_byte_of_base_donor_best_and_baselines_on_three_texts(merge_pair, tmp_path):
+    out = tmp_path / "bpb"
+    res = run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=0, max_prompts=6,
+                    prompts_file=str(merge_pair["prompts"]), params={"target_emb_frac": 1.0, "min_tau_emb": -1.0})
+    bpb = res["bpb"]
+    assert [b["name"] for b in bpb["baselines"]] == ["base", "seed-defaults", "linear-blend", "mean-of-subtokens",
+                                                     "omp-init"]
+    for entry in [bpb["base"], bpb["donor"], bpb["best"], bpb["best_trial"], *bpb["baselines"]]:
+        assert set(entry) >= {"search", "heldout", "general", "heldout_by_class"}
+    assert bpb["best_trial"]["search"] == pytest.approx(res["best_stats"]["bpb"], rel=1e-6)  # re-measured
+    assert bpb["baselines"][0]["heldout"] == bpb["base"]["heldout"]
+    # the seed's cautious gate (cosine ≥ 0.6) picks no row of these random tiny models; the others move rows
+    moved = [b for b in bpb["baselines"] if b["name"] not in ("base", "seed-defaults")]
+    assert [b["heldout"] != bpb["base"]["heldout"] for b in moved] == [True, True, True]
+    assert res["texts"]["search"]["documents"] == 6
+    assert res["texts"]["heldout"]["documents"] == 6
+    assert res["texts"]["heldout"]["source"].endswith("(documents after the search text)")
+
+
+def test_the_recommended_model_is_never_worse_than_the_base_on_held_out_text(merge_pair, broken_donor, tmp_path):
+    """A broken donor let through a lax guard makes the merge worse: the base is recommended and saved as is."""
+    out = tmp_path / "rec"
+    res = run_merge(str(merge_pair["llama"]), str(broken_donor), out, trials=0, max_prompts=6,
+                    prompts_file=str(merge_pair["prompts"]), params={**EVERYTHING, "use_soft_clip": False},
+                    ppl_cap=1e9)
+    assert res["best_stats"]["stage_a"]["outcome"] == "applied"
+    bpb = res["bpb"]
+    assert bpb["best_trial"]["heldout"] > bpb["base"]["heldout"]
+    assert bpb["recommended"] == "base"
+    assert "no trial beat the base" in bpb["reason"]
+    assert bpb["best"]["heldout"] == bpb["base"]["heldout"]
+    saved = load_file(out / "best_model" / "model.safetensors")
+    base = load_file(merge_pair["llama"] / "model.safetensors")
+    assert sorted(saved) == sorted(base)
+    for name, tensor in base.items():
+        np.testing.assert_array_equal(saved[name], tensor, err_msg=name)
+
+
+def test_recommendation_needs_a_held_out_gain_and_general_text_within_tolerance():
+    from lmsurgeon.merge import MergeConfig
+    from lmsurgeon.merge.quality import recommend
+
+    base = {"heldout": 2.0, "general": 3.0}
+    cfg = MergeConfig(tolerance=0.01)
+    assert recommend(base, None, cfg)[0] == "base"
+    assert recommend(base, {"heldout": 2.0, "general": 3.0}, cfg)[0] == "base"  # a tie is no gain
+    assert recommend(base, {"heldout": 1.9, "general": 3.0301}, cfg)[0] == "base"
+    assert recommend(base, {"heldout": 1.9, "general": 3.0299}, cfg)[0] == "trial"
+
+
+def test_baselines_change_rows_and_give_the_base_back_bit_for_bit(merge_pair):
+    from lmsurgeon.merge.quality import BASELINES
+
+    s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:8])
+    before = _weights(s.model)
+    for name, build in BASELINES.items():
+        patches = build(s)
+        changed = [k for k, v in s.model.state_dict().items() if not torch.equal(v, before[k])]
+        assert sorted(changed) == ["lm_head.weight", "model.embed_tokens.weight"], name
+        for patch in reversed(patches):
+            patch.restore()
+        for k, v in s.model.state_dict().items():
+            assert torch.equal(v, before[k]), (name, k)
+
+
+def test_domain_objective_keeps_general_text_within_tolerance(merge_pair, tmp_path):
+    res = run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), tmp_path / "domain", trials=4, seed=1,
+                    max_prompts=6, prompts_file=str(merge_pair["prompts"]), objective="domain", tolerance=0.05)
+    base_general = res["bpb"]["base"]["general"]
+    stats = [json.loads(p.read_text()) for p in sorted((tmp_path / "domain" / "stats").glob("trial_*.json"))]
+    assert len(stats) == 4
+    assert [isinstance(st["general_bpb"], float) for st in stats] == [True] * 4
+    feasible = [st for st in stats if st["general_bpb"] <= base_general * 1.05 and st["r"] <= res["ppl_cap"]]
+    if feasible:
+        assert res["best_stats"]["bpb"] == min(st["bpb"] for st in feasible)
+    else:
+        assert res["best"] is None
+
+
+def test_held_out_text_is_disjoint_from_the_search_text(tmp_path):
+    from lmsurgeon.errors import LmsurgeonError
+    from lmsurgeon.merge import MergeConfig
+    from lmsurgeon.merge.quality import merge_texts
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n\n".join(f"document number {i}" for i in range(10)))
+    texts = merge_texts(MergeConfig(prompts_file=str(prompts), max_prompts=4))
+    assert texts.search == [f"document number {i}" for i in range(4)]
+    assert texts.heldout == [f"document number {i}" for i in range(4, 8)]
+    every = merge_texts(MergeConfig(prompts_file=str(prompts), max_prompts=0))
+    assert every.heldout == ["document number 3", "document number 7"]
+    assert set(every.search) & set(every.heldout) == set()
+    assert len(every.search) == 8
+    prompts.write_text("only one document")
+    with pytest.raises(LmsurgeonError, match="--eval-file"):
+        merge_texts(MergeConfig(prompts_file=str(prompts)))
+
+
 class _Interrupt(Exception):
     pass
 

@@ -70,8 +70,12 @@ def merge(base, donor, out, as_json, **settings) -> None:
     if results.get("worker"):
         emit(results, as_json, [f"worker ran {results['trials_run']} trials"])
         return
-    best = results["best"] or {}
-    lines = [f"shared tokens: {results['overlap']['shared_used']} (of {results['overlap']['shared']})",
+    best, bpb = results["best"] or {}, results["bpb"]
+    lines = [f"bits per byte on held-out text: base {bpb['base']['heldout']:.4f}, recommended "
+             f"{bpb['best']['heldout']:.4f} ({bpb['recommended']}); general text: base {bpb['base']['general']:.4f}, "
+             f"recommended {bpb['best']['general']:.4f}",
+             bpb["reason"],
+             f"shared tokens: {results['overlap']['shared_used']} (of {results['overlap']['shared']})",
              f"base perplexity {results['base_ppl']:.3f}; trials {results['n_trials']}; "
              f"Pareto front {len(results['pareto'])}",
              f"best: trial {best.get('number')} r={best.get('r')} symKL={best.get('sym_kl')}"]

@@ -50,13 +50,21 @@ class MergeConfig:
                                         choices=("omp",), study=ALWAYS)
     omp_k: int = _param(64, "Anchors per OMP row.", study=ALWAYS)
     max_length: int = _param(512, "Tokens kept per prompt.", study=WHEN_CHANGED)
+    objective: str = _param("seed", "seed: minimise relative perplexity and maximise symKL on the search text; "
+                                    "domain: minimise bits per byte on the search text with general-text bits per "
+                                    "byte at most the base's × (1 + --tolerance).",
+                            choices=("seed", "domain"), study=WHEN_CHANGED)
+    tolerance: float = _param(0.005, "--objective domain: how much worse than the base general text may get.",
+                              study=WHEN_CHANGED)
 
     # -- the text the merge is measured on
-    prompts_file: str | None = _param(None, "Prompts driving the guard and objectives (default: built-in corpus, "
-                                            "validation split).", kind="file")
-    eval_text: str | None = _param(None, "Held-out text for the reported held-out r (never used for selection).",
-                                   kind="file")
-    max_prompts: int = _param(64, "Documents read from each text.")
+    prompts_file: str | None = _param(None, "Search text: drives the guard and the objectives (default: built-in "
+                                            "corpus, validation split).", kind="file")
+    eval_file: str | None = _param(None, "Held-out text, never searched on: the best trial is reported on it "
+                                         "(default: the next documents of the search text's source).", kind="file")
+    general_file: str | None = _param(None, "General text the merge must not make worse (default: built-in "
+                                            "corpus, test split).", kind="file")
+    max_prompts: int = _param(64, "Documents read from each text (0 = all).")
 
     # -- the search
     trials: int = _param(48, "Optuna trials (0 = one merge).")
@@ -78,6 +86,8 @@ class MergeConfig:
     def __post_init__(self) -> None:
         if self.ppl_cap <= 1.0:
             raise LmsurgeonError(f"--ppl-cap must be > 1 (got {self.ppl_cap})")
+        if self.tolerance < 0:
+            raise LmsurgeonError(f"--tolerance must be ≥ 0 (got {self.tolerance})")
         for f in fields(self):
             choices = f.metadata["choices"]
             value = getattr(self, f.name)
@@ -120,7 +130,8 @@ def fingerprint(*parts: Any) -> str:
 
 
 def study_fingerprint(base_inputs: list, donor_inputs: list, texts: list[str], config: MergeConfig,
-                      space: dict) -> str:
+                      space: dict, general_texts: list[str] | None = None) -> str:
     """What a resumed study must share with the one it continues: both models' files, the search texts and
-    every study-defining field of ``config``."""
-    return fingerprint(base_inputs, donor_inputs, texts, *config.study_values(space))
+    every study-defining field of ``config`` (and the general texts when they constrain the objective)."""
+    extra = [] if general_texts is None else [{"general_texts": general_texts}]
+    return fingerprint(base_inputs, donor_inputs, texts, *config.study_values(space), *extra)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,12 @@ import torch
 
 from lmsurgeon.arch import Layout
 from lmsurgeon.errors import BadNumbers, LmsurgeonError, OutputExists
+from lmsurgeon.merge import quality
 from lmsurgeon.merge.align import Alignment, fit_alignment, norm_quantile, soft_clip
 from lmsurgeon.merge.blend import alpha_schedule, blend_rows, centred_cosine
 from lmsurgeon.merge.config import MergeConfig, study_fingerprint
 from lmsurgeon.merge.monitors import Evaluation, PromptEvaluator, relative_ppl, sym_kl
+from lmsurgeon.merge.quality import MergeTexts, merge_texts
 from lmsurgeon.merge.vocab import SharedVocab, canonical_vocab, shared_vocab
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,6 +47,7 @@ class StagePlan:
     E_tilde: dict[bool, np.ndarray]  # use_soft_clip → mapped donor rows (float32)
     cos: dict[bool, np.ndarray]
     alignment: Alignment
+    last_ids: list[int] = field(default_factory=list)  # base ids the last `apply` wrote
 
     def apply(self, k: int, min_tau: float, alpha_floor: float, alpha_cap: float, clip: bool,
               gamma: float) -> dict:
@@ -57,6 +60,7 @@ class StagePlan:
             rows_t = torch.from_numpy(sched.rows)
             with torch.no_grad():
                 self.weight.index_copy_(0, self.idx[rows_t], new_t)
+        self.last_ids = self.idx[torch.from_numpy(sched.rows)].tolist()
         return {"rows": int(sched.rows.size), "tau": sched.tau,
                 "alpha_mean": float(sched.alpha.mean()) if sched.alpha.size else 0.0}
 
@@ -117,10 +121,12 @@ class MergeSession:
     """B in memory with its Stage A/B plans; `trial(params)` merges, measures, restores unless asked to keep.
 
     Settings come from `config` (a :class:`MergeConfig`); keyword arguments override single fields of it.
+    With `general_texts` every trial is also measured on them (bits per byte), for `--objective domain`'s
+    constraint.
     """
 
     def __init__(self, base: str, donor: str, texts: list[str], config: MergeConfig | None = None,
-                 **overrides: Any):
+                 general_texts: list[str] | None = None, **overrides: Any):
         from lmsurgeon.io import open_model
 
         cfg = (config or MergeConfig()).with_overrides(**overrides)
@@ -129,15 +135,15 @@ class MergeSession:
         self.base_handle, self.donor_handle = open_model(base), open_model(donor)
         self.ppl_cap, self.kl_topk, self.gamma, self.on_stage_a_fail = (cfg.ppl_cap, cfg.kl_topk, cfg.gamma,
                                                                         cfg.on_stage_a_fail)
-        cb = canonical_vocab(_tokenizer_json(self.base_handle))
+        cb = self.base_vocab = canonical_vocab(_tokenizer_json(self.base_handle))
         cd = canonical_vocab(_tokenizer_json(self.donor_handle))
         self.model = self.base_handle.load_model(dtype=DTYPES[cfg.dtype], device=cfg.device,
                                                  trust_remote_code=cfg.trust_remote_code)
         emb = self.model.get_input_embeddings().weight
         self.shared = shared_vocab(cb, cd, cfg.max_shared)
         dl = Layout(self.donor_handle)
-        E_D = _finite(self.donor_handle.tensor(dl.require("embed"), dtype=np.float32), dl.require("embed"),
-                      self.donor_handle.name)
+        E_D = self.E_D = _finite(self.donor_handle.tensor(dl.require("embed"), dtype=np.float32),
+                                 dl.require("embed"), self.donor_handle.name)
         self.shared = _drop_out_of_range(self.shared, emb.shape[0], E_D.shape[0])
         self.omp = None
         if cfg.init_nonshared == "omp":
@@ -146,9 +152,11 @@ class MergeSession:
                                     self.omp and (self.omp["ids"], self.omp["V_emb"]), cfg.omp_k)
         self.tied = _head_is_tied(self.model)
         self.stage_b = None
+        self.H_D = E_D
         if not self.tied:
             H_D = (_finite(self.donor_handle.tensor(dl.name("lm_head"), dtype=np.float32), dl.name("lm_head"),
                            self.donor_handle.name) if dl.has("lm_head") and not dl.tied else E_D)
+            self.H_D = H_D
             omp_b = None
             if self.omp is not None:
                 from lmsurgeon.merge.omp import donor_vectors
@@ -162,6 +170,10 @@ class MergeSession:
         self.base_eval: Evaluation = self.evaluator.evaluate(self.model, keep_head_inputs=self.stage_b is not None)
         self.seconds = {"setup": t1 - t0, "base_eval": time.perf_counter() - t1}
         self.head_only = self.stage_b is not None and self._head_reproduces_model()
+        self.general = self.base_general = None
+        if general_texts is not None:
+            self.general = self.prompt_evaluator(general_texts)
+            self.base_general = self.general.evaluate(self.model)
 
     def prompt_evaluator(self, texts: list[str]) -> PromptEvaluator:
         """An evaluator of `texts` with the base's tokenizer and this session's batching and KL positions."""
@@ -205,10 +217,19 @@ class MergeSession:
                     current = ev_b
         r = relative_ppl(current, self.base_eval)
         kl = 0.0 if current is self.base_eval else sym_kl(current, self.base_eval, self.kl_topk)
+        stats = {"params": p, "r": r, "sym_kl": kl, "r_A": a.get("r"), "r_B": b.get("r"), "stage_a": a,
+                 "stage_b": b, "n_evals": n_evals, "bpb": current.bpb}
+        if self.general is not None:
+            unchanged = current is self.base_eval
+            stats["general_bpb"] = (self.base_general if unchanged else self.general.evaluate(self.model)).bpb
+            stats["n_evals"] += 0 if unchanged else 1
         if not keep:
             self.restore()
-        return {"params": p, "r": r, "sym_kl": kl, "r_A": a.get("r"), "r_B": b.get("r"), "stage_a": a,
-                "stage_b": b, "n_evals": n_evals, "seconds": time.perf_counter() - t0}
+        return {**stats, "seconds": time.perf_counter() - t0}
+
+    def changed_rows(self) -> list[int]:
+        """Base token ids whose embedding row the current (kept) merge moved."""
+        return sorted(set(self.stage_a.last_ids))
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The model's logits from the LM head's input (Gemma-2-style final soft-capping applied)."""
@@ -303,9 +324,11 @@ def run_merge(base: str, donor: str, out: str | Path | None = None, config: Merg
     out = Path(out) if out is not None else default_out_dir("merge")
     journal = _prepare_output(out, cfg)
     space = search.load_space(cfg.space)
-    texts = _search_texts(cfg)
-    session = MergeSession(base, donor, texts, cfg)
-    fp = study_fingerprint(session.base_handle.inputs(), session.donor_handle.inputs(), texts, cfg, space)
+    texts = merge_texts(cfg)
+    general = texts.general if cfg.objective == "domain" else None
+    session = MergeSession(base, donor, texts.search, cfg, general_texts=general)
+    fp = study_fingerprint(session.base_handle.inputs(), session.donor_handle.inputs(), texts.search, cfg, space,
+                           general_texts=general)
     t0 = time.perf_counter()
     if cfg.trials:
         records = _search(session, cfg, space, journal, fp, callbacks, progress)
@@ -314,7 +337,7 @@ def run_merge(base: str, donor: str, out: str | Path | None = None, config: Merg
     else:
         records = [_record(0, session.trial(cfg.params or {}))]
     timings = _timings(session, records, search_seconds=time.perf_counter() - t0)
-    results = _write_run_folder(out, journal, base, donor, session, cfg, records, fp, timings)
+    results = _write_run_folder(out, journal, base, donor, session, cfg, texts, records, fp, timings)
     if journal is not None and journal.exists():
         journal.unlink()
     return {**results, "out": str(out)}
@@ -333,14 +356,6 @@ def _prepare_output(out: Path, cfg: MergeConfig) -> Path | None:
     return None
 
 
-def _search_texts(cfg: MergeConfig) -> list[str]:
-    """The prompts the guard and the objectives are measured on: the first `max_prompts` documents (0 = all)."""
-    from lmsurgeon.data import load_texts
-
-    texts = load_texts(cfg.prompts_file, "validation")
-    return texts[:cfg.max_prompts] if cfg.max_prompts else texts
-
-
 def _record(number: int, stats: dict) -> dict:
     return {"number": number, "r": stats["r"], "sym_kl": stats["sym_kl"], "params": stats["params"],
             "stats": stats}
@@ -357,7 +372,8 @@ def _search(session: MergeSession, cfg: MergeConfig, space: dict, journal: Path 
 
     from lmsurgeon.merge import search
 
-    study = search.open_study(search.make_storage(cfg.storage, journal), cfg.study_name, cfg.seed, fp)
+    study = search.open_study(search.make_storage(cfg.storage, journal), cfg.study_name, cfg.seed, fp,
+                              cfg.objective)
     if cfg.storage is None:
         search.fail_dead_trials(study)
     before = {t.number for t in study.get_trials(deepcopy=False)}
@@ -370,7 +386,7 @@ def _search(session: MergeSession, cfg: MergeConfig, space: dict, journal: Path 
     if search.n_complete(study) < cfg.trials:  # a worker died mid-trial while we waited: finish its share
         search.run_trials(study, session, space, cfg.trials, callbacks, progress)
         search.wait_for_running(study, reap)
-    return [{**_record(t.number, t.user_attrs["stats"]), "r": t.values[0], "sym_kl": t.values[1]}
+    return [_record(t.number, t.user_attrs["stats"])
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
 
 
@@ -385,23 +401,69 @@ def _timings(session: MergeSession, records: list[dict], search_seconds: float) 
             "trial_cost_vs_one_ppl_eval": float(np.mean(per_trial)) / base_eval}
 
 
-def _write_run_folder(out: Path, journal: Path | None, base: str, donor: str, session: MergeSession,
-                      cfg: MergeConfig, records: list[dict], fp: str, timings: dict) -> dict:
-    """Choose the best trial, save its model (and the next `save_topk`), and write every file of the run."""
+def _select(session: MergeSession, cfg: MergeConfig, records: list[dict]) -> tuple[list[dict], dict | None]:
+    """The trials the choice is made among (the Pareto front, or the feasible trials of `--objective domain`)
+    and the best of them, chosen on the search text only."""
     from lmsurgeon.merge import search
+
+    if cfg.objective == "domain":
+        front = search.feasible_domain(records, cfg.ppl_cap, session.base_general.bpb, cfg.tolerance)
+        return front, front[0] if front else None
+    front = search.pareto_front(records, cfg.ppl_cap)
+    return front, search.select_best(front, cfg.select, cfg.select_max_rel_ppl)
+
+
+def _measure_quality(session: MergeSession, cfg: MergeConfig, texts: MergeTexts, best: dict | None) -> dict:
+    """The `bpb` block: base, donor, the best trial and the baselines on the search, held-out and general text,
+    and which model is recommended (the best trial only if it beats the base on held-out text)."""
+    evaluators = {"search": session.evaluator, "heldout": session.prompt_evaluator(texts.heldout),
+                  "general": session.general or session.prompt_evaluator(texts.general)}
+    model = session.model
+    base_ev = {"search": session.base_eval, "heldout": evaluators["heldout"].evaluate(model),
+               "general": session.base_general or evaluators["general"].evaluate(model)}
+    base_row = quality.measure(base_ev)
+    best_row = None
+    if best is not None:
+        session.trial(best["params"], keep=True)
+        best_row = {"name": f"trial {best['number']}", "trial": best["number"],
+                    **quality.measure(quality.evaluate_texts(model, evaluators), base_ev),
+                    "blended_fraction_by_class": quality.blended_fraction_by_class(session, session.changed_rows())}
+        session.restore()
+    session.trial({}, keep=True)
+    baselines = [{"name": "base", **base_row},
+                 {"name": "seed-defaults", **quality.measure(quality.evaluate_texts(model, evaluators), base_ev)}]
+    session.restore()
+    for name, build in quality.BASELINES.items():
+        patches = build(session)
+        baselines.append({"name": name, **quality.measure(quality.evaluate_texts(model, evaluators), base_ev)})
+        for patch in reversed(patches):
+            patch.restore()
+    choice, reason = quality.recommend(base_row, best_row, cfg)
+    others = [b["heldout"] for b in baselines if b["name"] != "base"]
+    return {"base": base_row, "donor": quality.donor_bpb(session, texts),
+            "best": best_row if choice == "trial" else {"name": "base", **base_row}, "best_trial": best_row,
+            "baselines": baselines, "recommended": choice, "reason": reason,
+            "best_trial_beats_every_baseline": None if best_row is None else
+            bool(best_row["heldout"] < min([base_row["heldout"], *others]))}
+
+
+def _write_run_folder(out: Path, journal: Path | None, base: str, donor: str, session: MergeSession,
+                      cfg: MergeConfig, texts: MergeTexts, records: list[dict], fp: str, timings: dict) -> dict:
+    """Choose the best trial, measure it and the baselines, save the recommended model (and the next
+    `save_topk`), and write every file of the run."""
     from lmsurgeon.merge.report import build_report, pareto_figure, trials_csv
     from lmsurgeon.report import RunFolder
 
-    front = search.pareto_front(records, cfg.ppl_cap)
-    best = search.select_best(front, cfg.select, cfg.select_max_rel_ppl)
+    front, best = _select(session, cfg, records)
+    t0 = time.perf_counter()
+    bpb = _measure_quality(session, cfg, texts, best)
+    timings["quality_seconds"] = time.perf_counter() - t0
     with RunFolder(out, command="merge", seed=cfg.seed, overwrite=cfg.resume) as run:
         (run.path / "stats").mkdir()
         for t in records:
             run.write_json(f"stats/trial_{t['number']:04d}.json", {"number": t["number"], **t["stats"]})
         (run.path / "trials.csv").write_text(trials_csv(records))
-        heldout = None
-        if best is not None:
-            heldout = _save_models(session, cfg, run.path, best, front)
+        _save_models(session, cfg, run.path, best if bpb["recommended"] == "trial" else None, front)
         brief = [{"number": t["number"], "r": t["r"], "sym_kl": t["sym_kl"], "params": t["params"]} for t in front]
         run.write_json("pareto.json", brief)
         run.write_json("best.json", best and {k: best[k] for k in ("number", "r", "sym_kl", "params", "stats")})
@@ -410,14 +472,17 @@ def _write_run_folder(out: Path, journal: Path | None, base: str, donor: str, se
         if journal is not None and journal.exists():
             shutil.copy2(journal, run.path / "study.journal")
         body = {"base": str(base), "donor": str(donor), "tied": session.tied, "dtype": cfg.dtype,
+                "objective": cfg.objective, "tolerance": cfg.tolerance,
                 "ppl_cap": cfg.ppl_cap, "kl_topk": cfg.kl_topk, "kl_positions": cfg.kl_positions,
                 "select": cfg.select, "storage": "journal" if cfg.storage is None else cfg.storage.split("://")[0],
                 "study_name": cfg.study_name if cfg.trials else None, "n_trials": len(records),
+                "texts": texts.summary(), "bpb": bpb,
                 "overlap": session.shared.overlap, "fit": session.fit_summary(), "base_ppl": session.base_eval.ppl,
                 "n_prompts": len(session.evaluator.seqs), "pareto": brief, "best": best and
                 {k: best[k] for k in ("number", "r", "sym_kl", "params")},
-                "best_stats": best and best["stats"], "heldout_r": heldout,
-                "best_model": "best_model" if best is not None else None, "fingerprint": fp,
+                "best_stats": best and best["stats"],
+                "heldout_r": bpb["best_trial"] and bpb["best_trial"]["heldout_r"],
+                "best_model": "best_model", "fingerprint": fp,
                 "omp": session.omp and {"rows": len(session.omp["ids"]), "skipped": session.omp["skipped"],
                                         "k": cfg.omp_k}}
         results = run.write_results(body, inputs=session.base_handle.inputs() + session.donor_handle.inputs(),
@@ -426,23 +491,16 @@ def _write_run_folder(out: Path, journal: Path | None, base: str, donor: str, se
     return results
 
 
-def _save_models(session: MergeSession, cfg: MergeConfig, folder: Path, best: dict, front: list[dict]):
-    """Save the best merge as best_model/ (and `save_topk` more of the front under topk/); the held-out r of
-    the best when `eval_text` is given (reported, never used for selection)."""
-    from lmsurgeon.data import load_texts
-
-    heldout = None
-    if cfg.eval_text is not None:
-        held = session.prompt_evaluator(load_texts(cfg.eval_text)[:cfg.max_prompts])
-        base_held = held.evaluate(session.model)
-        session.trial(best["params"], keep=True)
-        heldout = relative_ppl(held.evaluate(session.model), base_held)
-    else:
-        session.trial(best["params"], keep=True)
+def _save_models(session: MergeSession, cfg: MergeConfig, folder: Path, recommended: dict | None,
+                 front: list[dict]) -> None:
+    """Save the recommended model as best_model/ (the base itself when no trial is recommended) and `save_topk`
+    more trials of the front under topk/."""
+    if recommended is not None:
+        session.trial(recommended["params"], keep=True)
     session.save(folder / "best_model")
     session.restore()
-    for t in [f for f in front if f["number"] != best["number"]][:max(cfg.save_topk, 0)]:
+    skip = recommended["number"] if recommended is not None else None
+    for t in [f for f in front if f["number"] != skip][:max(cfg.save_topk, 0)]:
         session.trial(t["params"], keep=True)
         session.save(folder / "topk" / f"trial_{t['number']:04d}")
         session.restore()
-    return heldout
