@@ -19,7 +19,8 @@ def test_two_generation_comparisons_are_byte_identical(merge_pair, tmp_path):
     a, b = ((tmp_path / f"g{i}" / "results.jsonl").read_bytes() for i in range(2))
     assert a == b
     recs = [json.loads(line) for line in a.decode().splitlines()]
-    assert [r["index"] for r in recs] == [0, 1] and all(0 < r["base"]["n_tokens"] <= 12 for r in recs)
+    assert [r["index"] for r in recs] == [0, 1]
+    assert [0 < r["base"]["n_tokens"] <= 12 for r in recs] == [True, True]
     assert (tmp_path / "g0" / "results.md").read_text().count("\n| ") == 3  # header + 2 prompts
     assert runs[0]["summary"]["prompts"] == 2
 
@@ -36,9 +37,31 @@ def test_cli_merge_and_compare_generation(merge_pair, tmp_path, capsys):
                  "--trials", "3", "--prompts-file", str(merge_pair["prompts"]), "--max-prompts", "6", "--json"])
     assert code == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["n_trials"] == 3 and (out / "study.journal").exists()
+    assert res["n_trials"] == 3
+    assert (out / "study.journal").exists()
     code = main(["merge", "--base", str(merge_pair["gpt2"]), "--donor", str(merge_pair["llama"]), "--out", str(out),
                  "--trials", "3", "--prompts-file", str(merge_pair["prompts"])])
     assert code == 1  # existing folder without --resume: one-line error
-    assert main(["merge", "--help"]) == 0 and "Examples" in capsys.readouterr().out
+    assert main(["merge", "--help"]) == 0
+    assert "Examples" in capsys.readouterr().out
     assert main(["compare-generation", "--help"]) == 0
+
+
+def test_cli_offers_every_config_field_and_no_dead_option(capsys):
+    from lmsurgeon.merge.config import cli_fields, option_name
+
+    assert main(["merge", "--help"]) == 0
+    text = capsys.readouterr().out
+    missing = [option_name(f) for f in cli_fields() if option_name(f) not in text]
+    assert missing == []
+    assert "--donor-on-cpu" not in text
+
+
+def test_cli_merge_without_out_prints_its_run_folder(merge_pair, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["merge", "--base", str(merge_pair["gpt2"]), "--donor", str(merge_pair["llama"]), "--trials", "0",
+                 "--prompts-file", str(merge_pair["prompts"]), "--max-prompts", "4"])
+    assert code == 0
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1
+    assert f"report: {(runs[0] / 'report.html').resolve()}" in capsys.readouterr().out

@@ -67,13 +67,16 @@ def test_two_workers_share_one_study_and_every_trial_is_recorded_once(merge_pair
     for w, (_so, se) in zip(workers, outs, strict=True):
         assert w.returncode == 0, se[-2000:]
     ran = [int(so.split("worker ran ")[1].split()[0]) for so, _ in outs]
-    assert all(n > 0 for n in ran), ran  # both processes did work
+    assert min(ran) > 0, ran  # both processes did work
     study = optuna.load_study(study_name="pg", storage=postgres_url)
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     numbers = [t.number for t in done]
-    assert len(numbers) == len(set(numbers)) >= 40 and sum(ran) == len(done)
+    assert len(numbers) == len(set(numbers)), numbers  # no trial number twice
+    assert len(numbers) >= 40
+    assert sum(ran) == len(done)
     res = run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), tmp_path / "final", trials=40,
                     storage=postgres_url, study_name="pg", prompts_file=str(merge_pair["prompts"]),
                     max_prompts=6, seed=5)
     stats = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "final" / "stats").glob("trial_*.json"))
-    assert stats == sorted(numbers) and res["n_trials"] == len(numbers)
+    assert stats == sorted(numbers)
+    assert res["n_trials"] == len(numbers)

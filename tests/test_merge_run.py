@@ -33,7 +33,8 @@ def test_donor_equal_to_base_gives_the_base_back(merge_pair, dtype, tmp_path):
     s = MergeSession(str(src), str(src), merge_pair["texts"][:16], dtype=dtype)
     before = _weights(s.model)
     st = s.trial(EVERYTHING, keep=True)
-    assert st["stage_a"]["rows"] > 0 and st["stage_b"]["rows"] > 0
+    assert st["stage_a"]["rows"] > 0
+    assert st["stage_b"]["rows"] > 0
     assert st["r"] == pytest.approx(1.0, abs=1e-6)
     for k, v in s.model.state_dict().items():
         if dtype == "bf16":
@@ -46,7 +47,8 @@ def test_trials_restore_the_base_bit_for_bit(merge_pair):
     s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:16])
     before = _weights(s.model)
     st = s.trial(EVERYTHING)
-    assert st["sym_kl"] > 0 and st["stage_a"]["outcome"] == "applied"
+    assert st["stage_a"]["outcome"] == "applied"
+    assert st["sym_kl"] > 0
     for k, v in s.model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -54,16 +56,19 @@ def test_trials_restore_the_base_bit_for_bit(merge_pair):
 def test_stage_b_from_kept_head_inputs_equals_a_full_evaluation(merge_pair):
     """Stage B touches only the head, so r_B from the body's kept outputs must be what a full forward gives."""
     s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:16])
-    assert s.head_only and s.stage_b is not None
+    assert s.stage_b is not None
+    assert s.head_only
     cautious = {**EVERYTHING, "alpha_cap_emb": 0.3, "alpha_floor_emb": 0.05, "alpha_cap_head": 0.3}
     st = s.trial(cautious, keep=True)
-    assert st["stage_b"]["outcome"] == "applied" and st["n_evals"] == 1
+    assert st["stage_b"]["outcome"] == "applied"
+    assert st["n_evals"] == 1  # Stage B reused the body's outputs of Stage A's evaluation
     full = s.evaluator.evaluate(s.model)
     assert st["stage_b"]["ppl"] == pytest.approx(full.ppl, rel=1e-5)
     s.restore()
     s.head_only = False
     again = s.trial(cautious)
-    assert again["n_evals"] == 2 and again["r"] == pytest.approx(st["r"], rel=1e-5)
+    assert again["n_evals"] == 2
+    assert again["r"] == pytest.approx(st["r"], rel=1e-5)
     assert again["sym_kl"] == pytest.approx(st["sym_kl"], rel=1e-4, abs=1e-7)
 
 
@@ -83,8 +88,10 @@ def test_broken_donor_trips_the_guard_and_rolls_back(merge_pair, broken_donor):
     s = MergeSession(str(merge_pair["llama"]), str(broken_donor), merge_pair["texts"][:16], ppl_cap=1.0001)
     before = _weights(s.model)
     st = s.trial({**EVERYTHING, "use_soft_clip": False}, keep=True)
-    assert st["stage_a"]["outcome"] == "rolled_back" and st["stage_b"]["outcome"] == "skipped_guard"
-    assert st["r"] == 1.0 and st["sym_kl"] == 0.0
+    assert st["stage_a"]["outcome"] == "rolled_back"
+    assert st["stage_b"]["outcome"] == "skipped_guard"
+    assert st["r"] == 1.0
+    assert st["sym_kl"] == 0.0
     for k, v in s.model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -94,21 +101,124 @@ def test_stage_b_alone_is_rolled_back_when_the_head_moves_too_far(merge_pair):
     s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:16], ppl_cap=1.0001)
     head_before = s.model.lm_head.weight.detach().clone()
     st = s.trial({**EVERYTHING, "alpha_floor_emb": 0.0, "alpha_cap_emb": 0.0}, keep=True)
-    assert st["stage_a"]["outcome"] == "applied" and st["r_A"] == 1.0
-    assert st["stage_b"]["outcome"] == "rolled_back" and st["r_B"] > 1.0001
-    assert torch.equal(s.model.lm_head.weight, head_before) and st["r"] == 1.0
+    assert st["stage_a"]["outcome"] == "applied"
+    assert st["r_A"] == 1.0
+    assert st["stage_b"]["outcome"] == "rolled_back"
+    assert st["r_B"] > 1.0001
+    assert torch.equal(s.model.lm_head.weight, head_before)
+    assert st["r"] == 1.0
 
 
 def test_single_merge_writes_the_run_folder(merge_pair, tmp_path):
     out = tmp_path / "one"
     res = run_merge(str(merge_pair["gpt2"]), str(merge_pair["llama"]), out, trials=0,
                     prompts_file=str(merge_pair["prompts"]), params={"min_tau_emb": 0.0}, max_prompts=12)
-    assert res["schema"] == "lmsurgeon/merge@1" and res["tied"] is True
-    assert json.loads((out / "results.json").read_text()) == res
+    assert res["schema"] == "lmsurgeon/merge@1"
+    assert res["tied"] is True
+    assert res["out"] == str(out)
+    assert json.loads((out / "results.json").read_text()) == {k: v for k, v in res.items() if k != "out"}
     for f in ("best_model/model.safetensors", "best_model/tokenizer.json", "pareto.png", "report.html",
               "pareto.json", "best.json", "trials.csv", "stats/trial_0000.json"):
         assert (out / f).exists(), f
     assert res["best_stats"]["stage_b"]["outcome"] == "skipped_tied"
+
+
+def test_results_report_bits_per_byte_of_base_donor_best_and_baselines_on_three_texts(merge_pair, tmp_path):
+    out = tmp_path / "bpb"
+    res = run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=0, max_prompts=6,
+                    prompts_file=str(merge_pair["prompts"]), params={"target_emb_frac": 1.0, "min_tau_emb": -1.0})
+    bpb = res["bpb"]
+    assert [b["name"] for b in bpb["baselines"]] == ["base", "seed-defaults", "linear-blend", "mean-of-subtokens",
+                                                     "omp-init"]
+    for entry in [bpb["base"], bpb["donor"], bpb["best"], bpb["best_trial"], *bpb["baselines"]]:
+        assert set(entry) >= {"search", "heldout", "general", "heldout_by_class"}
+    assert bpb["best_trial"]["search"] == pytest.approx(res["best_stats"]["bpb"], rel=1e-6)  # re-measured
+    assert bpb["baselines"][0]["heldout"] == bpb["base"]["heldout"]
+    # the seed's cautious gate (cosine ≥ 0.6) picks no row of these random tiny models; the others move rows
+    moved = [b for b in bpb["baselines"] if b["name"] not in ("base", "seed-defaults")]
+    assert [b["heldout"] != bpb["base"]["heldout"] for b in moved] == [True, True, True]
+    assert res["texts"]["search"]["documents"] == 6
+    assert res["texts"]["heldout"]["documents"] == 6
+    assert res["texts"]["heldout"]["source"].endswith("(documents after the search text)")
+
+
+def test_the_recommended_model_is_never_worse_than_the_base_on_held_out_text(merge_pair, broken_donor, tmp_path):
+    """A broken donor let through a lax guard makes the merge worse: the base is recommended and saved as is."""
+    out = tmp_path / "rec"
+    res = run_merge(str(merge_pair["llama"]), str(broken_donor), out, trials=0, max_prompts=6,
+                    prompts_file=str(merge_pair["prompts"]), params={**EVERYTHING, "use_soft_clip": False},
+                    ppl_cap=1e9)
+    assert res["best_stats"]["stage_a"]["outcome"] == "applied"
+    bpb = res["bpb"]
+    assert bpb["best_trial"]["heldout"] > bpb["base"]["heldout"]
+    assert bpb["recommended"] == "base"
+    assert "no trial beat the base" in bpb["reason"]
+    assert bpb["best"]["heldout"] == bpb["base"]["heldout"]
+    saved = load_file(out / "best_model" / "model.safetensors")
+    base = load_file(merge_pair["llama"] / "model.safetensors")
+    assert sorted(saved) == sorted(base)
+    for name, tensor in base.items():
+        np.testing.assert_array_equal(saved[name], tensor, err_msg=name)
+
+
+def test_recommendation_needs_a_held_out_gain_and_general_text_within_tolerance():
+    from lmsurgeon.merge import MergeConfig
+    from lmsurgeon.merge.quality import recommend
+
+    base = {"heldout": 2.0, "general": 3.0}
+    cfg = MergeConfig(tolerance=0.01)
+    assert recommend(base, None, cfg)[0] == "base"
+    assert recommend(base, {"heldout": 2.0, "general": 3.0}, cfg)[0] == "base"  # a tie is no gain
+    assert recommend(base, {"heldout": 1.9, "general": 3.0301}, cfg)[0] == "base"
+    assert recommend(base, {"heldout": 1.9, "general": 3.0299}, cfg)[0] == "trial"
+
+
+def test_baselines_change_rows_and_give_the_base_back_bit_for_bit(merge_pair):
+    from lmsurgeon.merge.quality import BASELINES
+
+    s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:8])
+    before = _weights(s.model)
+    for name, build in BASELINES.items():
+        patches = build(s)
+        changed = [k for k, v in s.model.state_dict().items() if not torch.equal(v, before[k])]
+        assert sorted(changed) == ["lm_head.weight", "model.embed_tokens.weight"], name
+        for patch in reversed(patches):
+            patch.restore()
+        for k, v in s.model.state_dict().items():
+            assert torch.equal(v, before[k]), (name, k)
+
+
+def test_domain_objective_keeps_general_text_within_tolerance(merge_pair, tmp_path):
+    res = run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), tmp_path / "domain", trials=4, seed=1,
+                    max_prompts=6, prompts_file=str(merge_pair["prompts"]), objective="domain", tolerance=0.05)
+    base_general = res["bpb"]["base"]["general"]
+    stats = [json.loads(p.read_text()) for p in sorted((tmp_path / "domain" / "stats").glob("trial_*.json"))]
+    assert len(stats) == 4
+    assert [isinstance(st["general_bpb"], float) for st in stats] == [True] * 4
+    feasible = [st for st in stats if st["general_bpb"] <= base_general * 1.05 and st["r"] <= res["ppl_cap"]]
+    if feasible:
+        assert res["best_stats"]["bpb"] == min(st["bpb"] for st in feasible)
+    else:
+        assert res["best"] is None
+
+
+def test_held_out_text_is_disjoint_from_the_search_text(tmp_path):
+    from lmsurgeon.errors import LmsurgeonError
+    from lmsurgeon.merge import MergeConfig
+    from lmsurgeon.merge.quality import merge_texts
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n\n".join(f"document number {i}" for i in range(10)))
+    texts = merge_texts(MergeConfig(prompts_file=str(prompts), max_prompts=4))
+    assert texts.search == [f"document number {i}" for i in range(4)]
+    assert texts.heldout == [f"document number {i}" for i in range(4, 8)]
+    every = merge_texts(MergeConfig(prompts_file=str(prompts), max_prompts=0))
+    assert every.heldout == ["document number 3", "document number 7"]
+    assert set(every.search) & set(every.heldout) == set()
+    assert len(every.search) == 8
+    prompts.write_text("only one document")
+    with pytest.raises(LmsurgeonError, match="--eval-file"):
+        merge_texts(MergeConfig(prompts_file=str(prompts)))
 
 
 class _Interrupt(Exception):
@@ -126,9 +236,61 @@ def test_interrupted_study_resumes_with_the_next_trial_number(merge_pair, tmp_pa
     with pytest.raises(_Interrupt):
         run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=5, callbacks=[stop_after_two],
                   **kw)
-    assert journal_path(out).exists() and not out.exists()
+    assert journal_path(out).exists()
+    assert not out.exists()
     res = run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=5, resume=True, **kw)
     numbers = sorted(int(p.stem.split("_")[1]) for p in (out / "stats").glob("trial_*.json"))
-    assert numbers == [0, 1, 2, 3, 4] and res["n_trials"] == 5
-    assert (out / "study.journal").exists() and not journal_path(out).exists()
-    assert res["best"] is not None and res["best"]["r"] <= 2.5
+    assert numbers == [0, 1, 2, 3, 4]
+    assert res["n_trials"] == 5
+    assert (out / "study.journal").exists()
+    assert not journal_path(out).exists()
+    assert res["best"] is not None
+    assert res["best"]["r"] <= 2.5
+
+
+def test_study_fingerprint_of_default_settings_is_the_one_studies_were_started_with():
+    """A study started before MergeConfig existed must still resume: the old positional fingerprint."""
+    from lmsurgeon.merge import MergeConfig
+    from lmsurgeon.merge.config import fingerprint, study_fingerprint
+    from lmsurgeon.merge.search import SPACE
+
+    inputs_b, inputs_d, texts = [{"file": "b"}], [{"file": "d"}], ["one prompt", "another"]
+    legacy = fingerprint(inputs_b, inputs_d, texts, 2.5, 512, "tail:8", 50_000, "fp32", 12.0, "rollback", SPACE,
+                         None, 64)
+    assert study_fingerprint(inputs_b, inputs_d, texts, MergeConfig(), SPACE) == legacy
+    assert study_fingerprint(inputs_b, inputs_d, texts, MergeConfig(trials=3, seed=9, batch_size=2), SPACE) == legacy
+    assert study_fingerprint(inputs_b, inputs_d, texts, MergeConfig(max_length=64), SPACE) != legacy
+    assert study_fingerprint(inputs_b, inputs_d, texts, MergeConfig(ppl_cap=2.0), SPACE) != legacy
+
+
+def test_resuming_with_another_guard_is_refused(merge_pair, tmp_path):
+    from lmsurgeon.errors import LmsurgeonError
+
+    out = tmp_path / "study"
+    kw = dict(prompts_file=str(merge_pair["prompts"]), max_prompts=4, seed=3)
+
+    def stop_at_once(study, trial):
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=3, callbacks=[stop_at_once], **kw)
+    with pytest.raises(LmsurgeonError, match="fingerprint"):
+        run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=3, resume=True, ppl_cap=2.0, **kw)
+
+
+def test_config_and_keywords_give_the_same_settings():
+    from lmsurgeon.merge import MergeConfig
+
+    assert MergeConfig().with_overrides(trials=3, ppl_cap=2.0) == MergeConfig(trials=3, ppl_cap=2.0)
+    with pytest.raises(TypeError, match="donor_on_cpu"):
+        MergeConfig().with_overrides(donor_on_cpu=True)
+
+
+def test_bad_settings_name_the_option():
+    from lmsurgeon.errors import LmsurgeonError
+    from lmsurgeon.merge import MergeConfig
+
+    with pytest.raises(LmsurgeonError, match="--ppl-cap"):
+        MergeConfig(ppl_cap=1.0)
+    with pytest.raises(LmsurgeonError, match="--dtype 'fp8'"):
+        MergeConfig(dtype="fp8")

@@ -1,6 +1,7 @@
 """Cross-architecture embedding merge: token correspondence, Procrustes alignment, guarded blend, Optuna search."""
 
+from lmsurgeon.merge.config import MergeConfig
 from lmsurgeon.merge.generate import compare_generation
 from lmsurgeon.merge.run import MergeSession, run_merge
 
-__all__ = ["MergeSession", "compare_generation", "run_merge"]
+__all__ = ["MergeConfig", "MergeSession", "compare_generation", "run_merge"]

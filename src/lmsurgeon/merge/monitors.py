@@ -1,8 +1,9 @@
-"""Perplexity and symmetric top-K KL on the search prompts (spec §3, §8.4).
+"""Perplexity, bits per byte and symmetric top-K KL on a text (spec §3, §8.4; methods.md §M).
 
-One forward pass over the prompts gives both: the token-weighted NLL for perplexity and the next-token
-log-probabilities at the KL positions. The base's log-probabilities are cached once; every later evaluation is
-compared against them.
+One forward pass over the prompts gives all three: the token-weighted NLL for perplexity, the same NLL over the
+UTF-8 bytes its tokens spell for bits per byte (also split by token class), and the next-token log-probabilities
+at the KL positions. The base's log-probabilities are cached once; every later evaluation is compared against
+them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,27 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmsurgeon.data.bits import bits_per_byte
 from lmsurgeon.errors import LmsurgeonError
+
+TOKEN_CLASSES = ("digits", "whitespace", "punctuation", "multibyte", "words")
+SPECIAL = len(TOKEN_CLASSES)  # class index of added special tokens and padding: counted in perplexity only
+
+
+def token_class(text: str) -> str:
+    """The class of the text one token spells: any non-ASCII character → multibyte; only whitespace →
+    whitespace; digits (after leading/trailing whitespace) → digits; no letter or digit → punctuation; else
+    words."""
+    if any(ord(c) > 127 for c in text):
+        return "multibyte"
+    core = text.strip()
+    if not core:
+        return "whitespace"
+    if core.isdigit():
+        return "digits"
+    if not any(c.isalnum() for c in core):
+        return "punctuation"
+    return "words"
 
 
 def kl_positions(L: int, spec: str) -> list[int]:
@@ -34,12 +55,29 @@ class Evaluation:
     nll_sum: float
     n_tokens: int
     logprobs: torch.Tensor
+    n_bytes: int = 0  # UTF-8 bytes the scored tokens spell
+    class_nll: torch.Tensor | None = None  # float64 [len(TOKEN_CLASSES)]: NLL summed per token class
+    class_bytes: torch.Tensor | None = None  # int64 [len(TOKEN_CLASSES)]: bytes those tokens spell
     head_inputs: list[torch.Tensor] | None = None  # per batch, what the LM head saw (kept for Stage B)
     top_k: dict[int, tuple] = field(default_factory=dict)  # cached top_k_set(logprobs, K) per K
 
     @property
     def ppl(self) -> float:
         return math.exp(self.nll_sum / self.n_tokens)
+
+    @property
+    def bpb(self) -> float:
+        """Bits per byte: the NLL of the tokens that spell text, in bits, over the bytes they spell."""
+        if self.class_nll is None:
+            raise LmsurgeonError("this evaluation kept no per-token NLL (bits per byte unavailable)")
+        return bits_per_byte(float(self.class_nll.sum()), self.n_bytes)
+
+    def bpb_by_class(self) -> dict[str, float | None]:
+        """Bits per byte of the tokens of each class (None for a class with no bytes in this text)."""
+        if self.class_nll is None or self.class_bytes is None:
+            raise LmsurgeonError("this evaluation kept no per-token NLL (bits per byte unavailable)")
+        return {c: bits_per_byte(float(self.class_nll[i]), int(self.class_bytes[i])) if self.class_bytes[i] else None
+                for i, c in enumerate(TOKEN_CLASSES)}
 
 
 def top_k_set(logP: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,13 +114,25 @@ class PromptEvaluator:
 
     def __init__(self, tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
                  positions: str = "tail:8", pad_id: int = 0, device: str = "cpu"):
-        seqs = [enc.ids[:max_length] for enc in tokenizer.encode_batch(list(texts))]
-        self.seqs = [s for s in seqs if len(s) >= 2]
+        self.seqs, self.token_bytes, self.token_classes = [], [], []
+        for text, enc in zip(texts, tokenizer.encode_batch(list(texts)), strict=True):
+            ids = enc.ids[:max_length]
+            if len(ids) < 2:
+                continue
+            spelled, classes = _spelled_bytes(text, enc.offsets[:len(ids)])
+            self.seqs.append(ids)
+            self.token_bytes.append(spelled)
+            self.token_classes.append(classes)
         if not self.seqs:
             raise LmsurgeonError("no prompt has 2 or more tokens (empty prompts)")
         self.batch_size, self.pad_id, self.device = batch_size, pad_id, device
         self.positions = [kl_positions(len(s), positions) for s in self.seqs]
         self.n_tokens = sum(len(s) - 1 for s in self.seqs)
+        self.n_bytes = sum(sum(b) for b in self.token_bytes)
+        self.class_bytes = torch.zeros(SPECIAL + 1, dtype=torch.int64)
+        for spelled, classes in zip(self.token_bytes, self.token_classes, strict=True):
+            self.class_bytes.index_add_(0, torch.tensor(classes), torch.tensor(spelled))
+        self.class_bytes = self.class_bytes[:-1]
         self.batches = [self._prepare(a) for a in range(0, len(self.seqs), batch_size)]
 
     def _prepare(self, a: int) -> dict:
@@ -94,10 +144,13 @@ class PromptEvaluator:
         for r, s in enumerate(group):
             ids[r, :len(s)] = torch.tensor(s)
             mask[r, :len(s)] = 1
+        cls = torch.full((len(group), L - 1), SPECIAL, dtype=torch.long)
+        for r in range(len(group)):
+            cls[r, :len(group[r]) - 1] = torch.tensor(self.token_classes[a + r])
         rows = torch.cat([torch.full((len(self.positions[a + r]),), r) for r in range(len(group))])
         cols = torch.cat([torch.tensor(self.positions[a + r]) for r in range(len(group))])
         return {"ids": ids.to(self.device), "mask": mask.to(self.device), "valid": mask[:, 1:].bool().to(self.device),
-                "pick": (rows.to(self.device), cols.to(self.device))}
+                "pick": (rows.to(self.device), cols.to(self.device)), "classes": cls.flatten().to(self.device)}
 
     @torch.no_grad()
     def evaluate(self, model, keep_head_inputs: bool = False) -> Evaluation:
@@ -127,13 +180,40 @@ class PromptEvaluator:
     def _score(self, logits_per_batch) -> Evaluation:
         """Consume one batch's logits at a time (a [B, T, V] tensor per batch, never all batches at once)."""
         nll_sum, picked = 0.0, []
+        class_nll = torch.zeros(SPECIAL + 1, dtype=torch.float64, device=self.device)
         for b, logits in zip(self.batches, logits_per_batch, strict=True):
             logp = torch.log_softmax(logits.float(), dim=-1)
             target = logp[:, :-1].gather(-1, b["ids"][:, 1:, None])[..., 0]        # float32, [B, T−1]
             nll_sum -= float(torch.where(b["valid"], target, 0.0).sum(dtype=torch.float64))
+            class_nll.index_add_(0, b["classes"], -target.flatten().double())
             picked.append(logp[b["pick"]].cpu())
             del logp, logits, target
-        return Evaluation(nll_sum, self.n_tokens, torch.cat(picked))
+        return Evaluation(nll_sum, self.n_tokens, torch.cat(picked), n_bytes=self.n_bytes,
+                          class_nll=class_nll[:-1].cpu(), class_bytes=self.class_bytes)
+
+
+def _spelled_bytes(text: str, offsets: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Per scored token (every token but the first): the UTF-8 bytes of `text` it accounts for, and its class.
+
+    Token j accounts for the text from where the tokens before it end to where it ends, so the scored tokens
+    together spell exactly the text after the first token up to the end of the last one (truncation included):
+    bits per byte divides their NLL by those bytes and no others. Byte-fallback pieces of one character share
+    its offsets; the first of them carries its bytes, the others none. A first token that only marks a word
+    start (SentencePiece's prepended ▁) overlaps the next token's offsets and spells nothing. A token the
+    tokenizer added (empty offsets) spells nothing and goes to the SPECIAL bucket, which bits per byte leaves
+    out.
+    """
+    spelled, classes = [], []
+    end = min(offsets[0][1], offsets[1][0])  # a prepended word marker (▁) shares the next token's offsets
+    for start, stop in offsets[1:]:
+        chunk = text[end:stop] if stop > end else ""
+        spelled.append(len(chunk.encode("utf-8")))
+        if start == stop:  # a special token the tokenizer added (</s>, <sep>): it spells no text
+            classes.append(SPECIAL)
+        else:
+            classes.append(TOKEN_CLASSES.index(token_class(chunk or text[start:stop])))
+        end = max(end, stop)
+    return spelled, classes
 
 
 def relative_ppl(current: Evaluation, base: Evaluation) -> float:

@@ -10,20 +10,25 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lmsurgeon.arch import Layout
 from lmsurgeon.errors import BadNumbers, LmsurgeonError, OutputExists
+from lmsurgeon.merge import quality
 from lmsurgeon.merge.align import Alignment, fit_alignment, norm_quantile, soft_clip
 from lmsurgeon.merge.blend import alpha_schedule, blend_rows, centred_cosine
+from lmsurgeon.merge.config import MergeConfig, study_fingerprint
 from lmsurgeon.merge.monitors import Evaluation, PromptEvaluator, relative_ppl, sym_kl
+from lmsurgeon.merge.quality import MergeTexts, merge_texts
 from lmsurgeon.merge.vocab import SharedVocab, canonical_vocab, shared_vocab
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CLIP_QUANTILE = 0.99  # soft clip: mapped rows keep at most the base's 99th-percentile row norm
 
 CAUTIOUS = {"target_emb_frac": 0.50, "alpha_cap_emb": 0.80, "alpha_floor_emb": 0.02, "min_tau_emb": 0.60,
             "target_head_rows": 3000, "alpha_cap_head": 0.60, "alpha_floor_head": 0.10, "min_tau_head": 0.72,
@@ -42,6 +47,7 @@ class StagePlan:
     E_tilde: dict[bool, np.ndarray]  # use_soft_clip → mapped donor rows (float32)
     cos: dict[bool, np.ndarray]
     alignment: Alignment
+    last_ids: list[int] = field(default_factory=list)  # base ids the last `apply` wrote
 
     def apply(self, k: int, min_tau: float, alpha_floor: float, alpha_cap: float, clip: bool,
               gamma: float) -> dict:
@@ -54,6 +60,7 @@ class StagePlan:
             rows_t = torch.from_numpy(sched.rows)
             with torch.no_grad():
                 self.weight.index_copy_(0, self.idx[rows_t], new_t)
+        self.last_ids = self.idx[torch.from_numpy(sched.rows)].tolist()
         return {"rows": int(sched.rows.size), "tau": sched.tau,
                 "alpha_mean": float(sched.alpha.mean()) if sched.alpha.size else 0.0}
 
@@ -111,58 +118,69 @@ def _finite(values: np.ndarray, tensor: str, where: str) -> np.ndarray:
 
 
 class MergeSession:
-    """B in memory with its Stage A/B plans; `trial(params)` merges, measures, restores unless asked to keep."""
+    """B in memory with its Stage A/B plans; `trial(params)` merges, measures, restores unless asked to keep.
 
-    def __init__(self, base: str, donor: str, texts: list[str], *, dtype: str = "fp32", max_shared: int = 50_000,
-                 ppl_cap: float = 2.5, kl_topk: int = 512, kl_positions: str = "tail:8", gamma: float = 12.0,
-                 on_stage_a_fail: str = "rollback", batch_size: int = 8, max_length: int = 512,
-                 clip_quantile: float = 0.99, device: str = "cpu", trust_remote_code: bool = False,
-                 init_nonshared: str | None = None, omp_k: int = 64):
+    Settings come from `config` (a :class:`MergeConfig`); keyword arguments override single fields of it.
+    With `general_texts` every trial is also measured on them (bits per byte), for `--objective domain`'s
+    constraint.
+    """
+
+    def __init__(self, base: str, donor: str, texts: list[str], config: MergeConfig | None = None,
+                 general_texts: list[str] | None = None, **overrides: Any):
         from lmsurgeon.io import open_model
 
-        if ppl_cap <= 1.0:
-            raise LmsurgeonError(f"--ppl-cap must be > 1 (got {ppl_cap})")
-        if dtype not in DTYPES:
-            raise LmsurgeonError(f"--dtype {dtype!r}: one of bf16, fp16, fp32")
+        cfg = (config or MergeConfig()).with_overrides(**overrides)
+        self.config = cfg
         t0 = time.perf_counter()
         self.base_handle, self.donor_handle = open_model(base), open_model(donor)
-        self.ppl_cap, self.kl_topk, self.gamma, self.on_stage_a_fail = ppl_cap, kl_topk, gamma, on_stage_a_fail
-        cb = canonical_vocab(_tokenizer_json(self.base_handle))
+        self.ppl_cap, self.kl_topk, self.gamma, self.on_stage_a_fail = (cfg.ppl_cap, cfg.kl_topk, cfg.gamma,
+                                                                        cfg.on_stage_a_fail)
+        cb = self.base_vocab = canonical_vocab(_tokenizer_json(self.base_handle))
         cd = canonical_vocab(_tokenizer_json(self.donor_handle))
-        self.model = self.base_handle.load_model(dtype=DTYPES[dtype], device=device,
-                                                 trust_remote_code=trust_remote_code)
+        self.model = self.base_handle.load_model(dtype=DTYPES[cfg.dtype], device=cfg.device,
+                                                 trust_remote_code=cfg.trust_remote_code)
         emb = self.model.get_input_embeddings().weight
-        self.shared = shared_vocab(cb, cd, max_shared)
+        self.shared = shared_vocab(cb, cd, cfg.max_shared)
         dl = Layout(self.donor_handle)
-        E_D = _finite(self.donor_handle.tensor(dl.require("embed"), dtype=np.float32), dl.require("embed"),
-                      self.donor_handle.name)
+        E_D = self.E_D = _finite(self.donor_handle.tensor(dl.require("embed"), dtype=np.float32),
+                                 dl.require("embed"), self.donor_handle.name)
         self.shared = _drop_out_of_range(self.shared, emb.shape[0], E_D.shape[0])
         self.omp = None
-        if init_nonshared == "omp":
+        if cfg.init_nonshared == "omp":
             self.omp = _omp_targets(cb, self.shared, self.donor_handle.tokenizer, E_D, emb.shape[0])
-        self.stage_a = _build_stage("A", emb, E_D, self.shared, clip_quantile,
-                                    self.omp and (self.omp["ids"], self.omp["V_emb"]), omp_k)
+        self.stage_a = _build_stage("A", emb, E_D, self.shared, CLIP_QUANTILE,
+                                    self.omp and (self.omp["ids"], self.omp["V_emb"]), cfg.omp_k)
         self.tied = _head_is_tied(self.model)
         self.stage_b = None
+        self.H_D = E_D
         if not self.tied:
             H_D = (_finite(self.donor_handle.tensor(dl.name("lm_head"), dtype=np.float32), dl.name("lm_head"),
                            self.donor_handle.name) if dl.has("lm_head") and not dl.tied else E_D)
+            self.H_D = H_D
             omp_b = None
             if self.omp is not None:
                 from lmsurgeon.merge.omp import donor_vectors
 
                 omp_b = (self.omp["ids"], donor_vectors(self.omp["texts"], self.donor_handle.tokenizer, H_D)[0])
             self.stage_b = _build_stage("B", self.model.get_output_embeddings().weight, H_D, self.shared,
-                                        clip_quantile, omp_b, omp_k)
-        pad = self.base_handle.config.get("pad_token_id")
-        self.max_length = min(max_length, Layout(self.base_handle).max_positions or max_length)
-        self.evaluator = PromptEvaluator(self.base_handle.tokenizer, texts, batch_size=batch_size,
-                                         max_length=self.max_length, positions=kl_positions,
-                                         pad_id=pad if isinstance(pad, int) else 0, device=device)
+                                        CLIP_QUANTILE, omp_b, cfg.omp_k)
+        self.max_length = min(cfg.max_length, Layout(self.base_handle).max_positions or cfg.max_length)
+        self.evaluator = self.prompt_evaluator(texts)
         t1 = time.perf_counter()
         self.base_eval: Evaluation = self.evaluator.evaluate(self.model, keep_head_inputs=self.stage_b is not None)
         self.seconds = {"setup": t1 - t0, "base_eval": time.perf_counter() - t1}
         self.head_only = self.stage_b is not None and self._head_reproduces_model()
+        self.general = self.base_general = None
+        if general_texts is not None:
+            self.general = self.prompt_evaluator(general_texts)
+            self.base_general = self.general.evaluate(self.model)
+
+    def prompt_evaluator(self, texts: list[str]) -> PromptEvaluator:
+        """An evaluator of `texts` with the base's tokenizer and this session's batching and KL positions."""
+        pad = self.base_handle.config.get("pad_token_id")
+        return PromptEvaluator(self.base_handle.tokenizer, texts, batch_size=self.config.batch_size,
+                               max_length=self.max_length, positions=self.config.kl_positions,
+                               pad_id=pad if isinstance(pad, int) else 0, device=self.config.device)
 
     def trial(self, params: dict, keep: bool = False) -> dict:
         """One merge with `params`; returns the stats; restores B unless `keep` (then the merged model stays)."""
@@ -199,10 +217,19 @@ class MergeSession:
                     current = ev_b
         r = relative_ppl(current, self.base_eval)
         kl = 0.0 if current is self.base_eval else sym_kl(current, self.base_eval, self.kl_topk)
+        stats = {"params": p, "r": r, "sym_kl": kl, "r_A": a.get("r"), "r_B": b.get("r"), "stage_a": a,
+                 "stage_b": b, "n_evals": n_evals, "bpb": current.bpb}
+        if self.general is not None:
+            unchanged = current is self.base_eval
+            stats["general_bpb"] = (self.base_general if unchanged else self.general.evaluate(self.model)).bpb
+            stats["n_evals"] += 0 if unchanged else 1
         if not keep:
             self.restore()
-        return {"params": p, "r": r, "sym_kl": kl, "r_A": a.get("r"), "r_B": b.get("r"), "stage_a": a,
-                "stage_b": b, "n_evals": n_evals, "seconds": time.perf_counter() - t0}
+        return {**stats, "seconds": time.perf_counter() - t0}
+
+    def changed_rows(self) -> list[int]:
+        """Base token ids whose embedding row the current (kept) merge moved."""
+        return sorted(set(self.stage_a.last_ids))
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The model's logits from the LM head's input (Gemma-2-style final soft-capping applied)."""
@@ -279,123 +306,201 @@ def _drop_out_of_range(shared: SharedVocab, V_B: int, V_D: int) -> SharedVocab:
                        {**shared.overlap, "shared_used": len(keep)})
 
 
-def run_merge(base: str, donor: str, out=None, trials: int | None = 48, *, dtype: str = "fp32",
-              prompts_file=None, eval_text=None, max_prompts: int = 64, max_shared: int = 50_000,
-              ppl_cap: float = 2.5, kl_topk: int = 512, kl_positions: str = "tail:8", seed: int = 0,
-              storage: str | None = None, study_name: str = "lmsurgeon-merge", resume: bool = False,
-              worker: bool = False, save_topk: int = 0, select: str = "knee", select_max_rel_ppl: float = 1.2,
-              params: dict | None = None, space=None, gamma: float = 12.0, on_stage_a_fail: str = "rollback",
-              batch_size: int = 8, max_length: int = 512, donor_on_cpu: bool = True, device: str = "cpu",
-              trust_remote_code: bool = False, progress: bool = False, init_nonshared: str | None = None,
-              omp_k: int = 64, callbacks=()) -> dict:
-    """Merge `donor`'s embedding (and head) rows into `base`; returns exactly the results.json dict.
+def run_merge(base: str, donor: str, out: str | Path | None = None, config: MergeConfig | None = None, *,
+              callbacks=(), progress: bool = False, **overrides: Any) -> dict:
+    """Merge `donor`'s embedding (and head) rows into `base`; returns the results.json dict plus ``out``, the
+    run folder.
 
-    trials > 0: an Optuna study (journal next to `out`, or `storage`); trials 0/None: one merge with `params`
-    (default: the cautious end of every range). `worker=True` only runs trials of a shared study and writes
-    nothing; it returns {"worker": True, "trials_run": n}.
+    Settings come from `config` (:class:`MergeConfig`); keyword arguments override single fields, so
+    ``run_merge(b, d, out, trials=8)`` is ``run_merge(b, d, out, MergeConfig(trials=8))``. trials > 0: an Optuna
+    study (journal next to `out`, or `storage`); trials 0: one merge with `params` (default: the cautious end of
+    every range). `worker=True` only runs trials of a shared study and writes nothing; it returns
+    {"worker": True, "trials_run": n}. `callbacks` are Optuna trial callbacks; `progress` shows a progress bar.
     """
-    from pathlib import Path
-
-    import optuna
-
-    from lmsurgeon.data import load_texts
     from lmsurgeon.merge import search
-    from lmsurgeon.merge.report import build_report, pareto_figure, trials_csv
-    from lmsurgeon.report import RunFolder
     from lmsurgeon.report.runfolder import default_out_dir
 
-    del donor_on_cpu  # implied: only E_D/H_D are read, on CPU float32 (spec §6)
+    cfg = (config or MergeConfig()).with_overrides(**overrides)
     out = Path(out) if out is not None else default_out_dir("merge")
-    space_d = search.load_space(space)
-    journal = None
-    if not worker and storage is None and trials:
-        journal = search.prepare_journal(out, resume)
-    elif not worker and not resume and out.exists() and any(out.iterdir()):
-        raise OutputExists("output folder exists and is not empty (choose another --out)", out)
-    texts = load_texts(prompts_file, "validation")[:max_prompts] if max_prompts else load_texts(prompts_file)
+    journal = _prepare_output(out, cfg)
+    space = search.load_space(cfg.space)
+    texts = merge_texts(cfg)
+    general = texts.general if cfg.objective == "domain" else None
+    session = MergeSession(base, donor, texts.search, cfg, general_texts=general)
+    fp = study_fingerprint(session.base_handle.inputs(), session.donor_handle.inputs(), texts.search, cfg, space,
+                           general_texts=general)
     t0 = time.perf_counter()
-    session = MergeSession(base, donor, texts, dtype=dtype, max_shared=max_shared, ppl_cap=ppl_cap,
-                           kl_topk=kl_topk, kl_positions=kl_positions, gamma=gamma,
-                           on_stage_a_fail=on_stage_a_fail, batch_size=batch_size, max_length=max_length,
-                           device=device, trust_remote_code=trust_remote_code, init_nonshared=init_nonshared,
-                           omp_k=omp_k)
-    timings = {"setup_seconds": session.seconds["setup"], "ppl_eval_seconds": session.seconds["base_eval"]}
-    fp = search.fingerprint(session.base_handle.inputs(), session.donor_handle.inputs(), texts, ppl_cap, kl_topk,
-                            kl_positions, max_shared, dtype, gamma, on_stage_a_fail, space_d, init_nonshared, omp_k)
-    records: list[dict] = []
-    if trials:
-        study = search.open_study(search.make_storage(storage, journal), study_name, seed, fp)
-        if storage is None:
-            search.fail_dead_trials(study)
-        before = {t.number for t in study.get_trials(deepcopy=False)}
-        search.run_trials(study, session, space_d, trials, callbacks, progress)
-        if worker:
-            mine = [t for t in study.get_trials(deepcopy=False) if t.number not in before
-                    and t.user_attrs.get("pid") == os.getpid()]
-            return {"worker": True, "trials_run": len(mine)}
-        reap = search.fail_dead_trials if storage is None else optuna.storages.fail_stale_trials
-        search.wait_for_running(study, reap)
-        if search.n_complete(study) < trials:   # a worker died mid-trial while we waited: finish its share
-            search.run_trials(study, session, space_d, trials, callbacks, progress)
-            search.wait_for_running(study, reap)
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            st = t.user_attrs["stats"]
-            records.append({"number": t.number, "r": t.values[0], "sym_kl": t.values[1],
-                            "params": st["params"], "stats": st})
+    if cfg.trials:
+        records = _search(session, cfg, space, journal, fp, callbacks, progress)
+        if cfg.worker:
+            return {"worker": True, "trials_run": records}
     else:
-        st = session.trial(params or {})
-        records.append({"number": 0, "r": st["r"], "sym_kl": st["sym_kl"], "params": st["params"], "stats": st})
-    timings["search_seconds"] = time.perf_counter() - t0 - timings["setup_seconds"] - timings["ppl_eval_seconds"]
-    front = search.pareto_front(records, ppl_cap)
-    best = search.select_best(front, select, select_max_rel_ppl)
+        records = [_record(0, session.trial(cfg.params or {}))]
+    timings = _timings(session, records, search_seconds=time.perf_counter() - t0)
+    results = _write_run_folder(out, journal, base, donor, session, cfg, texts, records, fp, timings)
+    if journal is not None and journal.exists():
+        journal.unlink()
+    return {**results, "out": str(out)}
+
+
+def _prepare_output(out: Path, cfg: MergeConfig) -> Path | None:
+    """Refuse to overwrite a finished run; return where the study's journal lives (None: no journal)."""
+    from lmsurgeon.merge import search
+
+    if cfg.worker:
+        return None
+    if cfg.storage is None and cfg.trials:
+        return search.prepare_journal(out, cfg.resume)
+    if not cfg.resume and out.exists() and any(out.iterdir()):
+        raise OutputExists("output folder exists and is not empty (choose another --out)", out)
+    return None
+
+
+def _record(number: int, stats: dict) -> dict:
+    return {"number": number, "r": stats["r"], "sym_kl": stats["sym_kl"], "params": stats["params"],
+            "stats": stats}
+
+
+def _search(session: MergeSession, cfg: MergeConfig, space: dict, journal: Path | None, fp: str, callbacks,
+            progress: bool) -> list[dict] | int:
+    """Run (or join, or resume) the study until it holds `trials` finished trials; their records in order.
+
+    A worker returns only how many trials it ran itself. A finaliser waits for the other workers and runs the
+    share of any that died, so the study it reads is complete.
+    """
+    import optuna
+
+    from lmsurgeon.merge import search
+
+    study = search.open_study(search.make_storage(cfg.storage, journal), cfg.study_name, cfg.seed, fp,
+                              cfg.objective)
+    if cfg.storage is None:
+        search.fail_dead_trials(study)
+    before = {t.number for t in study.get_trials(deepcopy=False)}
+    search.run_trials(study, session, space, cfg.trials, callbacks, progress)
+    if cfg.worker:
+        return len([t for t in study.get_trials(deepcopy=False)
+                    if t.number not in before and t.user_attrs.get("pid") == os.getpid()])
+    reap = search.fail_dead_trials if cfg.storage is None else optuna.storages.fail_stale_trials
+    search.wait_for_running(study, reap)
+    if search.n_complete(study) < cfg.trials:  # a worker died mid-trial while we waited: finish its share
+        search.run_trials(study, session, space, cfg.trials, callbacks, progress)
+        search.wait_for_running(study, reap)
+    return [_record(t.number, t.user_attrs["stats"])
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+
+
+def _timings(session: MergeSession, records: list[dict], search_seconds: float) -> dict:
+    """Setup, base evaluation and search time, and what one trial costs against one perplexity evaluation."""
     per_trial = [t["stats"]["seconds"] for t in records]
     per_eval = [t["stats"]["seconds"] / max(t["stats"]["n_evals"], 1) for t in records]
-    timings.update(trial_seconds_mean=float(np.mean(per_trial)),
-                   trial_cost_per_ppl_eval=float(np.mean(per_eval)) / max(session.seconds["base_eval"], 1e-9),
-                   trial_cost_vs_one_ppl_eval=float(np.mean(per_trial)) / max(session.seconds["base_eval"], 1e-9))
+    base_eval = max(session.seconds["base_eval"], 1e-9)
+    return {"setup_seconds": session.seconds["setup"], "ppl_eval_seconds": session.seconds["base_eval"],
+            "search_seconds": search_seconds, "trial_seconds_mean": float(np.mean(per_trial)),
+            "trial_cost_per_ppl_eval": float(np.mean(per_eval)) / base_eval,
+            "trial_cost_vs_one_ppl_eval": float(np.mean(per_trial)) / base_eval}
 
-    with RunFolder(out, command="merge", seed=seed, overwrite=resume) as run:
+
+def _select(session: MergeSession, cfg: MergeConfig, records: list[dict]) -> tuple[list[dict], dict | None]:
+    """The trials the choice is made among (the Pareto front, or the feasible trials of `--objective domain`)
+    and the best of them, chosen on the search text only."""
+    from lmsurgeon.merge import search
+
+    if cfg.objective == "domain":
+        front = search.feasible_domain(records, cfg.ppl_cap, session.base_general.bpb, cfg.tolerance)
+        return front, front[0] if front else None
+    front = search.pareto_front(records, cfg.ppl_cap)
+    return front, search.select_best(front, cfg.select, cfg.select_max_rel_ppl)
+
+
+def _measure_quality(session: MergeSession, cfg: MergeConfig, texts: MergeTexts, best: dict | None) -> dict:
+    """The `bpb` block: base, donor, the best trial and the baselines on the search, held-out and general text,
+    and which model is recommended (the best trial only if it beats the base on held-out text)."""
+    evaluators = {"search": session.evaluator, "heldout": session.prompt_evaluator(texts.heldout),
+                  "general": session.general or session.prompt_evaluator(texts.general)}
+    model = session.model
+    base_ev = {"search": session.base_eval, "heldout": evaluators["heldout"].evaluate(model),
+               "general": session.base_general or evaluators["general"].evaluate(model)}
+    base_row = quality.measure(base_ev)
+    best_row = None
+    if best is not None:
+        session.trial(best["params"], keep=True)
+        best_row = {"name": f"trial {best['number']}", "trial": best["number"],
+                    **quality.measure(quality.evaluate_texts(model, evaluators), base_ev),
+                    "blended_fraction_by_class": quality.blended_fraction_by_class(session, session.changed_rows())}
+        session.restore()
+    session.trial({}, keep=True)
+    baselines = [{"name": "base", **base_row},
+                 {"name": "seed-defaults", **quality.measure(quality.evaluate_texts(model, evaluators), base_ev)}]
+    session.restore()
+    for name, build in quality.BASELINES.items():
+        patches = build(session)
+        baselines.append({"name": name, **quality.measure(quality.evaluate_texts(model, evaluators), base_ev)})
+        for patch in reversed(patches):
+            patch.restore()
+    choice, reason = quality.recommend(base_row, best_row, cfg)
+    others = [b["heldout"] for b in baselines if b["name"] != "base"]
+    return {"base": base_row, "donor": quality.donor_bpb(session, texts),
+            "best": best_row if choice == "trial" else {"name": "base", **base_row}, "best_trial": best_row,
+            "baselines": baselines, "recommended": choice, "reason": reason,
+            "best_trial_beats_every_baseline": None if best_row is None else
+            bool(best_row["heldout"] < min([base_row["heldout"], *others]))}
+
+
+def _write_run_folder(out: Path, journal: Path | None, base: str, donor: str, session: MergeSession,
+                      cfg: MergeConfig, texts: MergeTexts, records: list[dict], fp: str, timings: dict) -> dict:
+    """Choose the best trial, measure it and the baselines, save the recommended model (and the next
+    `save_topk`), and write every file of the run."""
+    from lmsurgeon.merge.report import build_report, pareto_figure, trials_csv
+    from lmsurgeon.report import RunFolder
+
+    front, best = _select(session, cfg, records)
+    t0 = time.perf_counter()
+    bpb = _measure_quality(session, cfg, texts, best)
+    timings["quality_seconds"] = time.perf_counter() - t0
+    with RunFolder(out, command="merge", seed=cfg.seed, overwrite=cfg.resume) as run:
         (run.path / "stats").mkdir()
         for t in records:
             run.write_json(f"stats/trial_{t['number']:04d}.json", {"number": t["number"], **t["stats"]})
         (run.path / "trials.csv").write_text(trials_csv(records))
-        heldout = None
-        if best is not None:
-            if eval_text is not None:  # held-out r: reported, never used for selection
-                held = PromptEvaluator(session.base_handle.tokenizer, load_texts(eval_text)[:max_prompts],
-                                       batch_size=batch_size, max_length=session.max_length, positions=kl_positions)
-                base_held = held.evaluate(session.model)
-                session.trial(best["params"], keep=True)
-                heldout = relative_ppl(held.evaluate(session.model), base_held)
-            else:
-                session.trial(best["params"], keep=True)
-            session.save(run.path / "best_model")
-            session.restore()
-            for t in [f for f in front if f["number"] != best["number"]][:max(save_topk, 0)]:
-                session.trial(t["params"], keep=True)
-                session.save(run.path / "topk" / f"trial_{t['number']:04d}")
-                session.restore()
+        _save_models(session, cfg, run.path, best if bpb["recommended"] == "trial" else None, front)
         brief = [{"number": t["number"], "r": t["r"], "sym_kl": t["sym_kl"], "params": t["params"]} for t in front]
         run.write_json("pareto.json", brief)
         run.write_json("best.json", best and {k: best[k] for k in ("number", "r", "sym_kl", "params", "stats")})
-        rel = run.save_figure(pareto_figure(records, front, best, ppl_cap), "pareto")
+        rel = run.save_figure(pareto_figure(records, front, best, cfg.ppl_cap), "pareto")
         shutil.copy2(run.path / rel, run.path / "pareto.png")
         if journal is not None and journal.exists():
             shutil.copy2(journal, run.path / "study.journal")
-        body = {"base": str(base), "donor": str(donor), "tied": session.tied, "dtype": dtype,
-                "ppl_cap": ppl_cap, "kl_topk": kl_topk, "kl_positions": kl_positions, "select": select,
-                "storage": "journal" if storage is None else storage.split("://")[0],
-                "study_name": study_name if trials else None, "n_trials": len(records),
+        body = {"base": str(base), "donor": str(donor), "tied": session.tied, "dtype": cfg.dtype,
+                "objective": cfg.objective, "tolerance": cfg.tolerance,
+                "ppl_cap": cfg.ppl_cap, "kl_topk": cfg.kl_topk, "kl_positions": cfg.kl_positions,
+                "select": cfg.select, "storage": "journal" if cfg.storage is None else cfg.storage.split("://")[0],
+                "study_name": cfg.study_name if cfg.trials else None, "n_trials": len(records),
+                "texts": texts.summary(), "bpb": bpb,
                 "overlap": session.shared.overlap, "fit": session.fit_summary(), "base_ppl": session.base_eval.ppl,
                 "n_prompts": len(session.evaluator.seqs), "pareto": brief, "best": best and
                 {k: best[k] for k in ("number", "r", "sym_kl", "params")},
-                "best_stats": best and best["stats"], "heldout_r": heldout,
-                "best_model": "best_model" if best is not None else None, "fingerprint": fp,
+                "best_stats": best and best["stats"],
+                "heldout_r": bpb["best_trial"] and bpb["best_trial"]["heldout_r"],
+                "best_model": "best_model", "fingerprint": fp,
                 "omp": session.omp and {"rows": len(session.omp["ids"]), "skipped": session.omp["skipped"],
-                                        "k": omp_k}}
+                                        "k": cfg.omp_k}}
         results = run.write_results(body, inputs=session.base_handle.inputs() + session.donor_handle.inputs(),
                                     timings=timings)
         run.write_report(build_report(results, rel))
-    if journal is not None and journal.exists():
-        journal.unlink()
     return results
+
+
+def _save_models(session: MergeSession, cfg: MergeConfig, folder: Path, recommended: dict | None,
+                 front: list[dict]) -> None:
+    """Save the recommended model as best_model/ (the base itself when no trial is recommended) and `save_topk`
+    more trials of the front under topk/."""
+    if recommended is not None:
+        session.trial(recommended["params"], keep=True)
+    session.save(folder / "best_model")
+    session.restore()
+    skip = recommended["number"] if recommended is not None else None
+    for t in [f for f in front if f["number"] != skip][:max(cfg.save_topk, 0)]:
+        session.trial(t["params"], keep=True)
+        session.save(folder / "topk" / f"trial_{t['number']:04d}")
+        session.restore()

@@ -1,4 +1,4 @@
-"""Optuna multi-objective search over the blend hyperparameters, and `run_merge`, the merge API (spec §4, §8.3).
+"""Optuna multi-objective search over the blend hyperparameters, and the study's storage and journal (spec §4, §8.3).
 
 Objectives: minimise r (relative perplexity), maximise symKL (how far the outputs moved). The study lives in a
 journal file next to the run folder by default, so a killed run resumes with the next trial number; a
@@ -8,7 +8,6 @@ journal file next to the run folder by default, so a killed run resumes with the
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -79,11 +78,16 @@ def make_storage(storage: str | None, journal: Path):
     raise AssertionError("unreachable")
 
 
-def open_study(storage, study_name: str, seed: int, fingerprint: str) -> optuna.Study:
-    """create_study(minimise r, maximise symKL), TPE multivariate + constant liar; refuse a changed fingerprint."""
+def open_study(storage, study_name: str, seed: int, fingerprint: str, objective: str = "seed") -> optuna.Study:
+    """TPE multivariate + constant liar; refuse a changed fingerprint.
+
+    `seed`: minimise r, maximise symKL. `domain`: minimise search-text bits per byte, with the general-text
+    constraint (≤ 0 when feasible) set on each trial, so the sampler learns where trials are feasible.
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed)
-    study = optuna.create_study(storage=storage, study_name=study_name, directions=["minimize", "maximize"],
+    directions = ["minimize"] if objective == "domain" else ["minimize", "maximize"]
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
                                 sampler=sampler, load_if_exists=True)
     old = study.user_attrs.get("fingerprint")
     if old is None:
@@ -143,13 +147,24 @@ def n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
+def general_constraint(stats: dict, base_general_bpb: float, tolerance: float) -> float:
+    """≤ 0 when the trial's general-text bits per byte stay within the base's × (1 + tolerance)."""
+    return stats["general_bpb"] - base_general_bpb * (1.0 + tolerance)
+
+
 def run_trials(study: optuna.Study, session, space: dict, trials: int, callbacks=(), progress: bool = False) -> None:
     """Run trials until the study holds `trials` COMPLETE ones (shared by every worker of the study)."""
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
+    domain = session.config.objective == "domain"
+
+    def objective(trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         stats = session.trial(suggest(trial, space, session.tied))
         trial.set_user_attr("stats", jsonable(stats))
+        if domain:
+            trial.set_constraint("general_bpb", general_constraint(stats, session.base_general.bpb,
+                                                                   session.config.tolerance))
+            return (stats["bpb"],)
         return stats["r"], stats["sym_kl"]
 
     left = trials - n_complete(study)
@@ -190,6 +205,14 @@ def pareto_front(records: list[dict], ppl_cap: float) -> list[dict]:
     return sorted(front, key=lambda t: t["number"])
 
 
+def feasible_domain(records: list[dict], ppl_cap: float, base_general_bpb: float, tolerance: float) -> list[dict]:
+    """`--objective domain`: the trials under the guard whose general text stays within the tolerance, in
+    order of search-text bits per byte (ties: lower trial number); the first is the best."""
+    ok = [t for t in records if t["r"] <= ppl_cap
+          and general_constraint(t["stats"], base_general_bpb, tolerance) <= 0]
+    return sorted(ok, key=lambda t: (t["stats"]["bpb"], t["number"]))
+
+
 def select_best(front: list[dict], how: str = "knee", max_rel_ppl: float = 1.2) -> dict | None:
     """`knee`: nearest to (best r, best symKL) after min-max normalisation; `max-kl`: largest symKL with
     r ≤ max_rel_ppl. Ties go to the lower trial number."""
@@ -205,10 +228,6 @@ def select_best(front: list[dict], how: str = "knee", max_rel_ppl: float = 1.2) 
     dist = np.hypot(nr, nk)
     best = min(range(len(front)), key=lambda i: (round(float(dist[i]), 12), front[i]["number"]))
     return front[best]
-
-
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(jsonable(parts), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def journal_path(out: Path) -> Path:
