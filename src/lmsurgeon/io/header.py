@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from lmsurgeon.errors import CorruptCheckpoint
 
@@ -89,8 +91,8 @@ def parse_header(raw: bytes, file: str, file_size: int | None) -> tuple[dict[str
     return tensors, metadata
 
 
-def _reject_duplicates(file: str):
-    def hook(pairs):
+def _reject_duplicates(file: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [k for k, _ in pairs]
         if len(keys) != len(set(keys)):
             dup = next(k for k in keys if keys.count(k) > 1)
