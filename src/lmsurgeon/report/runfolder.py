@@ -68,7 +68,6 @@ class RunFolder:
         self.seed = seed
         self.started = time.time()
         self._path: Path | None = None
-        self.figures: list[str] = []
 
     @property
     def path(self) -> Path:
@@ -108,7 +107,6 @@ class RunFolder:
         rel = f"figures/{name}.png"
         fig.savefig(self.path / rel, dpi=110, bbox_inches="tight")
         plt.close(fig)
-        self.figures.append(rel)
         return rel
 
     def write_json(self, rel: str, obj: object) -> Path:
