@@ -33,9 +33,12 @@ def test_splits_are_disjoint_and_sized_by_their_shares(corpus):
 def test_documents_are_long_normalised_unique_and_in_their_hash_split(corpus):
     for name in SPLIT_NAMES:
         docs = corpus.split(name)
-        assert docs == sorted(docs) and len(set(docs)) == len(docs)
+        assert docs == sorted(docs)
+        assert len(set(docs)) == len(docs)
         for doc in docs[:200]:
-            assert len(doc) >= MIN_CHARS and doc == " ".join(doc.split()) and split_of(doc) == name
+            assert len(doc) >= MIN_CHARS
+            assert doc == " ".join(doc.split())
+            assert split_of(doc) == name
 
 
 def test_stats_record_docs_chars_and_sha256_per_split(corpus):
@@ -57,7 +60,8 @@ def test_corpus_cache_is_written_reused_and_rebuilt_when_corrupt(tmp_path, monke
     monkeypatch.setenv("LMSURGEON_CACHE", str(tmp_path))
     first = load_corpus()
     path = corpus_cache_path()
-    assert path.is_relative_to(tmp_path) and path.is_file()
+    assert path.is_relative_to(tmp_path)
+    assert path.is_file()
     assert load_corpus().stats() == first.stats() == corpus.stats()
     data = json.loads(path.read_text())
     data["splits"]["train"][0] = "tampered " * 40
@@ -104,7 +108,8 @@ def test_split_stats_identify_any_text_list(corpus):
     from lmsurgeon.data import split_stats
 
     stats = split_stats(["ab", "cd"])
-    assert stats["docs"] == 2 and stats["chars"] == 4
+    assert stats["docs"] == 2
+    assert stats["chars"] == 4
     assert stats["sha256"] != split_stats(["abc", "d"])["sha256"]  # document boundaries count
     assert split_stats(corpus.split("test")) == corpus.stats()["splits"]["test"]
 

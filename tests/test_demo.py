@@ -6,23 +6,49 @@ import json
 import re
 
 from lmsurgeon.cli import main
+from lmsurgeon.demo.run import lineage_headline, pair_table
 from lmsurgeon.report.runfolder import is_complete
 
 
 def test_demo_writes_every_run_and_one_report_linking_them(tmp_path, test_zoo, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--profile", "test", "--merge-trials", "2", "--out", str(out), "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+    assert main(["demo", "--profile", "test", "--merge-trials", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
     assert set(runs) == {"lineage-zoo", "lineage-minilm", "swap-deep", "swap-minilm", "merge", "generation"}
     for name, run in runs.items():
         assert is_complete(out / name), name
         assert run["schema"] == json.loads((out / name / "results.json").read_text())["schema"]
-        assert run["result"] and run["result"] in printed
+        assert run["result"].strip(), f"{name} has an empty result line"
+        assert run["result"] in printed
     html = (out / "report.html").read_text()
     links = set(re.findall(r'href="([^"]+/report\.html)"', html))
     assert links == {f"{name}/report.html" for name in runs}
-    assert is_complete(out) and str(out.resolve()) in printed
+    assert is_complete(out)
+    assert str(out.resolve()) in printed
     verdicts = runs["lineage-zoo"]["verdicts"]
     assert not [pair for pair, v in verdicts.items() if "indep" in pair and v == "derived"]
+    assert set(runs["lineage-zoo"]["naive_raw_cosine"]) == set(verdicts)
+    assert "naive raw cosine" in html
+    # stderr is no terminal under pytest: one plain line per demo step instead of bars
+    steps = [line for line in captured.err.splitlines() if "demo: step" in line]
+    assert len(steps) == len(runs)
+
+
+def test_top_page_shows_each_lineage_verdict_beside_its_naive_raw_cosine():
+    lineage = {"pairs": [
+        {"a": "zoo/lin-base", "b": "zoo/lin-finetune", "verdict": "derived", "naive": {"mean_raw_cosine": 0.99991}},
+        {"a": "zoo/lin-base", "b": "zoo/lin-indep-1", "verdict": "independent",
+         "naive": {"mean_raw_cosine": 0.999962}},
+        {"a": "zoo/lin-base", "b": "zoo/lin-flat", "verdict": "inconclusive", "naive": {"mean_raw_cosine": None}},
+    ]}
+    row = {"run": "Lineage: zoo family", **lineage_headline(lineage)}
+    assert row["result"] == "1 of 3 pairs derived"
+    assert pair_table(row) == [
+        {"pair": "lin-base ~ lin-finetune", "verdict": "derived", "naive raw cosine": "0.99991"},
+        {"pair": "lin-base ~ lin-indep-1", "verdict": "independent", "naive raw cosine": "0.99996"},
+        {"pair": "lin-base ~ lin-flat", "verdict": "inconclusive", "naive raw cosine": None},
+    ]
+    assert pair_table({"run": "Layer swap", "result": "Spearman"}) is None

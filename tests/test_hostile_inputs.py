@@ -50,11 +50,13 @@ def exercise(folder: Path) -> None:
                 if info.shape:
                     handle.rows(name, [0])
         layout = Layout(handle)
-        assert layout.dims["q_dim"] >= 0
+        insane_sizes = {k: v for k, v in layout.dims.items() if type(v) is not int or v < 0}
+        assert insane_sizes == {}, "config.json let a size through that is not a non-negative integer"
         for role, layer in layout.norms_present():
             layout.norm(role, layer)
     except LmsurgeonError as e:
-        assert str(e)
+        assert e.path, f"error names no file: {e}"
+        assert "\n" not in str(e), "the CLI prints an error as one line"
 
 
 def write_safetensors(folder: Path, header_bytes: bytes, data: bytes, length: int | None = None) -> None:
@@ -130,7 +132,8 @@ def test_the_cli_answers_hostile_files_with_exit_1_and_no_partial_output(header,
         code = main(["inspect", str(folder), "--out", str(out)])
         assert code in (0, 1)
         if code == 1:
-            assert not out.exists() and [p.name for p in Path(tmp).iterdir()] == ["m"]
+            assert not out.exists()
+            assert [p.name for p in Path(tmp).iterdir()] == ["m"], "a failed run left files beside the model"
 
 
 def test_hostile_cases_never_allocated_gigabytes():

@@ -46,7 +46,8 @@ def test_kill_9_during_zoo_build_then_rerun_resumes_without_redoing_finished_mod
     assert not (zoo / MANIFEST).exists()  # an interrupted zoo never looks complete
     for folder in zoo.iterdir():  # every folder under a model's name is a complete model
         if folder.is_dir() and not folder.name.startswith(".") and folder.name != "tokenizers":
-            assert (folder / MARKER).is_file() and (folder / "model.safetensors").is_file()
+            assert (folder / MARKER).is_file(), folder
+            assert (folder / "model.safetensors").is_file(), folder
     before = finished_models(zoo)
 
     again = subprocess.run([sys.executable, "-m", "lmsurgeon", "zoo", "build", str(zoo), "--profile", "test",

@@ -63,7 +63,8 @@ def test_sharded_checkpoint_reads_one_tensor_from_its_shard_only(tmp_path):
     shards = set(handle.weight_map.values())
     assert len(shards) > 2
     name = "model.layers.1.input_layernorm.weight"
-    assert handle.names() and handle.has(name)
+    assert name in handle.names()
+    assert handle.has(name)
     gain = handle.tensor(name, np.float64)
     assert gain.shape == (32,)
     assert handle.bytes_read == header_bytes(folder / handle.weight_map[name]) + 32 * 4
@@ -82,8 +83,11 @@ def test_minilm_alias_opens_the_bundled_real_model():
     handle = open_model("minilm")
     assert handle.config["model_type"] == "bert"
     emb = handle.rows("embeddings.word_embeddings.weight", [101, 102])  # [CLS], [SEP]
-    assert emb.shape == (2, 384) and np.isfinite(emb).all() and np.abs(emb).sum() > 0
-    assert handle.tokenizer is not None and handle.tokenizer.token_to_id("[CLS]") == 101
+    assert emb.shape == (2, 384)
+    assert np.isfinite(emb).all()
+    assert np.abs(emb).sum() > 0
+    assert handle.tokenizer is not None
+    assert handle.tokenizer.token_to_id("[CLS]") == 101
 
 
 def test_index_naming_a_shard_outside_the_folder_is_refused(tmp_path):
@@ -112,8 +116,9 @@ def test_pickle_only_checkpoint_is_refused_with_advice(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama"}')
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    with pytest.raises(UnsafeInput, match="pickle"):
+    with pytest.raises(UnsafeInput, match="pickle") as refused:
         open_model(folder).names()
+    assert "convert them to safetensors" in str(refused.value)
 
 
 def test_missing_sources_and_tensors_name_what_is_missing(tmp_path):

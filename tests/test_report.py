@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from lmsurgeon.errors import OutputExists
 from lmsurgeon.report import Report, RunFolder, Section
 from lmsurgeon.report.figures import new_figure
 from lmsurgeon.report.html import format_cell
+from lmsurgeon.report.progress import show_stage_lines, stage, task
 from lmsurgeon.report.results import jsonable
 from lmsurgeon.report.runfolder import COMPLETE_MARKER, is_complete
 
@@ -26,7 +28,8 @@ def write_run(out, fail: bool = False, **kw):
         table = [{"name": "layer 0", "x": 1.0, "y": None}]
         run.write_report(Report(title="Unit <run>", summary={"verdict": "ok"}, how_to_read="Read me.",
                                 sections=[Section("Numbers", text="a & b", table=table, figures=[rel])]))
-        assert run.path != out and out.exists() == bool(kw.get("overwrite"))
+        assert run.path != out
+        assert out.exists() == bool(kw.get("overwrite"))
         if fail:
             raise RuntimeError("boom")
     return run, results
@@ -35,7 +38,8 @@ def write_run(out, fail: bool = False, **kw):
 def test_completed_run_is_renamed_into_place_with_marker(tmp_path):
     out = tmp_path / "runs" / "r1"
     run, results = write_run(out)
-    assert run.path == out and is_complete(out)
+    assert run.path == out
+    assert is_complete(out)
     assert sorted(p.name for p in out.iterdir()) == sorted([COMPLETE_MARKER, "figures", "report.html",
                                                             "results.json"])
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp sibling left
@@ -45,20 +49,26 @@ def test_failed_run_leaves_nothing_behind(tmp_path):
     out = tmp_path / "r"
     with pytest.raises(RuntimeError):
         write_run(out, fail=True)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_results_json_is_strict_json_with_schema_and_provenance(tmp_path):
     out = tmp_path / "r"
+    started = time.time()
     _, returned = write_run(out)
+    elapsed = time.time() - started
     text = (out / "results.json").read_text()
     on_disk = json.loads(text)  # would fail on NaN: allow_nan=False when writing
     assert "NaN" not in text
     assert on_disk == returned
-    assert on_disk["schema"] == "lmsurgeon/unit@1" and on_disk["seed"] == 3
-    assert on_disk["value"] == 0.5 and on_disk["undefined"] is None and on_disk["arr"] == [0, 1, 2]
+    assert on_disk["schema"] == "lmsurgeon/unit@1"
+    assert on_disk["seed"] == 3
+    assert on_disk["value"] == 0.5
+    assert on_disk["undefined"] is None
+    assert on_disk["arr"] == [0, 1, 2]
     assert {"lmsurgeon", "torch", "numpy"} <= set(on_disk["versions"])
-    assert on_disk["timings"]["total_seconds"] >= 0
+    assert 0 < on_disk["timings"]["total_seconds"] <= elapsed  # the run's own duration, not a timestamp
 
 
 def test_report_is_self_contained_and_escapes_text(tmp_path):
@@ -67,7 +77,8 @@ def test_report_is_self_contained_and_escapes_text(tmp_path):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html
     assert not re.search(r'(src|href)="(?!data:|#)[^"]+\.(png|css|js)"', html)  # nothing fetched from outside
-    assert "Unit &lt;run&gt;" in html and "a &amp; b" in html
+    assert "Unit &lt;run&gt;" in html
+    assert "a &amp; b" in html
 
 
 def test_existing_non_empty_output_is_not_overwritten_unless_asked(tmp_path):
@@ -95,4 +106,27 @@ def test_numbers_are_right_aligned_and_text_left(tmp_path):
     write_run(out)
     html = (out / "report.html").read_text()
     assert '<td class="num">1</td>' in html
-    assert "<td>layer 0</td>" in html and "<td>—</td>" in html
+    assert "<td>layer 0</td>" in html
+    assert "<td>—</td>" in html
+
+
+def test_library_calls_print_no_stage_lines(capsys):
+    stage("load")
+    with task("train", 3, enabled=False) as advance:
+        advance(3)
+    assert capsys.readouterr().err == ""
+
+
+def test_stage_lines_print_one_timed_line_per_stage_on_stderr(capsys):
+    show_stage_lines(True)
+    try:
+        stage("load")
+        with task("train", 3, enabled=False) as advance:
+            for step in range(3):
+                advance(step + 1)
+    finally:
+        show_stage_lines(False)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert [re.sub(r"^\[ *\d+\.\d s\] ", "", line) for line in lines] == ["load", "train (3 steps)"]

@@ -13,6 +13,7 @@ import click
 from lmsurgeon import __version__
 from lmsurgeon.cli.inspect import inspect_cmd
 from lmsurgeon.errors import LmsurgeonError
+from lmsurgeon.report.progress import show_stage_lines
 
 EPILOG = """\b
 Examples:
@@ -36,6 +37,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    show_stage_lines(not sys.stderr.isatty())  # a log gets one line per stage where a terminal gets bars
 
 
 cli.add_command(inspect_cmd)
@@ -54,6 +56,14 @@ for _module, _name in [("lmsurgeon.cli.lineage", "lineage"), ("lmsurgeon.cli.swa
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        return _run(argv, debug)
+    finally:
+        show_stage_lines(False)  # library calls after a command (tests, notebooks) stay quiet
+
+
+def _run(argv: list[str] | None, debug: bool) -> int:
+    """Run one command and turn what it raises into the exit code and one line on stderr."""
     try:
         cli.main(args=argv, prog_name="lmsurgeon", standalone_mode=False)
     except click.exceptions.Abort:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from lmsurgeon.cli.common import emit, json_option, out_option, progress_enabled
@@ -18,11 +20,10 @@ Examples:
 @click.option("--merge-trials", type=int, default=6, show_default=True, help="Trials of the merge study.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
 @json_option
-def demo(out, profile: str, merge_trials: int, progress: bool | None, as_json: bool) -> None:
+def demo(out: Path | None, profile: str, merge_trials: int, progress: bool | None, as_json: bool) -> None:
     """Build (or reuse) the zoo, then run lineage, swap and merge on it and on the real MiniLM."""
     from lmsurgeon.demo import run_demo
 
-    show = progress_enabled() if progress is None else progress
-    res = run_demo(out, profile=profile, merge_trials=merge_trials, progress=show)
+    res = run_demo(out, profile=profile, merge_trials=merge_trials, progress=progress_enabled(progress))
     lines = [f"{name}: {r.get('result', '')}" for name, r in res["runs"].items()]
     emit(res, as_json, lines, res["out"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from lmsurgeon.cli.common import emit, json_option, out_option
@@ -16,7 +18,7 @@ Examples:
 @click.option("--endpoint", default=None, help="Hub endpoint (default: $HF_ENDPOINT or huggingface.co).")
 @out_option
 @json_option
-def inspect_cmd(source: str, endpoint: str | None, out, as_json: bool) -> None:
+def inspect_cmd(source: str, endpoint: str | None, out: Path | None, as_json: bool) -> None:
     """Family, layers, roles and norm-gain summary of a checkpoint (reads headers and norms only)."""
     from lmsurgeon.inspect import run
 

@@ -39,14 +39,15 @@ def build_cmd(directory: Path, profile: str, seed: int, force: bool, progress: b
     """
     from lmsurgeon.zoo import build_zoo
 
-    show = progress_enabled() if progress is None else progress
-    manifest = build_zoo(directory, profile=profile, seed=seed, progress=show and not as_json, force=force)
+    bars = progress_enabled(progress)
+    manifest = build_zoo(directory, profile=profile, seed=seed, progress=bars and not as_json, force=force)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
     for line in summary_lines(manifest):
         click.echo(line)
-    click.echo(f"zoo: {(directory / 'zoo.json').resolve()}")
+    click.echo(f"zoo folder: {directory.resolve()}")
+    click.echo(f"manifest: {(directory / 'zoo.json').resolve()}")
 
 
 def summary_lines(manifest: dict) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 from lmsurgeon.io import open_model
 from lmsurgeon.io.model import minilm_path
 from lmsurgeon.io.stores import cache_root
+from lmsurgeon.report.progress import stage, task
 from lmsurgeon.report.runfolder import atomic_write_json
 
 RECIPE = {"format": 1, "finetune_steps": 120, "lr": 1e-4, "batch": 8, "seq_len": 64, "mask_rate": 0.15,
@@ -55,6 +56,7 @@ def ensure_minilm_copies(progress: bool = False) -> dict[str, Path]:
               "minilm-pruned": lambda: pruned(base)}
     for name, make in makers.items():
         if not (folders[name] / "model.safetensors").is_file():
+            stage(f"demo: make {name}")
             model, facts = make()
             with quiet_transformers():
                 save_copy(model, folders[name], {"parent": "minilm", "transform": name.split("-")[1], **facts})
@@ -87,19 +89,19 @@ def finetune_mlm(base, progress: bool = False):
     opt = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"])
     gen = torch.Generator().manual_seed(RECIPE["seed"])
     steps, losses = RECIPE["finetune_steps"], []
-    bar = _bar(progress, "fine-tune MiniLM", steps)
-    for step in range(steps):
-        ids = batches[step % len(batches)]
-        masked = (torch.rand(ids.shape, generator=gen) < RECIPE["mask_rate"]) & (ids > 103)
-        inputs = ids.masked_fill(masked, mask_id)
-        hidden = model(input_ids=inputs).last_hidden_state
-        logits = hidden[masked] @ model.embeddings.word_embeddings.weight.T
-        loss = torch.nn.functional.cross_entropy(logits, ids[masked])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        bar(step + 1)
+    with task("fine-tune MiniLM", steps, progress) as advance:
+        for step in range(steps):
+            ids = batches[step % len(batches)]
+            masked = (torch.rand(ids.shape, generator=gen) < RECIPE["mask_rate"]) & (ids > 103)
+            inputs = ids.masked_fill(masked, mask_id)
+            hidden = model(input_ids=inputs).last_hidden_state
+            logits = hidden[masked] @ model.embeddings.word_embeddings.weight.T
+            loss = torch.nn.functional.cross_entropy(logits, ids[masked])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            advance(step + 1)
     return model.eval(), {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
@@ -139,20 +141,3 @@ def pruned(base):
     from lmsurgeon.zoo.transforms import prune_model
 
     return prune_model(base, RECIPE["drop_layers"]), {"dropped_layers": RECIPE["drop_layers"]}
-
-
-def _bar(enabled: bool, label: str, total: int):
-    if not enabled:
-        return lambda done: None
-    from rich.progress import Progress
-
-    progress = Progress(transient=True)
-    progress.start()
-    task = progress.add_task(label, total=total)
-
-    def advance(done: int) -> None:
-        progress.update(task, completed=done)
-        if done >= total:
-            progress.stop()
-
-    return advance

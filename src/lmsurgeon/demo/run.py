@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmsurgeon.report import Report, RunFolder, Section
+from lmsurgeon.report.progress import stage
 
 PROMPTS = ["The function returns", "To open a file in Python, use", "A dictionary maps",
            "The following example shows how to", "Raises ValueError if", "This module provides"]
+#: headline keys with one entry per lineage pair: shown in the step's own table, not in the one-line summary
+PER_PAIR = ("verdicts", "naive_raw_cosine")
 LINEAGE_ZOO = ["lin-base", "lin-finetune", "lin-permuted", "lin-pruned", "lin-gammafold",
                "lin-indep-1", "lin-indep-2", "lin-indep-3"]
 
@@ -41,6 +44,7 @@ def run_demo(out: str | Path | None = None, *, profile: str = "full", merge_tria
     timings: dict[str, float] = {}
     with RunFolder(out, command="demo", overwrite=overwrite, seed=0) as run:
         t0 = time.perf_counter()
+        stage(f"demo: zoo ({profile} profile; built once, then reused)")
         zoo_dir, manifest = ensure_zoo(profile, progress=progress)
         timings["zoo"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -52,7 +56,8 @@ def run_demo(out: str | Path | None = None, *, profile: str = "full", merge_tria
 
         steps = build_steps(zoo_model, minilm_copies, merge_trials, progress)
         rows, results = [], {}
-        for step in steps:
+        for number, step in enumerate(steps, 1):
+            stage(f"demo: step {number}/{len(steps)}, {step.title}")
             t0 = time.perf_counter()
             body = step.call(run.path / step.name)
             timings[step.name] = time.perf_counter() - t0
@@ -111,10 +116,17 @@ def build_steps(zoo_model: Callable[[str], str], minilm_copies: dict[str, Path],
 
 
 def lineage_headline(res: dict) -> dict:
+    """The verdict of each pair, and beside it the naive number the verdict replaces.
+
+    ``naive_raw_cosine`` is the mean raw cosine of the pair's norm gains (``pairs[].naive.mean_raw_cosine`` in
+    the lineage results.json): about 0.9999 for independently trained models too, which is why it never decides.
+    """
     pairs = res.get("pairs", [])
-    verdicts = {f"{Path(p['a']).name} ~ {Path(p['b']).name}": p["verdict"] for p in pairs}
+    names = [f"{Path(p['a']).name} ~ {Path(p['b']).name}" for p in pairs]
+    verdicts = {name: p["verdict"] for name, p in zip(names, pairs, strict=True)}
+    raw_cosine = {name: p["naive"]["mean_raw_cosine"] for name, p in zip(names, pairs, strict=True)}
     derived = sum(v == "derived" for v in verdicts.values())
-    return {"result": f"{derived} of {len(pairs)} pairs derived", "verdicts": verdicts}
+    return {"result": f"{derived} of {len(pairs)} pairs derived", "verdicts": verdicts, "naive_raw_cosine": raw_cosine}
 
 
 def swap_headline(res: dict) -> dict:
@@ -142,14 +154,28 @@ def _num(v) -> str:
     return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def pair_table(row: dict) -> list[dict] | None:
+    """A lineage step's pairs: verdict of the sound tests beside the naive raw cosine (None for other steps)."""
+    verdicts = row.get("verdicts")
+    if not verdicts:
+        return None
+    raw_cosine = row.get("naive_raw_cosine", {})
+    return [{"pair": pair, "verdict": verdict, "naive raw cosine": _cosine(raw_cosine.get(pair))}
+            for pair, verdict in verdicts.items()]
+
+
+def _cosine(x: float | None) -> str | None:
+    """Five decimals: the report's default four significant digits would print 0.99996 as 1."""
+    return None if x is None else f"{x:.5f}"
+
+
 def demo_report(steps: list[Step], rows: list[dict], manifest: dict, timings: dict) -> Report:
-    table = [{k: v for k, v in r.items() if k != "verdicts"} for r in rows]
+    table = [{k: v for k, v in r.items() if k not in PER_PAIR} for r in rows]
     sections = [Section("Runs", text="Each run has its own report, results.json and figures.", table=table,
                         links=[(s.title, f"{s.name}/report.html") for s in steps])]
     for step, row in zip(steps, rows, strict=True):
-        verdicts = row.get("verdicts")
         sections.append(Section(step.title, text=step.purpose, links=[("open the report", f"{step.name}/report.html")],
-                                table=[{"pair": k, "verdict": v} for k, v in verdicts.items()] if verdicts else None))
+                                table=pair_table(row)))
     models = [{"model": m["name"], "parent": m.get("parent") or "—", "transformation": m.get("transformation") or "—",
                "layers": m.get("layers"), "hidden": m.get("hidden_size"), "val ppl": m.get("final_val_ppl")}
               for m in manifest["models"].values()]
@@ -160,6 +186,8 @@ def demo_report(steps: list[Step], rows: list[dict], manifest: dict, timings: di
     return Report(title="lmsurgeon demo", subtitle=f"{len(steps)} runs in {total:.0f} s",
                   summary={r["run"]: r["result"] for r in rows},
                   how_to_read="Every line above is one run; open its report for the figures and the evidence. "
-                              "Lineage verdicts are derived / independent / inconclusive per pair; the swap rows "
+                              "Lineage verdicts are derived / independent / inconclusive per pair, shown beside "
+                              "the naive raw cosine of the two models' norm gains, which is close to 1 for related "
+                              "and independent models alike and so never decides; the swap rows "
                               "give the paper's correlations; the merge row gives the best trial's perplexity "
                               "relative to the base (1.0 = unchanged).", sections=sections)

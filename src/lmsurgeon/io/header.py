@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from lmsurgeon.errors import CorruptCheckpoint
 
@@ -20,7 +22,6 @@ DTYPE_SIZES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 #: the reference implementation refuses headers over 100 MB; so do we, before reading them
 MAX_HEADER_BYTES = 100_000_000
 
@@ -89,8 +90,8 @@ def parse_header(raw: bytes, file: str, file_size: int | None) -> tuple[dict[str
     return tensors, metadata
 
 
-def _reject_duplicates(file: str):
-    def hook(pairs):
+def _reject_duplicates(file: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [k for k, _ in pairs]
         if len(keys) != len(set(keys)):
             dup = next(k for k in keys if keys.count(k) > 1)

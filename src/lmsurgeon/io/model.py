@@ -10,15 +10,22 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from lmsurgeon.errors import BadNumbers, CorruptCheckpoint, LmsurgeonError, MissingTensor, SourceNotFound, UnsafeInput
 from lmsurgeon.io.header import TensorInfo, header_length, parse_header
 from lmsurgeon.io.stores import HubStore, LocalStore, check_plain_file_name
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -68,7 +75,7 @@ class ModelHandle:
         self.name = store.name
         self.bytes_read = 0
         self._headers: dict[str, dict[str, TensorInfo]] = {}
-        self._open: dict[str, object] = {}
+        self._open: dict[str, Any] = {}  # file name → safetensors.safe_open handle
 
     def __repr__(self) -> str:
         return f"ModelHandle({self.name!r}, {self.store.kind})"
@@ -101,8 +108,9 @@ class ModelHandle:
         if self.store.exists(SINGLE_FILE):
             return {name: SINGLE_FILE for name in self._file_header(SINGLE_FILE)}
         if any(self.store.exists(f) for f in ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")):
-            raise UnsafeInput("holds only pickle checkpoints (.bin); lmsurgeon reads safetensors only — convert "
-                              "it, or pass --allow-pickle to load_model (weights_only=True)", self.name)
+            raise UnsafeInput("holds only pickle checkpoints (.bin), which lmsurgeon never unpickles; if you trust "
+                              "them, convert them to safetensors (transformers: from_pretrained, then "
+                              "save_pretrained(folder, safe_serialization=True)) and pass that folder", self.name)
         raise SourceNotFound(f"no {SINGLE_FILE} or {INDEX_FILE}", self.name)
 
     def _validated_weight_map(self, index: object) -> dict[str, str]:
@@ -159,20 +167,20 @@ class ModelHandle:
         self.bytes_read += info.nbytes
         return _to_numpy(t, dtype)
 
-    def rows(self, name: str, idx, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    def rows(self, name: str, idx: npt.ArrayLike, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Rows ``idx`` (any order, repeats allowed) of a tensor, reading one range per run of consecutive rows."""
         info = self.info(name)
-        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        rows = np.asarray(idx, dtype=np.int64).reshape(-1)
         if not info.shape:
             raise LmsurgeonError(f"tensor {name!r} is a scalar and has no rows", self.name)
         n_rows = info.shape[0]
-        if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
+        if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
             raise LmsurgeonError(f"row index out of range for {name!r} with {n_rows} rows", self.name)
-        uniq = np.unique(idx)
+        uniq = np.unique(rows)
         blocks = [self._read_rows(info, int(a), int(b)) for a, b in _runs(uniq)]
         t = torch.cat(blocks) if blocks else torch.empty((0, *info.shape[1:]))
         out = _to_numpy(t, dtype)
-        return out[np.searchsorted(uniq, idx)]
+        return out[np.searchsorted(uniq, rows)]
 
     def _read_rows(self, info: TensorInfo, a: int, b: int) -> torch.Tensor:
         rb = info.row_bytes()
@@ -205,7 +213,7 @@ class ModelHandle:
             self._headers[fname] = {k: _with_file(v, fname) for k, v in tensors.items()}
         return self._headers[fname]
 
-    def _safe_open(self, fname: str):
+    def _safe_open(self, fname: str) -> Any:
         from safetensors import safe_open
 
         if fname not in self._open:
@@ -244,7 +252,7 @@ class ModelHandle:
 
     # -- tokenizer and full models ----------------------------------------------------------------------
     @cached_property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer | None:
         """The fast tokenizer (``tokenizers.Tokenizer``) from tokenizer.json, or None if the folder has none."""
         from tokenizers import Tokenizer
 
@@ -263,7 +271,7 @@ class ModelHandle:
         return self.store.repo_id
 
     def load_model(self, kind: str = "causal-lm", *, dtype: torch.dtype | str | None = None, device: str = "cpu",
-                   trust_remote_code: bool = False, device_map: str | dict | None = None):
+                   trust_remote_code: bool = False, device_map: str | dict[str, Any] | None = None) -> PreTrainedModel:
         """Load the full ``transformers`` model (explicit and expensive: swap and merge need it).
 
         ``kind``: ``causal-lm`` (AutoModelForCausalLM), ``base`` (AutoModel) or ``masked-lm``. Safetensors only;
@@ -278,7 +286,7 @@ class ModelHandle:
             raise LmsurgeonError(f"unknown model kind {kind!r} (one of {sorted(classes)})")
         self.weight_map  # noqa: B018 - validates index/shards and refuses pickle-only folders first
         _check_remote_code(self.config, trust_remote_code, self.name)
-        kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
         if dtype is not None:
             kwargs["dtype"] = dtype
         if device_map is not None:
@@ -296,7 +304,7 @@ class ModelHandle:
             model = model.to(device)
         return model.eval()
 
-    def load_tokenizer(self, trust_remote_code: bool = False):
+    def load_tokenizer(self, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
         """The ``transformers`` tokenizer (AutoTokenizer), for capabilities that encode text."""
         from transformers import AutoTokenizer
 
@@ -320,7 +328,7 @@ def _with_file(info: TensorInfo, fname: str) -> TensorInfo:
     return TensorInfo(info.name, info.dtype, info.shape, fname, info.begin, info.end)
 
 
-def _runs(sorted_idx: np.ndarray):
+def _runs(sorted_idx: np.ndarray) -> list[tuple[int, int]]:
     """Split sorted unique indices into half-open runs [a, b) of consecutive values."""
     if sorted_idx.size == 0:
         return []
@@ -328,14 +336,14 @@ def _runs(sorted_idx: np.ndarray):
     return [(int(c[0]), int(c[-1]) + 1) for c in np.split(sorted_idx, breaks)]
 
 
-def _to_numpy(t: torch.Tensor, dtype) -> np.ndarray:
+def _to_numpy(t: torch.Tensor, dtype: npt.DTypeLike) -> np.ndarray:
     if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16):
         t = t.to(torch.float32)
     return t.numpy().astype(dtype, copy=False)
 
 
 @contextlib.contextmanager
-def quiet_transformers():
+def quiet_transformers() -> Iterator[None]:
     """Loading is ours to report: silence transformers' per-load progress bar and load report (unused heads)."""
     from transformers.utils import logging as hf_logging
 
@@ -350,7 +358,7 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _refuse_non_finite(model, where: str) -> None:
+def _refuse_non_finite(model: torch.nn.Module, where: str) -> None:
     """NaN or Inf in a weight poisons every activation after it: say which tensor instead of measuring noise."""
     with torch.no_grad():
         for name, p in model.named_parameters():

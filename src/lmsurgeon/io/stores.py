@@ -10,8 +10,12 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmsurgeon.errors import RemoteError, SourceNotFound, UnsafeInput
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfFileMetadata
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 #: input files up to this size are hashed whole for results.json
@@ -124,7 +128,7 @@ class HubStore:
 
         return hf_hub_url(self.repo_id, fname, revision=revision, endpoint=self.endpoint)
 
-    def _head(self, fname: str, revision: str):
+    def _head(self, fname: str, revision: str) -> HfFileMetadata:
         from huggingface_hub import get_hf_file_metadata
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 

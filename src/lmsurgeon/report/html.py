@@ -41,12 +41,12 @@ def _env() -> Environment:
     return env
 
 
-def is_numeric_cell(v) -> bool:
+def is_numeric_cell(v: object) -> bool:
     """Numbers are right-aligned so their digits line up; text, names and verdicts stay left."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def format_cell(v) -> str:
+def format_cell(v: object) -> str:
     """Numbers at a readable precision; None (undefined, non-finite) as an em dash."""
     if v is None:
         return "—"

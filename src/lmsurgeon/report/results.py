@@ -6,13 +6,14 @@ import dataclasses
 import math
 import platform
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 SCHEMA_PREFIX = "lmsurgeon/"
 
 
-def jsonable(obj):
+def jsonable(obj: Any) -> Any:
     """Convert numpy scalars/arrays, paths and dataclasses to JSON types; NaN/Inf become None (JSON has none)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return jsonable(dataclasses.asdict(obj))
@@ -34,11 +35,11 @@ def jsonable(obj):
     return obj
 
 
-def versions() -> dict[str, str]:
+def versions() -> dict[str, str | None]:
     """Versions of lmsurgeon and the libraries whose behaviour the numbers depend on."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
+    out: dict[str, str | None] = {"python": platform.python_version()}
     for pkg in ("lmsurgeon", "torch", "transformers", "safetensors", "numpy", "scipy", "optuna"):
         try:
             out[pkg] = version(pkg)

@@ -14,9 +14,16 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from lmsurgeon.errors import OutputExists
 from lmsurgeon.report.results import SCHEMA_PREFIX, jsonable, versions
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from lmsurgeon.report.html import Report
 
 COMPLETE_MARKER = ".lmsurgeon-complete"
 
@@ -42,7 +49,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: str | Path, obj) -> None:
+def atomic_write_json(path: str | Path, obj: object) -> None:
+    """``obj`` as strict JSON (see :func:`jsonable`), written atomically like :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, (json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
@@ -59,18 +67,25 @@ class RunFolder:
         self.overwrite = overwrite
         self.seed = seed
         self.started = time.time()
-        self.path: Path | None = None
-        self.figures: list[str] = []
+        self._path: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        """Where to write: the temporary folder inside the ``with`` block, ``out`` once it has completed."""
+        if self._path is None:
+            raise RuntimeError("RunFolder.path is only defined inside its with block")
+        return self._path
 
     def __enter__(self) -> RunFolder:
         if self.out.exists() and not self.overwrite and any(self.out.iterdir()):
             raise OutputExists("output folder exists and is not empty (choose another --out)", self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        (self.path / "figures").mkdir()
+        self._path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        (self._path / "figures").mkdir()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return
@@ -82,25 +97,26 @@ class RunFolder:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.path, self.out)
-        self.path = self.out
+        self._path = self.out
 
     # -- writers ------------------------------------------------------------------------------------------
-    def save_figure(self, fig, name: str) -> str:
+    def save_figure(self, fig: Figure, name: str) -> str:
         """Save a matplotlib figure as ``figures/<name>.png``; returns the path relative to the run folder."""
         import matplotlib.pyplot as plt
 
         rel = f"figures/{name}.png"
         fig.savefig(self.path / rel, dpi=110, bbox_inches="tight")
         plt.close(fig)
-        self.figures.append(rel)
         return rel
 
-    def write_json(self, rel: str, obj) -> Path:
+    def write_json(self, rel: str, obj: object) -> Path:
+        """``obj`` as strict JSON at ``rel`` inside the run folder; returns the file's path."""
         path = self.path / rel
         atomic_write_json(path, obj)
         return path
 
-    def envelope(self, results: dict, *, inputs: list | None = None, timings: dict | None = None) -> dict:
+    def envelope(self, results: dict[str, Any], *, inputs: list[Any] | None = None,
+                 timings: dict[str, Any] | None = None) -> dict[str, Any]:
         """``results`` with the common header every results.json carries (schema, versions, argv, seed...)."""
         head = {
             "schema": f"{SCHEMA_PREFIX}{self.command}@1",
@@ -110,19 +126,21 @@ class RunFolder:
             "seed": self.seed,
             "inputs": inputs or [],
         }
-        body = {**head, **{k: v for k, v in results.items() if k not in head or v is not None}}
+        body: dict[str, Any] = {**head, **{k: v for k, v in results.items() if k not in head or v is not None}}
         body.setdefault("timings", {})
         body["timings"] = {**(timings or {}), **body["timings"], "total_seconds": time.time() - self.started,
                            "created": datetime.now().isoformat(timespec="seconds")}
         return jsonable(body)
 
-    def write_results(self, results: dict, **kwargs) -> dict:
+    def write_results(self, results: dict[str, Any], *, inputs: list[Any] | None = None,
+                      timings: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write results.json (with :meth:`envelope`) and return exactly what was written."""
-        body = self.envelope(results, **kwargs)
+        body = self.envelope(results, inputs=inputs, timings=timings)
         self.write_json("results.json", body)
         return body
 
-    def write_report(self, report) -> Path:
+    def write_report(self, report: Report) -> Path:
+        """report.html, self-contained (figures embedded), in the run folder."""
         from lmsurgeon.report.html import render_report
 
         path = self.path / "report.html"
