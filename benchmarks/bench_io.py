@@ -16,49 +16,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 2048, 16, 4, 128
-EXPERTS, MOE_INTER, DENSE_INTER, VOCAB = 24, 704, 5632, 32000
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shapes import Glm4MoeShape  # noqa: E402  (benchmarks/ is not a package)
+
+#: GLM-4.5-Air's layout at half its width and a fifth of its experts, so a 2 GB checkpoint has a dozen layers
+SHAPE = Glm4MoeShape(n_layers=1, hidden=2048, heads=16, kv_heads=4, head_dim=128, experts=24, moe_inter=704,
+                     dense_inter=5632, vocab=32000)
 
 
 def layer_bytes() -> int:
-    attn = (HEADS * HEAD_DIM * HIDDEN * 2 + KV_HEADS * HEAD_DIM * HIDDEN * 2) * 2
-    moe = (EXPERTS + 1) * 3 * HIDDEN * MOE_INTER * 2 + EXPERTS * HIDDEN * 2
-    return attn + moe
+    """bf16 bytes of one MoE layer's matrices (attention, router, routed and shared experts)."""
+    first_moe = SHAPE.first_dense
+    return sum(2 * math.prod(s) for s in SHAPE.layer_shapes(first_moe).values() if len(s) > 1)
 
 
 def config(n_layers: int) -> dict:
-    return {"model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"], "hidden_size": HIDDEN,
-            "num_hidden_layers": n_layers, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-            "head_dim": HEAD_DIM, "intermediate_size": DENSE_INTER, "moe_intermediate_size": MOE_INTER,
-            "n_routed_experts": EXPERTS, "n_shared_experts": 1, "first_k_dense_replace": 1, "vocab_size": VOCAB,
-            "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    return SHAPE.with_layers(n_layers).config()
 
 
-def layer_tensors(i: int, dense: bool):
+def layer_tensors(i: int):
     import torch
 
-    p = f"model.layers.{i}."
-    t = {p + "input_layernorm.weight": torch.randn(HIDDEN) * 0.1 + 1,
-         p + "post_attention_layernorm.weight": torch.randn(HIDDEN) * 0.1 + 1,
-         p + "self_attn.q_proj.weight": torch.empty(HEADS * HEAD_DIM, HIDDEN),
-         p + "self_attn.k_proj.weight": torch.empty(KV_HEADS * HEAD_DIM, HIDDEN),
-         p + "self_attn.v_proj.weight": torch.empty(KV_HEADS * HEAD_DIM, HIDDEN),
-         p + "self_attn.o_proj.weight": torch.empty(HIDDEN, HEADS * HEAD_DIM)}
-    mlps = {"mlp.": DENSE_INTER} if dense else {f"mlp.experts.{e}.": MOE_INTER for e in range(EXPERTS)}
-    if not dense:
-        mlps["mlp.shared_experts."] = MOE_INTER
-        t[p + "mlp.gate.weight"] = torch.empty(EXPERTS, HIDDEN)
-        t[p + "mlp.gate.e_score_correction_bias"] = torch.zeros(EXPERTS)
-    for m, inter in mlps.items():
-        t[p + m + "gate_proj.weight"] = torch.empty(inter, HIDDEN)
-        t[p + m + "up_proj.weight"] = torch.empty(inter, HIDDEN)
-        t[p + m + "down_proj.weight"] = torch.empty(HIDDEN, inter)
+    t = {}
+    for name, dims in SHAPE.layer_shapes(i).items():
+        if name.endswith("layernorm.weight"):
+            t[name] = torch.randn(dims) * 0.1 + 1
+        elif name.endswith("e_score_correction_bias"):
+            t[name] = torch.zeros(dims)
+        else:
+            t[name] = torch.empty(dims)
     return {k: v.normal_(0, 0.02).to(torch.bfloat16) if v.ndim > 1 else v.to(torch.bfloat16) for k, v in t.items()}
 
 
@@ -78,10 +71,11 @@ def generate(folder: Path, gb: float) -> Path:
 
     def shard(k: int) -> dict:
         if k <= n_layers:  # k == n_layers is the MTP layer
-            return layer_tensors(k, dense=k == 0)
-        return {"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN).to(torch.bfloat16),
-                "model.norm.weight": (torch.randn(HIDDEN) * 0.1 + 1).to(torch.bfloat16),
-                "lm_head.weight": torch.randn(VOCAB, HIDDEN).to(torch.bfloat16)}
+            return layer_tensors(k)
+        outside = SHAPE.outside_shapes()
+        return {"model.embed_tokens.weight": torch.randn(outside["model.embed_tokens.weight"]).to(torch.bfloat16),
+                "model.norm.weight": (torch.randn(outside["model.norm.weight"]) * 0.1 + 1).to(torch.bfloat16),
+                "lm_head.weight": torch.randn(outside["lm_head.weight"]).to(torch.bfloat16)}
 
     for k in range(n_shards):  # one shard in memory at a time
         tensors = shard(k)

@@ -1,0 +1,188 @@
+"""Layer streaming at GLM-4.5-Air's real width: wall time, peak RSS and bytes read, streamed vs whole model.
+
+Builds (once, cached in --dir) checkpoints with GLM-4.5-Air's published shapes (hidden 4096, 96 query heads and
+8 KV heads of 128, 128 routed experts of 1408 and a shared one, dense first layer, vocabulary 151552, untied
+head, q/k/v biases), sharded into 5 GB files in storage order as the hub's copy is. The tensors a forward reads
+get seeded random data: norms, attention, routers, shared experts, the dense MLP, the first --experts-filled
+routed experts of each layer and the first --vocab-filled rows of the embedding and the head; every other
+tensor is a sparse hole (zeros that take no disk), so each checkpoint has its real apparent size and a few GB of
+disk. Then it measures, each in a fresh process so that peak RSS (VmHWM) is its own:
+
+* ``stream``: ``StreamedModel(mode="stream").nll(items)`` (one block in memory at a time);
+* ``plain``: ``StreamedModel(mode="plain").nll(items)`` (every weight loaded once), where the whole model fits
+  in the memory available now, with the largest difference from the streamed per-token NLL.
+
+Default: a 2-layer slice (dense + one MoE layer, streamed and plain) and an 8-layer slice (streamed; plain where
+it fits), a few minutes on 2 cores. ``--full`` adds the 46-layer model (103 GB apparent; its forward reads all
+of it, holes included).
+
+Usage: python benchmarks/bench_scale.py [--dir DIR] [--layers 2 8] [--full] [--items 4] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shapes import GLM45_AIR, Glm4MoeShape, apparent_bytes, disk_bytes, write_sparse_checkpoint  # noqa: E402
+
+SEED = 0
+
+
+def filler(shape: Glm4MoeShape, experts_filled: int, vocab_filled: int, seed: int = SEED):
+    """Seeded values for the tensors a forward reads (see the module doc); None leaves a hole.
+
+    Each tensor's values depend only on (seed, name), so a checkpoint can be rebuilt or extended reproducibly.
+    """
+    import zlib
+
+    import numpy as np
+
+    expert = re.compile(r"\.mlp\.experts\.(\d+)\.")
+
+    def fill(name: str, dims: tuple[int, ...]):
+        m = expert.search(name)
+        if m and int(m.group(1)) >= experts_filled:
+            return None
+        if name.endswith("e_score_correction_bias"):
+            return None  # zeros, as an untrained router's bias
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        if len(dims) == 1:
+            return (1 + 0.1 * rng.standard_normal(dims, dtype=np.float32)) if "norm" in name else \
+                0.02 * rng.standard_normal(dims, dtype=np.float32)
+        rows = min(dims[0], vocab_filled) if dims[0] == shape.vocab else dims[0]
+        return 0.02 * rng.standard_normal((rows, *dims[1:]), dtype=np.float32)
+
+    return fill
+
+
+def build(folder: Path, shape: Glm4MoeShape, experts_filled: int, vocab_filled: int) -> Path:
+    """Write the checkpoint unless ``folder`` already holds this exact one (same config and fill)."""
+    stamp = {"config": shape.config(), "experts_filled": experts_filled, "vocab_filled": vocab_filled,
+             "seed": SEED}
+    marker = folder / "bench-scale.json"
+    if marker.exists() and json.loads(marker.read_text()) == stamp:
+        return folder
+    started = time.perf_counter()
+    write_sparse_checkpoint(folder, shape, shape.shards_by_size(), filler(shape, experts_filled, vocab_filled))
+    marker.write_text(json.dumps(stamp))
+    print(f"built {folder.name}: {apparent_bytes(folder) / 1e9:.1f} GB apparent, {disk_bytes(folder) / 1e9:.2f} GB "
+          f"on disk, {time.perf_counter() - started:.0f} s", flush=True)
+    return folder
+
+
+def items(n_items: int, n_tokens: int, vocab_filled: int):
+    import torch
+
+    g = torch.Generator().manual_seed(SEED)
+    return torch.randint(0, vocab_filled, (n_items, n_tokens), generator=g)
+
+
+def worker(mode: str, folder: Path, n_items: int, n_tokens: int, vocab_filled: int, dtype: str, out: Path) -> dict:
+    """One run in this (fresh) process: build the skeleton, embed, all blocks, head; time, bytes, peak RSS."""
+    import torch
+
+    from lmsurgeon.io import open_model
+    from lmsurgeon.streaming import StreamedModel
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    ids = items(n_items, n_tokens, vocab_filled)
+    start = time.perf_counter()
+    handle = open_model(folder)
+    model = StreamedModel(handle, mode=mode, dtype=getattr(torch, dtype), batch_size=n_items)
+    nll = model.nll(ids)
+    seconds = time.perf_counter() - start
+    torch.save(nll, out)
+    hwm = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    return {"mode": mode, "seconds": seconds, "bytes_read": handle.bytes_read, "peak_rss": hwm,
+            "largest_block": model.plan.largest_block, "weights": model.plan.total,
+            "mean_nll": float(nll.nanmean())}
+
+
+def measure(mode: str, folder: Path, args) -> dict:
+    out = folder / f"nll-{mode}.pt"
+    cmd = [sys.executable, __file__, "--worker", mode, "--dir", str(folder), "--items", str(args.items),
+           "--tokens", str(args.tokens), "--vocab-filled", str(args.vocab_filled), "--dtype", args.dtype]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{mode} run on {folder.name} failed:\n{p.stderr[-3000:]}")
+    row = json.loads(p.stdout.strip().splitlines()[-1])
+    row["nll_file"] = str(out)
+    return row
+
+
+def fits_in_memory(folder: Path, dtype: str) -> tuple[bool, str]:
+    import torch
+
+    from lmsurgeon.io import open_model
+    from lmsurgeon.streaming import plan_memory
+
+    plan = plan_memory(open_model(folder), getattr(torch, dtype))
+    return not plan.stream, plan.describe()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=Path(".bench-cache/scale"))
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 8], help="slices of the real depth to measure")
+    ap.add_argument("--full", action="store_true", help="also the full 46-layer model (+ MTP layer), streamed")
+    ap.add_argument("--items", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--experts-filled", type=int, default=8, help="routed experts per layer with data")
+    ap.add_argument("--vocab-filled", type=int, default=32768, help="embedding/head rows with data")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="compute dtype (the checkpoint is bf16)")
+    ap.add_argument("--worker", choices=["stream", "plain"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        row = worker(args.worker, args.dir, args.items, args.tokens, args.vocab_filled, args.dtype,
+                     args.dir / f"nll-{args.worker}.pt")
+        print(json.dumps(row))
+        return
+
+    import torch
+
+    models = [(f"{n} layers", GLM45_AIR.with_layers(n, mtp_layers=0)) for n in args.layers]
+    if args.full:
+        models.append(("46 layers + MTP", GLM45_AIR))
+    print(f"GLM-4.5-Air shapes, bf16 checkpoints; {args.items} items × {args.tokens} tokens, compute {args.dtype}, "
+          f"{torch.get_num_threads()} threads\n", flush=True)
+    header = (f"{'model':<18}{'path':<8}{'apparent GB':>12}{'read GB':>9}{'seconds':>9}{'peak RSS GiB':>14}"
+              f"{'block GiB':>11}{'mean NLL':>10}{'max |Δ NLL|':>13}")
+    table = []
+    for label, shape in models:
+        folder = build(args.dir / f"glm45-air-{shape.n_layers}l", shape, args.experts_filled, args.vocab_filled)
+        stream = measure("stream", folder, args)
+        rows = [(label, "stream", folder, stream, "")]
+        fits, why = fits_in_memory(folder, args.dtype)
+        if fits:
+            plain = measure("plain", folder, args)
+            diff = (torch.load(stream["nll_file"]) - torch.load(plain["nll_file"])).abs().nan_to_num().max()
+            rows.append((label, "plain", folder, plain, f"{float(diff):.2e}"))
+        else:
+            rows.append((label, "plain", folder, None, why))
+        table += rows
+        for row in rows:  # print as they come: the large runs take minutes
+            print(format_row(*row, header=header if len(table) == len(rows) and row is rows[0] else None),
+                  flush=True)
+    print("\npeak RSS is the whole process (python, torch, transformers: about 0.5 GiB before any weight); "
+          "block = the largest stage in the compute dtype")
+
+
+def format_row(label: str, path: str, folder: Path, r: dict | None, note: str, header: str | None = None) -> str:
+    lead = (header + "\n") if header else ""
+    size = apparent_bytes(folder) / 1e9
+    if r is None:
+        return f"{lead}{label:<18}{path:<8}{size:>12.1f}  not run — {note}"
+    return (f"{lead}{label:<18}{path:<8}{size:>12.1f}{r['bytes_read'] / 1e9:>9.1f}{r['seconds']:>9.1f}"
+            f"{r['peak_rss'] / 2**30:>14.2f}{r['largest_block'] / 2**30:>11.2f}{r['mean_nll']:>10.4f}{note:>13}")
+
+
+if __name__ == "__main__":
+    main()

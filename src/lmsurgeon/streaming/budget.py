@@ -1,0 +1,105 @@
+"""How much memory a model needs, how much there is, and therefore whether to stream it.
+
+The estimate comes from the safetensors headers alone (names, dtypes, shapes), so it costs a few kilobytes of
+reads even for a 200 GB checkpoint on the hub. The available memory and the parsing of budgets such as ``"6GiB"``
+come from accelerate's big-model utilities (``get_max_memory``, ``convert_file_size_to_int``), the same ones
+``from_pretrained(device_map="auto", max_memory=...)`` uses, so a budget means the same thing to lmsurgeon as to
+transformers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from lmsurgeon.errors import LmsurgeonError
+
+#: share of the budget left for activations, the head's logit chunks and allocator slack when deciding whether
+#: the whole model fits (the plain path holds every weight at once, plus the same activations as streaming)
+ACTIVATION_RESERVE = 0.25
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a run will hold in memory, in bytes of the compute dtype, and the decision taken from it.
+
+    ``largest_block`` is the peak weight footprint of a streamed run (one block, or the embedding or the head when
+    they are larger); ``total`` is what the plain path holds. ``stream`` is True when the total does not fit in
+    ``budget`` after :data:`ACTIVATION_RESERVE`.
+    """
+
+    total: int
+    largest_block: int
+    budget: int
+    stream: bool
+
+    def describe(self) -> str:
+        way = "layer streaming" if self.stream else "whole model in memory"
+        return (f"{way}: weights {self.total / 2**30:.2f} GiB, largest block {self.largest_block / 2**30:.2f} GiB, "
+                f"budget {self.budget / 2**30:.2f} GiB")
+
+
+def parse_size(size: int | str) -> int:
+    """``6GiB``, ``500MB`` or a byte count, as accelerate's ``convert_file_size_to_int`` reads it."""
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        value = convert_file_size_to_int(size)
+    except ValueError:
+        value = None
+    if not isinstance(value, int) or value <= 0:
+        raise LmsurgeonError(f"memory budget {size!r} is not a size such as 6GiB, 500MB or a byte count")
+    return value
+
+
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Free memory on ``device`` now: host memory available (psutil) for CPU, free device memory for an
+    accelerator, both as reported by accelerate's ``get_max_memory``."""
+    from accelerate.utils import get_max_memory
+
+    device = torch.device(device)
+    free = get_max_memory()
+    key: int | str = "cpu" if device.type == "cpu" else (device.index or 0)
+    if key not in free:
+        raise LmsurgeonError(f"no memory figure for device {device} (devices seen: {sorted(map(str, free))})")
+    return int(free[key])
+
+
+def weight_bytes(handle, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes each stage of the checkpoint occupies once loaded in ``dtype``, from the headers alone.
+
+    Keys are ``"layer.<i>"`` for tensors whose name carries a layer index (``model.layers.3.…``, ``h.3.…``) and
+    ``"outside"`` for the rest (embeddings, final norm, head). Floating-point tensors are counted in ``dtype``
+    (they are cast to it when loaded); other tensors keep their stored size.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    out: dict[str, int] = {}
+    for info in handle.header().values():
+        n = 1
+        for d in info.shape:
+            n *= d
+        size = n * itemsize if info.dtype in _FLOAT_DTYPES else info.nbytes
+        m = _LAYER_INDEX.search(info.name)
+        key = f"layer.{m.group(1)}" if m else "outside"
+        out[key] = out.get(key, 0) + size
+    return out
+
+
+def plan_memory(handle, dtype: torch.dtype, budget: int | str | None = None,
+                device: str | torch.device = "cpu") -> MemoryPlan:
+    """Decide between the plain path and layer streaming for ``handle`` computed in ``dtype``.
+
+    ``budget`` defaults to the memory available on ``device`` now. The plain path is chosen when all weights fit
+    in the budget less :data:`ACTIVATION_RESERVE`; it is faster (no reloads) and gives the same numbers.
+    """
+    limit = available_memory(device) if budget is None else parse_size(budget)
+    sizes = weight_bytes(handle, dtype)
+    total = sum(sizes.values())
+    largest = max(sizes.values(), default=0)
+    return MemoryPlan(total=total, largest_block=largest, budget=limit,
+                      stream=total > limit * (1 - ACTIVATION_RESERVE))

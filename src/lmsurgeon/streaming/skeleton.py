@@ -1,0 +1,163 @@
+"""A ``transformers`` model built without weights, filled and emptied one stage at a time from a model handle.
+
+Three library pieces do the work, so lmsurgeon carries no per-family loading code:
+
+* ``accelerate.init_empty_weights`` builds the skeleton from config.json: parameters on the meta device (no
+  memory), buffers real. Buffers must stay real because some are computed at construction and never stored in
+  the checkpoint (the rotary ``inv_freq`` of Llama-like models); ``torch.device("meta")`` would turn them into
+  shapes without values.
+* ``transformers``' own checkpoint loader (``convert_and_load_state_dict_in_model`` with the model's conversion
+  mapping) puts a stage's tensors into the skeleton, exactly as ``from_pretrained`` does: renamed legacy keys,
+  per-expert MoE tensors (``mlp.experts.{e}.gate_proj.weight``) stacked into the fused 3-D parameters the
+  modelling code expects, dtype casts. A streamed block is therefore the same module ``from_pretrained`` builds.
+* ``accelerate.utils.set_module_tensor_to_device(..., "meta")`` empties a stage again, dropping the storage while
+  keeping the parameter's shape and dtype for the next load.
+
+Tensors come from :class:`lmsurgeon.io.ModelHandle` (local memory maps, shards, or HTTP range reads), one at a
+time and only when the loader asks for them, so the bytes read are counted by the handle like any other read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from lmsurgeon.errors import LmsurgeonError, UnknownArchitecture
+
+KINDS = ("causal-lm", "base")
+
+#: safetensors dtypes read as float64 (others float32) before the cast to the compute dtype: no precision lost
+_WIDE = {"F64"}
+_INTEGER = {"I64", "I32", "I16", "I8", "U8"}
+
+
+def build_skeleton(config: dict, kind: str, dtype: torch.dtype, where: str) -> torch.nn.Module:
+    """The model of ``config`` (a config.json dict) with every parameter on the meta device, in eval mode.
+
+    ``kind`` is ``causal-lm`` (``AutoModelForCausalLM``: decoders with their head) or ``base`` (``AutoModel``:
+    encoders, or a decoder without its head). Only architectures ``transformers`` ships are built: a config
+    that needs remote code is refused rather than run.
+    """
+    import transformers
+    from accelerate import init_empty_weights
+
+    from lmsurgeon.io.model import quiet_transformers
+
+    if kind not in KINDS:
+        raise LmsurgeonError(f"unknown model kind {kind!r} (one of {list(KINDS)})")
+    cfg = dict(config)
+    model_type = cfg.pop("model_type", None)
+    if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        raise UnknownArchitecture(f"model_type {model_type!r} is not an architecture transformers ships; layer "
+                                  "streaming builds only those (no remote code)", where)
+    auto = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModel
+    try:
+        with quiet_transformers():
+            hf_config = transformers.AutoConfig.for_model(model_type, **cfg)
+            with init_empty_weights():
+                model = auto.from_config(hf_config, dtype=dtype)
+    except (ValueError, KeyError, TypeError) as e:
+        raise LmsurgeonError(f"transformers cannot build a {kind} model from it: {str(e).splitlines()[0]}",
+                             where) from None
+    return model.eval()
+
+
+class _DeferredTensor:
+    """A checkpoint tensor that is read from the handle only when the transformers loader slices it (``t[...]``).
+
+    The loader materialises each source tensor when the conversion that needs it runs, so a stage never holds
+    its raw tensors and their converted copies all at once (it would for a fused MoE block otherwise).
+    """
+
+    def __init__(self, handle, name: str):
+        self.handle = handle
+        self.name = name
+
+    def __getitem__(self, index) -> torch.Tensor:
+        info = self.handle.info(self.name)
+        if info.dtype in _INTEGER:
+            dtype: type = np.int64
+        elif info.dtype == "BOOL":
+            dtype = np.bool_
+        else:
+            dtype = np.float64 if info.dtype in _WIDE else np.float32
+        return torch.from_numpy(self.handle.tensor(self.name, dtype))[index]
+
+
+@contextlib.contextmanager
+def _sequential_loading():
+    """Make transformers' loader read one tensor at a time (``HF_DEACTIVATE_ASYNC_LOAD``), as it does itself for
+    disk offload: with its thread pool every tensor of a stage is materialised at once, which doubles the peak of
+    an MoE block, and the handle's byte counters are not meant to be updated from several threads."""
+    key = "HF_DEACTIVATE_ASYNC_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
+
+
+def load_tensors(model: torch.nn.Module, handle, names: Iterable[str], dtype: torch.dtype,
+                 device: torch.device) -> None:
+    """Read the checkpoint tensors ``names`` from ``handle`` into ``model`` through transformers' loader.
+
+    Raises when a tensor does not fit the parameter it maps to (a shape mismatch means the config and the
+    checkpoint disagree, and a silently half-loaded block would compute garbage).
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+    except ImportError:  # pragma: no cover - depends on the installed transformers
+        raise LmsurgeonError("layer streaming needs transformers >= 5 (its checkpoint conversion loader)") from None
+
+    from lmsurgeon.io.model import quiet_transformers
+
+    state = {name: _DeferredTensor(handle, name) for name in names}
+    if not state:
+        return
+    config = LoadStateDictConfig(device_map={"": device}, dtype=dtype,
+                                 weight_mapping=get_model_conversion_mapping(model))
+    with _sequential_loading(), quiet_transformers():
+        info, _ = convert_and_load_state_dict_in_model(model, state, config)
+    if info.mismatched_keys:
+        key, got, want = sorted(info.mismatched_keys)[0]
+        raise LmsurgeonError(f"tensor for {key} has shape {tuple(got)}, the config implies {tuple(want)}",
+                             handle.name)
+    if info.conversion_errors:
+        key, error = next(iter(info.conversion_errors.items()))
+        raise LmsurgeonError(f"transformers could not convert the tensors of {key}: {error.strip().splitlines()[-1]}",
+                             handle.name)
+
+
+def empty(model: torch.nn.Module, selects: Callable[[str], bool]) -> None:
+    """Return every loaded parameter whose name ``selects`` accepts to the meta device (storage dropped, shape and
+    dtype kept for the next load)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        if param.device.type != "meta" and selects(name):
+            set_module_tensor_to_device(model, name, "meta")
+
+
+def loaded_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """Parameters that currently hold data (not on the meta device), each storage once."""
+    for name, param in model.named_parameters():
+        if param.device.type != "meta":
+            yield name, param
+
+
+def module_path(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    """The dotted path of ``module`` inside ``model`` (``""`` for the model itself)."""
+    for name, candidate in model.named_modules(remove_duplicate=False):
+        if candidate is module:
+            return name
+    raise LmsurgeonError(f"{type(module).__name__} is not part of {type(model).__name__}")
