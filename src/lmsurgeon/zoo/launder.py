@@ -295,6 +295,18 @@ def _norms(model) -> list[_Norm]:
     return [*norms, _Norm(model.model.norm.weight, None, head, final=True)]
 
 
+def _check_described(model) -> None:
+    """Refuse a model with a parameter the anatomy above does not place: a rotation or fold that missed one tensor
+    would change the function without anyone noticing (a GPT-2 with cross-attention, say)."""
+    known = {id(p) for p, _ in _residual_tensors(model)}
+    for norm in _norms(model):
+        known |= {id(norm.gain), id(norm.bias)} | {id(r.bias) for r in norm.readers}
+    for name, param in model.named_parameters():
+        if id(param) not in known:
+            raise UnknownArchitecture(f"parameter {name!r} is not described by the launderer's "
+                                      f"{family_of(model)} anatomy")
+
+
 # ------------------------------------------------------------------------------------------ randomness
 
 
@@ -383,6 +395,7 @@ def fold_norm_gains(model) -> tuple[Any, Step]:
     """
     if is_tied(model):
         raise LmsurgeonError("the head is tied to the token embedding: untie it before folding the final norm into it")
+    _check_described(model)
     out = _copy(model)
     gains, biases = [], []
     for norm in _norms(out):
@@ -443,6 +456,7 @@ def rotate_residual(model, seed: int) -> tuple[Any, Step]:
     if is_tied(model):
         raise LmsurgeonError("the head is tied to the token embedding: untie it before rotating the residual stream")
     _check_folded(model)
+    _check_described(model)
     out = _copy(model)
     d = out.config.hidden_size
     Q = centring_orthogonal(d, seed) if family_of(out) == "gpt2" else random_orthogonal(d, seed)
