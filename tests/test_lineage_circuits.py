@@ -133,6 +133,13 @@ def test_per_head_maps_and_head_order_leave_the_circuits_unchanged(models, kind,
     assert_same_circuits(model_circuits(model), model_circuits(out))
 
 
+@pytest.mark.parametrize("transform", ("permute_vocabulary", "permute_mlp_units", "scale_mlp_units"))
+def test_vocabulary_and_mlp_transforms_leave_the_circuits_exactly_unchanged(models, transform):
+    model = models["llama_gqa"]
+    out, _ = getattr(launder, transform)(model, seed=20)
+    assert_same_circuits(model_circuits(model), model_circuits(out), rtol=0.0)
+
+
 @pytest.mark.parametrize("kind", ("gpt2", "llama_gqa"))
 def test_folding_the_norm_gains_leaves_the_circuits_of_the_normalised_stream_unchanged(models, kind):
     model, _ = launder.untie_head(models[kind])

@@ -132,6 +132,16 @@ def test_permutations_of_residual_heads_and_units_leave_every_profile_unchanged(
     assert compare_weight_std(before, after).fingerprint == pytest.approx(1.0, abs=1e-9)
 
 
+def test_a_residual_rotation_keeps_every_profile_nearly_unchanged(deep_llama):
+    """Orthogonal maps keep each matrix's Frobenius norm; only the mean of its entries moves, so σ barely does."""
+    folded, _ = launder.fold_norm_gains(deep_llama)
+    rotated, _ = launder.rotate_residual(folded, seed=4)
+    before, after = attention_by_role(folded), attention_by_role(rotated)
+    for role in ROLES:
+        np.testing.assert_allclose(layer_stds(after[role]), layer_stds(before[role]), rtol=1e-2)
+    assert not np.allclose(before["q"][0], after["q"][0], atol=1e-3), "the weights must actually move"
+
+
 def test_a_per_head_scaling_reverses_the_profile_without_changing_the_function(deep_llama):
     """s on W_Q and 1/s on W_K is a function-preserving per-head map (M = s·I commutes with rotary embedding);
     choosing s per layer mirrors the σ_Q profile, so the derived copy scores r = −1 on q."""

@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from lmsurgeon.errors import LmsurgeonError
+from lmsurgeon.errors import LmsurgeonError, UnknownArchitecture
 from lmsurgeon.zoo import launder
 from lmsurgeon.zoo.transforms import logit_discrepancy, moved_fraction
 
@@ -156,6 +156,24 @@ def test_fold_norm_gains_keeps_the_logits_and_leaves_plain_norms(models, folded,
 def test_fold_norm_gains_refuses_a_tied_head(models):
     with pytest.raises(LmsurgeonError, match="untie"):
         launder.fold_norm_gains(models["gpt2"])
+
+
+def test_an_unknown_family_is_refused_by_name():
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, vocab_size=VOCAB))
+    with pytest.raises(UnknownArchitecture, match="'bert'"):
+        launder.permute_heads(model, seed=0)
+
+
+def test_a_parameter_outside_the_anatomy_is_refused_before_folding():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=32, add_cross_attention=True,
+                        tie_word_embeddings=False)
+    with pytest.raises(UnknownArchitecture, match="crossattention"):
+        launder.fold_norm_gains(GPT2LMHeadModel(config))
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)

@@ -154,7 +154,7 @@ def family_of(model) -> str:
     return FAMILIES[model_type]
 
 
-def _blocks(model) -> list[nn.Module]:
+def _blocks(model) -> list[Any]:  # transformers modules: attributes are dynamic
     return list(model.transformer.h) if family_of(model) == "gpt2" else list(model.model.layers)
 
 
@@ -197,10 +197,11 @@ def read_attention(model, layer: int) -> AttentionWeights:
                                 attn.num_heads, attn.num_heads, attn.head_dim, rotary=False)
     attn = block.self_attn
     n_heads = model.config.num_attention_heads
-    biases = [_f64_or_none(p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
     return AttentionWeights(_f64(attn.q_proj.weight).T, _f64(attn.k_proj.weight).T, _f64(attn.v_proj.weight).T,
-                            _f64(attn.o_proj.weight).T, *biases, n_heads=n_heads,
-                            n_kv=n_heads // attn.num_key_value_groups, head_dim=attn.head_dim, rotary=True)
+                            _f64(attn.o_proj.weight).T, b_q=_f64_or_none(attn.q_proj.bias),
+                            b_k=_f64_or_none(attn.k_proj.bias), b_v=_f64_or_none(attn.v_proj.bias),
+                            n_heads=n_heads, n_kv=n_heads // attn.num_key_value_groups, head_dim=attn.head_dim,
+                            rotary=True)
 
 
 def _write_attention(model, layer: int, aw: AttentionWeights) -> None:
@@ -208,6 +209,8 @@ def _write_attention(model, layer: int, aw: AttentionWeights) -> None:
     if family_of(model) == "gpt2":
         attn = block.attn
         _store(attn.c_attn.weight, torch.cat([aw.W_q, aw.W_k, aw.W_v], dim=1))
+        if aw.b_q is None or aw.b_k is None or aw.b_v is None:
+            raise LmsurgeonError("GPT-2's fused attention needs all three q/k/v biases")
         _store(attn.c_attn.bias, torch.cat([aw.b_q, aw.b_k, aw.b_v]))
         _store(attn.c_proj.weight, aw.W_o)
         return
@@ -238,7 +241,7 @@ def _write_mlp(model, layer: int, mw: MlpWeights) -> None:
         _store(mlp.c_proj.weight, mw.W_down)
         return
     _store(mlp.up_proj.weight, mw.W_up.T)
-    _store(mlp.gate_proj.weight, mw.W_gate.T)
+    _store(mlp.gate_proj.weight, None if mw.W_gate is None else mw.W_gate.T)
     _store(mlp.down_proj.weight, mw.W_down.T)
     _store(mlp.up_proj.bias, mw.b_up)
     _store(mlp.gate_proj.bias, mw.b_gate)
@@ -293,6 +296,18 @@ def _norms(model) -> list[_Norm]:
         norms.append(_Norm(block.post_attention_layernorm.weight, None,
                            [_Reader(p.weight, 1, p.bias) for p in (mlp.gate_proj, mlp.up_proj)], final=False))
     return [*norms, _Norm(model.model.norm.weight, None, head, final=True)]
+
+
+def _check_described(model) -> None:
+    """Refuse a model with a parameter the anatomy above does not place: a rotation or fold that missed one tensor
+    would change the function without anyone noticing (a GPT-2 with cross-attention, say)."""
+    known = {id(p) for p, _ in _residual_tensors(model)}
+    for norm in _norms(model):
+        known |= {id(norm.gain), id(norm.bias)} | {id(r.bias) for r in norm.readers}
+    for name, param in model.named_parameters():
+        if id(param) not in known:
+            raise UnknownArchitecture(f"parameter {name!r} is not described by the launderer's "
+                                      f"{family_of(model)} anatomy")
 
 
 # ------------------------------------------------------------------------------------------ randomness
@@ -383,6 +398,7 @@ def fold_norm_gains(model) -> tuple[Any, Step]:
     """
     if is_tied(model):
         raise LmsurgeonError("the head is tied to the token embedding: untie it before folding the final norm into it")
+    _check_described(model)
     out = _copy(model)
     gains, biases = [], []
     for norm in _norms(out):
@@ -443,6 +459,7 @@ def rotate_residual(model, seed: int) -> tuple[Any, Step]:
     if is_tied(model):
         raise LmsurgeonError("the head is tied to the token embedding: untie it before rotating the residual stream")
     _check_folded(model)
+    _check_described(model)
     out = _copy(model)
     d = out.config.hidden_size
     Q = centring_orthogonal(d, seed) if family_of(out) == "gpt2" else random_orthogonal(d, seed)
@@ -456,11 +473,11 @@ def _head_blocks(W: torch.Tensor, n: int, axis: int) -> list[torch.Tensor]:
     return list(W.split(W.shape[axis] // n, dim=axis))
 
 
-def _map_columns(W: torch.Tensor, maps: Sequence[torch.Tensor], owner: Callable[[int], int]) -> torch.Tensor:
-    """[d, n·d_h] → each head block h right-multiplied by maps[owner(h)]."""
+def _map_columns(W: torch.Tensor, maps: Sequence[torch.Tensor], heads_per_map: int = 1) -> torch.Tensor:
+    """[d, n·d_h] → head block h right-multiplied by maps[h // heads_per_map] (a group's query heads share one)."""
     d_h = maps[0].shape[0]
     n = W.shape[-1] // d_h
-    return torch.cat([block @ maps[owner(h)] for h, block in enumerate(_head_blocks(W, n, -1))], dim=-1)
+    return torch.cat([block @ maps[h // heads_per_map] for h, block in enumerate(_head_blocks(W, n, -1))], dim=-1)
 
 
 def map_query_key(model, seed: int) -> tuple[Any, Step]:
@@ -480,12 +497,12 @@ def map_query_key(model, seed: int) -> tuple[Any, Step]:
         maps = [make(aw.head_dim, generator) for _ in range(aw.n_kv)]
         inverse_t = [torch.linalg.inv(M).T for M in maps]
         group = aw.group_size
-        aw.W_q = _map_columns(aw.W_q, maps, lambda h, g=group: h // g)
-        aw.W_k = _map_columns(aw.W_k, inverse_t, lambda h: h)
+        aw.W_q = _map_columns(aw.W_q, maps, group)
+        aw.W_k = _map_columns(aw.W_k, inverse_t)
         if aw.b_q is not None:
-            aw.b_q = _map_columns(aw.b_q[None], maps, lambda h, g=group: h // g)[0]
+            aw.b_q = _map_columns(aw.b_q[None], maps, group)[0]
         if aw.b_k is not None:
-            aw.b_k = _map_columns(aw.b_k[None], inverse_t, lambda h: h)[0]
+            aw.b_k = _map_columns(aw.b_k[None], inverse_t)[0]
         _write_attention(out, layer, aw)
         all_maps.append(torch.stack(maps))
     return out, Step("map_query_key", seed, {"M": torch.stack(all_maps)})
@@ -505,9 +522,9 @@ def map_value_output(model, seed: int) -> tuple[Any, Step]:
         aw = read_attention(out, layer)
         maps = [_random_invertible(aw.head_dim, generator) for _ in range(aw.n_kv)]
         group = aw.group_size
-        aw.W_v = _map_columns(aw.W_v, maps, lambda h: h)
+        aw.W_v = _map_columns(aw.W_v, maps)
         if aw.b_v is not None:
-            aw.b_v = _map_columns(aw.b_v[None], maps, lambda h: h)[0]
+            aw.b_v = _map_columns(aw.b_v[None], maps)[0]
         rows = _head_blocks(aw.W_o, aw.n_heads, 0)
         aw.W_o = torch.cat([torch.linalg.solve(maps[h // group], block) for h, block in enumerate(rows)], dim=0)
         _write_attention(out, layer, aw)
