@@ -10,7 +10,7 @@ from lmsurgeon.merge.blend import alpha_schedule, blend_rows, centred_cosine
 
 def _known_map(n, d_D, d_B, seed=0):
     """Y = s (X − μ) R + ν with R semi-orthogonal (d_D × d_B); for d_D > d_B the extra donor directions are
-    uncorrelated with the mapped ones (the case where U Vᵀ is exact)."""
+    uncorrelated with the mapped ones (the one case where zero-padding's U Vᵀ would be exact too)."""
     rng = np.random.default_rng(seed)
     d = max(d_D, d_B)
     Q = ortho_group.rvs(d, random_state=seed)
@@ -38,9 +38,10 @@ def test_procrustes_and_umeyama_recover_known_rotation_and_scale(d_D, d_B):
     assert ali.residual < 1e-10
 
 
-def test_alignment_matches_an_independent_svd_reference():
+def test_alignment_into_a_wider_base_matches_an_independent_svd_reference():
+    """d_D < d_B: R = U Vᵀ of X_cᵀ Y_c is the exact least-squares fit, s = tr(Σ)/‖X_c R‖²."""
     rng = np.random.default_rng(3)
-    X, Y = rng.normal(size=(200, 20)), rng.normal(size=(200, 12))
+    X, Y = rng.normal(size=(200, 12)), rng.normal(size=(200, 20))
     Xc, Yc = X - X.mean(0), Y - Y.mean(0)
     U, S, Vt = np.linalg.svd(Xc.T @ Yc, full_matrices=False)
     R = U @ Vt
@@ -48,6 +49,18 @@ def test_alignment_matches_an_independent_svd_reference():
     ali = fit_alignment(X, Y)
     np.testing.assert_allclose(ali.R, R, atol=1e-10)
     assert ali.s == pytest.approx(s, rel=1e-10)
+
+
+def test_alignment_from_a_wider_donor_is_the_polar_factor_of_the_least_squares_map():
+    """d_D > d_B: no closed form; R = polar(X_c⁺ Y_c) (see lmsurgeon.tokens.procrustes for why not zero-padding)."""
+    rng = np.random.default_rng(3)
+    X, Y = rng.normal(size=(200, 20)), rng.normal(size=(200, 12))
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    U, _, Vt = np.linalg.svd(np.linalg.pinv(Xc) @ Yc, full_matrices=False)
+    R = U @ Vt
+    ali = fit_alignment(X, Y)
+    np.testing.assert_allclose(ali.R, R, atol=1e-10)
+    assert ali.s == pytest.approx(np.sum((Xc @ R) * Yc) / np.linalg.norm(Xc @ R) ** 2, rel=1e-10)
 
 
 def test_soft_clip_is_identity_below_the_knee_and_bounded_above():
@@ -60,7 +73,8 @@ def test_soft_clip_is_identity_below_the_knee_and_bounded_above():
     n_out = np.linalg.norm(out, axis=1)
     below = n <= k
     np.testing.assert_array_equal(out[below], E[below])
-    assert np.all(n_out[~below] <= 1.25 * k[~below] * (1 + 1e-12)) and np.all(n_out[~below] > k[~below])
+    assert np.all(n_out[~below] <= 1.25 * k[~below] * (1 + 1e-12))
+    assert np.all(n_out[~below] > k[~below])
     np.testing.assert_allclose(centred_cosine(out, E, np.zeros(8)), 1.0)
 
 
@@ -69,7 +83,8 @@ def test_alpha_schedule_goes_from_floor_to_cap_over_the_selected_rows():
     sched = alpha_schedule(c, k=4, min_tau=0.5, alpha_floor=0.05, alpha_cap=0.9, gamma=12.0)
     assert sched.rows.tolist() == [0, 2, 4, 5]
     a = dict(zip(sched.rows.tolist(), sched.alpha.tolist(), strict=True))
-    assert a[5] == pytest.approx(0.05) and a[0] == pytest.approx(0.9)
+    assert a[5] == pytest.approx(0.05)
+    assert a[0] == pytest.approx(0.9)
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731 - the spec's σ, written out independently
     ref = 0.05 + 0.85 * (sig(12 * (0.7 - 0.62)) - 0.5) / (sig(12 * (0.9 - 0.62)) - 0.5)
     assert a[2] == pytest.approx(ref, rel=1e-12)

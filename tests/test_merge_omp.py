@@ -47,6 +47,7 @@ def test_omp_rows_join_the_pool_of_a_real_merge(merge_pair):
     s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:8],
                      init_nonshared="omp", omp_k=8)
     assert len(s.omp["ids"]) > 0
-    assert len(s.stage_a.idx) == len(s.shared.base_ids) + len(s.omp["ids"]) == len(s.stage_b.idx)
+    assert len(s.stage_a.idx) == len(s.shared.base_ids) + len(s.omp["ids"])
+    assert len(s.stage_b.idx) == len(s.stage_a.idx)
     st = s.trial({"target_emb_frac": 1.0, "min_tau_emb": -1.0})
     assert st["stage_a"]["rows"] == len(s.stage_a.idx)

@@ -43,10 +43,12 @@ def test_shared_vocab_excludes_specials_prefers_regular_pieces_and_caps_by_id():
                        "merges": [], "byte_fallback": True, "unk_token": "<unk>"},
              "pre_tokenizer": {"type": "Metaspace"}, "added_tokens": [{"id": 1, "content": "<s>"}]}
     cb, cd = canonical_vocab(base), canonical_vocab(donor)
-    assert cd.keys[(False, b"\n")] == 5 and cd.collisions == 1  # regular "\n" beats byte fallback <0x0A>
+    assert cd.keys[(False, b"\n")] == 5  # regular "\n" beats byte fallback <0x0A>
+    assert cd.collisions == 1
     sv = shared_vocab(cb, cd, max_shared=0)
     assert sorted(zip(sv.base_ids, sv.donor_ids, strict=True)) == [(1, 3), (2, 4), (3, 5)]
-    assert sv.overlap["shared"] == 3 and sv.overlap["raw_string_shared"] == 1  # only "ing" as raw strings
+    assert sv.overlap["shared"] == 3
+    assert sv.overlap["raw_string_shared"] == 1  # only "ing" as raw strings
     capped = shared_vocab(cb, cd, max_shared=2)
     assert list(zip(capped.base_ids, capped.donor_ids, strict=True)) == [(1, 3), (2, 4)]
 
@@ -65,6 +67,7 @@ def test_trained_tokenizers_are_detected_and_overlap(merge_pair):
 
     g = json.loads((merge_pair["gpt2"] / "tokenizer.json").read_text())
     s = json.loads((merge_pair["llama"] / "tokenizer.json").read_text())
-    assert detect_family(g) == BYTE_LEVEL and detect_family(s) == SENTENCEPIECE
+    assert detect_family(g) == BYTE_LEVEL
+    assert detect_family(s) == SENTENCEPIECE
     sv = shared_vocab(canonical_vocab(g), canonical_vocab(s))
     assert sv.overlap["shared"] > sv.overlap["raw_string_shared"]  # canonical keys find more than raw strings

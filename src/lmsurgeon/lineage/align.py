@@ -3,62 +3,66 @@
 Hidden units of a transformer can be permuted and sign-flipped without changing its function, so weight
 comparisons first recover that map from the embedding columns of tokens both vocabularies share. Once norm gains
 are folded away, any orthogonal rotation of the residual stream preserves the function too; ``procrustes`` then
-recovers the rotation from the same rows (``scipy.linalg.orthogonal_procrustes``).
+recovers the rotation from the same rows (``lmsurgeon.tokens.procrustes``, shared with merge).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import orthogonal_procrustes
 from scipy.optimize import linear_sum_assignment
+
+from lmsurgeon.tokens.procrustes import orthogonal_map
+from lmsurgeon.tokens.vocab import (
+    BYTE_FALLBACK,
+    BYTE_LEVEL,
+    SENTENCEPIECE,
+    WORDPIECE,
+    UnknownTokenizer,
+    canonical_key,
+    canonical_vocab,
+    is_control_piece,
+    match_tokens,
+)
 
 MAX_SHARED = 32_768
 MIN_SHARED = 256
-_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 def canonical_token(tok: str, wordpiece: bool) -> str | None:
-    """One spelling for a token across tokenizer conventions: "▁" marks a word start, bytes become bytes.
+    """The readable spelling (``Key.text``) of one token, or None for a special piece.
 
-    GPT-2's "Ġ" and SentencePiece's "▁" both mean "preceded by a space"; WordPiece marks the opposite
-    (continuations carry "##"), so its plain tokens are word starts. Specials ("[CLS]", "<s>") are dropped.
+    Kept for callers that have a bare string; the family is guessed from the token itself (WordPiece as told,
+    else SentencePiece for ``▁``, ``<0xNN>`` and ``<…>`` pieces, else byte-level). Matching whole vocabularies
+    goes through :func:`shared_tokens`, which reads the family from tokenizer.json.
     """
-    if re.fullmatch(r"\[[A-Z]+\]|<[^>\s]+>", tok) and not _BYTE.match(tok):
-        return None
-    m = _BYTE.match(tok)
-    if m:
-        return chr(int(m.group(1), 16))
     if wordpiece:
-        return tok[2:] if tok.startswith("##") else "▁" + tok
-    return tok.replace("Ġ", "▁").replace("Ċ", "\n")
-
-
-def vocab(tokenizer) -> dict[str, int]:
-    """Canonical spelling → token id (first id wins) for a ``tokenizers.Tokenizer``."""
-    raw = tokenizer.get_vocab(with_added_tokens=False)
-    wordpiece = any(t.startswith("##") for t in raw)
-    out: dict[str, int] = {}
-    for tok, i in sorted(raw.items(), key=lambda kv: kv[1]):
-        c = canonical_token(tok, wordpiece)
-        if c is not None and c not in out:
-            out[c] = i
-    return out
+        family = WORDPIECE
+    elif "▁" in tok or BYTE_FALLBACK.match(tok) or is_control_piece(tok, SENTENCEPIECE):
+        family = SENTENCEPIECE
+    else:
+        family = BYTE_LEVEL
+    if is_control_piece(tok, family):
+        return None
+    key = canonical_key(tok, family)
+    return None if key is None else key.text
 
 
 def shared_tokens(tok_a, tok_b, seed: int = 0, limit: int = MAX_SHARED) -> tuple[np.ndarray, np.ndarray]:
-    """Ids (in A, in B) of tokens both vocabularies spell the same way, at most ``limit`` chosen by seed."""
-    va, vb = vocab(tok_a), vocab(tok_b)
-    common = sorted(set(va) & set(vb))
-    if len(common) > limit:
-        rng = np.random.default_rng(seed)
-        common = sorted(rng.choice(common, size=limit, replace=False).tolist())
-    ia = np.array([va[c] for c in common], dtype=np.int64)
-    ib = np.array([vb[c] for c in common], dtype=np.int64)
-    order = np.argsort(ia, kind="stable")
-    return ia[order], ib[order]
+    """Ids (in A, in B) of tokens both vocabularies spell the same way, at most ``limit`` chosen by seed,
+    sorted by A's id.
+
+    Matching is ``lmsurgeon.tokens`` (the same as merge's). A tokenizer of no known family shares no tokens,
+    so the weight tests report too few shared tokens instead of failing the run.
+    """
+    try:
+        va, vb = canonical_vocab(tok_a), canonical_vocab(tok_b)
+    except UnknownTokenizer:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    S = match_tokens(va, vb, limit=limit, selection="seeded", seed=seed)
+    order = np.argsort(S.ids_a, kind="stable")
+    return S.ids_a[order], S.ids_b[order]
 
 
 ALIGN_METHODS = ("permutation", "procrustes")
@@ -118,18 +122,13 @@ def align_residual(E_A: np.ndarray, E_B: np.ndarray) -> Alignment:
 def align_rotation(E_A: np.ndarray, E_B: np.ndarray) -> Alignment:
     """R [d_A, d_B] with orthonormal columns mapping A's centred rows onto B's: E_A R ≈ E_B (d_B ≤ d_A).
 
-    Equal widths: ``scipy.linalg.orthogonal_procrustes``, the exact minimiser of ‖E_A R − E_B‖_F. A narrower B
-    has no closed form (zero-padding B biases the fit towards A's low-variance directions), so R is the polar
-    factor of the least-squares map, which is exact whenever B is a rotated projection of A.
+    R is ``lmsurgeon.tokens.procrustes.orthogonal_map``: the exact minimiser of ‖E_A R − E_B‖_F for equal widths,
+    and for a narrower B the polar factor of the least-squares map (zero-padding B would bias the fit), which
+    is exact whenever B is a rotated projection of A.
     """
     A = E_A - E_A.mean(axis=0)
     B = E_B - E_B.mean(axis=0)
-    if A.shape[1] == B.shape[1]:
-        R, _ = orthogonal_procrustes(A, B)
-    else:
-        T = np.linalg.lstsq(A, B, rcond=None)[0]
-        U, _, Vt = np.linalg.svd(T, full_matrices=False)
-        R = U @ Vt
+    R = orthogonal_map(A, B)
     fitted = A @ R
     corr = np.sum(fitted * B, axis=0) / np.maximum(np.linalg.norm(fitted, axis=0) * np.linalg.norm(B, axis=0),
                                                    1e-300)
