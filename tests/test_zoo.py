@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,6 @@ from transformers import (
 from lmsurgeon.errors import LmsurgeonError, OutputExists, UnknownArchitecture
 from lmsurgeon.zoo import build_zoo, load_model, read_manifest, recompute_perplexity
 from lmsurgeon.zoo.transforms import (
-    LLAMA,
     fold_model,
     layout_for,
     logit_discrepancy,
@@ -136,13 +136,18 @@ def test_pruning_removes_layers_renumbers_and_updates_config(tiny_llama, ids):
 
 
 def test_a_tensor_without_a_role_is_an_error(tiny_llama):
+    layout = layout_for(tiny_llama)
     sd = dict(tiny_llama.state_dict())
     sd["model.layers.0.mystery.weight"] = torch.zeros(3)
-    perm_d, perm_f = random_permutations(tiny_llama.state_dict(), LLAMA, seed=0)
+    perm_d, perm_f = random_permutations(tiny_llama.state_dict(), layout, seed=0)
     with pytest.raises(UnknownArchitecture, match="mystery"):
-        permute_state_dict(sd, LLAMA, perm_d, perm_f)
+        permute_state_dict(sd, layout, perm_d, perm_f)
+
+
+def test_a_model_of_an_unknown_family_is_an_error():
+    mamba = SimpleNamespace(config=SimpleNamespace(model_type="mamba"))
     with pytest.raises(UnknownArchitecture, match="model_type"):
-        layout_for(type("Config", (), {"model_type": "mamba"})())
+        layout_for(mamba)
 
 
 # ------------------------------------------------------------------------------------- the built zoo
@@ -422,7 +427,7 @@ def test_interrupted_build_resumes_with_only_the_missing_model(test_zoo, tmp_pat
 
 
 def test_rotation_preserves_the_function_and_needs_folded_gains(tiny_llama):
-    from lmsurgeon.zoo.transforms import LLAMA, random_orthogonal, rotate_model, rotate_state_dict, state_dict_of
+    from lmsurgeon.zoo.transforms import random_orthogonal, rotate_model, rotate_state_dict, state_dict_of
 
     ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     rotated = rotate_model(tiny_llama, seed=1)
@@ -431,4 +436,4 @@ def test_rotation_preserves_the_function_and_needs_folded_gains(tiny_llama):
     assert torch.allclose(Q @ Q.T, torch.eye(8, dtype=torch.float64), atol=1e-12)
     sd = state_dict_of(tiny_llama)
     with pytest.raises(LmsurgeonError, match="fold the norm gains"):
-        rotate_state_dict(sd, LLAMA, random_orthogonal(tiny_llama.config.hidden_size, seed=2))
+        rotate_state_dict(sd, layout_for(tiny_llama), random_orthogonal(tiny_llama.config.hidden_size, seed=2))
