@@ -30,8 +30,8 @@ def families() -> dict[str, Family]:
             except json.JSONDecodeError as e:
                 raise InvalidFamilyFile(f"not valid JSON ({e})", entry.name) from None
             fam = family_from_data(data, entry.name)
-            if fam.name in out:
-                raise InvalidFamilyFile(f"key 'family': {fam.name!r} is already defined by {out[fam.name].source}",
+            if fam.name != entry.name.removesuffix(".json"):
+                raise InvalidFamilyFile(f"key 'family': {fam.name!r} must equal the file name without .json",
                                         entry.name)
             out[fam.name] = fam
     return out

@@ -71,13 +71,14 @@ def random_permutations(sd: Mapping[str, torch.Tensor], layout: Layout, seed: in
     generator = torch.Generator().manual_seed(seed)
     sizes = axis_sizes(sd, layout)
     perm_d = torch.randperm(sizes[HIDDEN], generator=generator)
-    groups = sorted((key for key in sizes if key != HIDDEN), key=_group_order)
+    groups = sorted((key for key in sizes if not isinstance(key, str)), key=_group_order)
     perm_units = {group: torch.randperm(sizes[group], generator=generator) for group in groups}
     return perm_d, perm_units
 
 
-def _group_order(group: str | UnitGroup) -> tuple[int, int, str]:
-    layer, expert, kind = group  # type: ignore[misc]
+def _group_order(group: UnitGroup) -> tuple[int, int, str]:
+    """Layer by layer (the dense or shared MLP, then experts in order): the order permutations are drawn in."""
+    layer, expert, kind = group
     return (-1 if layer is None else layer, -1 if expert is None else expert, kind)
 
 
