@@ -276,3 +276,11 @@ def test_folding_a_post_norm_family_is_refused_by_name():
     layout = Layout(open_model("minilm"))
     with pytest.raises(LmsurgeonError, match="bert family declares no foldable gains"):
         fold_gains({}, layout)
+
+
+def test_minilm_buffers_are_described_as_buffers_and_every_tensor_has_a_site():
+    """The bundled MiniLM stores embeddings.position_ids: a buffer the family file lists, not a weight."""
+    layout = Layout(open_model("minilm"))
+    assert set(layout.handle.names()) - set(layout.sites) == set()
+    assert layout.sites["embeddings.position_ids"].is_buffer
+    assert not layout.sites["embeddings.word_embeddings.weight"].is_buffer
