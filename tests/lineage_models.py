@@ -1,4 +1,7 @@
-"""Tiny checkpoints for the lineage tests, built in the test itself (no zoo, no network)."""
+"""Tiny checkpoints for the lineage tests, built in the test itself (no zoo, no network).
+
+Permuted and pruned copies use the zoo's surgery, which reads each family's tensor axes from its family file.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from lmsurgeon.arch import ArraySource, Layout
+from lmsurgeon.zoo.transforms import permute_state_dict, prune_state_dict, random_permutations
 
 VOCAB = 400
 
@@ -56,32 +62,28 @@ def state_np(model) -> dict[str, np.ndarray]:
     return {k: v.detach().double().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def permuted(state: dict, config: dict, seed: int, signs: bool) -> dict:
+    """A function-preserving permutation of a numpy state dict: residual dims (sign-flipped too when ``signs``)
+    and every MLP's units, on the axes the family file labels (the zoo's surgery, seeded)."""
+    layout = Layout(ArraySource(state, config))
+    sd = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+    perm_d, perm_units = random_permutations(sd, layout, seed)
+    flips = None
+    if signs:
+        flips = torch.randint(0, 2, perm_d.shape, generator=torch.Generator().manual_seed(seed)) * 2.0 - 1.0
+    out = permute_state_dict(sd, layout, perm_d, perm_units, signs=flips)
+    return {k: v.numpy() for k, v in out.items()}
+
+
 def permute_llama(state: dict, n_layers: int, seed: int) -> dict:
     """Function-preserving residual permutation + signs and MLP-unit permutation of a Llama state dict.
 
     x' = (x[perm]) * s: input sides W[:, perm] * s, output sides W[perm, :] * s, gains γ[perm] (RMSNorm
     commutes with both); MLP units: gate/up rows and down columns permuted together.
     """
-    rng = np.random.default_rng(seed)
-    d = state["model.embed_tokens.weight"].shape[1]
-    perm, s = rng.permutation(d), rng.choice([-1.0, 1.0], size=d)
-    out = dict(state)
-    out["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:, perm] * s
-    out["lm_head.weight"] = state["lm_head.weight"][:, perm] * s
-    out["model.norm.weight"] = state["model.norm.weight"][perm]
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        for n in ("input_layernorm", "post_attention_layernorm"):
-            out[p + n + ".weight"] = state[p + n + ".weight"][perm]
-        for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-            out[p + n + ".weight"] = state[p + n + ".weight"][:, perm] * s
-        for n in ("self_attn.o_proj", "mlp.down_proj"):
-            out[p + n + ".weight"] = state[p + n + ".weight"][perm, :] * s[:, None]
-        u = rng.permutation(state[p + "mlp.up_proj.weight"].shape[0])
-        out[p + "mlp.gate_proj.weight"] = out[p + "mlp.gate_proj.weight"][u]
-        out[p + "mlp.up_proj.weight"] = out[p + "mlp.up_proj.weight"][u]
-        out[p + "mlp.down_proj.weight"] = out[p + "mlp.down_proj.weight"][:, u]
-    return out
+    hidden = state["model.embed_tokens.weight"].shape[1]
+    return permuted(state, {"model_type": "llama", "num_hidden_layers": n_layers, "hidden_size": hidden}, seed,
+                    signs=True)
 
 
 def logits(model, seed: int = 0) -> np.ndarray:
@@ -109,48 +111,20 @@ def save_tensors(state: dict, folder: Path) -> Path:
     return folder
 
 
-def permute_minilm(state: dict, seed: int) -> dict:
-    """Residual + MLP-unit permutation of BERT tensors (no signs: LayerNorm's centering is not sign-equivariant)."""
-    rng = np.random.default_rng(seed)
-    pre = "embeddings." if "embeddings.word_embeddings.weight" in state else "bert.embeddings."
-    root = pre[: -len("embeddings.")]
-    d = state[pre + "word_embeddings.weight"].shape[1]
-    perm = rng.permutation(d)
-    out = dict(state)
-    for n in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        out[pre + n + ".weight"] = state[pre + n + ".weight"][:, perm]
-    for n in ("LayerNorm.weight", "LayerNorm.bias"):
-        out[pre + n] = state[pre + n][perm]
-    i = 0
-    while f"{root}encoder.layer.{i}.attention.self.query.weight" in state:
-        p = f"{root}encoder.layer.{i}."
-        for n in ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense"):
-            out[p + n + ".weight"] = state[p + n + ".weight"][:, perm]
-        for n in ("attention.output.dense", "output.dense"):
-            out[p + n + ".weight"] = state[p + n + ".weight"][perm, :]
-            out[p + n + ".bias"] = state[p + n + ".bias"][perm]
-        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
-            out[p + n + ".weight"] = state[p + n + ".weight"][perm]
-            out[p + n + ".bias"] = state[p + n + ".bias"][perm]
-        u = rng.permutation(state[p + "intermediate.dense.weight"].shape[0])
-        out[p + "intermediate.dense.weight"] = out[p + "intermediate.dense.weight"][u]
-        out[p + "intermediate.dense.bias"] = state[p + "intermediate.dense.bias"][u]
-        out[p + "output.dense.weight"] = out[p + "output.dense.weight"][:, u]
-        i += 1
-    if root + "pooler.dense.weight" in state:
-        out[root + "pooler.dense.weight"] = state[root + "pooler.dense.weight"][:, perm]
-    return out
+def permute_minilm(state: dict, seed: int, config: dict | None = None) -> dict:
+    """Residual + MLP-unit permutation of BERT tensors (no signs: LayerNorm's centering is not sign-equivariant).
+
+    ``config`` defaults to the bundled MiniLM's, whose tensors ``state`` usually is.
+    """
+    from lmsurgeon.io import open_model
+
+    return permuted(state, config or open_model("minilm").config, seed, signs=False)
 
 
 def prune_minilm(state: dict, keep: list[int], config: dict) -> tuple[dict, dict]:
     """Keep only layers ``keep`` (renumbered), as layer pruning does."""
-    out = {}
-    for k, v in state.items():
-        if ".encoder.layer." in "." + k:
-            head, rest = k.split("encoder.layer.", 1)
-            i, tail = rest.split(".", 1)
-            if int(i) in keep:
-                out[f"{head}encoder.layer.{keep.index(int(i))}.{tail}"] = v
-        else:
-            out[k] = v
-    return out, {**config, "num_hidden_layers": len(keep)}
+    layout = Layout(ArraySource(state, config))
+    sd = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+    drop = [i for i in layout.layers if i not in keep]
+    out = prune_state_dict(sd, layout, drop, layout.n_layers)
+    return {k: v.numpy() for k, v in out.items()}, {**config, "num_hidden_layers": len(keep)}

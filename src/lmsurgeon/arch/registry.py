@@ -2,88 +2,42 @@
 
 A family maps *roles* (``attn_norm``, ``q``, ``experts.up``, ``lm_head``...) to tensor-name templates with
 ``{i}`` (layer) and ``{e}`` (expert), plus facts capabilities need: norm kind/bias/offset/placement, which
-linears a norm feeds (for γ-folding), storage layout (``conv1d`` is [in, out]), fused-tensor splits and layers
-to skip. Adding a family is adding a file.
+linears a norm feeds (for γ-folding), storage layout (``conv1d`` is [in, out]), fused-tensor splits, the axis
+labels function-preserving transforms permute, tied heads and layers to skip. The schema and its strict loader
+are in :mod:`lmsurgeon.arch.schema`; ``docs/adding-a-family.md`` says how to add a family (a file).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
+from lmsurgeon.arch.schema import Family, InvalidFamilyFile, family_from_data, load_family
 from lmsurgeon.errors import CorruptCheckpoint, UnknownArchitecture
 
-
-@dataclass(frozen=True)
-class Family:
-    """One architecture family as described by its data file."""
-
-    name: str
-    description: str
-    model_types: tuple[str, ...]
-    architectures: tuple[str, ...]
-    prefixes: tuple[str, ...]
-    config_keys: dict
-    modules: dict
-    pre_weights: dict
-    layer_prefix: str
-    layer: dict
-    post_weights: dict
-    norm_offset: float = 0.0
-    skip_layers: str | None = None
-    encoder: bool = False
-    raw: dict = field(default_factory=dict, repr=False)
-
-    def roles(self) -> list[str]:
-        return [*self.pre_weights, *self.layer, *self.post_weights]
-
-    def spec(self, role: str) -> dict:
-        for table in (self.pre_weights, self.layer, self.post_weights):
-            if role in table:
-                return table[role]
-        raise KeyError(f"family {self.name} has no role {role!r}")
-
-    def is_layer_role(self, role: str) -> bool:
-        return role in self.layer
-
-    def norm_roles(self) -> list[str]:
-        """Roles that are norms (they carry a ``kind``), in data-file order."""
-        return [r for r in self.roles() if "kind" in self.spec(r)]
-
-    def text_config(self, config: dict) -> dict:
-        """The config section that describes the language model (multimodal wrappers nest it)."""
-        sub = self.config_keys.get("sub_config")
-        if sub and isinstance(config.get(sub), dict) and self.config_keys["n_layers"] not in config:
-            return config[sub]
-        return config
+__all__ = ["Family", "InvalidFamilyFile", "detect_family", "families", "load_family"]
 
 
 @cache
 def families() -> dict[str, Family]:
-    """Every family shipped in ``lmsurgeon/arch/families/*.json``, by name."""
-    out = {}
+    """Every family shipped in ``lmsurgeon/arch/families/*.json``, by name (each file validated on first use)."""
+    out: dict[str, Family] = {}
     for entry in sorted(resources.files("lmsurgeon.arch.families").iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".json"):
-            data = json.loads(entry.read_text(encoding="utf-8"))
-            fam = _family_from_data(data)
+            try:
+                data = json.loads(entry.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise InvalidFamilyFile(f"not valid JSON ({e})", entry.name) from None
+            fam = family_from_data(data, entry.name)
+            if fam.name != entry.name.removesuffix(".json"):
+                raise InvalidFamilyFile(f"key 'family': {fam.name!r} must equal the file name without .json",
+                                        entry.name)
             out[fam.name] = fam
     return out
 
 
-def _family_from_data(d: dict) -> Family:
-    return Family(
-        name=d["family"], description=d.get("description", ""), model_types=tuple(d["model_types"]),
-        architectures=tuple(d.get("architectures", [])), prefixes=tuple(d.get("prefixes", [""])),
-        config_keys=d["config"], modules=d.get("modules", {}), pre_weights=d.get("pre_weights", {}),
-        layer_prefix=d["layer_prefix"], layer=d["layer"], post_weights=d.get("post_weights", {}),
-        norm_offset=float(d.get("norm_offset", 0.0)), skip_layers=d.get("skip_layers"),
-        encoder=bool(d.get("encoder", False)), raw=d,
-    )
-
-
-def detect_family(config: dict, where: str = "config.json") -> Family:
+def detect_family(config: object, where: str = "config.json") -> Family:
     """The family whose ``model_types`` holds config's ``model_type``, else whose ``architectures`` match."""
     if not isinstance(config, dict):
         raise CorruptCheckpoint("config.json is not a JSON object", where)

@@ -21,5 +21,4 @@ def norm_vectors(layout) -> dict[str, dict[int | None, np.ndarray]]:
 
 def is_pre_norm(layout) -> bool:
     """Pre-norm blocks feed norm outputs only to linear maps, which is what makes γ-folding possible."""
-    return any(layout.family.spec(r).get("placement", "pre") == "pre" and layout.family.spec(r).get("feeds")
-               for r in layout.family.norm_roles() if layout.family.is_layer_role(r))
+    return any(layout.family.is_layer_role(r) for r in layout.family.foldable_norms())
