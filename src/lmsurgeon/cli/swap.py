@@ -17,6 +17,8 @@ Examples:
   lmsurgeon swap ./deep-model --apply 7 --out runs/s7  # also write runs/s7/swap_7_8/ and its perplexity
   lmsurgeon swap ./deep-model --drop 12 --tokens 16384 --seq-len 256
   lmsurgeon swap ./deep-model --json > results.json
+  lmsurgeon swap ./deep-model --plan-drop 25% --apply-plan recommended   # which quarter of the layers to drop
+  lmsurgeon swap ./deep-model --plan-reorder --apply-plan 'drop:3,5;swap:9'
 """
 
 
@@ -69,6 +71,27 @@ def swap(model, overwrite, out, as_json, **options) -> None:
     if r.get("apply"):
         a = r["apply"]
         lines.append(f"wrote {a['path']}: perplexity {_num(a['ppl_before'])} → {_num(a['ppl_after'])}")
+    if r.get("plan_summary"):
+        from lmsurgeon.swap.report import plan_verdict
+
+        for rec in r["recommended"]:
+            lines.append(f"  drop {rec['k']}: layers {rec['layers']} ({rec['strategy']}), held-out "
+                         f"{_num(rec['heldout_bpb'])} bits/byte")
+        lines.append(plan_verdict(r["plan_summary"]))
+    if r.get("reorder"):
+        chosen = r["reorder"]["chosen"]
+        lines.append(f"reorder within {r['reorder']['tolerance']} nats: "
+                     + (f"swap pairs {chosen['swaps']} (held-out Δloss {_num(chosen['heldout_dloss'])})" if chosen
+                        else "no swap"))
+    if r.get("applied_plan"):
+        a = r["applied_plan"]
+        same = "equals" if a["generation"]["cached_equals_uncached"] else "DIFFERS FROM"
+        lines.append(f"wrote {a['path']} ({a['n_layers']} layers): held-out loss {_num(a['heldout_loss_before'])} → "
+                     f"{_num(a['heldout_loss'])}; cached generation {same} uncached")
+        if a.get("heal"):
+            h = a["heal"]
+            lines.append(f"healed {h['steps']} steps → {h['path']}: held-out loss {_num(h['heldout_loss_before'])} "
+                         f"→ {_num(h['heldout_loss_after'])}")
     lines.append(f"run folder: {r['run_dir']}")
     emit(r, as_json, lines, out)
 

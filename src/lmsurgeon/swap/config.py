@@ -43,6 +43,21 @@ class SwapConfig:
     apply: int | None = _option(None, "--apply", int, "Write swap_I_{I+1}/ with layers I and I+1 swapped.")
     drop: int | None = _option(None, "--drop", int, "Write drop_I/ with layer I removed.")
     seed: int = _option(0, "--seed", int, "Random seed.")
+    plan_drop: str | None = _option(None, "--plan-drop", str, "K or P%: which K layers (or P% of them) to drop; "
+                                    "each predictor's plan and a greedy oracle scored on held-out text.")
+    heldout_data: str | None = _option(None, "--heldout-data", str, "Held-out text plans are scored on (default: "
+                                       "the corpus test split, or a third of the eval documents).", path=True)
+    plan_tokens: int | None = _option(None, "--plan-tokens", int, "Held-out budget in real tokens [default: "
+                                      "--tokens].")
+    plan_reorder: bool = _option(False, "--plan-reorder", bool, "Also plan compositions of adjacent swaps that "
+                                 "keep the validation loss within --reorder-tolerance.")
+    reorder_tolerance: float = _option(0.01, "--reorder-tolerance", float, "Validation loss (nats per token) a "
+                                       "reordering may add.")
+    apply_plan: str | None = _option(None, "--apply-plan", str, "Write the rewired model: 'recommended' (the "
+                                     "advice at the largest k), 'oracle', 'reorder', or e.g. 'drop:3,5;swap:7' "
+                                     "(0-based original indices).")
+    heal_steps: int = _option(0, "--heal-steps", int, "Train the layers next to each cut of --apply-plan for N "
+                              "steps on the fit text; held-out loss before and after.")
 
     def with_options(self, **options) -> SwapConfig:
         """A copy with some fields changed; an unknown name is a TypeError naming it and the known ones."""

@@ -17,6 +17,7 @@ from lmsurgeon.swap.config import SwapConfig
 from lmsurgeon.swap.e2e import find_head
 from lmsurgeon.swap.engine import Batch, eval_pass, finish, fit_pass
 from lmsurgeon.swap.metrics import dep, r_of, trans
+from lmsurgeon.swap.plan import PlanEvaluator, parse_plan_drop, plan_drops, plan_reorder, predicted_bytes
 from lmsurgeon.swap.stats import spearman_ci
 
 MIN_ROW_TOKENS = 16
@@ -61,6 +62,9 @@ def analyze(source, config: SwapConfig | None = None, *, out=None, progress: boo
 
         seq_len = min(cfg.seq_len, layout.max_positions or cfg.seq_len)  # learned position tables end there
         fit_texts, eval_texts, data_desc = split_texts(cfg.data, cfg.eval_data, cfg.seed)
+        planning = cfg.plan_drop is not None or cfg.plan_reorder or cfg.apply_plan is not None
+        if planning:
+            eval_texts, heldout_texts, data_desc["heldout"] = heldout_split(cfg, eval_texts)
         fit_budget = cfg.fit_tokens or max(cfg.tokens, 8 * d)
         pad_id = _pad_id(tokenizer)
         fit_rows = tokenize_rows(tokenizer, fit_texts, seq_len, fit_budget)
@@ -95,6 +99,27 @@ def analyze(source, config: SwapConfig | None = None, *, out=None, progress: boo
         })
         from lmsurgeon.swap.report import build_report, draw_figures
 
+        evaluators = None
+        if planning:
+            t1 = time.time()
+            plan_head = head or find_head(model, family)
+            if plan_head is None:
+                raise LmsurgeonError("--plan-drop, --plan-reorder and --apply-plan score plans by next-token loss, "
+                                     "which needs a model with an LM head", handle.name)
+            heldout_rows = tokenize_rows(tokenizer, heldout_texts, seq_len, cfg.plan_tokens or cfg.tokens)
+            if not heldout_rows:
+                raise LmsurgeonError(f"no held-out row has at least {MIN_ROW_TOKENS} tokens",
+                                     data_desc["heldout"])
+            heldout_batches = make_batches(heldout_rows, cfg.batch_tokens, seq_len, pad_id, cfg.device)
+            evaluators = make_evaluators(model, layers, family.modules["layers"], plan_head, tokenizer,
+                                         (eval_batches, eval_rows), (heldout_batches, heldout_rows))
+            body["tokens"]["heldout"] = sum(len(r) for r in heldout_rows)
+            if cfg.plan_drop is not None:
+                body.update(plan_drops(*evaluators, body["layers"], parse_plan_drop(cfg.plan_drop, L)))
+            if cfg.plan_reorder:
+                body["reorder"] = plan_reorder(*evaluators, body["pairs"], cfg.reorder_tolerance)
+            timings["plan_seconds"] = time.time() - t1
+
         body["apply"] = None
         if cfg.apply is not None or cfg.drop is not None:
             from lmsurgeon.swap.apply import apply_and_evaluate
@@ -103,11 +128,46 @@ def analyze(source, config: SwapConfig | None = None, *, out=None, progress: boo
             body["apply"] = apply_and_evaluate(handle, layout, run.path, eval_batches, kind, torch_dtype,
                                                cfg.device, swap=cfg.apply, drop=cfg.drop, model=model)
             timings["apply_seconds"] = time.time() - t1
+        if cfg.apply_plan is not None:
+            from lmsurgeon.swap.apply import apply_plan
+
+            t1 = time.time()
+            body["applied_plan"] = apply_plan(handle, layout, run.path, body, cfg, evaluators, kind, torch_dtype,
+                                              fit_batches)
+            timings["apply_plan_seconds"] = time.time() - t1
         figures = draw_figures(run, body)
         timings["analysis_seconds"] = time.time() - t0
         results = run.write_results(body, inputs=handle.inputs(), timings=timings)
         run.write_report(build_report(results, figures))
     return results
+
+
+def make_evaluators(model, layers, layers_paths, head, tokenizer, validation, heldout):
+    """Plan evaluators over the validation (eval) split and the held-out split: (batches, rows) each."""
+    return tuple(PlanEvaluator(model, layers, layers_paths, head, batches, predicted_bytes(tokenizer, rows))
+                 for batches, rows in (validation, heldout))
+
+
+def heldout_split(cfg: SwapConfig, eval_texts: list[str]) -> tuple[list[str], list[str], str]:
+    """(eval documents, held-out documents, description): the text plans are scored on, apart from the eval
+    split every predictor and the recommendation use.
+
+    ``--heldout-data`` if given; with the built-in corpus only, its test split; else the last third of the eval
+    documents shuffled with ``seed`` (the eval split keeps the rest, so it shrinks when planning).
+    """
+    from lmsurgeon.data import load_texts
+
+    if cfg.heldout_data is not None:
+        return eval_texts, load_texts(cfg.heldout_data, "test"), str(cfg.heldout_data)
+    if cfg.data is None and cfg.eval_data is None:
+        return eval_texts, load_texts(None, "test"), "built-in corpus: test"
+    docs = list(eval_texts)
+    if len(docs) < 3:
+        raise LmsurgeonError("planning needs held-out text: give --heldout-data, or at least 3 eval documents to "
+                             "set a third aside", str(cfg.eval_data or cfg.data))
+    random.Random(cfg.seed + 1).shuffle(docs)
+    cut = len(docs) - len(docs) // 3
+    return docs[:cut], docs[cut:], f"a third of the eval documents (shuffled, seed {cfg.seed + 1})"
 
 
 def settings(cfg: SwapConfig, data_desc: dict, seq_len: int, fit_budget: int, *, e2e: bool) -> dict:
