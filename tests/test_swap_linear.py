@@ -40,10 +40,14 @@ def _run(Ms, nonlinear=False):
 def test_layers_on_disjoint_subspaces_give_zero_delta_and_zero_dep():
     Mi, Mj = _block(0, 3, 0), _block(3, 6, 1)
     fit, ev = _run([Mi, Mj])
-    assert np.allclose(fit.A[0], Mi.numpy(), atol=1e-8) and np.allclose(fit.A[1], Mj.numpy(), atol=1e-8)
-    assert min(fit.r2_fit) > 1 - 1e-10 and min(ev["r2_eval"]) > 1 - 1e-10
-    assert ev["delta"][0] < 1e-6 and ev["delta_linear"][0] < 1e-6
-    assert dep(fit.A[0], fit.A[1]) < 1e-6 and dep(fit.A[1], fit.A[0]) < 1e-6
+    assert np.allclose(fit.A[0], Mi.numpy(), atol=1e-8)
+    assert np.allclose(fit.A[1], Mj.numpy(), atol=1e-8)
+    assert min(fit.r2_fit) > 1 - 1e-10
+    assert min(ev["r2_eval"]) > 1 - 1e-10
+    assert ev["delta"][0] < 1e-6
+    assert ev["delta_linear"][0] < 1e-6
+    assert dep(fit.A[0], fit.A[1]) < 1e-6
+    assert dep(fit.A[1], fit.A[0]) < 1e-6
     assert r_metric(fit.A[0], fit.A[1]) < 1e-6
 
 
@@ -54,17 +58,23 @@ def test_nonlinear_blocks_on_disjoint_subspaces_still_commute():
 
 def test_overlapping_blocks_do_not_commute():
     fit, ev = _run([_block(0, 4, 4), _block(2, 6, 5)])
-    assert ev["delta"][0] > 1e-3 and ev["delta_linear"][0] > 1e-3 and r_metric(fit.A[0], fit.A[1]) > 1e-3
+    assert ev["delta"][0] > 1e-3
+    assert ev["delta_linear"][0] > 1e-3
+    assert r_metric(fit.A[0], fit.A[1]) > 1e-3
 
 
 def test_zero_update_layer_is_redundant():
     fit, ev = _run([torch.zeros(D, D, dtype=torch.float64), _block(0, 6, 6)])
-    assert np.abs(fit.A[0]).max() < 1e-12 and trans(fit.A[0]) < 1e-12
-    assert r_metric(fit.A[0], fit.A[1]) < 1e-12 and ev["delta"][0] < 1e-12 and ev["bi"][0] < 1e-12
+    assert np.abs(fit.A[0]).max() < 1e-12
+    assert trans(fit.A[0]) < 1e-12
+    assert r_metric(fit.A[0], fit.A[1]) < 1e-12
+    assert ev["delta"][0] < 1e-12
+    assert ev["bi"][0] < 1e-12
 
 
 def test_identical_layers_commute_although_r_is_positive():
     M = _block(0, 6, 7)
     fit, ev = _run([M, M.clone()])
-    assert ev["delta"][0] < 1e-12 and ev["delta_linear"][0] < 1e-9
+    assert ev["delta"][0] < 1e-12
+    assert ev["delta_linear"][0] < 1e-9
     assert r_metric(fit.A[0], fit.A[1]) > 0.1  # r is a predictor, not a proof (spec §4.2 note)

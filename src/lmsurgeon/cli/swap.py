@@ -1,10 +1,13 @@
-"""``lmsurgeon swap``: thin layer over :func:`lmsurgeon.swap.analyze`."""
+"""``lmsurgeon swap``: thin layer over :func:`lmsurgeon.swap.analyze`; its options come from ``SwapConfig``."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import click
 
-from lmsurgeon.cli.common import emit, json_option, out_option, progress_enabled, seed_option
+from lmsurgeon.cli.common import emit, json_option, out_option, progress_enabled
+from lmsurgeon.swap.config import SwapConfig
 
 EPILOG = """\b
 Examples:
@@ -14,35 +17,35 @@ Examples:
   lmsurgeon swap ./deep-model --apply 7 --out runs/s7  # also write runs/s7/swap_7_8/ and its perplexity
   lmsurgeon swap ./deep-model --drop 12 --tokens 16384 --seq-len 256
   lmsurgeon swap ./deep-model --json > results.json
+  lmsurgeon swap ./deep-model --plan-drop 25% --apply-plan recommended   # which quarter of the layers to drop
+  lmsurgeon swap ./deep-model --plan-reorder --apply-plan 'drop:3,5;swap:9'
 """
+
+
+def config_options(command):
+    """One click option per :class:`SwapConfig` field: flag, type, default and help from the field itself."""
+    defaults = SwapConfig()
+    for f in reversed(fields(SwapConfig)):
+        meta, default = f.metadata, getattr(defaults, f.name)
+        if meta.get("negate"):
+            option = click.option(meta["flag"], f.name, flag_value=False, default=True, help=meta["help"])
+        elif meta["type"] is bool:
+            option = click.option(meta["flag"], f.name, is_flag=True, default=default, help=meta["help"])
+        else:
+            kind = click.Path(exists=True, dir_okay=False) if meta.get("path") else meta["type"]
+            option = click.option(meta["flag"], f.name, type=kind, default=default, show_default=default is not None,
+                                  help=meta["help"])
+        command = option(command)
+    return command
 
 
 @click.command("swap", epilog=EPILOG)
 @click.argument("model")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Fit text (.jsonl with 'text' or blank-line separated); default: built-in corpus.")
-@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Text for δ, δ', Δloss, perplexity (default: half of --data, or the corpus validation split).")
-@click.option("--tokens", type=int, default=65_536, show_default=True, help="Eval budget in real tokens.")
-@click.option("--fit-tokens", type=int, default=None, help="Fit budget in real tokens [default: max(tokens, 8·d)].")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per row (one document per row).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
-@click.option("--dtype", default="auto", show_default=True,
-              help="auto (float32 if it fits in 60% of device memory), float32, bfloat16, float16.")
-@click.option("--window", type=int, default=4, show_default=True, help="Tokens mixed into X̂ (eq. 12).")
-@click.option("--ridge", type=float, default=1e-6, show_default=True, help="λ of the least-squares fit (0: lstsq).")
-@click.option("--skip-first", type=int, default=0, show_default=True, help="Drop the first N positions per row.")
-@click.option("--bootstrap", type=int, default=2000, show_default=True, help="Bootstrap resamples for the CIs.")
-@click.option("--no-e2e", is_flag=True, help="Skip the end-to-end Δloss/KL of each swap and drop.")
-@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Padded tokens per batch.")
-@click.option("--apply", "apply_", type=int, default=None, help="Write swap_I_{I+1}/ with layers I and I+1 swapped.")
-@click.option("--drop", type=int, default=None, help="Write drop_I/ with layer I removed.")
+@config_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @out_option
 @json_option
-@seed_option
-def swap(model, data, eval_data, tokens, fit_tokens, seq_len, device, dtype, window, ridge, skip_first, bootstrap,
-         no_e2e, batch_tokens, apply_, drop, overwrite, out, as_json, seed) -> None:
+def swap(model, overwrite, out, as_json, **options) -> None:
     """Which adjacent layers of MODEL can be exchanged (or dropped) while its computation barely changes?
 
     Measures the swap effect δ of every adjacent pair exactly from cached layer inputs (O(L) block calls),
@@ -53,10 +56,10 @@ def swap(model, data, eval_data, tokens, fit_tokens, seq_len, device, dtype, win
     from lmsurgeon.swap import analyze
 
     out = out if out is not None else default_out_dir("swap")
-    r = analyze(model, data, eval_data=eval_data, tokens=tokens, fit_tokens=fit_tokens, seq_len=seq_len,
-                device=device, dtype=dtype, out=out, seed=seed, window=window, ridge=ridge, skip_first=skip_first,
-                bootstrap=bootstrap, e2e=not no_e2e, apply=apply_, drop=drop, batch_tokens=batch_tokens,
-                progress=progress_enabled() and not as_json, overwrite=overwrite)
+    r = analyze(model, SwapConfig(**options), out=out, progress=progress_enabled() and not as_json,
+                overwrite=overwrite)
+    if as_json:
+        click.echo(f"run folder: {r['run_dir']}", err=True)
     sp = r["spearman"]
     lines = [f"{r['model']['source']}: {r['model']['n_layers']} layers, {r['tokens']['fit']} fit / "
              f"{r['tokens']['eval']} eval tokens",
@@ -68,6 +71,28 @@ def swap(model, data, eval_data, tokens, fit_tokens, seq_len, device, dtype, win
     if r.get("apply"):
         a = r["apply"]
         lines.append(f"wrote {a['path']}: perplexity {_num(a['ppl_before'])} → {_num(a['ppl_after'])}")
+    if r.get("plan_summary"):
+        from lmsurgeon.swap.report import plan_verdict
+
+        for rec in r["recommended"]:
+            lines.append(f"  drop {rec['k']}: layers {rec['layers']} ({rec['strategy']}), held-out "
+                         f"{_num(rec['heldout_bpb'])} bits/byte")
+        lines.append(plan_verdict(r["plan_summary"]))
+    if r.get("reorder"):
+        chosen = r["reorder"]["chosen"]
+        lines.append(f"reorder within {r['reorder']['tolerance']} nats: "
+                     + (f"swap pairs {chosen['swaps']} (held-out Δloss {_num(chosen['heldout_dloss'])})" if chosen
+                        else "no swap"))
+    if r.get("applied_plan"):
+        a = r["applied_plan"]
+        same = "equals" if a["generation"]["cached_equals_uncached"] else "DIFFERS FROM"
+        lines.append(f"wrote {a['path']} ({a['n_layers']} layers): held-out loss {_num(a['heldout_loss_before'])} → "
+                     f"{_num(a['heldout_loss'])}; cached generation {same} uncached")
+        if a.get("heal"):
+            h = a["heal"]
+            lines.append(f"healed {h['steps']} steps → {h['path']}: held-out loss {_num(h['heldout_loss_before'])} "
+                         f"→ {_num(h['heldout_loss_after'])}")
+    lines.append(f"run folder: {r['run_dir']}")
     emit(r, as_json, lines, out)
 
 

@@ -17,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmsurgeon.arch import find_module
+from lmsurgeon.data.bits import bits_per_byte
 from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.swap.engine import Batch
+from lmsurgeon.swap.plan import ORACLE, plan_order
 
 SHARD_BYTES = 4 << 30
 INDEX_LISTS = ("mlp_only_layers",)  # config lists that hold layer indices rather than one value per layer
@@ -27,13 +30,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def new_order(n_layers: int, swap: int | None = None, drop: int | None = None) -> list[int]:
-    """order[k] = the old layer that becomes layer k."""
-    order = list(range(n_layers))
-    if swap is not None:
-        order[swap], order[swap + 1] = order[swap + 1], order[swap]
-    if drop is not None:
-        order.remove(drop)
-    return order
+    """order[k] = the old layer that becomes layer k (one swap and/or one drop; see :func:`plan_order`)."""
+    return plan_order(n_layers, drops=() if drop is None else (drop,), swaps=() if swap is None else (swap,))
 
 
 def rewire_config(config: dict, layout, order: list[int]) -> dict:
@@ -135,6 +133,12 @@ def mean_loss(model, batches: list[Batch]) -> float | None:
     """Mean next-token cross-entropy over the batches' real positions (padding and last positions excluded)."""
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         return None
+    total, n = nll_total(model, batches)
+    return total / max(n, 1)
+
+
+def nll_total(model, batches: list[Batch]) -> tuple[float, int]:
+    """Summed next-token NLL (nats) of whole forwards over the batches' loss positions, and their count."""
     total, n = 0.0, 0
     with torch.inference_mode():
         for b in batches:
@@ -143,7 +147,7 @@ def mean_loss(model, batches: list[Batch]) -> float | None:
             logp = torch.log_softmax(logits[sel], dim=-1)
             total += float(-logp.gather(1, b.targets[sel][:, None]).double().sum())
             n += int(sel.sum())
-    return total / max(n, 1)
+    return total, n
 
 
 def apply_and_evaluate(handle, layout, run_dir: Path, batches: list[Batch], kind: str, dtype, device,
@@ -174,3 +178,143 @@ def apply_and_evaluate(handle, layout, run_dir: Path, batches: list[Batch], kind
 
 def _ppl(loss: float | None) -> float | None:
     return float(np.exp(loss)) if loss is not None else None
+
+
+def resolve_plan(spec: str, body: dict, n_layers: int) -> tuple[list[int], list[int], str]:
+    """``--apply-plan`` → (layers to drop, pairs to swap, where the plan came from); indices are original, 0-based.
+
+    ``recommended`` / ``oracle``: the plan at the largest k of ``--plan-drop``; ``reorder``: the composition of
+    swaps ``--plan-reorder`` chose; otherwise ``drop:3,5;swap:7`` (either part optional).
+    """
+    text = spec.strip()
+    if text in ("recommended", ORACLE):
+        if "plans" not in body:
+            raise LmsurgeonError(f"--apply-plan {text} needs --plan-drop")
+        if text == "recommended":
+            rec = body["recommended"][-1]
+            return list(rec["layers"]), [], f"recommended at k = {rec['k']} ({rec['strategy']})"
+        k = body["plan_summary"]["k_max"]
+        row = next(r for r in body["plans"] if r["strategy"] == ORACLE and r["k"] == k)
+        return list(row["layers"]), [], f"oracle at k = {k}"
+    if text == "reorder":
+        chosen = (body.get("reorder") or {}).get("chosen")
+        if chosen is None:
+            raise LmsurgeonError("--apply-plan reorder needs --plan-reorder to have found a swap within tolerance")
+        return [], list(chosen["swaps"]), "reorder plan"
+    drops: list[int] = []
+    swaps: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        what, _, numbers = part.partition(":")
+        try:
+            values = [int(v) for v in numbers.split(",") if v.strip()]
+        except ValueError:
+            values = None
+        if what.strip() not in ("drop", "swap") or not values:
+            raise LmsurgeonError(f"--apply-plan {spec!r}: expected 'recommended', 'oracle', 'reorder' or "
+                                 "'drop:3,5;swap:7'")
+        (drops if what.strip() == "drop" else swaps).extend(values)
+    for i in drops:
+        _check(0 <= i < n_layers, f"--apply-plan drops layer {i}, outside 0…{n_layers - 1}")
+    for i in swaps:
+        _check(0 <= i < n_layers - 1, f"--apply-plan swaps pair {i}, outside 0…{n_layers - 2}")
+    _check(len(set(drops)) == len(drops), "--apply-plan drops a layer twice")
+    _check(len(drops) < n_layers, "--apply-plan would drop every layer")
+    return sorted(drops), swaps, "given"
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise LmsurgeonError(message)
+
+
+def plan_folder(drops: list[int], swaps: list[int]) -> str:
+    parts = (["drop", *map(str, drops)] if drops else []) + (["swap", *map(str, swaps)] if swaps else [])
+    return "plan_" + "_".join(parts) if parts else "plan_identity"
+
+
+def apply_plan(handle, layout, run_dir: Path, body: dict, cfg, evaluators, kind: str, dtype, fit_batches) -> dict:
+    """Write the plan's model, load it back with transformers, and check it: held-out loss of whole forwards
+    against the cached-input estimate, greedy generation with the KV cache against uncached argmax decoding,
+    and (``--heal-steps``) held-out loss before and after training the layers next to each cut."""
+    from lmsurgeon.io import open_model
+
+    L = layout.n_layers
+    drops, swaps, source = resolve_plan(cfg.apply_plan, body, L)
+    order = plan_order(L, drops, swaps)
+    folder = plan_folder(drops, swaps)
+    dest = write_rewired(handle, layout, Path(run_dir) / folder, order)
+    rewired = open_model(dest).load_model(kind, dtype=dtype, device=cfg.device)
+    heldout = evaluators[1]
+    cached = heldout.scores([order])[0]
+    total, n = nll_total(rewired, heldout.batches)
+    out = {"path": folder, "source": source, "drops": drops, "swaps": swaps, "order": order, "n_layers": len(order),
+           "heldout_loss": total / max(n, 1), "heldout_bpb": bits_per_byte(total, heldout.n_bytes),
+           "heldout_loss_from_cache": cached.loss,
+           "heldout_loss_before": heldout.scores([list(range(L))])[0].loss,
+           "generation": generation_check(rewired, heldout.batches[0])}
+    if cfg.heal_steps > 0:
+        layers = find_module(rewired, layout.family.modules["layers"])
+        out["heal"] = heal(rewired, layers, order, L, fit_batches, heldout, cfg.heal_steps,
+                           Path(run_dir) / f"{folder}_healed", dest)
+    return out
+
+
+def generation_check(model, batch: Batch, prompt_len: int = 16, new_tokens: int = 16) -> dict:
+    """Greedy ``generate`` with the KV cache vs argmax decoding by whole uncached forwards, on one prompt."""
+    n = min(prompt_len, int(batch.attention_mask[0].sum()))
+    prompt = batch.input_ids[:1, :n]
+    with torch.inference_mode():
+        gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+        seq = prompt
+        for _ in range(new_tokens):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    return {"prompt_tokens": n, "new_tokens": new_tokens, "cached_equals_uncached": bool(torch.equal(gen, seq))}
+
+
+def heal(model, layers, order: list[int], n_layers: int, fit_batches: list[Batch], heldout, steps: int, dest: Path,
+         source: Path, lr: float = 1e-4) -> dict:
+    """Continued training of the layers next to each cut (the new positions around a removed layer, and both
+    layers of a swapped pair) on the fit text; everything else frozen. Saves the healed model to ``dest``."""
+    trained = sorted(p for p in cut_neighbours(order, n_layers) if 0 <= p < len(layers))
+    before_total, n = nll_total(model, heldout.batches)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    params = [q for p in trained for q in layers[p].parameters()]
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        b = fit_batches[step % len(fit_batches)]
+        labels = b.input_ids.masked_fill(~b.attention_mask.bool(), -100)
+        loss = model(**b.inputs(), labels=labels, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for q in params:
+        q.requires_grad_(False)
+    after_total, _ = nll_total(model, heldout.batches)
+    model.save_pretrained(dest, safe_serialization=True)
+    for f in Path(source).iterdir():
+        if f.name in TOKENIZER_FILES and not (dest / f.name).exists():
+            shutil.copy2(f, dest / f.name)
+    return {"steps": steps, "lr": lr, "trained_layers": trained, "path": dest.name,
+            "heldout_loss_before": before_total / max(n, 1), "heldout_loss_after": after_total / max(n, 1),
+            "heldout_bpb_before": bits_per_byte(before_total, heldout.n_bytes),
+            "heldout_bpb_after": bits_per_byte(after_total, heldout.n_bytes)}
+
+
+def cut_neighbours(order: list[int], n_layers: int) -> set[int]:
+    """New positions on both sides of every joint where the original order breaks (a removed layer between
+    them, or a moved layer); −1 and len(order) stand for the embedding and the head side."""
+    out = set()
+    for p in range(len(order) + 1):
+        prev = order[p - 1] if p > 0 else -1
+        nxt = order[p] if p < len(order) else n_layers
+        if nxt != prev + 1:  # a gap (dropped layers) or a jump (reordered) between positions p−1 and p
+            out.update({p - 1, p})
+    return out
+

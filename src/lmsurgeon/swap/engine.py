@@ -12,7 +12,6 @@ so memory is ≈ (L+1)·B·T·d activations plus d² float64 per layer. The eval
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from lmsurgeon.swap.capture import Capture, call_block, capture, continue_from, swapped_output, token_delta
 from lmsurgeon.swap.e2e import Head, reference_logp, token_losses
 from lmsurgeon.swap.linear import LinearFit, accumulate, new_sums, pair_inputs, solve
-from lmsurgeon.swap.metrics import r_squared
+from lmsurgeon.swap.metrics import angle_per_row, commutator, cosine_per_token, delta_linear_per_token, r_squared
 
 
 @dataclass
@@ -111,7 +110,7 @@ def eval_pass(model, layers, layers_paths, batches, fit: LinearFit, head: Head |
     L = len(layers)
     S = EvalSums(L)
     A = [torch.from_numpy(a).to(device) for a in fit.A]
-    comm = [A[i] @ A[i + 1] - A[i + 1] @ A[i] for i in range(L - 1)]  # [d, d] commutators, eq. 16
+    comm = [commutator(A[i], A[i + 1]) for i in range(L - 1)]  # [d, d], eq. 16
     for b in batches:
         cap = capture(model, layers_paths, **b.inputs())
         _layer_stats(S, cap, b, A, comm, window)
@@ -133,12 +132,11 @@ def _layer_stats(S: EvalSums, cap: Capture, b: Batch, A, comm, window: int) -> N
         S.y_sq[i] += float((Y * Y).sum())
         S.y_sum[i] = S.y_sum[i] + Y.sum(0).cpu().numpy()
         if i < L - 1:
-            num = (Xhat @ comm[i]).norm(dim=-1)
-            S.delta_lin[i] += float((num / Xhat.norm(dim=-1)).sum())
-        S.bi_cos[i] += float(_cos(cap.h[i][sel], cap.h[i + 1][sel]).sum())
-        S.ang1[i] += float(_angle(cap.h[i][rows, last], cap.h[i + 1][rows, last]).sum())
+            S.delta_lin[i] += float(delta_linear_per_token(Xhat, comm[i]).sum())
+        S.bi_cos[i] += float(cosine_per_token(cap.h[i][sel], cap.h[i + 1][sel]).sum())
+        S.ang1[i] += float(angle_per_row(cap.h[i][rows, last], cap.h[i + 1][rows, last]).sum())
         if i < L - 1:
-            S.ang2[i] += float(_angle(cap.h[i][rows, last], cap.h[i + 2][rows, last]).sum())
+            S.ang2[i] += float(angle_per_row(cap.h[i][rows, last], cap.h[i + 2][rows, last]).sum())
 
 
 def _pair_stats(S: EvalSums, layers, cap: Capture, b: Batch, head: Head | None) -> None:
@@ -171,18 +169,6 @@ def _pair_stats(S: EvalSums, layers, cap: Capture, b: Batch, head: Head | None) 
         d_, k_ = score(cap.h[L - 1])  # the last layer dropped
         S.dloss_drop[L - 1] += d_
         S.kl_drop[L - 1] += k_
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = a.double(), b.double()
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
-
-
-def _angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """arccos(cos(a, b))/π in the atan2 form, accurate near cos = ±1 (Gromov et al.'s angular distance)."""
-    u = a.double() / a.double().norm(dim=-1, keepdim=True)
-    v = b.double() / b.double().norm(dim=-1, keepdim=True)
-    return 2.0 * torch.atan2((u - v).norm(dim=-1), (u + v).norm(dim=-1)) / math.pi
 
 
 def finish(S: EvalSums, has_head: bool) -> dict:

@@ -1,26 +1,29 @@
-"""The paper's equations, line by line (spec §5): X̂ (eq. 12), A_i by ridge least squares, Trans (13), Dep (14),
-r (1), δ' (16) as a commutator. All float64."""
+"""The paper's equations, line by line (spec §4, §5, §10), and the only implementation of each.
+
+The analysis calls these functions; nothing recomputes them inline. Matrix statistics of the fitted A_i
+(Trans, Dep, r, the least-squares solve) are numpy float64. Per-token statistics (X̂, δ', cos for Block
+Influence, angular distance) are torch, because they run batch by batch on the model's device inside the eval
+pass, which streams their sums over batches; the ``block_influence`` / ``angular_distance`` / ``delta_linear``
+forms here are those same per-token functions averaged over one set of tokens.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
-WINDOW = 4
-RIDGE = 1e-6
+from lmsurgeon.swap.config import RIDGE, WINDOW
 
-
-def context_mix(X: np.ndarray, window: int = WINDOW) -> np.ndarray:
-    """X̂_t = mean of X_s over s ∈ {max(0, t−window+1), …, t}; X: [T, d] real tokens of one row."""
-    csum = np.cumsum(np.vstack([np.zeros((1, X.shape[1])), X]), axis=0)
-    t = np.arange(X.shape[0])
-    lo = np.maximum(0, t - window + 1)
-    return (csum[t + 1] - csum[lo]) / (t + 1 - lo)[:, None]
-
+# -- eq. 12: context-mixed input and the least-squares fit (numpy float64 for matrices) ----------------------
 
 def context_mix_batch(X: torch.Tensor, window: int = WINDOW) -> torch.Tensor:
-    """X̂ for a right-padded batch X: [B, T, d] (float64): each real position's window starts at the row's start
-    (position 0, the first real one) and never reaches padding, which only follows it. Same as :func:`context_mix`."""
+    """X̂_{t} = mean of X_s over s ∈ {max(0, t−window+1), …, t}, for a right-padded batch X: [B, T, d].
+
+    Each real position's window starts at the row's start (position 0, the first real one) and never reaches
+    padding, which only follows it.
+    """
     csum = torch.nn.functional.pad(X.cumsum(dim=1), (0, 0, 1, 0))
     t = torch.arange(X.shape[1], device=X.device)
     lo = (t - window + 1).clamp(min=0)
@@ -46,6 +49,8 @@ def fit_residual(A: np.ndarray, G: np.ndarray, C: np.ndarray, y_sq: float) -> fl
     return float(np.sum(A * (G @ A)) - 2.0 * np.sum(A * C) + y_sq)
 
 
+# -- eqs. 13, 14, 1: Trans, Dep, r ---------------------------------------------------------------------------
+
 def trans(A: np.ndarray) -> float:
     """Trans(i) = ‖A_i‖_F / √d (eq. 13)."""
     return float(np.linalg.norm(A, "fro") / np.sqrt(A.shape[0]))
@@ -59,25 +64,56 @@ def dep(Ai: np.ndarray, Aj: np.ndarray, floor: float = 0.0) -> float:
     return float(np.linalg.norm(Ai @ Aj, 2) / (ni * nj))
 
 
-def r_metric(Ai: np.ndarray, Aj: np.ndarray) -> float:
-    """r(i, i+1) = Trans(i)·Trans(i+1)·(Dep(i, i+1) + Dep(i+1, i)) (eq. 1)."""
-    return trans(Ai) * trans(Aj) * (dep(Ai, Aj) + dep(Aj, Ai))
+def r_of(trans_i: float, trans_j: float, dep_ij: float, dep_ji: float) -> float:
+    """r(i, i+1) = Trans(i)·Trans(i+1)·(Dep(i, i+1) + Dep(i+1, i)) (eq. 1), from its four components."""
+    return trans_i * trans_j * (dep_ij + dep_ji)
 
 
-def delta_linear(Xhat: np.ndarray, Ai: np.ndarray, Aj: np.ndarray) -> float:
-    """δ'(i, i+1) = E_t ‖X̂_t (A_iA_j − A_jA_i)‖ / ‖X̂_t‖ (eq. 16: L'_j(L'_i(x)) − L'_i(L'_j(x)))."""
-    diff = Xhat @ (Ai @ Aj - Aj @ Ai)
-    return float(np.mean(np.linalg.norm(diff, axis=1) / np.linalg.norm(Xhat, axis=1)))
+def r_metric(Ai: np.ndarray, Aj: np.ndarray, floor: float = 0.0) -> float:
+    """r(i, i+1) of two fitted layers (eq. 1); ``floor`` as in :func:`dep`."""
+    return r_of(trans(Ai), trans(Aj), dep(Ai, Aj, floor), dep(Aj, Ai, floor))
 
 
-def block_influence(X_in: np.ndarray, X_out: np.ndarray) -> float:
-    """ShortGPT BI(i) = 1 − E_t cos(X_{i,t}, X_{i+1,t}) (spec §10); X: [T, d] real tokens."""
-    cos = (X_in * X_out).sum(1) / (np.linalg.norm(X_in, axis=1) * np.linalg.norm(X_out, axis=1))
-    return float(1.0 - cos.mean())
+# -- eq. 16: linearised swap effect ---------------------------------------------------------------------------
+
+def commutator(Ai: torch.Tensor, Aj: torch.Tensor) -> torch.Tensor:
+    """A_iA_j − A_jA_i: L'_j(L'_i(x)) − L'_i(L'_j(x)) = x(A_iA_j − A_jA_i) for L'(x) = x + xA."""
+    return Ai @ Aj - Aj @ Ai
 
 
-def angular_distance(x_a: np.ndarray, x_b: np.ndarray) -> float:
-    """Gromov et al.: arccos(cos(x_a, x_b))/π for one row's last real token (spec §10)."""
-    u, v = x_a / np.linalg.norm(x_a), x_b / np.linalg.norm(x_b)
-    # 2·atan2(‖u−v‖, ‖u+v‖) equals arccos(u·v) but stays accurate near ±1, where arccos loses half the digits.
-    return float(2.0 * np.arctan2(np.linalg.norm(u - v), np.linalg.norm(u + v)) / np.pi)
+def delta_linear_per_token(Xhat: torch.Tensor, comm: torch.Tensor) -> torch.Tensor:
+    """‖X̂_t (A_iA_j − A_jA_i)‖₂ / ‖X̂_t‖₂ per token (inside eq. 16's expectation); Xhat: [N, d], comm: [d, d]."""
+    return (Xhat @ comm).norm(dim=-1) / Xhat.norm(dim=-1)
+
+
+def delta_linear(Xhat: torch.Tensor, Ai: torch.Tensor, Aj: torch.Tensor) -> float:
+    """δ'(i, i+1) = E_t ‖L'_j(L'_i(X̂))_t − L'_i(L'_j(X̂))_t‖ / ‖X̂_t‖ (eq. 16) over the tokens of Xhat."""
+    return float(delta_linear_per_token(Xhat, commutator(Ai, Aj)).mean())
+
+
+# -- spec §10: ShortGPT's Block Influence and Gromov et al.'s angular distance --------------------------------
+
+def cosine_per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(a_t, b_t) in float64 for rows a, b: [N, d]."""
+    a, b = a.double(), b.double()
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def block_influence(X_in: torch.Tensor, X_out: torch.Tensor) -> float:
+    """ShortGPT BI(i) = 1 − E_t cos(X_{i,t}, X_{i+1,t}) over the real tokens X: [N, d]."""
+    return float(1.0 - cosine_per_token(X_in, X_out).mean())
+
+
+def angle_per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """arccos(cos(a_r, b_r))/π per row (float64), in the atan2 form 2·atan2(‖u−v‖, ‖u+v‖) of unit vectors u, v.
+
+    Equal to arccos(u·v) but accurate near cos = ±1, where arccos loses half the digits.
+    """
+    u = a.double() / a.double().norm(dim=-1, keepdim=True)
+    v = b.double() / b.double().norm(dim=-1, keepdim=True)
+    return 2.0 * torch.atan2((u - v).norm(dim=-1), (u + v).norm(dim=-1)) / math.pi
+
+
+def angular_distance(x_a: torch.Tensor, x_b: torch.Tensor) -> float:
+    """Gromov et al.: E_rows arccos(cos(x_a, x_b))/π, x the last real token of each row: [rows, d]."""
+    return float(angle_per_row(x_a, x_b).mean())

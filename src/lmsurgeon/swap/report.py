@@ -81,7 +81,33 @@ def draw_figures(run, body: dict) -> dict[str, str]:
     ax.set_title("Depth profile", fontsize=9)
     ax.legend(fontsize=7)
     figs["depth"] = run.save_figure(fig, "depth_profile")
+    if body.get("plans"):
+        figs["plans"] = _plans_figure(run, body)
     return figs
+
+
+STRATEGY_LABELS = {"trans": "Trans (r components)", "bi": "Block Influence", "angular": "angular distance (block)",
+                   "dloss": "single-drop Δloss", "greedy_validation": "greedy on validation",
+                   "oracle": "oracle (greedy on held-out)"}
+
+
+def _plans_figure(run, body: dict) -> str:
+    """Held-out bits per byte against the number of dropped layers, one line per strategy."""
+    fig, ax = new_figure(6.5, 4.2)
+    rows = body["plans"]
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        pts = sorted((r["k"], r["heldout_bpb"]) for r in rows if r["strategy"] == name)
+        style = "k--" if name == "oracle" else "o-"
+        ax.plot([k for k, _ in pts], [v for _, v in pts], style, label=STRATEGY_LABELS.get(name, name), ms=4)
+    rec = body["recommended"]
+    ax.plot([r["k"] for r in rec], [r["heldout_bpb"] for r in rec], "*", color="#d62728", ms=12,
+            label="recommended", zorder=5)
+    ax.axhline(body["plan_summary"]["baseline"]["heldout_bpb"], color="grey", lw=0.8, label="no layer dropped")
+    ax.set_xlabel("layers dropped (k)")
+    ax.set_ylabel("held-out bits per byte")
+    ax.set_title("Drop plans scored on held-out text", fontsize=9)
+    ax.legend(fontsize=7)
+    return run.save_figure(fig, "plans_heldout_bpb")
 
 
 def build_report(results: dict, figs: dict[str, str]) -> Report:
@@ -96,6 +122,11 @@ def build_report(results: dict, figs: dict[str, str]) -> Report:
         "tokens fit / eval": f"{results['tokens']['fit']} / {results['tokens']['eval']}",
         "perplexity (eval)": results.get("perplexity"),
     }
+    if results.get("plan_summary"):
+        a = results["plan_summary"]["at_k_max"]
+        summary[f"drop plan (k = {results['plan_summary']['k_max']})"] = (
+            f"{a['recommended']}: {a['recommended_bpb']:.4f} bpb vs oracle {a['oracle_bpb']:.4f} "
+            f"({100 * a['gap_to_oracle']:+.1f} %)")
     how = ("Each pair i is the adjacent layers (i, i+1), counted from 0 (the paper counts from 1). δ is the "
            "measured local effect of exchanging the two layers on real inputs (eq. 2); r = Trans(i)·Trans(i+1)·"
            "(Dep(i, i+1) + Dep(i+1, i)) predicts it from per-layer linear fits (eqs. 1, 13, 14); δ' is the same "
@@ -122,6 +153,12 @@ def build_report(results: dict, figs: dict[str, str]) -> Report:
         Section("Per layer", text="R² of the linear fit X̂A ≈ X_{i+1} − X_i on the fit and the eval split.",
                 table=layer_rows),
     ]
+    if results.get("plans"):
+        sections.append(_plans_section(results, figs))
+    if results.get("reorder"):
+        sections.append(_reorder_section(results["reorder"]))
+    if results.get("applied_plan"):
+        sections.append(_applied_plan_section(results["applied_plan"]))
     if results.get("apply"):
         a = results["apply"]
         sections.append(Section("Applied rewiring", text=f"Wrote {a['path']} ({a['description']}).",
@@ -129,6 +166,62 @@ def build_report(results: dict, figs: dict[str, str]) -> Report:
                                        {"": "after", "loss": a["loss_after"], "perplexity": a["ppl_after"]}]))
     return Report(title="Layer swap analysis", subtitle=model["source"], summary=summary, how_to_read=how,
                   sections=sections)
+
+
+def plan_verdict(summary: dict) -> str:
+    """One sentence: the recommended plan at the largest k against the oracle and the two baselines."""
+    a = summary["at_k_max"]
+    base = ", ".join(f"{STRATEGY_LABELS[k]} {v:.4f}" for k, v in a["baselines_bpb"].items())
+    within = "met" if a["within_5_percent_of_oracle"] else "not met"
+    as_good = "yes" if a["at_least_as_good_as_baselines"] else "no"
+    return (f"At k = {summary['k_max']} of {summary['n_layers']} layers the recommended plan ({a['recommended']}) "
+            f"scores {a['recommended_bpb']:.4f} bits per byte on held-out text, the oracle {a['oracle_bpb']:.4f} "
+            f"({100 * a['gap_to_oracle']:+.1f} %; target within 5 %: {within}); baselines: {base} (recommended at "
+            f"least as good: {as_good})."
+            f" Best non-oracle predictor on held-out text: {a['best_non_oracle_on_heldout']} "
+            f"({a['best_non_oracle_bpb']:.4f}).")
+
+
+def _plans_section(results: dict, figs: dict) -> Section:
+    rows = []
+    rec = {(r["k"], r["strategy"]) for r in results["recommended"]}
+    for r in sorted(results["plans"], key=lambda r: (r["k"], r["heldout_bpb"])):
+        rows.append({"k": r["k"], "strategy": STRATEGY_LABELS.get(r["strategy"], r["strategy"]),
+                     "layers dropped": ", ".join(map(str, r["layers"])), "held-out loss": r["heldout_loss"],
+                     "held-out bits/byte": r["heldout_bpb"], "validation loss": r["validation_loss"],
+                     "recommended": "✓" if (r["k"], r["strategy"]) in rec else ""})
+    summary = results["plan_summary"]
+    text = (plan_verdict(summary) + "\n\nEach strategy proposes which k layers to drop (0-based); every plan is "
+            "scored from cached layer inputs on held-out text that no strategy saw. The recommended plan per k is the "
+            "non-oracle plan with the lowest loss on the validation (eval) text; the oracle drops one layer at a time "
+            "by held-out loss itself, so it bounds what a planner can reach and is never recommended. Without any "
+            f"drop: held-out loss {summary['baseline']['heldout_loss']:.4f}, "
+            f"{summary['baseline']['heldout_bpb']:.4f} bits per byte.")
+    return Section("Drop plans", text=text, table=rows, figures=[figs["plans"]] if "plans" in figs else [])
+
+
+def _reorder_section(reorder: dict) -> Section:
+    rows = [{"swaps (pairs i↔i+1)": ", ".join(map(str, s["swaps"])), "validation Δloss": s["validation_dloss"],
+             "held-out Δloss": s["heldout_dloss"], "held-out bits/byte": s["heldout_bpb"]} for s in reorder["steps"]]
+    text = (f"Adjacent swaps tried safest first (by {reorder['ranked_by']}), each kept while the composition of the "
+            f"kept swaps adds at most {reorder['tolerance']} nats per token on the validation text; "
+            f"{len(reorder['rejected'])} tried and rejected.")
+    return Section("Reorder plan", text=text, table=rows)
+
+
+def _applied_plan_section(a: dict) -> Section:
+    table = [{"": "before", "held-out loss": a["heldout_loss_before"]},
+             {"": "after (loaded checkpoint)", "held-out loss": a["heldout_loss"]},
+             {"": "after (from cached inputs)", "held-out loss": a["heldout_loss_from_cache"]}]
+    if a.get("heal"):
+        h = a["heal"]
+        table.append({"": f"after healing {h['steps']} steps (layers {h['trained_layers']})",
+                      "held-out loss": h["heldout_loss_after"]})
+    gen = a["generation"]
+    text = (f"Wrote {a['path']} ({a['source']}: drops {a['drops']}, swaps {a['swaps']}; {a['n_layers']} layers). "
+            f"Greedy generation with the KV cache {'equals' if gen['cached_equals_uncached'] else 'DIFFERS FROM'} "
+            f"uncached argmax decoding over {gen['new_tokens']} tokens.")
+    return Section("Applied plan", text=text, table=table)
 
 
 def _fmt_sp(v: dict | None) -> str | None:

@@ -13,9 +13,11 @@ from lmsurgeon.arch import Layout, find_module
 from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.io import open_model
 from lmsurgeon.report import RunFolder
+from lmsurgeon.swap.config import SwapConfig
 from lmsurgeon.swap.e2e import find_head
 from lmsurgeon.swap.engine import Batch, eval_pass, finish, fit_pass
-from lmsurgeon.swap.metrics import RIDGE, WINDOW, dep, trans
+from lmsurgeon.swap.metrics import dep, r_of, trans
+from lmsurgeon.swap.plan import PlanEvaluator, parse_plan_drop, plan_drops, plan_reorder, predicted_bytes
 from lmsurgeon.swap.stats import spearman_ci
 
 MIN_ROW_TOKENS = 16
@@ -24,85 +26,156 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
-def analyze(source, data=None, *, eval_data=None, tokens: int = 65_536, fit_tokens: int | None = None,
-            seq_len: int = 512, device: str = "cpu", dtype: str = "auto", out=None, seed: int = 0,
-            window: int = WINDOW, ridge: float = RIDGE, skip_first: int = 0, bootstrap: int = 2000,
-            e2e: bool = True, apply: int | None = None, drop: int | None = None, batch_tokens: int = 8192,
-            progress: bool = False, overwrite: bool = False) -> dict:
+def analyze(source, config: SwapConfig | None = None, *, out=None, progress: bool = False, overwrite: bool = False,
+            **options) -> dict:
     """Analyse every adjacent layer pair of ``source`` and write a run folder; returns results.json's dict.
 
-    ``data`` is the fit text (None: the built-in corpus's train split, eval on its validation split);
-    ``eval_data`` feeds δ, δ', Δloss and perplexity (absent with ``data``: ``data``'s documents shuffled with
-    ``seed`` and split 50/50). ``tokens`` is the eval budget in real tokens; the fit budget is
-    ``fit_tokens`` or max(tokens, 8·d). ``apply=i`` also writes ``swap_i_{i+1}/``, ``drop=i`` writes ``drop_i/``.
+    Settings come from ``config`` (default :class:`SwapConfig`), with any keyword ``options`` (its field names:
+    ``tokens=4096, seq_len=128, apply=3`` ...) applied on top. ``data`` is the fit text (None: the built-in
+    corpus's train split, eval on its validation split); ``eval_data`` feeds δ, δ', Δloss and perplexity (absent
+    with ``data``: ``data``'s documents shuffled with ``seed`` and split 50/50). ``tokens`` is the eval budget in
+    real tokens; the fit budget is ``fit_tokens`` or max(tokens, 8·d). ``apply=i`` also writes
+    ``swap_i_{i+1}/``, ``drop=i`` writes ``drop_i/``. The run folder is ``out`` (default
+    ``runs/swap-<timestamp>``); its final path is ``results["run_dir"]``.
     """
-    with RunFolder(out, command="swap", seed=seed, overwrite=overwrite) as run:  # refuses a used --out first
+    if config is not None and not isinstance(config, SwapConfig):
+        raise TypeError(f"config must be a SwapConfig, not {type(config).__name__}")
+    cfg = (config or SwapConfig()).with_options(**options)
+    with RunFolder(out, command="swap", seed=cfg.seed, overwrite=overwrite) as run:  # refuses a used --out first
         t0 = time.time()
         timings: dict[str, float] = {}
         handle = open_model(source)
         layout = Layout(handle)
         family = layout.family
-        torch_dtype = resolve_dtype(dtype, device, handle)
+        torch_dtype = resolve_dtype(cfg.dtype, cfg.device, handle)
         kind = "base" if family.encoder else "causal-lm"
-        model = handle.load_model(kind, dtype=torch_dtype, device=device)
+        model = handle.load_model(kind, dtype=torch_dtype, device=cfg.device)
         tokenizer = handle.load_tokenizer()
         layers = find_module(model, family.modules["layers"])
         L, d = len(layers), layout.hidden_size
         if L < 2:
             raise LmsurgeonError(f"a swap needs at least 2 layers, the model has {L}", handle.name)
-        _check_index(apply, L - 1, "--apply")
-        _check_index(drop, L, "--drop")
-        head = find_head(model, family) if e2e else None  # no head: δ, δ', Trans, Dep only
+        _check_index(cfg.apply, L - 1, "--apply")
+        _check_index(cfg.drop, L, "--drop")
+        head = find_head(model, family) if cfg.e2e else None  # no head: δ, δ', Trans, Dep only
         timings["load_seconds"] = time.time() - t0
 
-        seq_len = min(seq_len, layout.max_positions or seq_len)  # learned position tables end there
-        fit_texts, eval_texts, data_desc = split_texts(data, eval_data, seed)
-        fit_budget = fit_tokens or max(tokens, 8 * d)
+        seq_len = min(cfg.seq_len, layout.max_positions or cfg.seq_len)  # learned position tables end there
+        fit_texts, eval_texts, data_desc = split_texts(cfg.data, cfg.eval_data, cfg.seed)
+        planning = cfg.plan_drop is not None or cfg.plan_reorder or cfg.apply_plan is not None
+        if planning:
+            eval_texts, heldout_texts, data_desc["heldout"] = heldout_split(cfg, eval_texts)
+        fit_budget = cfg.fit_tokens or max(cfg.tokens, 8 * d)
         pad_id = _pad_id(tokenizer)
         fit_rows = tokenize_rows(tokenizer, fit_texts, seq_len, fit_budget)
-        eval_rows = tokenize_rows(tokenizer, eval_texts, seq_len, tokens)
+        eval_rows = tokenize_rows(tokenizer, eval_texts, seq_len, cfg.tokens)
         if not fit_rows or not eval_rows:
-            raise LmsurgeonError(f"no text row has at least {MIN_ROW_TOKENS} tokens", str(data or "built-in corpus"))
-        fit_batches = make_batches(fit_rows, batch_tokens, seq_len, pad_id, device, skip_first)
-        eval_batches = make_batches(eval_rows, batch_tokens, seq_len, pad_id, device, skip_first)
+            raise LmsurgeonError(f"no text row has at least {MIN_ROW_TOKENS} tokens",
+                                 str(cfg.data or "built-in corpus"))
+        fit_batches = make_batches(fit_rows, cfg.batch_tokens, seq_len, pad_id, cfg.device, cfg.skip_first)
+        eval_batches = make_batches(eval_rows, cfg.batch_tokens, seq_len, pad_id, cfg.device, cfg.skip_first)
 
         with _progress(progress, len(fit_batches) + len(eval_batches)) as tick:
             t1 = time.time()
-            fit = fit_pass(model, family.modules["layers"], fit_batches, L, d, window, ridge, device, tick)
+            fit = fit_pass(model, family.modules["layers"], fit_batches, L, d, cfg.window, cfg.ridge, cfg.device,
+                           tick)
             timings["fit_seconds"] = time.time() - t1
             t1 = time.time()
-            S = eval_pass(model, layers, family.modules["layers"], eval_batches, fit, head, window, device, tick)
+            S = eval_pass(model, layers, family.modules["layers"], eval_batches, fit, head, cfg.window, cfg.device,
+                          tick)
             ev = finish(S, head is not None)
             timings["eval_seconds"] = time.time() - t1
 
-        body = assemble(fit, ev, L, d, head is not None, bootstrap, seed)
+        body = assemble(fit, ev, L, d, head is not None, cfg.bootstrap, cfg.seed)
         body.update({
+            "run_dir": str(run.out.resolve()),
             "model": {"source": str(source), "family": family.name, "n_layers": L, "hidden_size": d,
-                      "encoder": family.encoder, "dtype": str(torch_dtype).replace("torch.", ""), "device": device},
-            "settings": {"data": data_desc, "seq_len": seq_len, "fit_tokens_budget": fit_budget,
-                         "eval_tokens_budget": tokens, "window": window, "ridge": ridge, "skip_first": skip_first,
-                         "bootstrap": bootstrap, "min_row_tokens": MIN_ROW_TOKENS, "e2e": head is not None,
-                         "batch_tokens": batch_tokens, "padding": "right",
-                         "special_tokens": "tokenizer default"},
+                      "encoder": family.encoder, "dtype": str(torch_dtype).replace("torch.", ""),
+                      "device": cfg.device},
+            "settings": settings(cfg, data_desc, seq_len, fit_budget, e2e=head is not None),
             "tokens": {"fit": fit.n_fit, "eval": ev["n_tokens"], "eval_rows": ev["n_rows"],
                        "fit_rows": len(fit_rows), "loss_tokens": ev["n_loss_tokens"]},
             "paper": PAPER,
         })
         from lmsurgeon.swap.report import build_report, draw_figures
 
+        evaluators = None
+        if planning:
+            t1 = time.time()
+            plan_head = head or find_head(model, family)
+            if plan_head is None:
+                raise LmsurgeonError("--plan-drop, --plan-reorder and --apply-plan score plans by next-token loss, "
+                                     "which needs a model with an LM head", handle.name)
+            heldout_rows = tokenize_rows(tokenizer, heldout_texts, seq_len, cfg.plan_tokens or cfg.tokens)
+            if not heldout_rows:
+                raise LmsurgeonError(f"no held-out row has at least {MIN_ROW_TOKENS} tokens",
+                                     data_desc["heldout"])
+            heldout_batches = make_batches(heldout_rows, cfg.batch_tokens, seq_len, pad_id, cfg.device)
+            evaluators = make_evaluators(model, layers, family.modules["layers"], plan_head, tokenizer,
+                                         (eval_batches, eval_rows), (heldout_batches, heldout_rows))
+            body["tokens"]["heldout"] = sum(len(r) for r in heldout_rows)
+            if cfg.plan_drop is not None:
+                body.update(plan_drops(*evaluators, body["layers"], parse_plan_drop(cfg.plan_drop, L)))
+            if cfg.plan_reorder:
+                body["reorder"] = plan_reorder(*evaluators, body["pairs"], cfg.reorder_tolerance)
+            timings["plan_seconds"] = time.time() - t1
+
         body["apply"] = None
-        if apply is not None or drop is not None:
+        if cfg.apply is not None or cfg.drop is not None:
             from lmsurgeon.swap.apply import apply_and_evaluate
 
             t1 = time.time()
-            body["apply"] = apply_and_evaluate(handle, layout, run.path, eval_batches, kind, torch_dtype, device,
-                                               swap=apply, drop=drop, model=model)
+            body["apply"] = apply_and_evaluate(handle, layout, run.path, eval_batches, kind, torch_dtype,
+                                               cfg.device, swap=cfg.apply, drop=cfg.drop, model=model)
             timings["apply_seconds"] = time.time() - t1
+        if cfg.apply_plan is not None:
+            from lmsurgeon.swap.apply import apply_plan
+
+            t1 = time.time()
+            body["applied_plan"] = apply_plan(handle, layout, run.path, body, cfg, evaluators, kind, torch_dtype,
+                                              fit_batches)
+            timings["apply_plan_seconds"] = time.time() - t1
         figures = draw_figures(run, body)
         timings["analysis_seconds"] = time.time() - t0
         results = run.write_results(body, inputs=handle.inputs(), timings=timings)
         run.write_report(build_report(results, figures))
     return results
+
+
+def make_evaluators(model, layers, layers_paths, head, tokenizer, validation, heldout):
+    """Plan evaluators over the validation (eval) split and the held-out split: (batches, rows) each."""
+    return tuple(PlanEvaluator(model, layers, layers_paths, head, batches, predicted_bytes(tokenizer, rows))
+                 for batches, rows in (validation, heldout))
+
+
+def heldout_split(cfg: SwapConfig, eval_texts: list[str]) -> tuple[list[str], list[str], str]:
+    """(eval documents, held-out documents, description): the text plans are scored on, apart from the eval
+    split every predictor and the recommendation use.
+
+    ``--heldout-data`` if given; with the built-in corpus only, its test split; else the last third of the eval
+    documents shuffled with ``seed`` (the eval split keeps the rest, so it shrinks when planning).
+    """
+    from lmsurgeon.data import load_texts
+
+    if cfg.heldout_data is not None:
+        return eval_texts, load_texts(cfg.heldout_data, "test"), str(cfg.heldout_data)
+    if cfg.data is None and cfg.eval_data is None:
+        return eval_texts, load_texts(None, "test"), "built-in corpus: test"
+    docs = list(eval_texts)
+    if len(docs) < 3:
+        raise LmsurgeonError("planning needs held-out text: give --heldout-data, or at least 3 eval documents to "
+                             "set a third aside", str(cfg.eval_data or cfg.data))
+    random.Random(cfg.seed + 1).shuffle(docs)
+    cut = len(docs) - len(docs) // 3
+    return docs[:cut], docs[cut:], f"a third of the eval documents (shuffled, seed {cfg.seed + 1})"
+
+
+def settings(cfg: SwapConfig, data_desc: dict, seq_len: int, fit_budget: int, *, e2e: bool) -> dict:
+    """results.json's ``settings``: the configuration as it was applied (effective seq_len and budgets)."""
+    return {"data": data_desc, "seq_len": seq_len, "fit_tokens_budget": fit_budget,
+            "eval_tokens_budget": cfg.tokens, "window": cfg.window, "ridge": cfg.ridge, "skip_first": cfg.skip_first,
+            "bootstrap": cfg.bootstrap, "min_row_tokens": MIN_ROW_TOKENS, "e2e": e2e,
+            "batch_tokens": cfg.batch_tokens, "padding": "right", "special_tokens": "tokenizer default"}
 
 
 def _check_index(i: int | None, n: int, flag: str) -> None:
@@ -217,7 +290,7 @@ def assemble(fit, ev: dict, L: int, d: int, has_head: bool, bootstrap: int, seed
         dl = ev["dloss_swap"][i] if has_head else None
         pairs.append({
             "i": i, "j": i + 1, "trans_i": T[i], "trans_j": T[i + 1], "dep_ij": d_ij, "dep_ji": d_ji,
-            "r": T[i] * T[i + 1] * (d_ij + d_ji), "delta": ev["delta"][i], "delta_linear": ev["delta_linear"][i],
+            "r": r_of(T[i], T[i + 1], d_ij, d_ji), "delta": ev["delta"][i], "delta_linear": ev["delta_linear"][i],
             "bi": ev["bi"][i] * ev["bi"][i + 1], "angular": ev["ang2"][i],
             "trans_product": T[i] * T[i + 1], "dep_sum": d_ij + d_ji,
             "dep_flagged": bool(min(snorm[i], snorm[i + 1]) < floor),
