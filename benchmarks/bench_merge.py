@@ -1,9 +1,11 @@
 """Merge trial cost: in-place patch/evaluate/restore vs one perplexity evaluation vs reloading B per trial,
 and trials per minute with 1 and 2 worker processes on one shared Optuna storage.
 
-    /work/venv/bin/python benchmarks/bench_merge.py [--profile full|test] [--trials 8] [--storage URL]
+    python benchmarks/bench_merge.py [--profile full|test] [--zoo DIR] [--trials 8] [--worker-trials 16]
+                                     [--storage URL]
 
-Default storage for the worker rows is a SQLite file (any RDB URL, e.g. postgresql://..., works the same).
+Default storage for the worker rows is a SQLite file (any RDB URL, e.g. postgresql://..., works the same);
+`--worker-trials 0` leaves the worker rows out. `--zoo DIR` uses an already built zoo folder.
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--worker-trials", type=int, default=16)
     ap.add_argument("--storage", default=None)
+    ap.add_argument("--zoo", default=None, help="an already built zoo folder (default: the profile's, built if needed)")
     a = ap.parse_args()
 
     from lmsurgeon.data import load_texts
     from lmsurgeon.merge import MergeSession
     from lmsurgeon.zoo import ensure_zoo
 
-    zoo_dir, _ = ensure_zoo(a.profile)
+    zoo_dir = Path(a.zoo) if a.zoo else ensure_zoo(a.profile)[0]
     base, donor = str(zoo_dir / "llama-sp"), str(zoo_dir / "gpt2-bpe")
     texts = load_texts(None, "validation")[:32]
     s = MergeSession(base, donor, texts)
@@ -85,12 +88,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
-        for n in (1, 2):
+        for n in (1, 2) if a.worker_trials else ():
             url = a.storage or f"sqlite:///{Path(tmp) / f'w{n}.db'}"
             secs = _workers(n, base, donor, a.worker_trials, url, f"bench-{n}-{time.time_ns()}")
             rows.append((n, secs, 60 * a.worker_trials / secs))
 
-    print(f"zoo pair llama-sp (base) ← gpt2-bpe (donor), profile {a.profile}, {len(s.evaluator.seqs)} prompts")
+    print(f"zoo pair llama-sp (base) ← gpt2-bpe (donor), {zoo_dir.name}, {len(s.evaluator.seqs)} prompts")
     print(f"{'measure':48s} {'seconds':>9s} {'ratio':>8s}")
     print(f"{'one perplexity evaluation':48s} {t_eval:9.3f} {1.0:8.2f}")
     print(f"{'in-place trial (patch, evaluate, restore)':48s} {t_trial:9.3f} {t_trial / t_eval:8.2f}   "

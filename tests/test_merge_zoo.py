@@ -1,6 +1,8 @@
-"""On the zoo's cross-tokenizer, cross-width pair the best trial stays under the cap while moving the model."""
+"""The zoo pairs: cross-tokenizer, cross-width merges, and the domain scenario (a code-trained donor)."""
 
+from lmsurgeon.data import load_corpus
 from lmsurgeon.merge import run_merge
+from lmsurgeon.zoo.recipe import domain_texts
 
 
 def test_zoo_pair_best_trial_keeps_perplexity_under_cap_and_moves_the_model(test_zoo, tmp_path):
@@ -15,3 +17,21 @@ def test_zoo_pair_best_trial_keeps_perplexity_under_cap_and_moves_the_model(test
     assert best["r"] <= res["ppl_cap"]
     assert best["sym_kl"] > 0
     assert (tmp_path / "zoo" / "best_model" / "model.safetensors").exists()
+
+
+def test_zoo_domain_scenario_recommends_nothing_worse_than_the_base(test_zoo, tmp_path):
+    """Base llama-sp (general text) ← donor gpt2-code (code docstrings only): the donor knows the domain better
+    than the base; whatever the search finds, the recommended model is not worse on held-out domain text and
+    keeps general text within the tolerance."""
+    zoo_dir, _manifest = test_zoo
+    corpus = load_corpus()
+    search, heldout = tmp_path / "search.txt", tmp_path / "heldout.txt"
+    search.write_text("\n\n".join(domain_texts(corpus.split("train_b"))), encoding="utf-8")
+    heldout.write_text("\n\n".join(domain_texts(corpus.split("validation"))), encoding="utf-8")
+    res = run_merge(str(zoo_dir / "llama-sp"), str(zoo_dir / "gpt2-code"), tmp_path / "domain", trials=6, seed=0,
+                    max_prompts=32, prompts_file=str(search), eval_file=str(heldout), objective="domain")
+    bpb = res["bpb"]
+    assert bpb["donor"]["heldout"] < bpb["base"]["heldout"]  # the scenario: the donor knows the domain
+    assert bpb["best"]["heldout"] <= bpb["base"]["heldout"]
+    assert bpb["best"]["general"] <= bpb["base"]["general"] * (1 + res["tolerance"])
+    assert res["texts"]["heldout"]["documents"] == len(domain_texts(corpus.split("validation")))

@@ -210,7 +210,10 @@ def recommend(base: dict, best: dict | None, cfg: MergeConfig) -> tuple[str, str
     """("trial" or "base", why): a trial is recommended only when it beats the base on held-out text and keeps
     general text within the tolerance; otherwise the base is, and the reason says so."""
     if best is None:
-        return "base", "no trial stayed under the guard"
+        if cfg.objective == "domain":
+            return "base", (f"no trial kept general text within the tolerance ({cfg.tolerance:.1%} over the base's "
+                            f"{base['general']:.4f} bits per byte) under the guard; the base is recommended unchanged")
+        return "base", "no trial stayed under the guard; the base is recommended unchanged"
     if best["heldout"] >= base["heldout"]:
         return "base", (f"no trial beat the base on held-out text (best trial {best['heldout']:.4f} bits per byte "
                         f"≥ base {base['heldout']:.4f}); the base is recommended unchanged")

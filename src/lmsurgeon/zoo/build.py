@@ -32,7 +32,16 @@ from lmsurgeon.io.model import quiet_transformers
 from lmsurgeon.zoo.manifest import MANIFEST, read_manifest
 from lmsurgeon.zoo.models import count_params, make_config, new_model
 from lmsurgeon.zoo.progress import Bars, bars
-from lmsurgeon.zoo.recipe import MAX_POSITIONS, ZOO_CODE_VERSION, ModelRecipe, Recipe, build_recipe, recipe_hash
+from lmsurgeon.zoo.recipe import (
+    DOMAIN_SPLIT,
+    MAX_POSITIONS,
+    ZOO_CODE_VERSION,
+    ModelRecipe,
+    Recipe,
+    build_recipe,
+    domain_texts,
+    recipe_hash,
+)
 from lmsurgeon.zoo.tokenizers import load_tokenizer, save_tokenizer, train_tokenizer
 from lmsurgeon.zoo.training import TrainPlan, deterministic, encode_stream, perplexity, train
 from lmsurgeon.zoo.transforms import fold_model, logit_discrepancy, moved_fraction, permute_model, prune_model
@@ -215,7 +224,8 @@ class _Build:
         """The token stream of one corpus split (validation capped at the recipe's evaluation budget)."""
         key = (tokenizer, split)
         if key not in self._streams:
-            stream = encode_stream(self._raw[tokenizer], self.corpus.split(split), self.tokenizers[tokenizer]["eos_id"])
+            docs = domain_texts(self.corpus.split("train")) if split == DOMAIN_SPLIT else self.corpus.split(split)
+            stream = encode_stream(self._raw[tokenizer], docs, self.tokenizers[tokenizer]["eos_id"])
             if split == EVAL_SPLIT and self.recipe.eval_tokens:
                 stream = stream[: self.recipe.eval_tokens]
             self._streams[key] = stream

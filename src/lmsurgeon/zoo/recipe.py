@@ -13,6 +13,9 @@ Models (every profile has all of them; ``test`` is smaller and shorter):
   (hidden units permuted, then lightly trained), ``lin-pruned`` (middle layers dropped, lightly healed) and
   ``lin-gammafold`` (norm gains folded into the linears; same function, no training).
 * ``lin-indep-1..3``: same config, tokenizer and data as ``lin-base`` but other seeds: the hard negatives.
+* ``gpt2-code``: GPT-2 (narrower than ``llama-sp``, byte-level BPE) trained only on the training documents
+  with doctest code (``>>>``): the donor of the merge's domain scenario, where ``llama-sp`` (trained on all of
+  the general text) is the base and :func:`domain_texts` gives the domain's search and held-out text.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ from lmsurgeon.zoo.tokenizers import TokenizerSpec, bytelevel_spec, sentencepiec
 ZOO_CODE_VERSION = 1  # bump whenever a code change would change the weights a recipe produces
 PROFILES = ("full", "test")
 MAX_POSITIONS = 128  # context length of every zoo model (GPT-2's learned positions stop here)
+DOMAIN_SPLIT = "domain"  # a model recipe's split: the train split's documents of the domain
+DOMAIN_MARK = ">>>"  # the domain: standard-library docstrings with doctest code
+
+
+def domain_texts(docs: list[str]) -> list[str]:
+    """The documents of the zoo's domain (code examples in docstrings), in their order."""
+    return [doc for doc in docs if DOMAIN_MARK in doc]
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,9 @@ def build_recipe(profile: str, seed: int = 0) -> Recipe:
         ModelRecipe("deep-llama", s.deep, "bpe4k", seed + 12, s.deep_steps, 1.5e-3, s.batch,
                     description=f"deep narrow Llama ({s.deep.layers} layers) for layer-swap analysis"),
         *_lineage(s, seed),
+        ModelRecipe("gpt2-code", s.gpt2, "bpe4k", seed + 13, s.pair_steps, 2e-3, s.batch, split=DOMAIN_SPLIT,
+                    description="GPT-2 trained only on the docstrings with doctest code: the donor of the merge's "
+                                "domain scenario (base llama-sp)"),
     ]
     return Recipe(profile, seed, s.seq_len, s.eval_tokens, _TOKENIZERS, tuple(models))
 
