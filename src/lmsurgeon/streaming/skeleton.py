@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,15 +36,16 @@ _WIDE = {"F64"}
 _INTEGER = {"I64", "I32", "I16", "I8", "U8"}
 
 
-def build_skeleton(config: dict, kind: str, dtype: torch.dtype, where: str) -> torch.nn.Module:
-    """The model of ``config`` (a config.json dict) with every parameter on the meta device, in eval mode.
+def build_skeleton(config: dict, kind: str, dtype: torch.dtype, where: str) -> Any:
+    """The model of ``config`` (a config.json dict) with every parameter on the meta device, in eval mode
+    (a ``transformers.PreTrainedModel``).
 
     ``kind`` is ``causal-lm`` (``AutoModelForCausalLM``: decoders with their head) or ``base`` (``AutoModel``:
     encoders, or a decoder without its head). Only architectures ``transformers`` ships are built: a config
     that needs remote code is refused rather than run.
     """
     import transformers
-    from accelerate import init_empty_weights
+    from accelerate import init_empty_weights  # type: ignore[import-untyped]
 
     from lmsurgeon.io.model import quiet_transformers
 
@@ -105,7 +107,7 @@ def _sequential_loading():
             os.environ[key] = before
 
 
-def load_tensors(model: torch.nn.Module, handle, names: Iterable[str], dtype: torch.dtype,
+def load_tensors(model: Any, handle, names: Iterable[str], dtype: torch.dtype,
                  device: torch.device) -> None:
     """Read the checkpoint tensors ``names`` from ``handle`` into ``model`` through transformers' loader.
 
@@ -125,7 +127,7 @@ def load_tensors(model: torch.nn.Module, handle, names: Iterable[str], dtype: to
     if not state:
         return
     config = LoadStateDictConfig(device_map={"": device}, dtype=dtype,
-                                 weight_mapping=get_model_conversion_mapping(model))
+                                 weight_mapping=get_model_conversion_mapping(model))  # type: ignore[arg-type]
     with _sequential_loading(), quiet_transformers():
         info, _ = convert_and_load_state_dict_in_model(model, state, config)
     if info.mismatched_keys:
@@ -141,7 +143,7 @@ def load_tensors(model: torch.nn.Module, handle, names: Iterable[str], dtype: to
 def empty(model: torch.nn.Module, selects: Callable[[str], bool]) -> None:
     """Return every loaded parameter whose name ``selects`` accepts to the meta device (storage dropped, shape and
     dtype kept for the next load)."""
-    from accelerate.utils import set_module_tensor_to_device
+    from accelerate.utils import set_module_tensor_to_device  # type: ignore[import-untyped]
 
     for name, param in list(model.named_parameters(remove_duplicate=False)):
         if param.device.type != "meta" and selects(name):
