@@ -34,6 +34,8 @@ KINDS = ("causal-lm", "base")
 #: safetensors dtypes read as float64 (others float32) before the cast to the compute dtype: no precision lost
 _WIDE = {"F64"}
 _INTEGER = {"I64", "I32", "I16", "I8", "U8"}
+#: tensors larger than this are read in row chunks of about this many float32 bytes
+CHUNK_BYTES = 64 * 2**20
 
 
 def build_skeleton(config: dict, kind: str, dtype: torch.dtype, where: str) -> Any:
@@ -72,22 +74,34 @@ class _DeferredTensor:
     """A checkpoint tensor that is read from the handle only when the transformers loader slices it (``t[...]``).
 
     The loader materialises each source tensor when the conversion that needs it runs, so a stage never holds
-    its raw tensors and their converted copies all at once (it would for a fused MoE block otherwise).
+    its raw tensors and their converted copies all at once. Floating-point tensors arrive in the wider of their
+    stored dtype and the compute dtype (exact either way); ``ModelHandle`` decodes through float32 arrays, so a
+    large tensor (an embedding, a head) is read in row chunks of :data:`CHUNK_BYTES` into its final buffer
+    instead of existing three times over (stored, float32, cast).
     """
 
-    def __init__(self, handle, name: str):
+    def __init__(self, handle, name: str, compute_dtype: torch.dtype):
         self.handle = handle
         self.name = name
+        self.compute_dtype = compute_dtype
 
     def __getitem__(self, index) -> torch.Tensor:
+        from lmsurgeon.io.model import TORCH_DTYPES
+
         info = self.handle.info(self.name)
         if info.dtype in _INTEGER:
-            dtype: type = np.int64
-        elif info.dtype == "BOOL":
-            dtype = np.bool_
-        else:
-            dtype = np.float64 if info.dtype in _WIDE else np.float32
-        return torch.from_numpy(self.handle.tensor(self.name, dtype))[index]
+            return torch.from_numpy(self.handle.tensor(self.name, np.int64))[index]
+        if info.dtype == "BOOL":
+            return torch.from_numpy(self.handle.tensor(self.name, np.bool_))[index]
+        wide = info.dtype in _WIDE
+        if info.nbytes <= CHUNK_BYTES or len(info.shape) < 2 or wide:
+            return torch.from_numpy(self.handle.tensor(self.name, np.float64 if wide else np.float32))[index]
+        out = torch.empty(info.shape, dtype=torch.promote_types(TORCH_DTYPES[info.dtype], self.compute_dtype))
+        rows = max(1, CHUNK_BYTES // (4 * int(np.prod(info.shape[1:]))))
+        for a in range(0, info.shape[0], rows):
+            b = min(a + rows, info.shape[0])
+            out[a:b] = torch.from_numpy(self.handle.rows(self.name, np.arange(a, b), np.float32))
+        return out[index]
 
 
 @contextlib.contextmanager
@@ -133,7 +147,7 @@ def load_tensors(model: Any, handle, names: Iterable[str], dtype: torch.dtype, d
         _fill_stacked_experts(model, handle, target, converter.source_patterns, parts, dtype, device)
     if not rest:
         return
-    state = {name: _DeferredTensor(handle, name) for name in rest}
+    state = {name: _DeferredTensor(handle, name, dtype) for name in rest}
     config = LoadStateDictConfig(device_map={"": device}, dtype=dtype, weight_mapping=mapping)  # type: ignore[arg-type]
     with _sequential_loading(), quiet_transformers():
         info, _ = convert_and_load_state_dict_in_model(model, state, config)
@@ -201,7 +215,7 @@ def _fill_stacked_experts(model: Any, handle, target: str, patterns: list[str], 
     for pattern in patterns:
         rows = 0
         for expert, name in enumerate(parts[pattern]):
-            tensor = _DeferredTensor(handle, name)[...]
+            tensor = _DeferredTensor(handle, name, dtype)[...]
             rows = tensor.shape[0]
             if offset + rows > shape[1] or tuple(tensor.shape[1:]) != tuple(shape[2:]):
                 raise LmsurgeonError(f"expert tensor {name} has shape {tuple(tensor.shape)}, which does not fit "
