@@ -12,11 +12,12 @@ disk. Then it measures, each in a fresh process so that peak RSS (VmHWM) is its 
 * ``plain``: ``StreamedModel(mode="plain").nll(items)`` (every weight loaded once), where the whole model fits
   in the memory available now, with the largest difference from the streamed per-token NLL.
 
-Default: a 2-layer slice (dense + one MoE layer, streamed and plain) and an 8-layer slice (streamed; plain where
-it fits), a few minutes on 2 cores. ``--full`` adds the 46-layer model (103 GB apparent; its forward reads all
-of it, holes included).
+Default: a 1-layer slice (the dense layer with the real embedding and head, streamed and plain) and an 8-layer
+slice (dense + 7 MoE layers, 36 GB: streamed; plain where it fits), about ten minutes on 2 cores once built
+(building the 8-layer checkpoint takes about as long again, once). ``--full`` adds the 46-layer model (about
+220 GB apparent; its forward reads all of it, holes included).
 
-Usage: python benchmarks/bench_scale.py [--dir DIR] [--layers 2 8] [--full] [--items 4] [--tokens 64]
+Usage: python benchmarks/bench_scale.py [--dir DIR] [--layers 1 8] [--full] [--items 4] [--tokens 64]
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def fits_in_memory(folder: Path, dtype: str) -> tuple[bool, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path(".bench-cache/scale"))
-    ap.add_argument("--layers", type=int, nargs="+", default=[2, 8], help="slices of the real depth to measure")
+    ap.add_argument("--layers", type=int, nargs="+", default=[1, 8], help="slices of the real depth to measure")
     ap.add_argument("--full", action="store_true", help="also the full 46-layer model (+ MTP layer), streamed")
     ap.add_argument("--items", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64)

@@ -123,6 +123,21 @@ def test_streamed_nll_equals_whole_model_forward_on_gqa_and_moe_checkpoints(tiny
     assert_nll_matches(streamed.nll(sequences), sequences, reference)
 
 
+def test_tensors_read_in_row_chunks_load_the_same_model(tiny_folders, monkeypatch):
+    """Large tensors are read in row chunks into their final buffer; with chunks of a few rows the numbers and the
+    bytes read are those of whole-tensor reads."""
+    from lmsurgeon.streaming import skeleton
+
+    folder = tiny_folders["qwen2-moe"]
+    sequences = random_sequences(101, (9, 14), seed=7)
+    whole = StreamedModel(folder, mode="stream")
+    expected = whole.nll(sequences)
+    monkeypatch.setattr(skeleton, "CHUNK_BYTES", 256)  # every matrix of the tiny model is larger
+    chunked = StreamedModel(folder, mode="stream")
+    torch.testing.assert_close(chunked.nll(sequences), expected, atol=0, rtol=0, equal_nan=True)
+    assert chunked.handle.bytes_read == whole.handle.bytes_read
+
+
 def test_moe_block_is_loaded_into_the_fused_expert_parameters_transformers_uses(tiny_folders):
     """The checkpoint stores one tensor per expert; the loaded block holds them stacked, expert by expert."""
     folder = tiny_folders["qwen2-moe"]

@@ -46,7 +46,7 @@ class MemoryPlan:
 
 def parse_size(size: int | str) -> int:
     """``6GiB``, ``500MB`` or a byte count, as accelerate's ``convert_file_size_to_int`` reads it."""
-    from accelerate.utils import convert_file_size_to_int
+    from accelerate.utils import convert_file_size_to_int  # type: ignore[import-untyped]
 
     try:
         value = convert_file_size_to_int(size)
@@ -60,7 +60,7 @@ def parse_size(size: int | str) -> int:
 def available_memory(device: str | torch.device = "cpu") -> int:
     """Free memory on ``device`` now: host memory available (psutil) for CPU, free device memory for an
     accelerator, both as reported by accelerate's ``get_max_memory``."""
-    from accelerate.utils import get_max_memory
+    from accelerate.utils import get_max_memory  # type: ignore[import-untyped]
 
     device = torch.device(device)
     free = get_max_memory()

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -142,13 +143,13 @@ class StreamedModel:
         self.plan: MemoryPlan = plan_memory(self.handle, dtype, max_memory, self.device)
         self.streaming = self.plan.stream if mode == "auto" else mode == "stream"
 
-        self.model = skeleton.build_skeleton(self.handle.config, kind, dtype, f"{self.handle.name}: config.json")
+        self.model: Any = skeleton.build_skeleton(self.handle.config, kind, dtype, f"{self.handle.name}: config.json")
         self._place_buffers()
         family = self.layout.family
-        self.layers = find_module(self.model, family.modules["layers"])
-        self.final_norm = (find_module(self.model, family.modules["final_norm"])
+        self.layers: Any = find_module(self.model, family.modules["layers"])  # a ModuleList
+        self.final_norm: Any = (find_module(self.model, family.modules["final_norm"])
                            if "final_norm" in family.modules else None)
-        self.head = self.model.get_output_embeddings() if kind == "causal-lm" else None
+        self.head: Any = self.model.get_output_embeddings() if kind == "causal-lm" else None
         self.n_layers = len(self.layers)
         self._layers_path = skeleton.module_path(self.model, self.layers)
         self._stages = self._partition_names()
@@ -207,7 +208,7 @@ class StreamedModel:
     # -- loading and freeing ------------------------------------------------------------------------------------
     def _place_buffers(self) -> None:
         """Move the skeleton's real buffers (rotary tables and the like) to the compute device."""
-        from accelerate.utils import set_module_tensor_to_device
+        from accelerate.utils import set_module_tensor_to_device  # type: ignore[import-untyped]
 
         if self.device.type == "cpu":
             return
@@ -313,7 +314,7 @@ class StreamedModel:
             return hidden
 
         trunk = self.model.base_model
-        kwargs = {"input_ids": ids, "attention_mask": mask}
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if "use_cache" in inspect.signature(trunk.forward).parameters:
             kwargs["use_cache"] = False
         real = list(self.layers)

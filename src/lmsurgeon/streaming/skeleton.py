@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,17 +34,20 @@ KINDS = ("causal-lm", "base")
 #: safetensors dtypes read as float64 (others float32) before the cast to the compute dtype: no precision lost
 _WIDE = {"F64"}
 _INTEGER = {"I64", "I32", "I16", "I8", "U8"}
+#: tensors larger than this are read in row chunks of about this many float32 bytes
+CHUNK_BYTES = 64 * 2**20
 
 
-def build_skeleton(config: dict, kind: str, dtype: torch.dtype, where: str) -> torch.nn.Module:
-    """The model of ``config`` (a config.json dict) with every parameter on the meta device, in eval mode.
+def build_skeleton(config: dict, kind: str, dtype: torch.dtype, where: str) -> Any:
+    """The model of ``config`` (a config.json dict) with every parameter on the meta device, in eval mode
+    (a ``transformers.PreTrainedModel``).
 
     ``kind`` is ``causal-lm`` (``AutoModelForCausalLM``: decoders with their head) or ``base`` (``AutoModel``:
     encoders, or a decoder without its head). Only architectures ``transformers`` ships are built: a config
     that needs remote code is refused rather than run.
     """
     import transformers
-    from accelerate import init_empty_weights
+    from accelerate import init_empty_weights  # type: ignore[import-untyped]
 
     from lmsurgeon.io.model import quiet_transformers
 
@@ -70,22 +74,34 @@ class _DeferredTensor:
     """A checkpoint tensor that is read from the handle only when the transformers loader slices it (``t[...]``).
 
     The loader materialises each source tensor when the conversion that needs it runs, so a stage never holds
-    its raw tensors and their converted copies all at once (it would for a fused MoE block otherwise).
+    its raw tensors and their converted copies all at once. Floating-point tensors arrive in the wider of their
+    stored dtype and the compute dtype (exact either way); ``ModelHandle`` decodes through float32 arrays, so a
+    large tensor (an embedding, a head) is read in row chunks of :data:`CHUNK_BYTES` into its final buffer
+    instead of existing three times over (stored, float32, cast).
     """
 
-    def __init__(self, handle, name: str):
+    def __init__(self, handle, name: str, compute_dtype: torch.dtype):
         self.handle = handle
         self.name = name
+        self.compute_dtype = compute_dtype
 
     def __getitem__(self, index) -> torch.Tensor:
+        from lmsurgeon.io.model import TORCH_DTYPES
+
         info = self.handle.info(self.name)
         if info.dtype in _INTEGER:
-            dtype: type = np.int64
-        elif info.dtype == "BOOL":
-            dtype = np.bool_
-        else:
-            dtype = np.float64 if info.dtype in _WIDE else np.float32
-        return torch.from_numpy(self.handle.tensor(self.name, dtype))[index]
+            return torch.from_numpy(self.handle.tensor(self.name, np.int64))[index]
+        if info.dtype == "BOOL":
+            return torch.from_numpy(self.handle.tensor(self.name, np.bool_))[index]
+        wide = info.dtype in _WIDE
+        if info.nbytes <= CHUNK_BYTES or len(info.shape) < 2 or wide:
+            return torch.from_numpy(self.handle.tensor(self.name, np.float64 if wide else np.float32))[index]
+        out = torch.empty(info.shape, dtype=torch.promote_types(TORCH_DTYPES[info.dtype], self.compute_dtype))
+        rows = max(1, CHUNK_BYTES // (4 * int(np.prod(info.shape[1:]))))
+        for a in range(0, info.shape[0], rows):
+            b = min(a + rows, info.shape[0])
+            out[a:b] = torch.from_numpy(self.handle.rows(self.name, np.arange(a, b), np.float32))
+        return out[index]
 
 
 @contextlib.contextmanager
@@ -105,27 +121,34 @@ def _sequential_loading():
             os.environ[key] = before
 
 
-def load_tensors(model: torch.nn.Module, handle, names: Iterable[str], dtype: torch.dtype,
-                 device: torch.device) -> None:
-    """Read the checkpoint tensors ``names`` from ``handle`` into ``model`` through transformers' loader.
+def load_tensors(model: Any, handle, names: Iterable[str], dtype: torch.dtype, device: torch.device) -> None:
+    """Read the checkpoint tensors ``names`` from ``handle`` into ``model`` as transformers' loader would.
 
-    Raises when a tensor does not fit the parameter it maps to (a shape mismatch means the config and the
-    checkpoint disagree, and a silently half-loaded block would compute garbage).
+    Per-expert MoE tensors that transformers stacks into one fused parameter are copied into that parameter
+    expert by expert (:func:`_fill_stacked_experts`); everything else goes through transformers' loader. Raises
+    when a tensor does not fit the parameter it maps to (a shape mismatch means the config and the checkpoint
+    disagree, and a silently half-loaded block would compute garbage).
     """
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model, dot_natural_key
         from transformers.modeling_utils import LoadStateDictConfig
     except ImportError:  # pragma: no cover - depends on the installed transformers
         raise LmsurgeonError("layer streaming needs transformers >= 5 (its checkpoint conversion loader)") from None
 
     from lmsurgeon.io.model import quiet_transformers
 
-    state = {name: _DeferredTensor(handle, name) for name in names}
-    if not state:
+    names = sorted(names, key=dot_natural_key)  # the order transformers stacks experts in
+    if not names:
         return
-    config = LoadStateDictConfig(device_map={"": device}, dtype=dtype,
-                                 weight_mapping=get_model_conversion_mapping(model))
+    mapping = get_model_conversion_mapping(model)
+    stacked, rest = _stacked_expert_groups(model, mapping, names)
+    for target, (converter, parts) in stacked.items():
+        _fill_stacked_experts(model, handle, target, converter.source_patterns, parts, dtype, device)
+    if not rest:
+        return
+    state = {name: _DeferredTensor(handle, name, dtype) for name in rest}
+    config = LoadStateDictConfig(device_map={"": device}, dtype=dtype, weight_mapping=mapping)  # type: ignore[arg-type]
     with _sequential_loading(), quiet_transformers():
         info, _ = convert_and_load_state_dict_in_model(model, state, config)
     if info.mismatched_keys:
@@ -138,10 +161,76 @@ def load_tensors(model: torch.nn.Module, handle, names: Iterable[str], dtype: to
                              handle.name)
 
 
+def _is_expert_stacking(converter) -> bool:
+    """True for transformers' MoE conversions: stack experts along a new axis 0 (``MergeModulelist(0)``), then, for
+    several sources (gate and up), concatenate them along axis 1 (``Concatenate(1)``)."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = list(converter.operations)
+    if len(converter.target_patterns) != 1 or not ops or not isinstance(ops[0], MergeModulelist) or ops[0].dim:
+        return False
+    if len(ops) == 1:
+        return len(converter.source_patterns) == 1
+    return len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1
+
+
+def _stacked_expert_groups(model: Any, mapping: list, names: list[str]) -> tuple[dict, list[str]]:
+    """Split ``names`` into fused-expert targets (``target → (converter, {source pattern: names})``, with every
+    expert present) and the rest, naming targets as transformers' own ``rename_source_key`` does."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    meta = model.state_dict()
+    groups: dict[str, tuple[Any, dict[str, list[str]]]] = {}
+    rest = []
+    for name in names:
+        target, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        converter = by_pattern.get(pattern) if pattern else None
+        if pattern is None or converter is None or target not in meta or not _is_expert_stacking(converter):
+            rest.append(name)
+            continue
+        groups.setdefault(target, (converter, {}))[1].setdefault(pattern, []).append(name)
+    complete = {}
+    for target, (converter, parts) in groups.items():
+        n_experts = meta[target].shape[0]
+        if all(len(parts.get(p, [])) == n_experts for p in converter.source_patterns):
+            complete[target] = (converter, parts)
+        else:  # let transformers report what is missing
+            rest += [n for names_of in parts.values() for n in names_of]
+    return complete, sorted(rest)
+
+
+def _fill_stacked_experts(model: Any, handle, target: str, patterns: list[str], parts: dict[str, list[str]],
+                          dtype: torch.dtype, device: torch.device) -> None:
+    """Build the fused ``[experts, rows, cols]`` parameter in place, one expert tensor at a time: the result of
+    ``cat([stack(sources[0]), stack(sources[1]), ...], dim=1)`` without holding the per-expert list, the stacks
+    and the concatenation at once (for a GLM-4.5-Air layer that is 3 GB of transient copies)."""
+    from accelerate.utils import set_module_tensor_to_device  # type: ignore[import-untyped]
+
+    shape = model.state_dict()[target].shape
+    out = torch.empty(shape, dtype=dtype, device=device)
+    offset = 0
+    for pattern in patterns:
+        rows = 0
+        for expert, name in enumerate(parts[pattern]):
+            tensor = _DeferredTensor(handle, name, dtype)[...]
+            rows = tensor.shape[0]
+            if offset + rows > shape[1] or tuple(tensor.shape[1:]) != tuple(shape[2:]):
+                raise LmsurgeonError(f"expert tensor {name} has shape {tuple(tensor.shape)}, which does not fit "
+                                     f"{target} of shape {tuple(shape)}", handle.name)
+            out[expert, offset:offset + rows] = tensor
+        offset += rows
+    if offset != shape[1]:
+        raise LmsurgeonError(f"expert tensors fill {offset} of the {shape[1]} rows of {target}", handle.name)
+    set_module_tensor_to_device(model, target, device, value=out)
+
+
 def empty(model: torch.nn.Module, selects: Callable[[str], bool]) -> None:
     """Return every loaded parameter whose name ``selects`` accepts to the meta device (storage dropped, shape and
     dtype kept for the next load)."""
-    from accelerate.utils import set_module_tensor_to_device
+    from accelerate.utils import set_module_tensor_to_device  # type: ignore[import-untyped]
 
     for name, param in list(model.named_parameters(remove_duplicate=False)):
         if param.device.type != "meta" and selects(name):
