@@ -59,7 +59,7 @@ def test_no_shared_tokens_and_unknown_families_are_errors():
     with pytest.raises(LmsurgeonError, match="no shared tokens"):
         shared_vocab(a, b)
     with pytest.raises(LmsurgeonError, match="unknown tokenizer family"):
-        detect_family({"model": {"type": "WordLevel", "vocab": {}}})
+        detect_family({"model": {"type": "BPE", "vocab": {"a</w>": 0}}, "pre_tokenizer": {"type": "Whitespace"}})
 
 
 def test_trained_tokenizers_are_detected_and_overlap(merge_pair):
