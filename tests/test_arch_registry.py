@@ -265,6 +265,29 @@ def test_permuting_the_axes_the_family_file_labels_keeps_the_logits(model_type):
     assert logit_discrepancy(model, permuted, ids) < 1e-4
 
 
+@pytest.mark.parametrize("model_type", [t for t in DENSE_DECODERS if t != "phi3"])
+def test_permuting_attention_heads_the_family_file_labels_keeps_the_logits(model_type):
+    """Whole heads move, query heads with the key/value head they share (grouped-query attention)."""
+    from lmsurgeon.zoo.transforms import layout_for, logit_discrepancy, permute_model
+
+    model = tiny_model(model_type)
+    plain, _ = permute_model(model, seed=4)
+    with_heads, _ = permute_model(model, seed=4, heads=True)
+    layout = layout_for(with_heads)
+    q = layout.name("q", 0)
+    assert not torch.equal(with_heads.state_dict()[q], plain.state_dict()[q])
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    assert logit_discrepancy(model, with_heads, ids) < 1e-4
+
+
+def test_heads_of_a_fused_grouped_query_projection_are_refused():
+    """Phi-3's qkv_proj fuses 4 query and 2 key/value heads: parts of different sizes, no single permutation."""
+    from lmsurgeon.zoo.transforms import permute_model
+
+    with pytest.raises(LmsurgeonError, match="parts of different sizes"):
+        permute_model(tiny_model("phi3"), seed=4, heads=True)
+
+
 def test_folding_into_a_tied_head_is_refused():
     state, config = _tiny_state("gemma")
     layout = Layout(ArraySource(state, config))

@@ -19,9 +19,12 @@ T = TypeVar("T")
 
 #: Axis labels: which permutation (or rotation) an axis follows when a model is transformed without changing
 #: its function. ``hidden``: the residual stream, one permutation for the whole model; ``mlp``: the units of
-#: one MLP (per layer, and per expert for routed experts); ``None``: left alone (vocabulary, heads, experts).
-HIDDEN, MLP = "hidden", "mlp"
-AXIS_LABELS = (HIDDEN, MLP, None)
+#: one MLP (per layer, and per expert for routed experts); ``heads`` / ``kv_heads``: attention heads in blocks of
+#: ``head_dim`` (query heads, and the key/value heads they share under grouped-query attention; one
+#: permutation of key/value heads per layer carries its query heads along); ``None``: left alone (vocabulary,
+#: experts, within-head dimensions).
+HIDDEN, MLP, HEADS, KV_HEADS = "hidden", "mlp", "heads", "kv_heads"
+AXIS_LABELS = (HIDDEN, MLP, HEADS, KV_HEADS, None)
 
 #: Every role a family may declare. A new role is a new word capabilities must learn, so it is added here.
 KNOWN_ROLES = (

@@ -7,7 +7,8 @@ stream, one permutation for the whole model; ``mlp``: the units of one MLP, one 
 and shared MLP; unlabelled axes stay in place), and which norms fold into which linear maps. Permuting every
 ``hidden`` axis with the same permutation, and every ``mlp`` axis of one MLP with that MLP's, leaves the
 function unchanged, because RMSNorm and LayerNorm statistics are permutation invariant and elementwise gains
-and biases move with their coordinates. Attention heads are left in place (the head space is not labelled).
+and biases move with their coordinates. Attention heads (``heads``/``kv_heads`` axes) move only when asked:
+whole heads, each query head with the key/value head its group shares.
 
 A tensor the family does not describe is an error, never silently left alone: one missed tensor would break
 function preservation without anyone noticing.
@@ -22,7 +23,7 @@ import torch
 
 from lmsurgeon.arch import ArraySource, Layout, TensorSite, detect_family
 from lmsurgeon.arch.fold import fold_gains
-from lmsurgeon.arch.schema import HIDDEN
+from lmsurgeon.arch.schema import HEADS, HIDDEN, KV_HEADS
 from lmsurgeon.errors import LmsurgeonError, UnknownArchitecture
 
 StateDict = dict[str, torch.Tensor]
@@ -54,7 +55,7 @@ def axis_sizes(sd: Mapping[str, torch.Tensor], layout: Layout) -> dict[str | Uni
     for name, tensor in sd.items():
         site = site_of(layout, name)
         for axis, label in enumerate(site.axes):
-            if label is None:
+            if label is None or label in (HEADS, KV_HEADS):
                 continue
             key: str | UnitGroup = HIDDEN if label == HIDDEN else site.unit_group
             parts = _fused_parts(layout, name, site, axis)
@@ -76,6 +77,23 @@ def random_permutations(sd: Mapping[str, torch.Tensor], layout: Layout, seed: in
     return perm_d, perm_units
 
 
+def random_head_permutations(layout: Layout, seed: int) -> dict[int, torch.Tensor]:
+    """One random permutation of the key/value heads per layer, reproducible from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return {layer: torch.randperm(layout.dims["n_kv_heads"], generator=generator) for layer in layout.layers}
+
+
+def _head_index(layout: Layout, label: str, perm_kv: torch.Tensor) -> torch.Tensor:
+    """Rows of a ``heads`` or ``kv_heads`` axis in their new order: whole heads of ``head_dim`` rows move, and
+    each query head moves with the key/value head its group shares."""
+    head_dim, n_heads, n_kv = layout.dims["head_dim"], layout.dims["n_heads"], layout.dims["n_kv_heads"]
+    if n_heads % n_kv:
+        raise LmsurgeonError(f"{n_heads} query heads do not share {n_kv} key/value heads evenly", layout.handle.name)
+    group = n_heads // n_kv
+    heads = perm_kv if label == KV_HEADS else (perm_kv[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
 def _group_order(group: UnitGroup) -> tuple[int, int, str]:
     """Layer by layer (the dense or shared MLP, then experts in order): the order permutations are drawn in."""
     layer, expert, kind = group
@@ -83,14 +101,17 @@ def _group_order(group: UnitGroup) -> tuple[int, int, str]:
 
 
 def permute_state_dict(sd: Mapping[str, torch.Tensor], layout: Layout, perm_d: torch.Tensor,
-                       perm_units: Mapping[UnitGroup, torch.Tensor], signs: torch.Tensor | None = None) -> StateDict:
+                       perm_units: Mapping[UnitGroup, torch.Tensor], signs: torch.Tensor | None = None,
+                       perm_heads: Mapping[int, torch.Tensor] | None = None) -> StateDict:
     """New tensors where coordinate ``j`` of every residual axis is old coordinate ``perm_d[j]``.
 
     MLP-unit axes use their MLP's permutation from ``perm_units``. With ``signs`` (±1 per residual coordinate)
     the residual stream is also sign-flipped, x' = x[perm_d]·s: every weight's residual axis is multiplied by
     ``signs`` while norm gains only move (RMSNorm commutes with signed permutations; LayerNorm's centering does
-    not, so families with LayerNorm refuse signs). Tied tensors stay tied in meaning because both names
-    receive the same permutation, although the returned tensors are separate copies.
+    not, so families with LayerNorm refuse signs). With ``perm_heads`` (a key/value-head permutation per
+    layer, :func:`random_head_permutations`) attention heads move too; without it they stay in place. Tied
+    tensors stay tied in meaning because both names receive the same permutation, although the returned
+    tensors are separate copies.
     """
     if signs is not None:
         _check_sign_flips_allowed(layout)
@@ -100,9 +121,13 @@ def permute_state_dict(sd: Mapping[str, torch.Tensor], layout: Layout, perm_d: t
         is_norm = not site.is_buffer and layout.family.spec(site.role).is_norm
         result = tensor
         for axis, label in enumerate(site.axes):
-            if label is None:
+            if label is None or (label in (HEADS, KV_HEADS) and perm_heads is None):
                 continue
-            perm = perm_d if label == HIDDEN else perm_units[site.unit_group]
+            if label in (HEADS, KV_HEADS):
+                assert perm_heads is not None and site.layer is not None
+                perm = _head_index(layout, label, perm_heads[site.layer])
+            else:
+                perm = perm_d if label == HIDDEN else perm_units[site.unit_group]
             index = _fused_index(perm, _fused_parts(layout, name, site, axis))
             result = result.index_select(axis, index.to(result.device))
             if label == HIDDEN and signs is not None and not is_norm:
@@ -234,12 +259,18 @@ def model_from_state_dict(template: torch.nn.Module, sd: Mapping[str, torch.Tens
     return model.to(next(template.parameters()).device).eval()
 
 
-def permute_model(model, seed: int):
-    """A function-identical copy with residual dims and MLP units randomly permuted; also the permutations."""
+def permute_model(model, seed: int, heads: bool = False):
+    """A function-identical copy with residual dims and MLP units randomly permuted; also those permutations.
+
+    With ``heads`` each layer's attention heads are permuted as well (drawn from ``seed`` after the others, so
+    the residual and MLP permutations are the same either way).
+    """
     sd = state_dict_of(model)
     layout = layout_for(model, sd)
     perm_d, perm_units = random_permutations(sd, layout, seed)
-    return model_from_state_dict(model, permute_state_dict(sd, layout, perm_d, perm_units)), (perm_d, perm_units)
+    perm_heads = random_head_permutations(layout, seed + 1) if heads else None
+    permuted = permute_state_dict(sd, layout, perm_d, perm_units, perm_heads=perm_heads)
+    return model_from_state_dict(model, permuted), (perm_d, perm_units)
 
 
 def fold_model(model):
