@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmsurgeon.cli import main
+from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.swap import SwapConfig, analyze
 from tests.swap_models import llama, save_with_tokenizer, tokenizer
 
@@ -116,3 +117,9 @@ def test_cli_plan_drop_prints_the_recommendation_and_the_verdict_against_the_ora
     oracle = next(r for r in res["plans"] if r["strategy"] == "oracle" and r["k"] == 2)
     assert res["applied_plan"]["drops"] == oracle["layers"]
     assert f"wrote {res['applied_plan']['path']} (2 layers)" in out
+
+
+def test_heal_steps_without_a_plan_to_apply_is_refused_before_anything_is_written(tiny_llama, tmp_path):
+    with pytest.raises(LmsurgeonError, match="--heal-steps .* --apply-plan"):
+        analyze(tiny_llama, heal_steps=10, out=tmp_path / "h")
+    assert not (tmp_path / "h").exists()
