@@ -1,11 +1,16 @@
-"""Cached-input δ (spec §8) vs the naive way: physically swap each adjacent pair and re-run the whole model.
+"""Swap benchmarks: cached layer inputs against the naive way, and drop plans against the oracle.
 
-Both compute δ(i, i+1) for every pair of a random deep Llama on the same right-padded batch; the script prints
-wall times, their ratio and the largest |Δδ| between the two. Cached: 1 forward + 2(L−1) block calls; naive:
-1 forward for the normal order + L−1 whole forwards of the swapped model (each L blocks, embedding and head).
+Default: cached-input δ (spec §8) vs physically swapping each adjacent pair and re-running the whole model, on
+a random deep Llama and one right-padded batch; prints wall times, their ratio and the largest |Δδ|. Cached:
+1 forward + 2(L−1) block calls; naive: 1 forward for the normal order + L−1 whole forwards of the swapped model.
+
+``--plans MODEL``: (1) scoring drop plans from cached inputs vs writing each pruned checkpoint, loading it with
+transformers and running it (time ratio, largest loss difference); (2) the whole planner at ``--plan-drop``
+(default 25 %): each strategy's held-out bits per byte at the largest k against the greedy oracle.
 
     python benchmarks/bench_swap.py                 # 36 layers (GPT-2-Large depth), d = 256, vocab 32k, CPU
     python benchmarks/bench_swap.py --layers 24 --hidden 128 --device cuda
+    python benchmarks/bench_swap.py --plans ~/.cache/lmsurgeon/zoo/test-*/deep-llama --tokens 8192
 """
 
 from __future__ import annotations
@@ -88,6 +93,91 @@ def timed(fn, device, *args, repeat: int = 1):
     return res, float(sorted(times)[len(times) // 2])
 
 
+def plan_cache_vs_reload(model_dir: str, tokens: int, seq_len: int, n_plans: int, repeat: int) -> None:
+    """Score ``n_plans`` random 25 % drop plans both ways on the corpus test split; print times and differences."""
+    import random
+    import tempfile
+    from pathlib import Path
+
+    from lmsurgeon.arch import Layout, find_module
+    from lmsurgeon.data import load_texts
+    from lmsurgeon.io import open_model
+    from lmsurgeon.swap.apply import nll_total, write_rewired
+    from lmsurgeon.swap.e2e import find_head
+    from lmsurgeon.swap.plan import PlanEvaluator, plan_order, predicted_bytes
+    from lmsurgeon.swap.run import _pad_id, make_batches, tokenize_rows
+
+    handle = open_model(model_dir)
+    layout = Layout(handle)
+    model = handle.load_model("causal-lm", dtype=torch.float32)
+    tok = handle.load_tokenizer()
+    paths = layout.family.modules["layers"]
+    layers = find_module(model, paths)
+    L = len(layers)
+    rows = tokenize_rows(tok, load_texts(None, "test"), seq_len, tokens)
+    batches = make_batches(rows, 8192, seq_len, _pad_id(tok), "cpu")
+    n_bytes = predicted_bytes(tok, rows)
+    rng = random.Random(0)
+    k = max(1, round(0.25 * L))
+    drops = [sorted(rng.sample(range(L), k)) for _ in range(n_plans)]
+    orders = [plan_order(L, d) for d in drops]
+
+    def cached():
+        evaluator = PlanEvaluator(model, layers, paths, find_head(model, layout.family), batches, n_bytes)
+        return [s.loss for s in evaluator.scores(orders)]  # includes the capture forward of every batch
+
+    def reloaded():
+        out = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for n, order in enumerate(orders):
+                dest = write_rewired(handle, layout, Path(tmp) / f"p{n}", order)
+                pruned = open_model(dest).load_model("causal-lm", dtype=torch.float32)
+                total, count = nll_total(pruned, batches)
+                out.append(total / count)
+                del pruned
+        return out
+
+    fast, t_fast = timed(cached, "cpu", repeat=repeat)
+    slow, t_slow = timed(reloaded, "cpu", repeat=repeat)
+    diff = max(abs(a - b) for a, b in zip(fast, slow, strict=True))
+    print(f"plan scoring on {model_dir}: {L} layers, {n_plans} random plans dropping {k} layers, "
+          f"{sum(len(r) for r in rows)} held-out tokens, {torch.get_num_threads()} threads")
+    print(f"{'method':<52}{'seconds':>10}   (median of {repeat})")
+    print(f"{'cached layer inputs (1 capture + blocks after the cut)':<52}{t_fast:>10.3f}")
+    print(f"{'write, reload with transformers, full forwards':<52}{t_slow:>10.3f}")
+    print(f"time ratio reload/cached: {t_slow / t_fast:.1f}x   max |Δloss| = {diff:.2e} "
+          f"(losses {min(fast):.4f}…{max(fast):.4f} nats)")
+
+
+def plan_strategies(model_dir: str, plan_drop: str, tokens: int, seq_len: int) -> None:
+    """The whole planner; each strategy's held-out bits per byte at the largest k beside the oracle's."""
+    import tempfile
+    from pathlib import Path
+
+    from lmsurgeon.swap import analyze
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        res = analyze(model_dir, tokens=tokens, seq_len=seq_len, plan_drop=plan_drop, out=Path(tmp) / "run")
+        seconds = time.perf_counter() - t
+    s = res["plan_summary"]
+    K = s["k_max"]
+    oracle = s["at_k_max"]["oracle_bpb"]
+    print(f"drop plans on {model_dir}: k = {K} of {s['n_layers']} layers, {res['tokens']['heldout']} held-out "
+          f"tokens, no drop {s['baseline']['heldout_bpb']:.4f} bpb; analysis {seconds:.0f} s")
+    print(f"{'strategy':<20}{'layers dropped':<22}{'held-out bpb':>14}{'vs oracle':>11}{'validation loss':>17}")
+    for r in sorted((r for r in res["plans"] if r["k"] == K), key=lambda r: r["heldout_bpb"]):
+        val = "" if r["validation_loss"] is None else f"{r['validation_loss']:.4f}"
+        print(f"{r['strategy']:<20}{','.join(map(str, r['layers'])):<22}{r['heldout_bpb']:>14.4f}"
+              f"{100 * (r['heldout_bpb'] / oracle - 1):>+10.1f}%{val:>17}")
+    a = s["at_k_max"]
+    print(f"recommended: {a['recommended']} ({a['recommended_bpb']:.4f} bpb, {100 * a['gap_to_oracle']:+.1f} % vs "
+          f"oracle; within 5 %: {a['within_5_percent_of_oracle']}; at least as good as BI and angular: "
+          f"{a['at_least_as_good_as_baselines']}); best non-oracle on held-out: {a['best_non_oracle_on_heldout']}")
+    sp = res["spearman"]["r_vs_delta"]
+    print(f"Spearman r vs δ = {sp['rho']:.3f} [{sp['ci'][0]:.3f}, {sp['ci'][1]:.3f}] (n = {sp['n']}; paper 0.91)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=36)
@@ -98,8 +188,19 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="median of this many timed runs per method")
+    ap.add_argument("--plans", metavar="MODEL", default=None, help="benchmark drop plans on this model instead")
+    ap.add_argument("--plan-drop", default="25%")
+    ap.add_argument("--n-plans", type=int, default=8, help="random plans for the cache-vs-reload timing")
+    ap.add_argument("--tokens", type=int, default=8192, help="held-out (and eval) tokens for --plans")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--skip-strategies", action="store_true", help="only the cache-vs-reload timing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.plans:
+        plan_cache_vs_reload(args.plans, args.tokens, args.seq_len, args.n_plans, args.repeat)
+        if not args.skip_strategies:
+            plan_strategies(args.plans, args.plan_drop, args.tokens, args.seq_len)
+        return
     model = build(args.layers, args.hidden, args.vocab, args.device)
     ids, mask = batch(args.rows, args.seq, args.vocab, args.device)
     cached_deltas(model, ids[:1, :16], mask[:1, :16])  # warm-up (kernels, allocator)

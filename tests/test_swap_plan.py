@@ -96,6 +96,33 @@ def test_plan_loss_from_cached_inputs_equals_the_physically_rewired_model(orders
         assert abs(score.bpb - bits_per_byte(total, 1000)) <= 1e-5 * score.bpb
 
 
+def test_orders_sharing_a_prefix_share_its_block_calls_and_get_the_same_states():
+    from lmsurgeon.swap.capture import call_block, capture
+    from lmsurgeon.swap.plan import shared_prefix_outputs
+
+    model = llama(97, layers=6)
+    layers = model.model.layers
+    b = _batches(97, n=1)[0]
+    cap = capture(model, ["model.layers"], **b.inputs())
+    orders = sorted({tuple(plan_order(6, drops=(1, j))) for j in range(6) if j != 1} | {(0, 1, 2, 4, 5)})
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k=k: calls.append(k)) for k, layer in enumerate(layers)]
+    try:
+        shared = dict(shared_prefix_outputs(layers, orders, cap))
+    finally:
+        for h in hooks:
+            h.remove()
+    for order in orders:
+        p = first_change(order)
+        x = cap.h[p]
+        for j in order[p:]:
+            x = call_block(layers, j, x, cap)
+        assert torch.equal(shared[order], x), order
+    distinct = {order[:q] for order in orders for q in range(first_change(order) + 1, len(order) + 1)}
+    assert len(calls) == len(distinct)
+    assert len(calls) < sum(len(o) - first_change(o) for o in orders)
+
+
 def test_plan_scores_are_the_same_with_captures_kept_or_recomputed():
     model = llama(97, layers=4)
     orders = [[0, 2, 3], [1, 3]]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmsurgeon.cli import main
+from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.swap import SwapConfig, analyze
 from tests.swap_models import llama, save_with_tokenizer, tokenizer
 
@@ -102,3 +103,23 @@ def test_zoo_deep_decoder_r_predicts_delta(test_zoo, tmp_path):
     # a trained 16-layer decoder: the paper reports 0.91; a clearly positive ρ is the regression check here
     assert sp["r_vs_delta"]["rho"] > 0.5
     assert sp["linear_vs_delta"]["rho"] > 0.5
+
+
+def test_cli_plan_drop_prints_the_recommendation_and_the_verdict_against_the_oracle(tiny_llama, tmp_path, capsys):
+    assert main(["swap", str(tiny_llama), "--tokens", "600", "--seq-len", "64", "--bootstrap", "20", "--no-e2e",
+                 "--plan-drop", "2", "--apply-plan", "oracle", "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert {r["strategy"] for r in res["plans"]} == {"trans", "bi", "angular", "greedy_validation", "oracle"}
+    for rec in res["recommended"]:
+        assert f"  drop {rec['k']}: layers {rec['layers']} ({rec['strategy']})" in out
+    assert "At k = 2 of 4 layers the recommended plan" in out
+    oracle = next(r for r in res["plans"] if r["strategy"] == "oracle" and r["k"] == 2)
+    assert res["applied_plan"]["drops"] == oracle["layers"]
+    assert f"wrote {res['applied_plan']['path']} (2 layers)" in out
+
+
+def test_heal_steps_without_a_plan_to_apply_is_refused_before_anything_is_written(tiny_llama, tmp_path):
+    with pytest.raises(LmsurgeonError, match="--heal-steps .* --apply-plan"):
+        analyze(tiny_llama, heal_steps=10, out=tmp_path / "h")
+    assert not (tmp_path / "h").exists()

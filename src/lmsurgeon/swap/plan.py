@@ -16,8 +16,9 @@ the non-oracle plan with the lowest validation loss, so the held-out text plays 
 
 Every plan is scored from cached layer inputs: a rewired model whose first changed position is p reuses the
 captured input h_p and runs only the blocks after it, each with its own captured arguments, then the final
-norm and head (:func:`order_nll`); that is O(L) block calls per plan and batch instead of reloading and
-re-running a pruned checkpoint (tested equal to the written checkpoint's loss).
+norm and head; orders that share a prefix share its block calls (:func:`shared_prefix_outputs`). That is at
+most L block calls per plan and batch instead of reloading and re-running a pruned checkpoint (tested equal to
+the written checkpoint's loss).
 """
 
 from __future__ import annotations
@@ -72,19 +73,35 @@ def first_change(order: Sequence[int]) -> int:
     return len(order)
 
 
-def order_output(layers, order: Sequence[int], cap: Capture) -> torch.Tensor:
-    """Last hidden state of the model rewired to ``order`` (before the final norm), from the cached inputs."""
-    p = first_change(order)
-    x = cap.h[p]
-    for j in order[p:]:
-        x = call_block(layers, j, x, cap)
-    return x
+def shared_prefix_outputs(layers, orders: list[tuple[int, ...]], cap: Capture):
+    """Yield (order, last hidden state) for lexicographically sorted ``orders``, running each block once per
+    distinct prefix: an order starts from the deepest state a previous order left on the stack (or from the
+    captured h_p at its first change p), and only states the next order shares are kept, so at most L are held.
+    Each block runs with its own captured arguments, as in the rewired checkpoint."""
+    stack: list[tuple[int, torch.Tensor]] = []  # (q, state after positions < q) along the previous order
+    for k, order in enumerate(orders):
+        prev = orders[k - 1] if k else ()
+        nxt = orders[k + 1] if k + 1 < len(orders) else ()
+        keep_prev = _common_prefix(prev, order)
+        keep_next = _common_prefix(order, nxt)
+        while stack and stack[-1][0] > keep_prev:
+            stack.pop()
+        p = first_change(order)
+        q, x = stack[-1] if stack and stack[-1][0] > p else (p, cap.h[p])
+        for pos in range(q, len(order)):
+            x = call_block(layers, order[pos], x, cap)
+            if pos + 1 <= keep_next:
+                stack.append((pos + 1, x))
+        yield order, x
 
 
-def order_nll(layers, head: Head, order: Sequence[int], cap: Capture, b: Batch) -> tuple[float, int]:
-    """Summed next-token NLL (nats) of the rewired model over the batch's loss positions, and their count."""
-    ce, _ = token_losses(head, order_output(layers, order, cap), b.targets, b.loss_sel)
-    return float(ce.sum()), int(ce.numel())
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def predicted_bytes(tokenizer, rows: list[list[int]]) -> int:
@@ -137,16 +154,15 @@ class PlanEvaluator:
             self._kept = kept
 
     def scores(self, orders: Sequence[Sequence[int]]) -> list[Score]:
-        """Held-out style score of each order (identical orders are computed once)."""
-        unique = list(dict.fromkeys(tuple(o) for o in orders))
+        """Loss and bits per byte of each order on this split (identical orders are computed once)."""
+        unique = sorted(dict.fromkeys(tuple(o) for o in orders))
         nll = dict.fromkeys(unique, 0.0)
         n = 0
         for b, cap in self.captures():
-            for k, order in enumerate(unique):
-                total, count = order_nll(self.layers, self.head, order, cap, b)
-                nll[order] += total
-                if k == 0:
-                    n += count
+            for order, h in shared_prefix_outputs(self.layers, unique, cap):
+                ce, _ = token_losses(self.head, h, b.targets, b.loss_sel)
+                nll[order] += float(ce.sum())
+            n += int(b.loss_sel.sum())
         self.plans_scored += len(unique)
         out = {o: Score(loss=v / max(n, 1), bpb=bits_per_byte(v, self.n_bytes)) for o, v in nll.items()}
         return [out[tuple(o)] for o in orders]

@@ -41,6 +41,8 @@ def analyze(source, config: SwapConfig | None = None, *, out=None, progress: boo
     if config is not None and not isinstance(config, SwapConfig):
         raise TypeError(f"config must be a SwapConfig, not {type(config).__name__}")
     cfg = (config or SwapConfig()).with_options(**options)
+    if cfg.heal_steps and cfg.apply_plan is None:
+        raise LmsurgeonError("--heal-steps heals the model --apply-plan writes; give --apply-plan too")
     with RunFolder(out, command="swap", seed=cfg.seed, overwrite=overwrite) as run:  # refuses a used --out first
         t0 = time.time()
         timings: dict[str, float] = {}
