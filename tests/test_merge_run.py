@@ -216,6 +216,10 @@ def test_held_out_text_is_disjoint_from_the_search_text(tmp_path):
     assert every.heldout == ["document number 3", "document number 7"]
     assert set(every.search) & set(every.heldout) == set()
     assert len(every.search) == 8
+    default = merge_texts(MergeConfig(max_prompts=16))
+    assert set(default.search) & set(default.heldout) == set()
+    assert len(default.heldout) == 16
+    assert set(default.general) & (set(default.search) | set(default.heldout)) == set()  # the test split
     prompts.write_text("only one document")
     with pytest.raises(LmsurgeonError, match="--eval-file"):
         merge_texts(MergeConfig(prompts_file=str(prompts)))

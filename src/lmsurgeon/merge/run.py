@@ -1,8 +1,9 @@
 """The in-memory merge session: fits once, then patches rows in place, evaluates and restores (spec §2.5, §8.3).
 
-Base B is loaded once as a transformers model; the donor is only read for E_D (and H_D), always on CPU float32.
-A trial writes its blended rows with `index_copy_`, evaluates, and puts the kept original rows back, verifying
-them bit for bit, so no trial ever reloads B.
+Base B is loaded once as a transformers model; the donor is only read for E_D (and H_D), always on CPU float32
+(after the search, `quality.donor_bpb` loads it once more, whole, to measure its own bits per byte). A trial
+writes its blended rows with `index_copy_`, evaluates, and puts the kept original rows back, verifying them bit
+for bit, so no trial ever reloads B. `run_merge` is the API: texts, session, search, quality, run folder.
 """
 
 from __future__ import annotations
