@@ -78,6 +78,33 @@ def build(folder: Path, shape: Glm4MoeShape, experts_filled: int, vocab_filled: 
     return folder
 
 
+def _status_bytes(key: str) -> int:
+    return int(re.search(key + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+class AnonPeak:
+    """Peak anonymous memory (RssAnon, sampled every 50 ms): what the run allocated, without the pages of the
+    memory-mapped shards the model handle keeps open, which VmHWM also counts (clean page cache the kernel can
+    drop under pressure)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = _status_bytes("RssAnon")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            self.peak = max(self.peak, _status_bytes("RssAnon"))
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return max(self.peak, _status_bytes("RssAnon"))
+
+
 def items(n_items: int, n_tokens: int, vocab_filled: int):
     import torch
 
@@ -93,6 +120,7 @@ def worker(mode: str, folder: Path, n_items: int, n_tokens: int, vocab_filled: i
     from lmsurgeon.streaming import StreamedModel
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    anon = AnonPeak()
     ids = items(n_items, n_tokens, vocab_filled)
     start = time.perf_counter()
     handle = open_model(folder)
@@ -100,8 +128,9 @@ def worker(mode: str, folder: Path, n_items: int, n_tokens: int, vocab_filled: i
     nll = model.nll(ids)
     seconds = time.perf_counter() - start
     torch.save(nll, out)
-    hwm = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    hwm = _status_bytes("VmHWM")
     return {"mode": mode, "seconds": seconds, "bytes_read": handle.bytes_read, "peak_rss": hwm,
+            "peak_anon": anon.stop(),
             "largest_block": model.plan.largest_block, "weights": model.plan.total,
             "mean_nll": float(nll.nanmean())}
 
@@ -154,8 +183,8 @@ def main() -> None:
         models.append(("46 layers + MTP", GLM45_AIR))
     print(f"GLM-4.5-Air shapes, bf16 checkpoints; {args.items} items × {args.tokens} tokens, compute {args.dtype}, "
           f"{torch.get_num_threads()} threads\n", flush=True)
-    header = (f"{'model':<18}{'path':<8}{'apparent GB':>12}{'read GB':>9}{'seconds':>9}{'peak RSS GiB':>14}"
-              f"{'block GiB':>11}{'mean NLL':>10}{'max |Δ NLL|':>13}")
+    header = (f"{'model':<18}{'path':<8}{'apparent GB':>12}{'read GB':>9}{'seconds':>9}{'VmHWM GiB':>11}"
+              f"{'anon GiB':>10}{'stage GiB':>11}{'mean NLL':>10}{'max |Δ NLL|':>13}")
     table = []
     for label, shape in models:
         folder = build(args.dir / f"glm45-air-{shape.n_layers}l", shape, args.experts_filled, args.vocab_filled)
@@ -172,8 +201,9 @@ def main() -> None:
         for row in rows:  # print as they come: the large runs take minutes
             print(format_row(*row, header=header if len(table) == len(rows) and row is rows[0] else None),
                   flush=True)
-    print("\npeak RSS is the whole process (python, torch, transformers: about 0.5 GiB before any weight); "
-          "block = the largest stage in the compute dtype")
+    print("\nVmHWM: peak RSS of the whole process (python, torch, transformers: about 0.5 GiB before any weight), "
+          "including the pages of memory-mapped shards it read;\nanon: peak anonymous memory (what the run "
+          "allocated); stage: the largest block, or embedding + head, in the compute dtype")
 
 
 def format_row(label: str, path: str, folder: Path, r: dict | None, note: str, header: str | None = None) -> str:
@@ -182,7 +212,8 @@ def format_row(label: str, path: str, folder: Path, r: dict | None, note: str, h
     if r is None:
         return f"{lead}{label:<18}{path:<8}{size:>12.1f}  not run — {note}"
     return (f"{lead}{label:<18}{path:<8}{size:>12.1f}{r['bytes_read'] / 1e9:>9.1f}{r['seconds']:>9.1f}"
-            f"{r['peak_rss'] / 2**30:>14.2f}{r['largest_block'] / 2**30:>11.2f}{r['mean_nll']:>10.4f}{note:>13}")
+            f"{r['peak_rss'] / 2**30:>11.2f}{r['peak_anon'] / 2**30:>10.2f}{r['largest_block'] / 2**30:>11.2f}"
+            f"{r['mean_nll']:>10.4f}{note:>13}")
 
 
 if __name__ == "__main__":

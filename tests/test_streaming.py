@@ -64,7 +64,8 @@ def assert_nll_matches(streamed: torch.Tensor, sequences: list[list[int]], refer
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory) -> dict[str, Path]:
     """A grouped-query-attention Llama and a Qwen2-MoE (shared expert, top-2 of 4 experts), built with
-    transformers and saved as sharded safetensors, plus a tiny BERT encoder."""
+    transformers and saved as sharded safetensors, a tiny BERT encoder, and a GLM-4.5-MoE (dense first layer,
+    sigmoid router, shared expert) with an extra multi-token-prediction layer that streaming must skip."""
     root = tmp_path_factory.mktemp("streaming")
     gqa = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
                                    num_key_value_heads=2, vocab_size=113, max_position_embeddings=64,
@@ -80,6 +81,10 @@ def tiny_folders(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(root / name, safe_serialization=True, max_shard_size="40KB")
         folders[name] = root / name
     folders["bert"] = write_tiny(root / "bert", "bert")
+    # GLM-4.5 stores a multi-token-prediction layer after the last one (index num_hidden_layers = 3 here)
+    folders["glm4-moe-mtp"] = write_tiny(root / "glm4-moe-mtp", "glm4_moe", shard_size="40KB",
+                                         extra_tensors={"model.layers.3.eh_proj.weight": torch.randn(32, 64),
+                                                        "model.layers.3.enorm.weight": torch.ones(32)})
     return folders
 
 
@@ -114,13 +119,24 @@ def transformers_layers(model, streamed: StreamedModel):
     return find_module(model, streamed.layout.family.modules["layers"])
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-moe"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-moe", "glm4-moe-mtp"])
 def test_streamed_nll_equals_whole_model_forward_on_gqa_and_moe_checkpoints(tiny_folders, name):
     folder = tiny_folders[name]
     streamed = StreamedModel(folder, mode="stream", batch_size=2)
     sequences = random_sequences(streamed.model.config.vocab_size, (11, 20, 5, 20), seed=1)
     reference = reference_nll(open_model(folder).load_model(dtype=torch.float32), sequences)
     assert_nll_matches(streamed.nll(sequences), sequences, reference)
+
+
+def test_a_streamed_run_reads_every_tensor_of_its_layers_and_none_of_the_extra_mtp_layer(tiny_folders):
+    handle = open_model(tiny_folders["glm4-moe-mtp"])
+    read: list[str] = []
+    tensor = handle.tensor
+    handle.tensor = lambda name, *args, **kw: (read.append(name), tensor(name, *args, **kw))[1]
+    StreamedModel(handle, mode="stream").nll([[5, 6, 7, 8]])
+    mtp = {n for n in handle.names() if n.startswith("model.layers.3.")}
+    assert mtp, "the fixture must hold an MTP layer"
+    assert sorted(read) == sorted(set(handle.names()) - mtp)  # each tensor once (the head is untied here)
 
 
 def test_tensors_read_in_row_chunks_load_the_same_model(tiny_folders, monkeypatch):
