@@ -4,9 +4,9 @@ Pairs: every pair of the zoo (truth: same root in the manifest's ``parent`` chai
 derived copies (fine-tuned, permuted, pruned; all derived). Per statistic — naive raw cosine, naive Pearson,
 each sound test's z — ROC AUC over the pairs where it applies, the weakest positive and the strongest negative.
 Per pair: seconds and bytes read. The peer baseline, PyPI ``weightscope`` (its lineage = fraction of unchanged
-weights), runs on the same pairs from a throwaway venv when it is installed there.
+weights), runs on the same pairs from a throwaway venv given by ``--ws-python``.
 
-    /work/venv/bin/python benchmarks/bench_lineage.py [--profile test] [--act] [--ws-python /tmp/ws_venv/bin/python]
+    python benchmarks/bench_lineage.py [--profile test] [--act] [--ws-python PATH/TO/ws_venv/bin/python]
 """
 
 from __future__ import annotations
@@ -82,13 +82,13 @@ def main() -> None:
     ap.add_argument("--profile", default="test")
     ap.add_argument("--act", action="store_true",
                     help="also run the activation tests phi_match and act_cka (load both models)")
-    ap.add_argument("--ws-python", default="/tmp/ws_venv/bin/python",
-                    help="python of a throwaway venv with `pip install weightscope`")
+    ap.add_argument("--ws-python", default=None,
+                    help="python of a throwaway venv with `pip install weightscope` (peer column)")
     ap.add_argument("--json", default=None, help="write all rows to this file")
     args = ap.parse_args()
-    from lmsurgeon.lineage import compare
+    from lmsurgeon.lineage import LineageConfig, compare
 
-    ws_py = args.ws_python if Path(args.ws_python).exists() else None
+    ws_py = args.ws_python if args.ws_python and Path(args.ws_python).exists() else None
     if ws_py:
         ok = subprocess.run([ws_py, "-c", "import weightscope"], capture_output=True).returncode == 0
         ws_py = ws_py if ok else None
@@ -97,10 +97,11 @@ def main() -> None:
               "peer column skipped")
     paths, roots = models(args.profile)
     tests = ("awm", "phi_u") + (("phi_match", "act_cka") if args.act else ())
+    config = LineageConfig(tests=tests)
     rows = []
     for a, b in itertools.combinations(sorted(paths), 2):
         t0 = time.time()
-        r = compare([paths[a], paths[b]], write=False, tests=tests)
+        r = compare([paths[a], paths[b]], config=config, write=False)
         p = r["pairs"][0]
         row = {"a": a, "b": b, "derived": roots[a] == roots[b], "verdict": p["verdict"],
                "seconds": time.time() - t0, "bytes_read": sum(m["bytes_read"] for m in r["models"]),

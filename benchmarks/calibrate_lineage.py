@@ -5,7 +5,7 @@ above a random basis's: same-data models share structure in a privileged basis. 
 these values, per residual alignment (``permutation`` and ``procrustes``: a fitted rotation has more freedom,
 so its null is its own). Pairs: every pair of the zoo's independently initialised models (no ``parent``).
 
-    /work/venv/bin/python benchmarks/calibrate_lineage.py [--profile full] [--write]
+    python benchmarks/calibrate_lineage.py [--profile full] [--write]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--profile", default="full")
     ap.add_argument("--write", action="store_true", help="replace the shipped calibration with these values")
     args = ap.parse_args()
-    from lmsurgeon.lineage import compare
+    from lmsurgeon.lineage import LineageConfig, compare
     from lmsurgeon.zoo import ensure_zoo
 
     zoo_dir, manifest = ensure_zoo(args.profile)
@@ -35,8 +35,9 @@ def main() -> None:
     shipped = json.loads(CALIBRATION_FILE.read_text())
     for method in ("permutation", "procrustes"):
         values = []
+        config = LineageConfig(tests=("awm",), align=method)
         for a, b in itertools.combinations(roots, 2):
-            p = compare([paths[a], paths[b]], write=False, tests=("awm",), align=method)["pairs"][0]
+            p = compare([paths[a], paths[b]], config=config, write=False)["pairs"][0]
             t = p["tests"][0]
             if t.get("applies"):
                 values.append(t["statistic"])

@@ -11,6 +11,7 @@ from lmsurgeon.lineage import stats
 from lmsurgeon.lineage.align import align_residual, canonical_token
 from lmsurgeon.lineage.cka import Grams, cka, hsic1
 from lmsurgeon.lineage.naive import depth_map, monotone_map
+from lmsurgeon.lineage.results import Null, TestResult
 from lmsurgeon.lineage.verdict import verdict
 
 rng = np.random.default_rng(0)
@@ -58,8 +59,10 @@ def test_fisher_log_p_matches_chi2_where_finite_and_stays_finite_beyond():
     lps = np.log([0.03, 0.2, 0.5, 1e-4])
     ref = sps.chi2.logsf(-2 * lps.sum(), 2 * lps.size)
     assert stats.fisher_log_p(lps) == pytest.approx(ref, rel=1e-10)
-    huge = [stats.log_p_from_z(40.0)] * 6
-    assert np.isfinite(stats.fisher_log_p(huge)) and stats.fisher_log_p(huge) < -4000
+    huge = [stats.log_p_from_z(40.0)] * 6                       # chi2.logsf gives -inf here
+    combined = stats.fisher_log_p(huge)
+    assert np.isfinite(combined)
+    assert combined < -4000
 
 
 @pytest.mark.parametrize("z", [-2.0, 0.0, 1.5, 8.0, 38.0])
@@ -106,7 +109,8 @@ def test_tokens_are_canonicalised_across_conventions():
     assert canonical_token("Ġthe", False) == canonical_token("▁the", False) == canonical_token("the", True)
     assert canonical_token("##ing", True) == canonical_token("ing", False)
     assert canonical_token("<0x41>", False) == "A"
-    assert canonical_token("[CLS]", True) is None and canonical_token("<s>", False) is None
+    assert canonical_token("[CLS]", True) is None
+    assert canonical_token("<s>", False) is None
 
 
 def test_relative_depth_pairs_nearest_t_and_monotone_map_maximises_sum():
@@ -117,17 +121,21 @@ def test_relative_depth_pairs_nearest_t_and_monotone_map_maximises_sum():
     assert monotone_map(R.T) == [(0, 0), (3, 1)]
 
 
+def _applies(name: str, z: float, **kw) -> TestResult:
+    return TestResult(name, applies=True, z=z, **kw)
+
+
 @pytest.mark.parametrize("zs,want", [((13.0, 6.0), "derived"), ((1.0, -0.5), "independent"),
                                      ((6.0, 1.0), "inconclusive"), ((4.0, 4.0), "inconclusive")])
 def test_verdict_thresholds(zs, want):
-    tests = [{"name": n, "applies": True, "z": z} for n, z in zip(("awm", "phi_u"), zs, strict=False)]
-    assert verdict(tests)[0] == want
+    tests = [_applies(n, z) for n, z in zip(("awm", "phi_u"), zs, strict=True)]
+    assert verdict(tests).label == want
 
 
 def test_verdict_without_applicable_tests_is_inconclusive_and_naive_never_counts():
-    v, reasons = verdict([{"name": "awm", "applies": False, "reason": "only 3 shared tokens"},
-                          {"name": "act_cka", "applies": True, "z": 50.0}])
-    assert v == "inconclusive" and any("shared tokens" in r for r in reasons)
+    v = verdict([TestResult.not_applicable("awm", "only 3 shared tokens"), _applies("act_cka", 50.0)])
+    assert v.label == "inconclusive"
+    assert "awm: only 3 shared tokens" in v.reasons
 
 
 def _mlp_outputs(seed: int, n_items: int = 400, d: int = 24, m: int = 64):
@@ -144,7 +152,8 @@ def test_phi_match_recovers_a_planted_unit_permutation_and_its_analytic_z():
     perm = np.random.default_rng(1).permutation(gate.shape[1])
     noise = np.random.default_rng(2).standard_normal(gate.shape) * 0.05
     rho, n = match_rho(gate, up, gate[:, perm] + noise, up[:, perm] + noise, None)
-    assert rho == pytest.approx(1.0) and n == 64
+    assert rho == pytest.approx(1.0)
+    assert n == 64
     assert stats.spearman_z(rho, n) == pytest.approx(np.sqrt(63))
 
 
@@ -155,7 +164,8 @@ def test_phi_match_of_unrelated_mlps_on_the_same_inputs_is_null():
     g = np.random.default_rng(7)
     gate_b, up_b = x @ g.standard_normal((80, 24)).T, x @ g.standard_normal((80, 24)).T   # other width too
     rho, n = match_rho(gate, up, gate_b, up_b, None)
-    assert 32 < n <= 64 and abs(stats.spearman_z(rho, n)) < 4     # B units matched in both views
+    assert 32 < n <= 64                                            # B units matched in both views
+    assert abs(stats.spearman_z(rho, n)) < 4
 
 
 def test_phi_match_is_unchanged_by_a_rotation_of_the_inputs():
@@ -179,7 +189,8 @@ def test_procrustes_alignment_recovers_a_planted_rotation_same_and_narrower_widt
     R = ortho_group.rvs(24, random_state=1)[:, :d_b]
     al = align_rotation(E_A, E_A @ R)
     np.testing.assert_allclose(al.rotation, R, atol=1e-10)
-    assert al.mean_abs_corr == pytest.approx(1.0) and al.method == "procrustes"
+    assert al.mean_abs_corr == pytest.approx(1.0)
+    assert al.method == "procrustes"
     W = np.random.default_rng(2).standard_normal((7, 24))                   # a reader of A's residual stream
     np.testing.assert_allclose(al.a_in(W), W @ R, atol=1e-12)
 
@@ -187,21 +198,59 @@ def test_procrustes_alignment_recovers_a_planted_rotation_same_and_narrower_widt
 def test_awm_z_is_against_independents_unless_the_wrong_layer_guard_is_not_cleared():
     from lmsurgeon.lineage.awm import guarded_z
 
-    independents = {"mean": 0.1, "std": 0.025}
-    guard = {"mean": 0.3, "std": 0.1}
+    independents = Null("independents", 0.1, 0.025, 10)
+    guard = Null("wrong layer maps", 0.3, 0.1, 200)
     z, null = guarded_z(0.99, independents, guard)              # clears the guard by 6.9σ: independents' z
-    assert null is independents and z == pytest.approx((0.99 - 0.1) / 0.025)
+    assert null is independents
+    assert z == pytest.approx((0.99 - 0.1) / 0.025)
     z, null = guarded_z(0.35, independents, guard)              # far above independents, not above other layers
-    assert null is guard and z == pytest.approx(0.5)
+    assert null is guard
+    assert z == pytest.approx(0.5)
     z, null = guarded_z(0.05, independents, guard)              # below both: the lower z either way
     assert z == pytest.approx(min((0.05 - 0.1) / 0.025, (0.05 - 0.3) / 0.1))
     assert guarded_z(0.99, None, guard)[1] is guard
 
 
 def test_rotation_hint_only_when_activations_match_and_weights_were_aligned_by_permutation():
-    tests = [{"name": "awm", "applies": True, "z": 0.5, "align": "permutation"},
-             {"name": "phi_match", "applies": True, "z": 20.0}]
-    v, reasons = verdict(tests)
-    assert v == "inconclusive" and "--align procrustes" in reasons[-1]
-    tests[0]["align"] = "procrustes"
-    assert not any("--align" in r for r in verdict(tests)[1])
+    tests = [_applies("awm", 0.5, align="permutation"), _applies("phi_match", 20.0)]
+    v = verdict(tests)
+    assert v.label == "inconclusive"
+    assert "--align procrustes" in v.reasons[-1]
+    tests[0].align = "procrustes"
+    assert not any("--align" in r for r in verdict(tests).reasons)
+
+
+def _cka_direct(X, Y):
+    K, L = X @ X.T, Y @ Y.T
+    return _hsic_direct(K, L) / np.sqrt(_hsic_direct(K, K) * _hsic_direct(L, L))
+
+
+def test_layer_cka_matrix_is_the_mean_over_views_of_direct_gram_cka_and_maps_the_best_layers():
+    from lmsurgeon.lineage.cka import cka_matrix, layer_map, matched_mean
+
+    g = np.random.default_rng(8)
+    A = {v: [g.standard_normal((20, 6)) for _ in range(3)] for v in ("q", "k")}
+    B = {v: [A[v][2] + 0.05 * g.standard_normal((20, 6)), g.standard_normal((20, 6))] for v in ("q", "k")}
+    M = cka_matrix({v: [Grams(x) for x in A[v]] for v in A}, {v: [Grams(x) for x in B[v]] for v in B})
+    ref = np.array([[np.mean([_cka_direct(A[v][i], B[v][j]) for v in ("q", "k")]) for j in range(2)]
+                    for i in range(3)])
+    np.testing.assert_allclose(M, ref, atol=1e-10)
+    pairs = layer_map(M)
+    assert (2, 0) in pairs                                   # B's layer 0 is A's layer 2, perturbed
+    assert matched_mean(M, pairs) == pytest.approx(np.mean([M[i, j] for i, j in pairs]))
+
+
+def test_phi_u_layer_rho_recovers_a_planted_unit_permutation_of_the_mlp_weights():
+    from lmsurgeon.lineage.align import Alignment
+    from lmsurgeon.lineage.phi_u import layer_rho
+
+    g = np.random.default_rng(9)
+    d, m = 16, 48
+    up, down = g.standard_normal((m, d)), g.standard_normal((d, m))          # [units, d], [d, units]
+    perm = g.permutation(m)
+    identity = Alignment(np.arange(d), np.ones(d), 1.0, 0)
+    rho, n = layer_rho(up, down, up[perm] * 3.0, down[:, perm], identity, None)   # a global scale: same units
+    assert rho == pytest.approx(1.0)
+    assert n == m
+    rho_ind, n_ind = layer_rho(up, down, g.standard_normal((m, d)), g.standard_normal((d, m)), identity, None)
+    assert abs(stats.spearman_z(rho_ind, n_ind)) < 4

@@ -29,9 +29,11 @@ def test_zoo_lineage_pairs_get_the_verdict_of_their_manifest_lineage(test_zoo):
         derived = _root(entries, a) == _root(entries, b)
         zs = [t["z"] for t in p["tests"]]
         if derived:
-            assert p["verdict"] == "derived" and min(zs) >= 12, (a, b, zs)
+            assert p["verdict"] == "derived", (a, b, zs)
+            assert min(zs) >= 12, (a, b, zs)
         else:
-            assert p["verdict"] == "independent" and max(zs) < 3, (a, b, zs)
+            assert p["verdict"] == "independent", (a, b, zs)
+            assert max(zs) < 3, (a, b, zs)
             assert p["naive"]["mean_raw_cosine"] >= 0.9       # the seed's phenomenon on independents
 
 
@@ -44,11 +46,14 @@ def test_phi_match_separates_descendants_from_independents_on_the_zoo(test_zoo):
     r = compare(_zoo_paths(test_zoo, LIN), write=False, tests=("phi_match",))
     for p, name in zip(r["pairs"], LIN[1:], strict=True):
         t = next(t for t in p["tests"] if t["name"] == "phi_match")
-        assert t["applies"] and t["layer_map_from"] == "act_cka"
+        assert t["applies"], name
+        assert t["layer_map_from"] == "act_cka"
         if "indep" in name:
-            assert t["z"] < 3 and p["verdict"] == "independent", (name, t["z"])
+            assert t["z"] < 3, name
+            assert p["verdict"] == "independent", (name, t["z"])
         else:
-            assert t["z"] >= 12 and p["verdict"] == "derived", (name, t["z"])
+            assert t["z"] >= 12, name
+            assert p["verdict"] == "derived", (name, t["z"])
 
 
 def test_rotated_copy_defeats_weight_alignment_but_not_phi_match(test_zoo, tmp_path):
@@ -71,15 +76,20 @@ def test_rotated_copy_defeats_weight_alignment_but_not_phi_match(test_zoo, tmp_p
     shutil.copy(base_dir / "tokenizer.json", out / "tokenizer.json")
     p = compare([str(base_dir), str(out)], write=False, tests=("awm", "phi_match"))["pairs"][0]
     z = {t["name"]: t["z"] for t in p["tests"]}
-    assert z["awm"] < 3 <= 12 <= z["phi_match"], z
-    assert p["verdict"] == "inconclusive" and "disagree" in p["reasons"][0] and "procrustes" in p["reasons"][1]
+    assert z["awm"] < 3, z
+    assert z["phi_match"] >= 12, z
+    assert p["verdict"] == "inconclusive"
+    assert "disagree" in p["reasons"][0]
+    assert "procrustes" in p["reasons"][1]
 
     # --align procrustes undoes the rotation for the weight tests, and still calls the independents independent
     others = _zoo_paths(test_zoo, ["lin-indep-1", "lin-indep-2", "lin-indep-3"])
     r = compare([str(base_dir), str(out), *others], write=False, tests=("awm", "phi_u"), align="procrustes")
     rot, *indeps = r["pairs"]
-    assert rot["verdict"] == "derived" and min(t["z"] for t in rot["tests"]) >= 12, rot["tests"]
-    assert rot["alignment"]["method"] == "procrustes" and rot["alignment"]["embedding_mean_abs_corr"] > 0.99
+    assert rot["verdict"] == "derived"
+    assert min(t["z"] for t in rot["tests"]) >= 12, rot["tests"]
+    assert rot["alignment"]["method"] == "procrustes"
+    assert rot["alignment"]["embedding_mean_abs_corr"] > 0.99
     for p in indeps:
         assert p["verdict"] == "independent", [(t["name"], t["z"]) for t in p["tests"]]
 
@@ -92,8 +102,10 @@ def test_null_models_replace_each_decisive_tests_null(test_zoo):
     derived, independent = r["pairs"]
     for p in (derived, independent):
         for t in p["tests"]:
-            assert t["null"]["source"] == "4 comparisons with the --null models" and t["null"]["n"] == 4, t
+            assert t["null"]["source"] == "4 comparisons with the --null models", t
+            assert t["null"]["n"] == 4, t
             if t["name"] != "awm":      # phi tests: their analytic z (kept under nulls.own) against the null
                 own = t["nulls"]["own"]["z"]
                 assert t["z"] == pytest.approx((own - t["null"]["mean"]) / max(t["null"]["std"], 1e-3))
-    assert derived["verdict"] == "derived" and independent["verdict"] == "independent"
+    assert derived["verdict"] == "derived"
+    assert independent["verdict"] == "independent"

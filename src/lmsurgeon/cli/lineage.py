@@ -1,10 +1,14 @@
-"""``lmsurgeon lineage``: thin layer over :func:`lmsurgeon.lineage.compare`."""
+"""``lmsurgeon lineage``: thin layer over :func:`lmsurgeon.lineage.compare`; its analysis options are generated
+from the fields of :class:`lmsurgeon.lineage.LineageConfig`."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
-from lmsurgeon.cli.common import emit, json_option, out_option, progress_enabled, seed_option
+from lmsurgeon.cli.common import emit, json_option, out_option, progress_enabled
+from lmsurgeon.lineage.config import LineageConfig
 
 EPILOG = """\b
 Examples:
@@ -17,26 +21,37 @@ Examples:
   lmsurgeon lineage A B --json > results.json
 """
 
+_CONFIG_FIELDS = dataclasses.fields(LineageConfig)
+
+
+def config_options(f):
+    """One click option per :class:`LineageConfig` field (``--field-name``), in the fields' order."""
+    for fld in reversed(_CONFIG_FIELDS):
+        meta, flag = fld.metadata, "--" + fld.name.replace("_", "-")
+        kw: dict = {"help": meta["help"]}
+        if meta["kind"] == "flag":
+            kw["is_flag"] = True
+        elif meta["kind"] == "list":
+            kw |= {"default": ",".join(fld.default), "show_default": True}
+        elif meta["kind"] == "multiple":
+            kw["multiple"] = True
+        elif meta["kind"] == "path":
+            kw |= {"type": click.Path(exists=True, dir_okay=False), "default": fld.default}
+        elif meta["choices"]:
+            kw |= {"type": click.Choice(meta["choices"]), "default": fld.default, "show_default": True}
+        else:
+            kw |= {"type": int, "default": fld.default, "show_default": fld.default is not None}
+        f = click.option(flag, fld.name, **kw)(f)
+    return f
+
 
 @click.command("lineage", epilog=EPILOG)
 @click.argument("sources", nargs=-1, required=True)
 @out_option
 @json_option
-@seed_option
-@click.option("--naive-only", is_flag=True, help="Only the norm-gain report (reads only norm tensors).")
-@click.option("--tests", default="awm,phi_u,phi_match,act_cka", show_default=True,
-              help="Comma-separated sound tests: awm, phi_u, phi_match (activations), act_cka (activations).")
-@click.option("--null", "null", multiple=True, help="A known independent model for the null (repeatable).")
-@click.option("--focus-layer", type=int, default=None, help="Headline layer of the naive table (default 10).")
-@click.option("--depth", type=click.Choice(["relative", "monotone"]), default="relative", show_default=True)
-@click.option("--align", type=click.Choice(["permutation", "procrustes"]), default="permutation", show_default=True,
-              help="Residual alignment for the weight tests; procrustes undoes rotations (folded gains).")
-@click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Text for the activation test (default: bundled corpus).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-@click.option("--all-pairs", is_flag=True, help="Compare every pair of SOURCES, not only A against each other.")
-def lineage(sources, out, as_json, seed, naive_only, tests, null, focus_layer, depth, align, text, overwrite,
-            all_pairs) -> None:
+@config_options
+def lineage(sources, out, as_json, overwrite, **options) -> None:
     """Is model B derived from model A? With SOURCES A B C ... compares A against each other source
     (A vs B, A vs C, ...); --all-pairs compares every pair.
 
@@ -47,20 +62,17 @@ def lineage(sources, out, as_json, seed, naive_only, tests, null, focus_layer, d
 
     if len(sources) < 2:
         raise click.UsageError("give at least two models")
-    results = compare(list(sources), out, naive_only=naive_only, tests=tuple(t for t in tests.split(",") if t),
-                      null=list(null), focus_layer=focus_layer, depth=depth, align=align, text=text, seed=seed,
-                      overwrite=overwrite, progress=progress_enabled() and not as_json,
-                      all_pairs=all_pairs)
+    results = compare(list(sources), out, LineageConfig(**options), overwrite=overwrite,
+                      progress=progress_enabled() and not as_json)
     lines = []
     for p in results["pairs"]:
         zs = ", ".join(f"{t['name']} z={t['z']:.1f}" if t.get("applies") and t.get("z") is not None
                        else f"{t['name']} n/a" for t in p["tests"])
         lines.append(f"{p['a']} vs {p['b']}: {p['verdict']}  (naive raw cosine {_num(p['naive']['mean_raw_cosine'])}, "
                      f"Pearson {_num(p['naive']['mean_pearson'])}; {zs})")
-    emit(results, as_json, lines, out if out is not None else None)
+    emit(results, as_json, lines, results["out"])
 
 
 def _num(x: float | None) -> str:
     """Three decimals, or 'undefined' where the statistic is (constant vectors)."""
     return "undefined" if x is None else f"{x:.3f}"
-

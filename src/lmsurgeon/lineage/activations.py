@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmsurgeon.lineage.awm import layer_map
-from lmsurgeon.lineage.cka import Grams, cka_grams
-from lmsurgeon.lineage.phi_u import MAX_UNITS, combine_layers, match_units, subsample_units
-from lmsurgeon.lineage.sound import not_applicable
-from lmsurgeon.lineage.stats import log_p_from_z, neg_log10_p, spearman, spearman_z, z_against
+from lmsurgeon.lineage.cka import Grams, cka_matrix, item_permutation_null, layer_map, matched_mean
+from lmsurgeon.lineage.phi_u import MAX_UNITS, combine_layers, subsample_units, two_view_rho
+from lmsurgeon.lineage.results import LayerCka, LayerMap, LayerRho, TestResult
+from lmsurgeon.lineage.stats import spearman_z
 
 MAX_ITEMS = 1024
 MAX_TOKENS = 128
@@ -126,27 +125,19 @@ def collect(model, enc: list[dict], keep: list[list[int]], taps: list[dict] | No
     return acts
 
 
-def act_cka(HA: list[np.ndarray], HB: list[np.ndarray], seed: int = 0) -> dict:
+def act_cka(HA: list[np.ndarray], HB: list[np.ndarray], seed: int = 0) -> TestResult:
     """CKA matrix of hidden states over the shared items, layer map by assignment, permutation-null z."""
-    n = HA[0].shape[0]
-    GA = [Grams(h - h.mean(0)) for h in HA]
-    GB = [Grams(h - h.mean(0)) for h in HB]
-    M = np.array([[cka_grams(a, b) for b in GB] for a in GA])
+    GA = {"hidden": [Grams(h - h.mean(0)) for h in HA]}
+    GB = {"hidden": [Grams(h - h.mean(0)) for h in HB]}
+    M = cka_matrix(GA, GB)
     pairs = layer_map(M)
-    s = float(np.mean([M[i, j] for i, j in pairs]))
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(N_PERMUTATIONS):
-        p = rng.permutation(n)
-        vals.append(np.mean([cka_grams(GA[i], Grams(HB[j][p] - HB[j].mean(0))) for i, j in pairs]))
-    null = {"source": f"{N_PERMUTATIONS} random item permutations", "mean": float(np.mean(vals)),
-            "std": float(np.std(vals, ddof=1)), "n": N_PERMUTATIONS}
-    z = z_against(s, null["mean"], null["std"])
-    return {"name": "act_cka", "applies": True, "decisive": False,
-            "reason": "never decisive: independents trained on similar data also align (REEF-like)",
-            "statistic": s, "z": z, "neg_log10_p": neg_log10_p(log_p_from_z(z)), "null": null, "n_items": n,
-            "layer_map": [list(p) for p in pairs], "matrix": M.tolist(),
-            "per_layer": [{"a": i, "b": j, "cka": float(M[i, j])} for i, j in pairs]}
+    s = matched_mean(M, pairs)
+    t = TestResult("act_cka", applies=True, decisive=False,
+                   reason="never decisive: independents trained on similar data also align (REEF-like)",
+                   statistic=s, n_items=HA[0].shape[0], layer_map=pairs, matrix=M,
+                   per_layer=[LayerCka(i, j, float(M[i, j])) for i, j in pairs])
+    t.measure(s, item_permutation_null(GA, GB, pairs, seed, N_PERMUTATIONS, "item"))
+    return t
 
 
 def _centered_units(X: np.ndarray) -> np.ndarray:
@@ -160,33 +151,32 @@ def match_rho(gate_a, up_a, gate_b, up_b, units: np.ndarray | None) -> tuple[flo
     gA, uA, gB, uB = map(_centered_units, (gate_a, up_a, gate_b, up_b))
     if units is not None:
         gB, uB = gB[units], uB[units]
-    s_gate, s_up = match_units(gA, gB), match_units(uA, uB)
-    ok = (s_gate >= 0) & (s_up >= 0)
-    return spearman(s_gate[ok], s_up[ok]), int(ok.sum())
+    return two_view_rho(gA, gB, uA, uB)
 
 
-def phi_match(A: Activations, B: Activations, pairs: list[tuple[int, int]], seed: int = 0,
-              max_units: int = MAX_UNITS) -> dict:
+def phi_match(A: Activations, B: Activations, pairs: LayerMap, seed: int = 0,
+              max_units: int = MAX_UNITS) -> TestResult:
     """Per matched layer pair ρ_l, z_l = ρ_l√(n_l−1); Fisher over layers (the same combination as φ_U)."""
     rng = np.random.default_rng(seed)
     per_layer = []
     for i, j in pairs:
         units = subsample_units(rng, B.gate[j].shape[1], max_units)
         rho, n = match_rho(A.gate[i], A.up[i], B.gate[j], B.up[j], units)
-        per_layer.append({"a": i, "b": j, "rho": rho, "n_units": n, "z": spearman_z(rho, n)})
+        per_layer.append(LayerRho(i, j, rho, n, spearman_z(rho, n)))
     return combine_layers("phi_match", per_layer)
 
 
-def activation_tests(layout_a, layout_b, texts: list[str], tests=ACTIVATION_TESTS, seed: int = 0) -> list[dict]:
+def activation_tests(layout_a, layout_b, texts: list[str], tests=ACTIVATION_TESTS,
+                     seed: int = 0) -> list[TestResult]:
     """Load both models once, read ``texts``, and run the requested activation tests."""
     tests = [t for t in ACTIVATION_TESTS if t in tests]
     if layout_a.handle.tokenizer is None or layout_b.handle.tokenizer is None:
-        return [not_applicable(t, "a model has no tokenizer.json") for t in tests]
+        return [TestResult.not_applicable(t, "a model has no tokenizer.json") for t in tests]
     enc_a, enc_b = encode(layout_a.handle.tokenizer, texts), encode(layout_b.handle.tokenizer, texts)
     keep = shared_items(enc_a, enc_b)
     n = sum(len(k) for k in keep)
     if n < MIN_ITEMS:
-        return [not_applicable(t, f"only {n} shared word items in the text") for t in tests]
+        return [TestResult.not_applicable(t, f"only {n} shared word items in the text") for t in tests]
     model_a, model_b = layout_a.handle.load_model("base"), layout_b.handle.load_model("base")
     taps_a = mlp_taps(layout_a, model_a) if "phi_match" in tests else None
     taps_b = mlp_taps(layout_b, model_b) if "phi_match" in tests else None
@@ -197,9 +187,10 @@ def activation_tests(layout_a, layout_b, texts: list[str], tests=ACTIVATION_TEST
     out = [cka] if "act_cka" in tests else []
     if "phi_match" in tests:
         if not gated:
-            out.append(not_applicable("phi_match", "needs a dense gated MLP (gate and up) in every layer of both"))
+            out.append(TestResult.not_applicable("phi_match",
+                                                 "needs a dense gated MLP (gate and up) in every layer of both"))
         else:
-            t = phi_match(A, B, [tuple(p) for p in cka["layer_map"]], seed)
-            t["layer_map_from"] = "act_cka"
+            t = phi_match(A, B, cka.layer_map, seed)
+            t.layer_map_from = "act_cka"
             out.append(t)
     return out

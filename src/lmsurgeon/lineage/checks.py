@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from lmsurgeon.arch import Layout
+from lmsurgeon.lineage.results import TestResult
 
 
 def problem(values: np.ndarray, zero_is_bad: bool = True) -> str | None:
@@ -58,16 +59,16 @@ class CheckedLayout(Layout):
         return [b for b in self.bad.values() if b["role"].split(".")[0] not in norm_roles]
 
 
-def invalidate_tests(tests: list[dict], layouts: list[CheckedLayout]) -> None:
+def invalidate_tests(tests: list[TestResult], layouts: list[CheckedLayout]) -> None:
     """Tests on models with bad tensors, or with a non-finite statistic, do not apply (and say why)."""
     bad = [f"{lay.handle.name}: {b['tensor']} has {b['problem']}" for lay in layouts for b in lay.bad_outside_norms()]
     for t in tests:
-        if not t.get("applies"):
+        if not t.applies:
             continue
         if bad:
             why = f"bad numbers: {'; '.join(bad[:3])}" + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
-        elif not all(np.isfinite(float(t[k])) for k in ("statistic", "z") if t.get(k) is not None):
+        elif not all(np.isfinite(float(x)) for x in (t.statistic, t.z) if x is not None):
             why = "its statistic is not finite (NaN or Inf in the model's outputs)"
         else:
             continue
-        t.update(applies=False, reason=why, z=None, neg_log10_p=None)
+        t.invalidate(why)

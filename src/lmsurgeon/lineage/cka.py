@@ -1,4 +1,5 @@
-"""Unbiased linear CKA (spec §7.2) from feature matrices, never forming the n×n Gram matrices.
+"""Unbiased linear CKA (spec §7.2) from feature matrices, never forming the n×n Gram matrices, and the layer
+comparison built on it: a layer×layer CKA matrix, the layer map it gives, and its item-permutation null.
 
 Items are rows: X is [n, p], Y is [n, q]; K = XXᵀ, L = YYᵀ with zeroed diagonals K̃, L̃.
 HSIC₁(K,L) = [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n−1)(n−2)) − (2/(n−2))·1ᵀK̃L̃1] / (n(n−3)).
@@ -7,6 +8,9 @@ HSIC₁(K,L) = [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n−1)(n−2)) − (2/(n−2
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from lmsurgeon.lineage.results import LayerMap, Null
 
 
 class Grams:
@@ -38,11 +42,46 @@ def cka(X, Y) -> float:
 
 
 def cka_grams(A: Grams, B: Grams) -> float:
+    """:func:`cka` of two precomputed matrices."""
     den = A.self_hsic * B.self_hsic
     return float(hsic1(A, B) / np.sqrt(den)) if den > 0 else float("nan")
 
 
-def unit_rows(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm: a per-item scale (a folded norm gain) then cannot move CKA."""
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.where(norms > 0, norms, 1.0)
+# -- layers ------------------------------------------------------------------------------------------------
+# A model's layers are given per view (awm: "q" and "k" weights; act_cka: one view, the hidden states) as
+# ``{view: [Grams of layer 0, Grams of layer 1, ...]}``; the CKA of two layers is the mean over the views.
+
+def layer_cka(GA: dict[str, list[Grams]], GB: dict[str, list[Grams]], i: int, j: int) -> float:
+    """Mean over the views of CKA(layer i of A, layer j of B)."""
+    return float(np.mean([cka_grams(GA[v][i], GB[v][j]) for v in GA]))
+
+
+def cka_matrix(GA: dict[str, list[Grams]], GB: dict[str, list[Grams]]) -> np.ndarray:
+    """M[i, j] = :func:`layer_cka` (i, j) for every layer i of A and j of B, [L_A, L_B]."""
+    view = next(iter(GA))
+    return np.array([[layer_cka(GA, GB, i, j) for j in range(len(GB[view]))] for i in range(len(GA[view]))])
+
+
+def layer_map(M: np.ndarray) -> LayerMap:
+    """Assignment maximising Σ M over matched layers: the shallower model's layers into the deeper one's,
+    as (layer of A, layer of B) sorted by A's layer."""
+    rows, cols = linear_sum_assignment(np.nan_to_num(M, nan=-1.0), maximize=True)
+    return sorted(zip(rows.tolist(), cols.tolist(), strict=True))
+
+
+def matched_mean(M: np.ndarray, pairs: LayerMap) -> float:
+    """The statistic of a layer comparison: mean M over the matched layer pairs."""
+    return float(np.mean([M[i, j] for i, j in pairs]))
+
+
+def item_permutation_null(GA: dict[str, list[Grams]], GB: dict[str, list[Grams]], pairs: LayerMap, seed: int,
+                          n: int, items: str) -> Null:
+    """:func:`matched_mean` with B's items randomly permuted (``n`` seeded draws): the chance level of items
+    that do not correspond. ``items`` names them for the null's source."""
+    rng = np.random.default_rng(seed)
+    mats = {v: {j: GB[v][j].X for _, j in pairs} for v in GB}
+    vals = []
+    for _ in range(n):
+        p = rng.permutation(next(iter(GA.values()))[0].n)
+        vals.append(np.mean([np.mean([cka_grams(GA[v][i], Grams(mats[v][j][p])) for v in GA]) for i, j in pairs]))
+    return Null.of(vals, f"{n} random {items} permutations")

@@ -16,36 +16,49 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from lmsurgeon.lineage.align import Alignment
-from lmsurgeon.lineage.stats import fisher_log_p, log_p_from_z, neg_log10_p, spearman, spearman_z, z_from_log_p
+from lmsurgeon.lineage.results import LayerMap, LayerRho, Null, TestResult
+from lmsurgeon.lineage.stats import (
+    fisher_log_p,
+    log_p_from_z,
+    neg_log10_p,
+    spearman,
+    spearman_z,
+    unit_norm,
+    z_from_log_p,
+)
 
 MAX_UNITS = 4096
 
 
-def _unit(X: np.ndarray, axis: int) -> np.ndarray:
-    n = np.linalg.norm(X, axis=axis, keepdims=True)
-    return X / np.where(n > 0, n, 1.0)
-
-
 def match_units(U_A: np.ndarray, U_B: np.ndarray) -> np.ndarray:
-    """σ[j] = A unit matched to B unit j by maximal total cosine of their rows (rectangular if widths differ)."""
-    C = _unit(U_A, 1) @ _unit(U_B, 1).T                       # [m_A, m_B]
+    """σ[j] = A unit matched to B unit j by maximal total cosine of their rows (rectangular if widths differ);
+    −1 for a B unit left unmatched when B has more units than A."""
+    C = unit_norm(U_A, axis=1) @ unit_norm(U_B, axis=1).T     # [m_A, m_B]
     rows, cols = linear_sum_assignment(C, maximize=True)
     sigma = np.full(U_B.shape[0], -1, dtype=np.int64)
     sigma[cols] = rows
     return sigma
 
 
+def two_view_rho(view1_a: np.ndarray, view1_b: np.ndarray, view2_a: np.ndarray, view2_b: np.ndarray) -> \
+        tuple[float, int]:
+    """ρ = Spearman(σ₁, σ₂) of B's units matched to A's in two views (units as rows), and the number of B
+    units matched in both. A shared history makes the two matchings coincide (ρ = 1) whatever permutation was
+    applied; for separately initialised models they are unrelated (ρ ≈ 0, z = ρ√(n−1) ~ N(0, 1))."""
+    s1, s2 = match_units(view1_a, view1_b), match_units(view2_a, view2_b)
+    ok = (s1 >= 0) & (s2 >= 0)
+    return spearman(s1[ok], s2[ok]), int(ok.sum())
+
+
 def layer_rho(up_a, down_a, up_b, down_b, al: Alignment, units: np.ndarray | None) -> tuple[float, int]:
-    """ρ_l = Spearman(σ_in, σ_out) over B's (optionally subsampled) units."""
-    upA = _unit(al.a_in(up_a), 0)                          # columns unit-normalised: folded gains cancel
-    upB = _unit(al.b_in(up_b), 0)
+    """ρ_l = Spearman(σ_in, σ_out) over B's (optionally subsampled) units: the up rows and the down columns."""
+    upA = unit_norm(al.a_in(up_a), axis=0)                 # columns unit-normalised: folded gains cancel
+    upB = unit_norm(al.b_in(up_b), axis=0)
     dnA = al.a_out(down_a).T                               # units as rows: [m_A, d_B]
     dnB = al.b_out(down_b).T
     if units is not None:
         upB, dnB = upB[units], dnB[units]
-    s_in, s_out = match_units(upA, upB), match_units(dnA, dnB)
-    ok = (s_in >= 0) & (s_out >= 0)
-    return spearman(s_in[ok], s_out[ok]), int(ok.sum())
+    return two_view_rho(upA, upB, dnA, dnB)
 
 
 ANALYTIC_NULL = "analytic: rho*sqrt(n-1) ~ N(0,1) under independent matchings; Fisher over layers"
@@ -56,19 +69,21 @@ def subsample_units(rng: np.random.Generator, m: int, max_units: int = MAX_UNITS
     return np.sort(rng.choice(m, max_units, replace=False)) if m > max_units else None
 
 
-def combine_layers(name: str, per_layer: list[dict], null_source: str = ANALYTIC_NULL) -> dict:
-    """A test result from per-layer ρ_l and z_l: log p_l, Fisher's combination, and z from the combined p."""
+def combine_layers(name: str, per_layer: list[LayerRho], null_source: str = ANALYTIC_NULL) -> TestResult:
+    """A test result from per-layer ρ_l and z_l: log p_l, Fisher's combination, and z from the combined p.
+
+    The z is the analytic one: the standard normal quantile of Fisher's combined p (its null N(0, 1) over the
+    L′ layer p-values); −log10 p comes from the combined log p itself, exact where z is huge."""
     log_ps = []
     for p in per_layer:
-        lp = log_p_from_z(p["z"]) if np.isfinite(p["z"]) else float("nan")
-        p["neg_log10_p"] = neg_log10_p(lp)
+        lp = log_p_from_z(p.z) if np.isfinite(p.z) else float("nan")
+        p.neg_log10_p = neg_log10_p(lp)
         log_ps.append(lp)
     log_p = fisher_log_p(log_ps)
-    return {"name": name, "applies": True, "reason": "",
-            "statistic": float(np.nanmean([p["rho"] for p in per_layer])) if per_layer else float("nan"),
-            "z": z_from_log_p(log_p), "neg_log10_p": neg_log10_p(log_p),
-            "null": {"source": null_source, "mean": 0.0, "std": 1.0, "n": len(per_layer)},
-            "per_layer": per_layer}
+    return TestResult(name, applies=True,
+                      statistic=float(np.nanmean([p.rho for p in per_layer])) if per_layer else float("nan"),
+                      z=z_from_log_p(log_p), neg_log10_p=neg_log10_p(log_p),
+                      null=Null(null_source, 0.0, 1.0, len(per_layer)), per_layer=per_layer)
 
 
 BEST_EXPERTS = 2
@@ -86,9 +101,9 @@ def mlp_kind(layout, layer: int) -> str | None:
 def matched_experts(layout_a, layout_b, la: int, lb: int, al: Alignment) -> list[tuple[int, int, float]]:
     """(expert of A, expert of B, cosine) for the BEST_EXPERTS best pairs of the router-row assignment."""
     ea, eb = layout_a.experts(la, "experts.up"), layout_b.experts(lb, "experts.up")
-    Ra = _unit(al.a_in(layout_a.read("router", la))[ea], 0)     # column-normalised: folded gains cancel
-    Rb = _unit(al.b_in(layout_b.read("router", lb))[eb], 0)
-    C = _unit(Ra, 1) @ _unit(Rb, 1).T
+    Ra = unit_norm(al.a_in(layout_a.read("router", la))[ea], axis=0)   # column-normalised: folded gains cancel
+    Rb = unit_norm(al.b_in(layout_b.read("router", lb))[eb], axis=0)
+    C = unit_norm(Ra, axis=1) @ unit_norm(Rb, axis=1).T
     rows, cols = linear_sum_assignment(C, maximize=True)
     best = sorted(zip(rows, cols, strict=True), key=lambda rc: -C[rc])[:BEST_EXPERTS]
     return [(ea[r], eb[c], float(C[r, c])) for r, c in best]
@@ -108,22 +123,21 @@ def mlp_blocks(layout_a, layout_b, la: int, lb: int, al: Alignment) -> list[dict
     return blocks
 
 
-def phi_u_test(layout_a, layout_b, al: Alignment, pairs: list[tuple[int, int]], seed: int = 0,
-               max_units: int = MAX_UNITS) -> dict | None:
+def phi_u_test(layout_a, layout_b, al: Alignment, pairs: LayerMap, seed: int = 0,
+               max_units: int = MAX_UNITS) -> TestResult | None:
     """Per matched layer pair (per expert pair in MoE) ρ_l, z_l = ρ_l√(n_l−1); Fisher over all of them.
 
+    ``pairs``: the layer map (layer of A, layer of B), A being the wider model the alignment maps from.
     None when no matched layer pair has the same MLP kind on both sides (the caller says it does not apply)."""
     rng = np.random.default_rng(seed)
     per_layer = []
-    for i, j in pairs:
-        la, lb = layout_a.layers[i], layout_b.layers[j]
+    for la, lb in pairs:
         for blk in mlp_blocks(layout_a, layout_b, la, lb, al):
             (up, down), (e_a, e_b) = blk["roles"], blk["experts"]
             up_b = layout_b.read(up, lb, e_b)
             rho, n = layer_rho(layout_a.read(up, la, e_a), layout_a.read(down, la, e_a), up_b,
                                layout_b.read(down, lb, e_b), al, subsample_units(rng, up_b.shape[0], max_units))
-            per_layer.append({"a": la, "b": lb, "block": blk["block"], "rho": rho, "n_units": n,
-                              "z": spearman_z(rho, n)})
+            per_layer.append(LayerRho(la, lb, rho, n, spearman_z(rho, n), block=blk["block"]))
     if not per_layer:
         return None
     return combine_layers("phi_u", per_layer, ANALYTIC_NULL + " (and expert pairs)")

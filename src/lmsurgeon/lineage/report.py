@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lmsurgeon.lineage.results import OtherNulls, PairResult, TestResult
 from lmsurgeon.report import Report, RunFolder, Section
 from lmsurgeon.report.figures import new_figure
 
@@ -54,111 +55,116 @@ def _elementwise(run, a, b, title, name) -> str:
     return run.save_figure(fig, name)
 
 
-def _hist(run, nvs, names) -> str:
+def _hist(run, models) -> str:
     fig, ax = new_figure(6, 3.5)
-    for n, nv in zip(names, nvs, strict=True):
-        vals = np.concatenate([v for r, per in nv.items() if not r.endswith(".bias") for v in per.values()])
-        ax.hist(vals, bins=60, alpha=0.5, label=n)
+    for m in models:
+        vals = np.concatenate([v for r, per in m.norms.items() if not r.endswith(".bias") for v in per.values()])
+        ax.hist(vals, bins=60, alpha=0.5, label=m.name)
     ax.set(title="all norm gains", xlabel="gain", ylabel="count")
     ax.legend(fontsize=7)
     return run.save_figure(fig, "gain_histograms")
 
 
-def _tests_table(p) -> list[dict]:
-    return [{"test": t["name"], "applies": t.get("applies"), "statistic": t.get("statistic"), "z": t.get("z"),
-             "-log10 p": t.get("neg_log10_p"),
-             "null": None if not t.get("null") else f"{t['null']['source']}: {t['null']['mean']:.3g} ± "
-                                                   f"{t['null']['std']:.3g}",
-             "reason": t.get("reason", "")} for t in p.get("tests", [])]
+def _tests_table(p: PairResult) -> list[dict]:
+    return [{"test": t.name, "applies": t.applies, "statistic": t.statistic, "z": t.z, "-log10 p": t.neg_log10_p,
+             "null": None if t.null is None else f"{t.null.source}: {t.null.mean:.3g} ± {t.null.std:.3g}",
+             "reason": t.reason} for t in p.tests]
 
 
-def _phi_figure(run, t, name) -> str:
+def _phi_figure(run, t: TestResult, name) -> str:
     fig, ax = new_figure(6, 3)
-    ax.bar(range(len(t["per_layer"])), [p["neg_log10_p"] or 0 for p in t["per_layer"]])
-    ax.set(title=f"{t['name']} per matched layer", xlabel="matched layer pair", ylabel="-log10 p_l")
+    ax.bar(range(len(t.per_layer)), [_finite_or_zero(p.neg_log10_p) for p in t.per_layer])
+    ax.set(title=f"{t.name} per matched layer", xlabel="matched layer pair", ylabel="-log10 p_l")
     return run.save_figure(fig, name)
 
 
-def _evidence_figure(run, p, name) -> str | None:
+def _finite_or_zero(x) -> float:
+    """A bar height: undefined values (results.json's null) are drawn as 0."""
+    return float(x) if x is not None and np.isfinite(x) else 0.0
+
+
+def _evidence_figure(run, p: PairResult, name) -> str | None:
     """Left: each applicable test's z against the verdict thresholds. Right: the awm statistic beside its nulls
     (independents and the pair's own wrong layer maps), drawn as normal densities with their mean and std."""
     from scipy.stats import norm
 
     from lmsurgeon.lineage.verdict import DECISIVE, T_HI, T_LO
 
-    tests = [t for t in p.get("tests", []) if t.get("applies") and t.get("z") is not None]
+    tests = [t for t in p.tests if t.applies and t.z is not None]
     if not tests:
         return None
     fig, axes = new_figure(11, 3.4, ncols=2)
     ax, bx = axes[0]
-    zs = [t["z"] for t in tests]
-    ax.barh([t["name"] for t in tests], zs,
-            color=["tab:blue" if t["name"] in DECISIVE else "tab:gray" for t in tests])
+    ax.barh([t.name for t in tests], [t.z for t in tests],
+            color=["tab:blue" if t.name in DECISIVE else "tab:gray" for t in tests])
     ax.set_xscale("symlog", linthresh=10)
     for x, style in ((T_LO, ":"), (T_HI, "--")):
         ax.axvline(x, color="k", ls=style, lw=1)
     ax.set(title="z per test (dotted T_lo, dashed T_hi; grey: never decisive)", xlabel="z (symlog)")
-    awm = next((t for t in tests if t["name"] == "awm"), None)
+    awm = next((t for t in tests if t.name == "awm"), None)
     if awm is None:
         bx.set_axis_off()
         return run.save_figure(fig, name)
-    nulls = {k: v for k, v in (awm.get("nulls") or {}).items()
-             if isinstance(v, dict) and np.isfinite(v.get("std") or np.nan) and k != "permutation"}
+    others = awm.nulls or OtherNulls()
+    nulls = {k: v for k, v in (("unmatched_layers", others.unmatched_layers), ("independents", others.independents),
+                               ("own", others.own)) if v is not None and np.isfinite(v.std)}
     x = np.linspace(-0.05, 1.05, 600)
     for label, nl in nulls.items():
-        bx.plot(x, norm.pdf(x, nl["mean"], max(nl["std"], 1e-3)), label=f"{label}: {nl['mean']:.3f} ± {nl['std']:.3f}")
-    bx.axvline(awm["statistic"], color="tab:red", label=f"observed {awm['statistic']:.3f}")
+        bx.plot(x, norm.pdf(x, nl.mean, max(nl.std, 1e-3)), label=f"{label}: {nl.mean:.3f} ± {nl.std:.3f}")
+    bx.axvline(awm.statistic, color="tab:red", label=f"observed {awm.statistic:.3f}")
     bx.set(title="awm statistic (mean matched CKA) and its nulls", xlabel="mean matched CKA", ylabel="density")
     bx.legend(fontsize=7)
     return run.save_figure(fig, name)
 
 
-def write_run(out, body, layouts, nvs, pairs, names, *, seed, timings, overwrite=False) -> dict:
-    """Figures and HTML for the body assembled by :func:`lmsurgeon.lineage.run.compare`."""
+def _pair_figures(run, k: int, p: PairResult, ma, mb, focus_layer: int) -> list[str]:
+    """The evidence figure, the naive heatmaps and element-wise plots, and each test's own figure."""
+    figs = []
+    gain_roles = [r for r in p.matrices if not r.endswith(".bias")][:2]
+    for role in gain_roles:
+        mats = p.matrices[role]
+        figs.append(_heatmap(run, mats["raw"], f"{role}: raw cosine", f"p{k}_{role}_raw", p.b, p.a))
+        figs.append(_heatmap(run, mats["pearson"], f"{role}: Pearson", f"p{k}_{role}_pearson", p.b, p.a))
+    for role in gain_roles:
+        a, b = ma.norms[role].get(focus_layer), mb.norms[role].get(focus_layer)
+        if a is not None and b is not None and a.shape == b.shape:
+            figs.append(_elementwise(run, a, b, f"{role} layer {focus_layer}", f"p{k}_{role}_elementwise"))
+    for t in p.tests:
+        if t.name in ("awm", "act_cka") and t.applies:
+            figs.append(_heatmap(run, t.matrix, f"{t.name} CKA (dots: layer map)", f"p{k}_{t.name}_cka",
+                                 "B layer", "A layer", t.layer_map))
+        if t.name in ("phi_u", "phi_match") and t.applies:
+            figs.append(_phi_figure(run, t, f"p{k}_{t.name}"))
+    evidence = _evidence_figure(run, p, f"p{k}_evidence")
+    return ([evidence] if evidence else []) + figs
+
+
+def write_run(out, body: dict, models, pairs: list[PairResult], *, seed, timings, overwrite=False) -> dict:
+    """Figures and HTML for the body assembled by :func:`lmsurgeon.lineage.run.compare`; returns what
+    results.json holds plus ``out``, the run folder."""
+    by_name = {m.name: m for m in models}
     with RunFolder(out, command="lineage", seed=seed, overwrite=overwrite) as run:
         sections = []
-        gfig = _hist(run, nvs, names)
+        gfig = _hist(run, models)
         fl = body["naive"]["focus_layer"]
         for k, p in enumerate(pairs):
-            figs = []
-            gain_roles = [r for r in p["_matrices"] if not r.endswith(".bias")]
-            for role, mats in [(r, p["_matrices"][r]) for r in gain_roles[:2]]:
-                figs.append(_heatmap(run, mats["raw"], f"{role}: raw cosine", f"p{k}_{role}_raw",
-                                     p["b"], p["a"]))
-                figs.append(_heatmap(run, mats["pearson"], f"{role}: Pearson", f"p{k}_{role}_pearson",
-                                     p["b"], p["a"]))
-            x, y = names.index(p["a"]), names.index(p["b"])
-            for role in gain_roles[:2]:
-                a, b = nvs[x][role].get(fl), nvs[y][role].get(fl)
-                if a is not None and b is not None and a.shape == b.shape:
-                    figs.append(_elementwise(run, a, b, f"{role} layer {fl}", f"p{k}_{role}_elementwise"))
-            for t in p.get("tests", []):
-                if t["name"] in ("awm", "act_cka") and t.get("applies"):
-                    marks = t["layer_map"] if t["name"] == "act_cka" else [[i, j] for i, j in
-                                                                             _index_map(t, layouts, x, y)]
-                    figs.append(_heatmap(run, t["matrix"], f"{t['name']} CKA (dots: layer map)",
-                                         f"p{k}_{t['name']}_cka", "B layer", "A layer", marks))
-                if t["name"] in ("phi_u", "phi_match") and t.get("applies"):
-                    figs.append(_phi_figure(run, t, f"p{k}_{t['name']}"))
-            evidence = _evidence_figure(run, p, f"p{k}_evidence")
-            figs = ([evidence] if evidence else []) + figs
-            focus = [r for r in body["naive"]["same_layer"][k]["focus"]]
-            sections.append(Section(f"{p['a']} vs {p['b']}: {p['verdict']}", text="; ".join(p["reasons"]),
+            figs = _pair_figures(run, k, p, by_name[p.a], by_name[p.b], fl)
+            sections.append(Section(f"{p.a} vs {p.b}: {p.verdict.label}", text="; ".join(p.verdict.reasons),
                                     table=_tests_table(p) or None, figures=figs,
-                                    note=f"naive: mean raw cosine {_num(p['naive']['mean_raw_cosine'])}, mean "
-                                         f"Pearson {_num(p['naive']['mean_pearson'])}, shuffled control "
-                                         f"{_num(p['naive']['mean_shuffled'])}; layer map {p.get('layer_map')}"))
+                                    note=f"naive: mean raw cosine {_num(p.naive.mean_raw_cosine)}, mean "
+                                         f"Pearson {_num(p.naive.mean_pearson)}, shuffled control "
+                                         f"{_num(p.naive.mean_shuffled)}; layer map "
+                                         f"{None if p.layer_map is None else [list(m) for m in p.layer_map]}"))
+            focus = p.naive_table["focus"]
             if focus:
-                sections.append(Section(f"{p['a']} vs {p['b']}: same-layer table at layer {fl} (the seed's headline)",
+                sections.append(Section(f"{p.a} vs {p.b}: same-layer table at layer {fl} (the seed's headline)",
                                         table=focus))
-            if p.get("gamma_fold"):
-                sections.append(Section(f"γ-fold demonstration ({p['a']} folded)", table=p["gamma_fold"]["rows"][:12],
+            if p.gamma_fold:
+                sections.append(Section(f"γ-fold demonstration ({p.a} folded)", table=p.gamma_fold["rows"][:12],
                                         text="Folding A's gains into the linear maps they feed keeps A's function; "
                                              "u = 1 leaves raw cosine at the shuffled level and Pearson undefined, "
                                              "a transplant of B's gains forges raw = Pearson = 1."))
-        sections.append(Section("Gain distributions", figures=[gfig],
-                                table=[{"model": n, **{k: v for k, v in r.items()}} for n in names
-                                       for r in body["naive"]["gain_summary"][n][:0]] or None))
+        sections.append(Section("Gain distributions", figures=[gfig]))
         sections.append(Section("Models and bytes read",
                                 table=[{k: v for k, v in m.items() if k != "bad_numbers"} for m in body["models"]]))
         bad = [{"model": m["name"], **b} for m in body["models"] for b in m.get("bad_numbers", [])]
@@ -166,13 +172,8 @@ def write_run(out, body, layouts, nvs, pairs, names, *, seed, timings, overwrite
             sections.insert(0, Section("Bad numbers", table=bad,
                                        text="These tensors hold NaN, Inf or only zeros. Correlations that touch "
                                             "them are undefined, and a sound test that read one does not apply."))
-        results = run.write_results(body, inputs=[i for lay in layouts for i in lay.handle.inputs()],
+        results = run.write_results(body, inputs=[i for m in models for i in m.layout.handle.inputs()],
                                     timings=timings)
         run.write_report(Report(title="lmsurgeon lineage", how_to_read=HOW_TO_READ, sections=sections,
-                                summary={f"{p['a']} vs {p['b']}": p["verdict"] for p in pairs}))
-    return results
-
-
-def _index_map(t, layouts, x, y):
-    la, lb = layouts[x].layers, layouts[y].layers
-    return [[la.index(a), lb.index(b)] for a, b in t["layer_map"]]
+                                summary={f"{p.a} vs {p.b}": p.verdict.label for p in pairs}))
+    return {**results, "out": str(run.path)}

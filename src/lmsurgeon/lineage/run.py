@@ -1,9 +1,17 @@
-"""``compare(sources)``: naive report plus sound tests for every pair; returns exactly what results.json holds."""
+"""``compare(sources)``: naive report plus sound tests for every pair; returns exactly what results.json holds.
+
+The steps, in order: open every model and read its norm gains (the naive part reads nothing else); fold each
+pre-norm model's gains to show they carry no function; then per pair the naive comparison and, unless
+``naive_only``, the sound tests (weight tests, their ``--null`` recalibration, activation tests), the bad-number
+check and the verdict; last, the results body and the run folder.
+"""
 
 from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -12,170 +20,190 @@ from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.io import open_model
 from lmsurgeon.lineage import naive
 from lmsurgeon.lineage.activations import ACTIVATION_TESTS, activation_tests
-from lmsurgeon.lineage.align import ALIGN_METHODS
 from lmsurgeon.lineage.awm import guarded_z
 from lmsurgeon.lineage.checks import CheckedLayout, invalidate_tests
+from lmsurgeon.lineage.config import ALL_TESTS, LineageConfig
 from lmsurgeon.lineage.norms import is_pre_norm, norm_vectors
-from lmsurgeon.lineage.sound import not_applicable, null_from_values, weight_tests
-from lmsurgeon.lineage.stats import log_p_from_z, neg_log10_p, z_against
+from lmsurgeon.lineage.results import AlignmentFacts, NaiveSummary, Null, OtherNulls, PairResult, TestResult, Verdict
+from lmsurgeon.lineage.sound import WEIGHT_TESTS, weight_tests
 from lmsurgeon.lineage.verdict import T_HI, T_LO, verdict
 
-ALL_TESTS = ("awm", "phi_u", "phi_match", "act_cka")
+SCHEMA = "lmsurgeon/lineage@1"
+N_TEXTS = 64
 
 
-def _model_entry(name: str, source: str, layout) -> dict:
-    h = layout.handle
-    return {"name": name, "source": str(source), "revision": h.revision, "family": layout.family.name,
-            "n_layers": layout.n_layers, "hidden_size": layout.hidden_size, "bytes_read": h.bytes_read}
+@dataclass
+class Model:
+    """One source, opened: its unique display name, layout (recording bad numbers) and norm gains."""
+
+    name: str
+    source: str
+    layout: CheckedLayout
+    norms: dict
+    naive_bytes_read: int
+
+    def entry(self) -> dict:
+        """The model's ``results.json`` entry (bytes read so far)."""
+        h, lay = self.layout.handle, self.layout
+        return {"name": self.name, "source": str(self.source), "revision": h.revision, "family": lay.family.name,
+                "n_layers": lay.n_layers, "hidden_size": lay.hidden_size, "bytes_read": h.bytes_read,
+                "naive_bytes_read": self.naive_bytes_read, "bad_numbers": list(lay.bad.values())}
 
 
-ANALYTIC_Z = ("phi_u", "phi_match")  # tests whose statistic for the --null comparison is their analytic z
+def compare(sources: list[str], out: str | Path | None = None, config: LineageConfig | None = None, *,
+            overwrite: bool = False, write: bool = True, progress: bool = False, **options) -> dict:
+    """Compare ``sources[0]`` against each other source (every pair with ``all_pairs``); write the run folder
+    (unless ``write`` is False) and return the results.
+
+    ``config`` holds every analysis choice (:class:`LineageConfig`); its fields may also be given as keywords
+    (``compare(srcs, tests=("awm",), align="procrustes")``), which replace those of ``config``. ``out`` is the
+    run folder (default ``runs/lineage-<timestamp>``); the returned dict is what results.json holds, plus
+    ``out``, the run folder written (absent with ``write=False``).
+
+    The first source is the model whose descendants are in question, so A-vs-each is the default; every pair
+    (n·(n−1)/2) is for surveys such as the benchmark. Reads only norm tensors for the naive part; the sound
+    tests add the shared embedding rows and the q/k/up/down matrices. Bytes read are reported per model.
+    """
+    config = LineageConfig.build(config, **options)
+    if len(sources) < 2:
+        raise LmsurgeonError("lineage needs at least two models", ", ".join(map(str, sources)))
+    t0 = time.time()
+    models = open_models(sources)
+    t_naive = time.time()
+    texts = _text_loader(config.text)
+    fold_logits = {} if config.naive_only else fold_demos(models, texts)
+    null_layouts = [CheckedLayout(open_model(s)) for s in config.null]
+    pairs = [compare_pair(models[x], models[y], config, texts, null_layouts)
+             for x, y in _pair_indices(len(models), config.all_pairs, progress)]
+    body = results_body(models, pairs, config, fold_logits)
+    timings = {"naive_seconds": t_naive - t0, "total_compare_seconds": time.time() - t0}
+    if not write:
+        from lmsurgeon.report.results import jsonable
+        return jsonable({"schema": SCHEMA, "seed": config.seed, **body, "timings": timings})
+    from lmsurgeon.lineage.report import write_run
+    return write_run(out, body, models, pairs, seed=config.seed, timings=timings, overwrite=overwrite)
 
 
-def _null_value(t: dict) -> float:
-    return t["z"] if t["name"] in ANALYTIC_Z else t["statistic"]
+
+# -- steps -------------------------------------------------------------------------------------------------
+def open_models(sources: list[str]) -> list[Model]:
+    """Open every source and read its norm gains (nothing else yet)."""
+    out = []
+    for name, source in zip(_unique_names(sources), sources, strict=True):
+        layout = CheckedLayout(open_model(source))
+        norms = norm_vectors(layout)
+        out.append(Model(name, source, layout, norms, layout.handle.bytes_read))
+    return out
 
 
-def _apply_null(test: dict, values: list[float]) -> None:
-    """Replace a test's z by the independents' null: z = (s − μ₀)/max(σ₀, 0.001) (s = statistic, or the
-    analytic z for φ_U and φ_MATCH)."""
-    null = null_from_values(values, f"{len(values)} comparisons with the --null models")
-    if null is None or not test.get("applies"):
-        return
-    s = _null_value(test)
-    test.setdefault("nulls", {})["own"] = {**(test.get("null") or {}), "z": test["z"]}
-    test["null"], test["z"] = null, z_against(s, null["mean"], null["std"])
-    inner = test.get("nulls", {}).get("unmatched_layers")
-    if test["name"] == "awm" and inner and np.isfinite(inner["std"]):
-        test["z"], test["null"] = guarded_z(s, null, inner)
-    test["neg_log10_p"] = neg_log10_p(log_p_from_z(test["z"]))
+def _text_loader(text: str | None):
+    """The activation tests' texts, read on first use only (the first N_TEXTS of the validation split)."""
+    @cache
+    def texts() -> list[str]:
+        from lmsurgeon.data import load_texts
+        return load_texts(text, split="validation")[:N_TEXTS]
+    return texts
 
 
-def _run_activation_tests(la, lb, texts, wanted, seed) -> list[dict]:
-    try:
-        return activation_tests(la, lb, texts, wanted, seed)
-    except (LmsurgeonError, MemoryError, OSError, ValueError) as e:
-        return [not_applicable(t, f"cannot run the models: {e}") for t in wanted]
+def fold_demos(models: list[Model], texts) -> dict:
+    """Per pre-norm model, the largest logit change when all its gains are folded to 1 (γ-fold demonstration)."""
+    from lmsurgeon.lineage.fold import fold_logit_change
+    return {m.name: fold_logit_change(m.layout, " ".join(texts()[:2])) for m in models if is_pre_norm(m.layout)}
 
 
-def _apply_nulls(tests: list[dict], la, lb, null_layouts, run_tests) -> None:
-    """Recalibrate ``tests`` against A and B each compared once with every --null model (``run_tests(x, nl)``
-    returns all the tests of one comparison)."""
-    refs = [r for nl in null_layouts for x in (la, lb) for r in run_tests(x, nl)]
-    for t in tests:
-        _apply_null(t, [_null_value(r) for r in refs if r["name"] == t["name"] and r.get("applies")])
+def _pair_indices(n: int, all_pairs: bool, progress: bool):
+    combos = list(itertools.combinations(range(n), 2)) if all_pairs else [(0, k) for k in range(1, n)]
+    if progress:
+        from rich.progress import track
+        return track(combos, description="lineage pairs", transient=True)
+    return combos
 
 
-def pair_tests(la, lb, tests, seed, texts_fn, null_layouts, align="permutation") -> tuple[list[dict], dict]:
-    weight = tuple(t for t in tests if t in ("awm", "phi_u"))
+def compare_pair(ma: Model, mb: Model, config: LineageConfig, texts, null_layouts: list[CheckedLayout]) -> PairResult:
+    """The naive comparison of one pair and, unless ``naive_only``, its sound tests and verdict."""
+    la, lb = ma.layout, mb.layout
+    pn = naive.pair_naive(ma.norms, mb.norms, depth=config.depth, seed=config.seed)
+    fl = naive.focus_layer(min(la.n_layers, lb.n_layers), config.focus_layer)
+    pair = PairResult(ma.name, mb.name,
+                      naive=NaiveSummary(pn["mean_raw_cosine"], pn["mean_pearson"], pn["mean_spearman"],
+                                         pn["mean_shuffled"]),
+                      verdict=Verdict("inconclusive", ["--naive-only: naive numbers never decide"]),
+                      matrices=pn["matrices"],
+                      gamma_fold=naive.gamma_fold_demo(ma.norms, mb.norms) if is_pre_norm(la) else None,
+                      naive_table={"a": ma.name, "b": mb.name, "rows": pn["same_layer"],
+                                   "focus": [r for r in pn["same_layer"] if r["layer_a"] == fl]})
+    if config.naive_only:
+        return pair
+    t_pair = time.time()
+    before = [la.handle.bytes_read, lb.handle.bytes_read]
+    pair.tests, pair.alignment = sound_tests(la, lb, config, texts, null_layouts)
+    invalidate_tests(pair.tests, [la, lb])
+    pair.verdict = verdict(pair.tests)
+    mapped = [t for name in ("awm", "act_cka") if (t := pair.test(name)) is not None and t.applies]
+    pair.layer_map = mapped[0].layer_map if mapped else None
+    pair.seconds = time.time() - t_pair
+    pair.bytes_read = {"a": la.handle.bytes_read - before[0], "b": lb.handle.bytes_read - before[1]}
+    return pair
+
+
+def sound_tests(la, lb, config: LineageConfig, texts, null_layouts) -> tuple[list[TestResult], AlignmentFacts]:
+    """Weight tests (measured against the ``--null`` models when given), then activation tests."""
+    weight = tuple(t for t in config.tests if t in WEIGHT_TESTS)
+    seed, align = config.seed, config.align
     out, facts = weight_tests(la, lb, weight, seed, align)
     if null_layouts and out:
-        _apply_nulls(out, la, lb, null_layouts, lambda x, nl: weight_tests(x, nl, weight, seed, align)[0])
-    wanted = [t for t in ACTIVATION_TESTS if t in tests]
+        measure_against_null_models(out, la, lb, null_layouts,
+                                    lambda x, nl: weight_tests(x, nl, weight, seed, align)[0])
+    wanted = [t for t in ACTIVATION_TESTS if t in config.tests]
     if wanted:
-        acts = _run_activation_tests(la, lb, texts_fn(), wanted, seed)
-        decisive = [t for t in acts if t["name"] == "phi_match"]   # act_cka never decides: its own null stays
+        acts = _activation_tests(la, lb, texts(), wanted, seed)
+        decisive = [t for t in acts if t.name == "phi_match"]   # act_cka never decides: its own null stays
         if null_layouts and decisive:
-            _apply_nulls(decisive, la, lb, null_layouts,
-                         lambda x, nl: _run_activation_tests(x, nl, texts_fn(), ("phi_match",), seed))
+            measure_against_null_models(decisive, la, lb, null_layouts,
+                                        lambda x, nl: _activation_tests(x, nl, texts(), ("phi_match",), seed))
         out += acts
     return out, facts
 
 
-def compare(sources: list[str], out: str | Path | None = None, *, naive_only: bool = False,
-            tests: tuple[str, ...] = ALL_TESTS, null: list[str] | None = None, focus_layer: int | None = None,
-            depth: str = "relative", align: str = "permutation", text: str | None = None, seed: int = 0,
-            overwrite: bool = False,
-            write: bool = True, progress: bool = False, all_pairs: bool = False) -> dict:
-    """Compare ``sources[0]`` against each other source (every pair with ``all_pairs``); write the run folder
-    (unless ``write`` is False) and return results.
+def _activation_tests(la, lb, texts, wanted, seed) -> list[TestResult]:
+    try:
+        return activation_tests(la, lb, texts, wanted, seed)
+    except (LmsurgeonError, MemoryError, OSError, ValueError) as e:
+        return [TestResult.not_applicable(t, f"cannot run the models: {e}") for t in wanted]
 
-    The first source is the model whose descendants are in question, so A-vs-each is the default; every pair
-    (n·(n−1)/2) is for surveys such as the benchmark.
 
-    ``align``: how B's residual basis is matched to A's for the weight tests, ``permutation`` (units and signs)
-    or ``procrustes`` (any rotation, for models whose gains were folded and basis rotated).
-
-    Reads only norm tensors for the naive part; the sound tests add the shared embedding rows and the q/k/up/down
-    matrices. Bytes read are reported per model.
-    """
-    if len(sources) < 2:
-        raise LmsurgeonError("lineage needs at least two models", ", ".join(map(str, sources)))
-    unknown = set(tests) - set(ALL_TESTS)
-    if unknown:
-        raise LmsurgeonError(f"unknown tests {sorted(unknown)} (known: {', '.join(ALL_TESTS)})", "--tests")
-    if align not in ALIGN_METHODS:
-        raise LmsurgeonError(f"unknown alignment {align!r} (known: {', '.join(ALIGN_METHODS)})", "--align")
-    t0 = time.time()
-    names = _unique_names(sources)
-    layouts = [CheckedLayout(open_model(s)) for s in sources]
-    nvs = [norm_vectors(lay) for lay in layouts]
-    naive_bytes = [lay.handle.bytes_read for lay in layouts]
-    t_naive = time.time()
-    texts_cache: list = []
-
-    def texts():
-        if not texts_cache:
-            from lmsurgeon.data import load_texts
-            texts_cache.extend(load_texts(text, split="validation")[:64])
-        return texts_cache
-
-    fold_demo = {}
-    if not naive_only:
-        from lmsurgeon.lineage.fold import fold_logit_change
-        for name, lay in zip(names, layouts, strict=True):
-            if is_pre_norm(lay):
-                fold_demo[name] = fold_logit_change(lay, " ".join(texts()[:2]))
-    null_layouts = [CheckedLayout(open_model(s)) for s in (null or [])]
-    pairs, naive_same = [], []
-    combos = (list(itertools.combinations(range(len(sources)), 2)) if all_pairs
-              else [(0, k) for k in range(1, len(sources))])
-    if progress:
-        from rich.progress import track
-        combos = track(combos, description="lineage pairs", transient=True)
-    for x, y in combos:
-        pn = naive.pair_naive(nvs[x], nvs[y], depth=depth, seed=seed)
-        fl = naive.focus_layer(min(layouts[x].n_layers, layouts[y].n_layers), focus_layer)
-        naive_same.append({"a": names[x], "b": names[y], "rows": pn["same_layer"],
-                           "focus": [r for r in pn["same_layer"] if r["layer_a"] == fl]})
-        entry = {"a": names[x], "b": names[y],
-                 "naive": {k: pn[k] for k in ("mean_raw_cosine", "mean_pearson", "mean_spearman", "mean_shuffled")},
-                 "gamma_fold": naive.gamma_fold_demo(nvs[x], nvs[y]) if is_pre_norm(layouts[x]) else None,
-                 "_matrices": pn["matrices"]}
-        if naive_only:
-            entry.update(verdict="inconclusive", reasons=["--naive-only: naive numbers never decide"],
-                         tests=[], layer_map=None)
+def measure_against_null_models(tests: list[TestResult], la, lb, null_layouts, run_tests) -> None:
+    """Measure each test against A and B each compared once with every ``--null`` model (``run_tests(x, nl)``
+    returns all the tests of one comparison): that null replaces the test's own, which is kept as
+    ``nulls.own`` (methods.md §L7.5). awm stays guarded by its wrong layer maps (:func:`guarded_z`)."""
+    refs = [r for nl in null_layouts for x in (la, lb) for r in run_tests(x, nl)]
+    for t in tests:
+        values = [r.value_for_null for r in refs if r.name == t.name and r.applies]
+        null = Null.of_finite(values, f"{len(values)} comparisons with the --null models")
+        value, own, own_z = t.value_for_null, t.null, t.z
+        if null is None or not t.applies or value is None:
+            continue
+        inner = t.nulls.unmatched_layers if t.nulls else None
+        if t.name == "awm" and inner is not None and np.isfinite(inner.std):
+            t.set_z(*guarded_z(value, null, inner))
         else:
-            t_pair = time.time()
-            before = [layouts[x].handle.bytes_read, layouts[y].handle.bytes_read]
-            tlist, facts = pair_tests(layouts[x], layouts[y], tests, seed, texts, null_layouts, align)
-            invalidate_tests(tlist, [layouts[x], layouts[y]])
-            v, reasons = verdict(tlist)
-            awm = next((t for t in tlist if t["name"] == "awm" and t.get("applies")), None)
-            act = next((t for t in tlist if t["name"] == "act_cka" and t.get("applies")), None)
-            entry.update(verdict=v, reasons=reasons, tests=tlist, alignment=facts,
-                         layer_map=(awm or act or {}).get("layer_map"),
-                         seconds=time.time() - t_pair,
-                         bytes_read={"a": layouts[x].handle.bytes_read - before[0],
-                                     "b": layouts[y].handle.bytes_read - before[1]})
-        pairs.append(entry)
-    body = {
-        "models": [_model_entry(n, s, lay) | {"naive_bytes_read": nb, "bad_numbers": list(lay.bad.values())}
-                   for n, s, lay, nb in zip(names, sources, layouts, naive_bytes, strict=True)],
+            t.measure(value, null)
+        t.nulls = replace(t.nulls or OtherNulls(), own=own, own_z=own_z)
+
+
+def results_body(models: list[Model], pairs: list[PairResult], config: LineageConfig, fold_logits: dict) -> dict:
+    """What results.json holds besides its common header and timings."""
+    return {
+        "config": config.to_json(),
+        "models": [m.entry() for m in models],
         "thresholds": {"T_hi": T_HI, "T_lo": T_LO},
-        "naive": {"focus_layer": naive.focus_layer(min(lay.n_layers for lay in layouts), focus_layer),
-                  "same_layer": naive_same,
-                  "gain_summary": {n: naive.gain_summary(nv) for n, nv in zip(names, nvs, strict=True)},
-                  "gamma_fold": {f"{p['a']} vs {p['b']}": p["gamma_fold"] for p in pairs},
-                  "gamma_fold_logits": fold_demo},
-        "pairs": [{k: v for k, v in p.items() if not k.startswith("_") and k != "gamma_fold"} for p in pairs],
+        "naive": {"focus_layer": naive.focus_layer(min(m.layout.n_layers for m in models), config.focus_layer),
+                  "same_layer": [p.naive_table for p in pairs],
+                  "gain_summary": {m.name: naive.gain_summary(m.norms) for m in models},
+                  "gamma_fold": {f"{p.a} vs {p.b}": p.gamma_fold for p in pairs},
+                  "gamma_fold_logits": fold_logits},
+        "pairs": [p.to_json() for p in pairs],
     }
-    timings = {"naive_seconds": t_naive - t0, "total_compare_seconds": time.time() - t0}
-    if not write:
-        from lmsurgeon.report.results import jsonable
-        return jsonable({"schema": "lmsurgeon/lineage@1", "seed": seed, **body, "timings": timings})
-    from lmsurgeon.lineage.report import write_run
-    return write_run(out, body, layouts, nvs, pairs, names, seed=seed, timings=timings, overwrite=overwrite)
 
 
 def _unique_names(sources) -> list[str]:
@@ -189,6 +217,4 @@ def _unique_names(sources) -> list[str]:
     return names
 
 
-run = compare
-
-__all__ = ["compare", "run"]
+__all__ = ["ALL_TESTS", "LineageConfig", "compare"]

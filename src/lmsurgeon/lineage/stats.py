@@ -56,6 +56,15 @@ def shuffled_control(a, b, seed: int = 0, n: int = N_SHUFFLES) -> dict:
     return {"expected": shuffled_expectation(a, b), "mean": float(sims.mean()), "std": float(sims.std()), "n": n}
 
 
+def unit_norm(X: np.ndarray, axis: int) -> np.ndarray:
+    """X with its vectors along ``axis`` scaled to unit norm (zero vectors left as they are).
+
+    Rows (``axis=1``) of unit norm make a per-item scale, such as a folded norm gain, unable to move a CKA or a
+    cosine matching; columns (``axis=0``) likewise for a per-input scale."""
+    n = np.linalg.norm(X, axis=axis, keepdims=True)
+    return X / np.where(n > 0, n, 1.0)
+
+
 def gain_summary(g) -> dict:
     """mean/std/cv/min/max of a gain vector (cv = std/|mean|, the quantity that bounds what raw cosine can say)."""
     g = _f64(g)
