@@ -216,11 +216,19 @@ class StreamedModel:
             set_module_tensor_to_device(self.model, name, self.device)
 
     def _module_paths(self, stage: str | int) -> Callable[[str], bool]:
-        """Which skeleton parameter names a stage fills (used to empty it again)."""
-        layers = self._layers_path + "."
+        """Which skeleton parameter names a stage fills (used to empty it again, leaving other stages alone)."""
+        def under(*modules: torch.nn.Module | None) -> tuple[str, ...]:
+            return tuple(skeleton.module_path(self.model, m) + "." for m in modules if m is not None)
+
         if isinstance(stage, int):
-            return lambda name: name.startswith(f"{layers}{stage}.")
-        return lambda name: not name.startswith(layers)  # embed, final norm and head: everything else
+            return lambda name: name.startswith(f"{self._layers_path}.{stage}.")
+        if stage == "final_norm":
+            return lambda name: name.startswith(under(self.final_norm))
+        if stage == "lm_head":  # a tied head was loaded through the input embedding
+            tied = self.model.get_input_embeddings() if self._tied else None
+            return lambda name: name.startswith(under(self.head, tied))
+        others = (self._layers_path + ".", *under(self.final_norm, self.head))
+        return lambda name: not name.startswith(others)
 
     def _load(self, stages: Sequence[str | int]) -> None:
         todo = [s for s in stages if s not in self._resident]
