@@ -206,7 +206,9 @@ def test_bad_weights_make_sound_tests_not_apply_instead_of_deciding(lineage_pair
     a, same = lineage_pair
     b = _corrupt(same, tmp_path / "b", tensor, value)
     res = compare([str(a), str(b)], out=tmp_path / "run", tests=("awm", "phi_u"))
-    assert any(x["tensor"] == tensor and problem in x["problem"] for x in res["models"][1]["bad_numbers"])
+    problems = {x["tensor"]: x["problem"] for x in res["models"][1]["bad_numbers"]}
+    assert tensor in problems
+    assert problem in problems[tensor]
     assert _pair(res)["verdict"] == "inconclusive"
     for t in _pair(res)["tests"]:
         assert not t["applies"], t
