@@ -150,7 +150,7 @@ class Family:
         n_layers = self.config_keys["n_layers"]
         keys = [n_layers] if isinstance(n_layers, str) else list(n_layers)
         if isinstance(sub, str) and isinstance(config.get(sub), dict) and not any(k in config for k in keys):
-            return config[sub]  # type: ignore[no-any-return]
+            return config[sub]
         return config
 
 
@@ -336,5 +336,5 @@ class _Reader:
     def choice(self, value: Any, where: str, allowed: tuple[str, ...]) -> str | None:
         if value is not None and value not in allowed:
             self.fail(where, f"must be one of {list(allowed)}, got {_short(value)}")
-        return value  # type: ignore[no-any-return]
+        return value
 
