@@ -93,8 +93,13 @@ def timed(fn, device, *args, repeat: int = 1):
     return res, float(sorted(times)[len(times) // 2])
 
 
-def plan_cache_vs_reload(model_dir: str, tokens: int, seq_len: int, n_plans: int, repeat: int) -> None:
-    """Score ``n_plans`` random 25 % drop plans both ways on the corpus test split; print times and differences."""
+def plan_cache_vs_reload(model_dir: str, tokens: int, seq_len: int, n_plans: int, repeat: int,
+                         plan_set: str = "random") -> None:
+    """Score drop plans at 25 % depth both ways on the corpus test split; print times and differences.
+
+    ``random``: ``n_plans`` random sets of k layers; ``greedy-step``: the candidates of the greedy search's last
+    step (k−1 layers already dropped, every remaining layer tried), the planner's own workload.
+    """
     import random
     import tempfile
     from pathlib import Path
@@ -119,7 +124,11 @@ def plan_cache_vs_reload(model_dir: str, tokens: int, seq_len: int, n_plans: int
     n_bytes = predicted_bytes(tok, rows)
     rng = random.Random(0)
     k = max(1, round(0.25 * L))
-    drops = [sorted(rng.sample(range(L), k)) for _ in range(n_plans)]
+    if plan_set == "greedy-step":
+        base = sorted(rng.sample(range(L), k - 1))
+        drops = [sorted([*base, j]) for j in range(L) if j not in base]
+    else:
+        drops = [sorted(rng.sample(range(L), k)) for _ in range(n_plans)]
     orders = [plan_order(L, d) for d in drops]
 
     def cached():
@@ -140,7 +149,7 @@ def plan_cache_vs_reload(model_dir: str, tokens: int, seq_len: int, n_plans: int
     fast, t_fast = timed(cached, "cpu", repeat=repeat)
     slow, t_slow = timed(reloaded, "cpu", repeat=repeat)
     diff = max(abs(a - b) for a, b in zip(fast, slow, strict=True))
-    print(f"plan scoring on {model_dir}: {L} layers, {n_plans} random plans dropping {k} layers, "
+    print(f"plan scoring on {model_dir}: {L} layers, {len(drops)} {plan_set} plans dropping {k} layers, "
           f"{sum(len(r) for r in rows)} held-out tokens, {torch.get_num_threads()} threads")
     print(f"{'method':<52}{'seconds':>10}   (median of {repeat})")
     print(f"{'cached layer inputs (1 capture + blocks after the cut)':<52}{t_fast:>10.3f}")
@@ -191,13 +200,14 @@ def main() -> None:
     ap.add_argument("--plans", metavar="MODEL", default=None, help="benchmark drop plans on this model instead")
     ap.add_argument("--plan-drop", default="25%")
     ap.add_argument("--n-plans", type=int, default=8, help="random plans for the cache-vs-reload timing")
+    ap.add_argument("--plan-set", choices=["random", "greedy-step"], default="random")
     ap.add_argument("--tokens", type=int, default=8192, help="held-out (and eval) tokens for --plans")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--skip-strategies", action="store_true", help="only the cache-vs-reload timing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.plans:
-        plan_cache_vs_reload(args.plans, args.tokens, args.seq_len, args.n_plans, args.repeat)
+        plan_cache_vs_reload(args.plans, args.tokens, args.seq_len, args.n_plans, args.repeat, args.plan_set)
         if not args.skip_strategies:
             plan_strategies(args.plans, args.plan_drop, args.tokens, args.seq_len)
         return

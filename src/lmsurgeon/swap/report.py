@@ -103,6 +103,9 @@ def _plans_figure(run, body: dict) -> str:
     ax.plot([r["k"] for r in rec], [r["heldout_bpb"] for r in rec], "*", color="#d62728", ms=12,
             label="recommended", zorder=5)
     ax.axhline(body["plan_summary"]["baseline"]["heldout_bpb"], color="grey", lw=0.8, label="no layer dropped")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layers dropped (k)")
     ax.set_ylabel("held-out bits per byte")
     ax.set_title("Drop plans scored on held-out text", fontsize=9)
