@@ -43,14 +43,24 @@ class Glm4MoeShape:
         return replace(self, n_layers=n_layers, mtp_layers=self.mtp_layers if mtp_layers is None else mtp_layers)
 
     def config(self) -> dict:
-        cfg = {"model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"], "hidden_size": self.hidden,
-               "num_hidden_layers": self.n_layers, "num_attention_heads": self.heads,
-               "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
-               "intermediate_size": self.dense_inter, "moe_intermediate_size": self.moe_inter,
-               "n_routed_experts": self.experts, "n_shared_experts": self.shared_experts,
-               "first_k_dense_replace": self.first_dense, "vocab_size": self.vocab,
-               "num_nextn_predict_layers": self.mtp_layers, "tie_word_embeddings": False,
-               "torch_dtype": "bfloat16"}
+        cfg = {
+            "model_type": "glm4_moe",
+            "architectures": ["Glm4MoeForCausalLM"],
+            "hidden_size": self.hidden,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.dense_inter,
+            "moe_intermediate_size": self.moe_inter,
+            "n_routed_experts": self.experts,
+            "n_shared_experts": self.shared_experts,
+            "first_k_dense_replace": self.first_dense,
+            "vocab_size": self.vocab,
+            "num_nextn_predict_layers": self.mtp_layers,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+        }
         if self.attention_bias:
             cfg["attention_bias"] = True
         return {**cfg, **self.extra_config}
@@ -62,13 +72,22 @@ class Glm4MoeShape:
         """Tensor name → shape for one layer, in the order the files store them."""
         p = f"model.layers.{layer}."
         q, kv, d = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden
-        t: dict[str, tuple[int, ...]] = {p + "input_layernorm.weight": (d,),
-                                         p + "post_attention_layernorm.weight": (d,),
-                                         p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-                                         p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q)}
+        t: dict[str, tuple[int, ...]] = {
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q, d),
+            p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d),
+            p + "self_attn.o_proj.weight": (d, q),
+        }
         if self.attention_bias:
-            t.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                      p + "self_attn.v_proj.bias": (kv,)})
+            t.update(
+                {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                }
+            )
         if self.is_dense(layer):
             mlps = {"mlp.": self.dense_inter}
         else:
@@ -84,8 +103,11 @@ class Glm4MoeShape:
 
     def outside_shapes(self) -> dict[str, tuple[int, ...]]:
         """Embedding, final norm and (untied) head."""
-        return {"model.embed_tokens.weight": (self.vocab, self.hidden), "model.norm.weight": (self.hidden,),
-                "lm_head.weight": (self.vocab, self.hidden)}
+        return {
+            "model.embed_tokens.weight": (self.vocab, self.hidden),
+            "model.norm.weight": (self.hidden,),
+            "lm_head.weight": (self.vocab, self.hidden),
+        }
 
     def all_layers(self) -> range:
         """Every stored layer index, the multi-token-prediction layers included."""
@@ -114,18 +136,40 @@ class Glm4MoeShape:
 #: 96 query heads and 8 KV heads of 128, 128 routed experts of 1408 + 1 shared, first layer dense (10944),
 #: vocabulary 151552, untied head, q/k/v biases, half-width partial rotary.
 GLM45_AIR = Glm4MoeShape(
-    n_layers=46, hidden=4096, heads=96, kv_heads=8, head_dim=128, experts=128, moe_inter=1408, dense_inter=10944,
-    vocab=151552, first_dense=1, shared_experts=1, mtp_layers=1, attention_bias=True,
-    extra_config={"num_experts_per_tok": 8, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
-                  "routed_scaling_factor": 1.0, "partial_rotary_factor": 0.5, "rope_theta": 1000000,
-                  "rms_norm_eps": 1e-05, "max_position_embeddings": 131072, "hidden_act": "silu",
-                  "use_qk_norm": False})
+    n_layers=46,
+    hidden=4096,
+    heads=96,
+    kv_heads=8,
+    head_dim=128,
+    experts=128,
+    moe_inter=1408,
+    dense_inter=10944,
+    vocab=151552,
+    first_dense=1,
+    shared_experts=1,
+    mtp_layers=1,
+    attention_bias=True,
+    extra_config={
+        "num_experts_per_tok": 8,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 1.0,
+        "partial_rotary_factor": 0.5,
+        "rope_theta": 1000000,
+        "rms_norm_eps": 1e-05,
+        "max_position_embeddings": 131072,
+        "hidden_act": "silu",
+        "use_qk_norm": False,
+    },
+)
 
 Filler = Callable[[str, tuple[int, ...]], "np.ndarray | None"]
 
 
-def write_sparse_checkpoint(folder: Path, shape: Glm4MoeShape, shards: list[dict[str, tuple[int, ...]]],
-                            fill: Filler) -> int:
+def write_sparse_checkpoint(
+    folder: Path, shape: Glm4MoeShape, shards: list[dict[str, tuple[int, ...]]], fill: Filler
+) -> int:
     """Write a bf16 sharded checkpoint whose tensors are holes (zeros that take no disk) unless ``fill`` returns
     their values (a float32 array, or a block of leading rows). Returns the apparent size in bytes.
 
@@ -157,8 +201,9 @@ def write_sparse_checkpoint(folder: Path, shape: Glm4MoeShape, shards: list[dict
             f.truncate(start + offset)
         total += start + offset
         weight_map.update(dict.fromkeys(tensors, fname))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                     "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     (folder / "config.json").write_text(json.dumps(shape.config(), indent=1))
     return total
 

@@ -27,8 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shapes import Glm4MoeShape  # noqa: E402  (benchmarks/ is not a package)
 
 #: GLM-4.5-Air's layout at half its width and a fifth of its experts, so a 2 GB checkpoint has a dozen layers
-SHAPE = Glm4MoeShape(n_layers=1, hidden=2048, heads=16, kv_heads=4, head_dim=128, experts=24, moe_inter=704,
-                     dense_inter=5632, vocab=32000)
+SHAPE = Glm4MoeShape(
+    n_layers=1,
+    hidden=2048,
+    heads=16,
+    kv_heads=4,
+    head_dim=128,
+    experts=24,
+    moe_inter=704,
+    dense_inter=5632,
+    vocab=32000,
+)
 
 
 def layer_bytes() -> int:
@@ -73,9 +82,11 @@ def generate(folder: Path, gb: float) -> Path:
         if k <= n_layers:  # k == n_layers is the MTP layer
             return layer_tensors(k)
         outside = SHAPE.outside_shapes()
-        return {"model.embed_tokens.weight": torch.randn(outside["model.embed_tokens.weight"]).to(torch.bfloat16),
-                "model.norm.weight": (torch.randn(outside["model.norm.weight"]) * 0.1 + 1).to(torch.bfloat16),
-                "lm_head.weight": torch.randn(outside["lm_head.weight"]).to(torch.bfloat16)}
+        return {
+            "model.embed_tokens.weight": torch.randn(outside["model.embed_tokens.weight"]).to(torch.bfloat16),
+            "model.norm.weight": (torch.randn(outside["model.norm.weight"]) * 0.1 + 1).to(torch.bfloat16),
+            "lm_head.weight": torch.randn(outside["lm_head.weight"]).to(torch.bfloat16),
+        }
 
     for k in range(n_shards):  # one shard in memory at a time
         tensors = shard(k)
@@ -127,15 +138,17 @@ def norm_and_header_bytes(folder: Path) -> int:
 
 
 def measure(method: str, folder: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", method, "--dir", str(folder)], check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", method, "--dir", str(folder)], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def generate_in_subprocess(folder: Path, gb: float) -> None:
     """Generate in a child, so this process stays small and its children's peak RSS is their own."""
-    subprocess.run([sys.executable, __file__, "--worker", "generate", "--dir", str(folder), "--gb", str(gb)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, __file__, "--worker", "generate", "--dir", str(folder), "--gb", str(gb)], check=True
+    )
 
 
 def larger_than_memory(folder: Path) -> None:
@@ -151,8 +164,10 @@ def larger_than_memory(folder: Path) -> None:
         layers *= 2
     r = measure("lmsurgeon", folder)
     print(f"\nlarger than memory: {size / 2**30:.0f} GiB apparent ({layers} layers, sparse), RAM {ram / 2**30:.0f} GiB")
-    print(f"lmsurgeon: {r['n_norms']} norms, {r['bytes_read']:,} bytes read, {r['seconds']:.3f} s, "
-          f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB (target < 1024); the naive way cannot run here")
+    print(
+        f"lmsurgeon: {r['n_norms']} norms, {r['bytes_read']:,} bytes read, {r['seconds']:.3f} s, "
+        f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB (target < 1024); the naive way cannot run here"
+    )
 
 
 def main() -> None:
@@ -175,16 +190,20 @@ def main() -> None:
     floor = norm_and_header_bytes(folder)
     print(f"checkpoint: {folder} — {total / 1e9:.2f} GB in {len(files)} shards (bf16, GLM-4.5-Air-shaped)")
     print(f"norm tensors + headers: {floor:,} bytes\n")
-    rows = {m: min((measure(m, folder) for _ in range(args.repeat)), key=lambda r: r["seconds"])
-            for m in ("lmsurgeon", "naive")}
+    rows = {
+        m: min((measure(m, folder) for _ in range(args.repeat)), key=lambda r: r["seconds"])
+        for m in ("lmsurgeon", "naive")
+    }
     assert rows["lmsurgeon"]["n_norms"] == rows["naive"]["n_norms"] - 2, "both must see the same norms"
     print(f"{'method':<12}{'bytes read':>16}{'seconds':>10}{'peak RSS MB':>13}  (page cache warm for both)")
     for m, r in rows.items():
         print(f"{m:<12}{r['bytes_read']:>16,}{r['seconds']:>10.4f}{r['peak_rss'] / 2**20:>13.0f}")
     lm, nv = rows["lmsurgeon"], rows["naive"]
     print(f"\nbytes read / (norms + headers): {lm['bytes_read'] / floor:.3f}  (target ≤ 1.05)")
-    print(f"naive / lmsurgeon: time {nv['seconds'] / lm['seconds']:.0f}×  (target ≥ 100×), "
-          f"bytes {nv['bytes_read'] / lm['bytes_read']:.0f}×, peak RSS {nv['peak_rss'] / lm['peak_rss']:.1f}×")
+    print(
+        f"naive / lmsurgeon: time {nv['seconds'] / lm['seconds']:.0f}×  (target ≥ 100×), "
+        f"bytes {nv['bytes_read'] / lm['bytes_read']:.0f}×, peak RSS {nv['peak_rss'] / lm['peak_rss']:.1f}×"
+    )
     larger_than_memory(args.dir.parent / "sparse-llama")
 
 

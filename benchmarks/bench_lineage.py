@@ -80,10 +80,12 @@ def _fmt(v) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="test")
-    ap.add_argument("--act", action="store_true",
-                    help="also run the activation tests phi_match and act_cka (load both models)")
-    ap.add_argument("--ws-python", default=None,
-                    help="python of a throwaway venv with `pip install weightscope` (peer column)")
+    ap.add_argument(
+        "--act", action="store_true", help="also run the activation tests phi_match and act_cka (load both models)"
+    )
+    ap.add_argument(
+        "--ws-python", default=None, help="python of a throwaway venv with `pip install weightscope` (peer column)"
+    )
     ap.add_argument("--json", default=None, help="write all rows to this file")
     args = ap.parse_args()
     from lmsurgeon.lineage import LineageConfig, compare
@@ -93,8 +95,10 @@ def main() -> None:
         ok = subprocess.run([ws_py, "-c", "import weightscope"], capture_output=True).returncode == 0
         ws_py = ws_py if ok else None
     if ws_py is None:
-        print("weightscope: not installed in --ws-python (pip install weightscope into a throwaway venv); "
-              "peer column skipped")
+        print(
+            "weightscope: not installed in --ws-python (pip install weightscope into a throwaway venv); "
+            "peer column skipped"
+        )
     paths, roots = models(args.profile)
     tests = ("awm", "phi_u") + (("phi_match", "act_cka") if args.act else ())
     config = LineageConfig(tests=tests)
@@ -103,39 +107,59 @@ def main() -> None:
         t0 = time.time()
         r = compare([paths[a], paths[b]], config=config, write=False)
         p = r["pairs"][0]
-        row = {"a": a, "b": b, "derived": roots[a] == roots[b], "verdict": p["verdict"],
-               "seconds": time.time() - t0, "bytes_read": sum(m["bytes_read"] for m in r["models"]),
-               "raw_cosine": p["naive"]["mean_raw_cosine"], "pearson": p["naive"]["mean_pearson"]}
+        row = {
+            "a": a,
+            "b": b,
+            "derived": roots[a] == roots[b],
+            "verdict": p["verdict"],
+            "seconds": time.time() - t0,
+            "bytes_read": sum(m["bytes_read"] for m in r["models"]),
+            "raw_cosine": p["naive"]["mean_raw_cosine"],
+            "pearson": p["naive"]["mean_pearson"],
+        }
         for t in p["tests"]:
             row[t["name"]] = t["z"] if t.get("applies") else None
         ws = weightscope(ws_py, paths[a], paths[b])
         row["weightscope"] = ws.get("sparsity") if ws.get("verdict") not in ("failed", "not run") else None
         row["weightscope_verdict"], row["weightscope_seconds"] = ws.get("verdict"), ws.get("seconds")
         rows.append(row)
-        print(f"{a:>16} {b:>16} truth={'derived' if row['derived'] else 'indep':7} -> {row['verdict']:12} "
-              + " ".join(f"{k}={_fmt(row.get(k))}" for k in ("raw_cosine", "pearson", *tests, "weightscope"))
-              + f" {row['seconds']:.1f}s {row['bytes_read'] / 1e6:.1f}MB", flush=True)
+        print(
+            f"{a:>16} {b:>16} truth={'derived' if row['derived'] else 'indep':7} -> {row['verdict']:12} "
+            + " ".join(f"{k}={_fmt(row.get(k))}" for k in ("raw_cosine", "pearson", *tests, "weightscope"))
+            + f" {row['seconds']:.1f}s {row['bytes_read'] / 1e6:.1f}MB",
+            flush=True,
+        )
     print()
     print(f"{'statistic':>12} | {'AUC':>6} | {'applies':>8} | {'weakest +':>10} | {'strongest -':>11}")
     for k in ("raw_cosine", "pearson", *tests, "weightscope"):
         pos = [r[k] for r in rows if r["derived"] and r.get(k) is not None and np.isfinite(r[k])]
         neg = [r[k] for r in rows if not r["derived"] and r.get(k) is not None and np.isfinite(r[k])]
-        print(f"{k:>12} | {roc_auc(pos, neg):6.3f} | {len(pos) + len(neg):>3}/{len(rows):<4} | "
-              f"{min(pos, default=float('nan')):10.4g} | {max(neg, default=float('nan')):11.4g}")
+        print(
+            f"{k:>12} | {roc_auc(pos, neg):6.3f} | {len(pos) + len(neg):>3}/{len(rows):<4} | "
+            f"{min(pos, default=float('nan')):10.4g} | {max(neg, default=float('nan')):11.4g}"
+        )
     pos = [r for r in rows if r["derived"]]
     neg = [r for r in rows if not r["derived"]]
-    print(f"\nverdict: {sum(r['verdict'] == 'derived' for r in pos)}/{len(pos)} derived pairs called derived, "
-          f"{sum(r['verdict'] == 'derived' for r in neg)}/{len(neg)} independent pairs called derived, "
-          f"{sum(r['verdict'] == 'independent' for r in neg)}/{len(neg)} called independent")
+    print(
+        f"\nverdict: {sum(r['verdict'] == 'derived' for r in pos)}/{len(pos)} derived pairs called derived, "
+        f"{sum(r['verdict'] == 'derived' for r in neg)}/{len(neg)} independent pairs called derived, "
+        f"{sum(r['verdict'] == 'independent' for r in neg)}/{len(neg)} called independent"
+    )
     if ws_py:
         wd = {"derived_from_base", "likely_descendant"}
-        print(f"weightscope: {sum(r['weightscope_verdict'] in wd for r in pos)}/{len(pos)} derived pairs found, "
-              f"{sum(r['weightscope_verdict'] in wd for r in neg)}/{len(neg)} independent pairs called descendants")
+        print(
+            f"weightscope: {sum(r['weightscope_verdict'] in wd for r in pos)}/{len(pos)} derived pairs found, "
+            f"{sum(r['weightscope_verdict'] in wd for r in neg)}/{len(neg)} independent pairs called descendants"
+        )
         ws_t = [r["weightscope_seconds"] for r in rows if r["weightscope_seconds"]]
-        print(f"seconds per pair: lmsurgeon median {np.median([r['seconds'] for r in rows]):.2f}, "
-              f"weightscope median {np.median(ws_t) if ws_t else float('nan'):.2f}")
-    print(f"bytes read per pair (lmsurgeon): median {np.median([r['bytes_read'] for r in rows]) / 1e6:.1f} MB, "
-          f"max {max(r['bytes_read'] for r in rows) / 1e6:.1f} MB")
+        print(
+            f"seconds per pair: lmsurgeon median {np.median([r['seconds'] for r in rows]):.2f}, "
+            f"weightscope median {np.median(ws_t) if ws_t else float('nan'):.2f}"
+        )
+    print(
+        f"bytes read per pair (lmsurgeon): median {np.median([r['bytes_read'] for r in rows]) / 1e6:.1f} MB, "
+        f"max {max(r['bytes_read'] for r in rows) / 1e6:.1f} MB"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
 

@@ -22,17 +22,40 @@ import numpy as np
 
 
 def _params(rng) -> dict:
-    return {"target_emb_frac": rng.uniform(0.5, 0.8), "alpha_cap_emb": rng.uniform(0.8, 0.95),
-            "alpha_floor_emb": rng.uniform(0.02, 0.1), "min_tau_emb": rng.uniform(0.5, 0.6),
-            "target_head_rows": int(rng.integers(3000, 20000)), "alpha_cap_head": rng.uniform(0.6, 0.95),
-            "alpha_floor_head": rng.uniform(0.1, 0.25), "min_tau_head": rng.uniform(0.6, 0.72),
-            "use_soft_clip": bool(rng.integers(2))}
+    return {
+        "target_emb_frac": rng.uniform(0.5, 0.8),
+        "alpha_cap_emb": rng.uniform(0.8, 0.95),
+        "alpha_floor_emb": rng.uniform(0.02, 0.1),
+        "min_tau_emb": rng.uniform(0.5, 0.6),
+        "target_head_rows": int(rng.integers(3000, 20000)),
+        "alpha_cap_head": rng.uniform(0.6, 0.95),
+        "alpha_floor_head": rng.uniform(0.1, 0.25),
+        "min_tau_head": rng.uniform(0.6, 0.72),
+        "use_soft_clip": bool(rng.integers(2)),
+    }
 
 
 def _workers(n: int, base: str, donor: str, trials: int, storage: str, name: str) -> float:
     """Wall seconds for `n` worker processes to finish `trials` trials of one study (startup included)."""
-    args = [sys.executable, "-m", "lmsurgeon.cli", "merge", "--base", base, "--donor", donor, "--storage",
-            storage, "--study-name", name, "--trials", str(trials), "--max-prompts", "32", "--worker"]
+    args = [
+        sys.executable,
+        "-m",
+        "lmsurgeon.cli",
+        "merge",
+        "--base",
+        base,
+        "--donor",
+        donor,
+        "--storage",
+        storage,
+        "--study-name",
+        name,
+        "--trials",
+        str(trials),
+        "--max-prompts",
+        "32",
+        "--worker",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // n))}
     t0 = time.perf_counter()
     procs = [subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
@@ -59,6 +82,7 @@ def main() -> None:
     base, donor = str(zoo_dir / "llama-sp"), str(zoo_dir / "gpt2-bpe")
     texts = load_texts(None, "validation")[:32]
     s = MergeSession(base, donor, texts)
+
     def timed(fn) -> float:
         t0 = time.perf_counter()
         fn()
@@ -96,17 +120,23 @@ def main() -> None:
     print(f"zoo pair llama-sp (base) ← gpt2-bpe (donor), {zoo_dir.name}, {len(s.evaluator.seqs)} prompts")
     print(f"{'measure':48s} {'seconds':>9s} {'ratio':>8s}")
     print(f"{'one perplexity evaluation':48s} {t_eval:9.3f} {1.0:8.2f}")
-    print(f"{'in-place trial (patch, evaluate, restore)':48s} {t_trial:9.3f} {t_trial / t_eval:8.2f}   "
-          f"(target ≤ 1.2; Stage B from the body's kept outputs: {head_only})")
+    print(
+        f"{'in-place trial (patch, evaluate, restore)':48s} {t_trial:9.3f} {t_trial / t_eval:8.2f}   "
+        f"(target ≤ 1.2; Stage B from the body's kept outputs: {head_only})"
+    )
     print(f"{'  Stage B guard: head on kept body outputs':48s} {t_head:9.3f} {t_head / t_eval:8.2f}")
-    print(f"{'  trial / its own PPL evaluations (A + B)':48s} {'':9s} {t_trial / (t_eval + t_head):8.2f}   "
-          f"(spec §8.3's target ≤ 1.2: patching, KL and restoring cost)")
+    print(
+        f"{'  trial / its own PPL evaluations (A + B)':48s} {'':9s} {t_trial / (t_eval + t_head):8.2f}   "
+        f"(methods.md §M8.3's target ≤ 1.2: patching, KL and restoring cost)"
+    )
     print(f"{'trial with Stage B re-running the body':48s} {t_full_b:9.3f} {t_full_b / t_eval:8.2f}")
     print(f"{'reload B + trial (naive)':48s} {t_reload_trial:9.3f} {t_reload_trial / t_eval:8.2f}")
     print(f"{'naive / in-place':48s} {'':9s} {t_reload_trial / t_trial:8.2f}")
     for n, secs, tpm in rows:
-        print(f"{f'{n} worker process(es), {a.worker_trials} trials, wall':48s} {secs:9.2f}   "
-              f"{tpm:6.1f} trials/min (process start included)")
+        print(
+            f"{f'{n} worker process(es), {a.worker_trials} trials, wall':48s} {secs:9.2f}   "
+            f"{tpm:6.1f} trials/min (process start included)"
+        )
 
 
 if __name__ == "__main__":

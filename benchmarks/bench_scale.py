@@ -55,8 +55,11 @@ def filler(shape: Glm4MoeShape, experts_filled: int, vocab_filled: int, seed: in
             return None  # zeros, as an untrained router's bias
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         if len(dims) == 1:
-            return (1 + 0.1 * rng.standard_normal(dims, dtype=np.float32)) if "norm" in name else \
-                0.02 * rng.standard_normal(dims, dtype=np.float32)
+            return (
+                (1 + 0.1 * rng.standard_normal(dims, dtype=np.float32))
+                if "norm" in name
+                else 0.02 * rng.standard_normal(dims, dtype=np.float32)
+            )
         rows = min(dims[0], vocab_filled) if dims[0] == shape.vocab else dims[0]
         return 0.02 * rng.standard_normal((rows, *dims[1:]), dtype=np.float32)
 
@@ -65,16 +68,18 @@ def filler(shape: Glm4MoeShape, experts_filled: int, vocab_filled: int, seed: in
 
 def build(folder: Path, shape: Glm4MoeShape, experts_filled: int, vocab_filled: int) -> Path:
     """Write the checkpoint unless ``folder`` already holds this exact one (same config and fill)."""
-    stamp = {"config": shape.config(), "experts_filled": experts_filled, "vocab_filled": vocab_filled,
-             "seed": SEED}
+    stamp = {"config": shape.config(), "experts_filled": experts_filled, "vocab_filled": vocab_filled, "seed": SEED}
     marker = folder / "bench-scale.json"
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return folder
     started = time.perf_counter()
     write_sparse_checkpoint(folder, shape, shape.shards_by_size(), filler(shape, experts_filled, vocab_filled))
     marker.write_text(json.dumps(stamp))
-    print(f"built {folder.name}: {apparent_bytes(folder) / 1e9:.1f} GB apparent, {disk_bytes(folder) / 1e9:.2f} GB "
-          f"on disk, {time.perf_counter() - started:.0f} s", flush=True)
+    print(
+        f"built {folder.name}: {apparent_bytes(folder) / 1e9:.1f} GB apparent, {disk_bytes(folder) / 1e9:.2f} GB "
+        f"on disk, {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     return folder
 
 
@@ -129,16 +134,36 @@ def worker(mode: str, folder: Path, n_items: int, n_tokens: int, vocab_filled: i
     seconds = time.perf_counter() - start
     torch.save(nll, out)
     hwm = _status_bytes("VmHWM")
-    return {"mode": mode, "seconds": seconds, "bytes_read": handle.bytes_read, "peak_rss": hwm,
-            "peak_anon": anon.stop(),
-            "largest_block": model.plan.largest_block, "weights": model.plan.total,
-            "mean_nll": float(nll.nanmean())}
+    return {
+        "mode": mode,
+        "seconds": seconds,
+        "bytes_read": handle.bytes_read,
+        "peak_rss": hwm,
+        "peak_anon": anon.stop(),
+        "largest_block": model.plan.largest_block,
+        "weights": model.plan.total,
+        "mean_nll": float(nll.nanmean()),
+    }
 
 
 def measure(mode: str, folder: Path, args) -> dict:
     out = folder / f"nll-{mode}.pt"
-    cmd = [sys.executable, __file__, "--worker", mode, "--dir", str(folder), "--items", str(args.items),
-           "--tokens", str(args.tokens), "--vocab-filled", str(args.vocab_filled), "--dtype", args.dtype]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        "--dir",
+        str(folder),
+        "--items",
+        str(args.items),
+        "--tokens",
+        str(args.tokens),
+        "--vocab-filled",
+        str(args.vocab_filled),
+        "--dtype",
+        args.dtype,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{mode} run on {folder.name} failed:\n{p.stderr[-3000:]}")
@@ -166,13 +191,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--experts-filled", type=int, default=8, help="routed experts per layer with data")
     ap.add_argument("--vocab-filled", type=int, default=32768, help="embedding/head rows with data")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="compute dtype (the checkpoint is bf16)")
+    ap.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype (the checkpoint is bf16)"
+    )
     ap.add_argument("--worker", choices=["stream", "plain"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        row = worker(args.worker, args.dir, args.items, args.tokens, args.vocab_filled, args.dtype,
-                     args.dir / f"nll-{args.worker}.pt")
+        row = worker(
+            args.worker,
+            args.dir,
+            args.items,
+            args.tokens,
+            args.vocab_filled,
+            args.dtype,
+            args.dir / f"nll-{args.worker}.pt",
+        )
         print(json.dumps(row))
         return
 
@@ -181,10 +214,15 @@ def main() -> None:
     models = [(f"{n} layers", GLM45_AIR.with_layers(n, mtp_layers=0)) for n in args.layers]
     if args.full:
         models.append(("46 layers + MTP", GLM45_AIR))
-    print(f"GLM-4.5-Air shapes, bf16 checkpoints; {args.items} items × {args.tokens} tokens, compute {args.dtype}, "
-          f"{torch.get_num_threads()} threads\n", flush=True)
-    header = (f"{'model':<18}{'path':<8}{'apparent GB':>12}{'read GB':>9}{'seconds':>9}{'VmHWM GiB':>11}"
-              f"{'anon GiB':>10}{'stage GiB':>11}{'mean NLL':>10}{'max |Δ NLL|':>13}")
+    print(
+        f"GLM-4.5-Air shapes, bf16 checkpoints; {args.items} items × {args.tokens} tokens, compute {args.dtype}, "
+        f"{torch.get_num_threads()} threads\n",
+        flush=True,
+    )
+    header = (
+        f"{'model':<18}{'path':<8}{'apparent GB':>12}{'read GB':>9}{'seconds':>9}{'VmHWM GiB':>11}"
+        f"{'anon GiB':>10}{'stage GiB':>11}{'mean NLL':>10}{'max |Δ NLL|':>13}"
+    )
     table = []
     for label, shape in models:
         folder = build(args.dir / f"glm45-air-{shape.n_layers}l", shape, args.experts_filled, args.vocab_filled)
@@ -199,11 +237,12 @@ def main() -> None:
             rows.append((label, "plain", folder, None, why))
         table += rows
         for row in rows:  # print as they come: the large runs take minutes
-            print(format_row(*row, header=header if len(table) == len(rows) and row is rows[0] else None),
-                  flush=True)
-    print("\nVmHWM: peak RSS of the whole process (python, torch, transformers: about 0.5 GiB before any weight), "
-          "including the pages of memory-mapped shards it read;\nanon: peak anonymous memory (what the run "
-          "allocated); stage: the largest block, or embedding + head, in the compute dtype")
+            print(format_row(*row, header=header if len(table) == len(rows) and row is rows[0] else None), flush=True)
+    print(
+        "\nVmHWM: peak RSS of the whole process (python, torch, transformers: about 0.5 GiB before any weight), "
+        "including the pages of memory-mapped shards it read;\nanon: peak anonymous memory (what the run "
+        "allocated); stage: the largest block, or embedding + head, in the compute dtype"
+    )
 
 
 def format_row(label: str, path: str, folder: Path, r: dict | None, note: str, header: str | None = None) -> str:
@@ -211,9 +250,11 @@ def format_row(label: str, path: str, folder: Path, r: dict | None, note: str, h
     size = apparent_bytes(folder) / 1e9
     if r is None:
         return f"{lead}{label:<18}{path:<8}{size:>12.1f}  not run — {note}"
-    return (f"{lead}{label:<18}{path:<8}{size:>12.1f}{r['bytes_read'] / 1e9:>9.1f}{r['seconds']:>9.1f}"
-            f"{r['peak_rss'] / 2**30:>11.2f}{r['peak_anon'] / 2**30:>10.2f}{r['largest_block'] / 2**30:>11.2f}"
-            f"{r['mean_nll']:>10.4f}{note:>13}")
+    return (
+        f"{lead}{label:<18}{path:<8}{size:>12.1f}{r['bytes_read'] / 1e9:>9.1f}{r['seconds']:>9.1f}"
+        f"{r['peak_rss'] / 2**30:>11.2f}{r['peak_anon'] / 2**30:>10.2f}{r['largest_block'] / 2**30:>11.2f}"
+        f"{r['mean_nll']:>10.4f}{note:>13}"
+    )
 
 
 if __name__ == "__main__":

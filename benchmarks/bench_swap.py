@@ -1,6 +1,6 @@
 """Swap benchmarks: cached layer inputs against the naive way, and drop plans against the oracle.
 
-Default: cached-input δ (spec §8) vs physically swapping each adjacent pair and re-running the whole model, on
+Default: cached-input δ (methods.md §S8) vs physically swapping each adjacent pair and re-running the whole model, on
 a random deep Llama and one right-padded batch; prints wall times, their ratio and the largest |Δδ|. Cached:
 1 forward + 2(L−1) block calls; naive: 1 forward for the normal order + L−1 whole forwards of the swapped model.
 
@@ -29,9 +29,15 @@ PATHS = ["model.layers"]
 
 def build(layers: int, hidden: int, vocab: int, device: str):
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
-                      vocab_size=vocab, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+    )
     return LlamaForCausalLM(cfg).to(device).eval()
 
 
@@ -40,7 +46,7 @@ def batch(rows: int, seq: int, vocab: int, device: str):
     ids = torch.randint(0, vocab, (rows, seq), generator=g)
     mask = torch.ones(rows, seq, dtype=torch.long)
     for k in range(rows):  # ragged rows, right padding
-        mask[k, seq - (k * seq) // (2 * rows):] = 0
+        mask[k, seq - (k * seq) // (2 * rows) :] = 0
     return ids.to(device), mask.to(device)
 
 
@@ -93,8 +99,9 @@ def timed(fn, device, *args, repeat: int = 1):
     return res, float(sorted(times)[len(times) // 2])
 
 
-def plan_cache_vs_reload(model_dir: str, tokens: int, seq_len: int, n_plans: int, repeat: int,
-                         plan_set: str = "random") -> None:
+def plan_cache_vs_reload(
+    model_dir: str, tokens: int, seq_len: int, n_plans: int, repeat: int, plan_set: str = "random"
+) -> None:
     """Score drop plans at 25 % depth both ways on the corpus test split; print times and differences.
 
     ``random``: ``n_plans`` random sets of k layers; ``greedy-step``: the candidates of the greedy search's last
@@ -149,13 +156,17 @@ def plan_cache_vs_reload(model_dir: str, tokens: int, seq_len: int, n_plans: int
     fast, t_fast = timed(cached, "cpu", repeat=repeat)
     slow, t_slow = timed(reloaded, "cpu", repeat=repeat)
     diff = max(abs(a - b) for a, b in zip(fast, slow, strict=True))
-    print(f"plan scoring on {model_dir}: {L} layers, {len(drops)} {plan_set} plans dropping {k} layers, "
-          f"{sum(len(r) for r in rows)} held-out tokens, {torch.get_num_threads()} threads")
+    print(
+        f"plan scoring on {model_dir}: {L} layers, {len(drops)} {plan_set} plans dropping {k} layers, "
+        f"{sum(len(r) for r in rows)} held-out tokens, {torch.get_num_threads()} threads"
+    )
     print(f"{'method':<52}{'seconds':>10}   (median of {repeat})")
     print(f"{'cached layer inputs (1 capture + blocks after the cut)':<52}{t_fast:>10.3f}")
     print(f"{'write, reload with transformers, full forwards':<52}{t_slow:>10.3f}")
-    print(f"time ratio reload/cached: {t_slow / t_fast:.1f}x   max |Δloss| = {diff:.2e} "
-          f"(losses {min(fast):.4f}…{max(fast):.4f} nats)")
+    print(
+        f"time ratio reload/cached: {t_slow / t_fast:.1f}x   max |Δloss| = {diff:.2e} "
+        f"(losses {min(fast):.4f}…{max(fast):.4f} nats)"
+    )
 
 
 def plan_strategies(model_dir: str, plan_drop: str, tokens: int, seq_len: int) -> None:
@@ -172,17 +183,23 @@ def plan_strategies(model_dir: str, plan_drop: str, tokens: int, seq_len: int) -
     s = res["plan_summary"]
     K = s["k_max"]
     oracle = s["at_k_max"]["oracle_bpb"]
-    print(f"drop plans on {model_dir}: k = {K} of {s['n_layers']} layers, {res['tokens']['heldout']} held-out "
-          f"tokens, no drop {s['baseline']['heldout_bpb']:.4f} bpb; analysis {seconds:.0f} s")
+    print(
+        f"drop plans on {model_dir}: k = {K} of {s['n_layers']} layers, {res['tokens']['heldout']} held-out "
+        f"tokens, no drop {s['baseline']['heldout_bpb']:.4f} bpb; analysis {seconds:.0f} s"
+    )
     print(f"{'strategy':<20}{'layers dropped':<22}{'held-out bpb':>14}{'vs oracle':>11}{'validation loss':>17}")
     for r in sorted((r for r in res["plans"] if r["k"] == K), key=lambda r: r["heldout_bpb"]):
         val = "" if r["validation_loss"] is None else f"{r['validation_loss']:.4f}"
-        print(f"{r['strategy']:<20}{','.join(map(str, r['layers'])):<22}{r['heldout_bpb']:>14.4f}"
-              f"{100 * (r['heldout_bpb'] / oracle - 1):>+10.1f}%{val:>17}")
+        print(
+            f"{r['strategy']:<20}{','.join(map(str, r['layers'])):<22}{r['heldout_bpb']:>14.4f}"
+            f"{100 * (r['heldout_bpb'] / oracle - 1):>+10.1f}%{val:>17}"
+        )
     a = s["at_k_max"]
-    print(f"recommended: {a['recommended']} ({a['recommended_bpb']:.4f} bpb, {100 * a['gap_to_oracle']:+.1f} % vs "
-          f"oracle; within 5 %: {a['within_5_percent_of_oracle']}; at least as good as BI and angular: "
-          f"{a['at_least_as_good_as_baselines']}); best non-oracle on held-out: {a['best_non_oracle_on_heldout']}")
+    print(
+        f"recommended: {a['recommended']} ({a['recommended_bpb']:.4f} bpb, {100 * a['gap_to_oracle']:+.1f} % vs "
+        f"oracle; within 5 %: {a['within_5_percent_of_oracle']}; at least as good as BI and angular: "
+        f"{a['at_least_as_good_as_baselines']}); best non-oracle on held-out: {a['best_non_oracle_on_heldout']}"
+    )
     sp = res["spearman"]["r_vs_delta"]
     print(f"Spearman r vs δ = {sp['rho']:.3f} [{sp['ci'][0]:.3f}, {sp['ci'][1]:.3f}] (n = {sp['n']}; paper 0.91)")
 
@@ -219,13 +236,17 @@ def main() -> None:
     L = args.layers
     diff = max(abs(a - b) for a, b in zip(fast, slow, strict=True))
     rel = max(abs(a - b) / abs(b) for a, b in zip(fast, slow, strict=True))
-    print(f"model: random Llama, {L} layers, d = {args.hidden}, vocab {args.vocab}; batch {args.rows}×{args.seq} "
-          f"({int(mask.sum())} real tokens), device {args.device}, {torch.get_num_threads()} threads")
+    print(
+        f"model: random Llama, {L} layers, d = {args.hidden}, vocab {args.vocab}; batch {args.rows}×{args.seq} "
+        f"({int(mask.sum())} real tokens), device {args.device}, {torch.get_num_threads()} threads"
+    )
     print(f"{'method':<44}{'block calls':>12}{'seconds':>10}   (median of {args.repeat})")
     print(f"{'cached inputs (1 forward + 2(L-1) blocks)':<44}{L + 2 * (L - 1):>12}{t_fast:>10.3f}")
     print(f"{'naive (1 forward + swapped forward per pair)':<44}{L + (L - 1) * L:>12}{t_slow:>10.3f}")
-    print(f"time ratio naive/cached: {t_slow / t_fast:.1f}x   max |Δδ| = {diff:.2e}   max relative {rel:.2e}   "
-          f"(pairs: {L - 1}, δ range {min(fast):.3g}…{max(fast):.3g})")
+    print(
+        f"time ratio naive/cached: {t_slow / t_fast:.1f}x   max |Δδ| = {diff:.2e}   max relative {rel:.2e}   "
+        f"(pairs: {L - 1}, δ range {min(fast):.3g}…{max(fast):.3g})"
+    )
 
 
 if __name__ == "__main__":

@@ -46,9 +46,10 @@ def main() -> None:
         print(f"{method}: n={v.size} mean={v.mean():.4f} std={v.std(ddof=1):.4f} max={v.max():.4f}\n")
         shipped[calibration_key(method)] = {
             "source": f"shipped: all {v.size} applicable pairs of the {len(roots)} independently initialised "
-                      f"{args.profile}-profile zoo models ({', '.join(roots)}; same corpus), {method} alignment, "
-                      f"measured {datetime.date.today().isoformat()}",
-            "values": v.tolist()}
+            f"{args.profile}-profile zoo models ({', '.join(roots)}; same corpus), {method} alignment, "
+            f"measured {datetime.date.today().isoformat()}",
+            "values": v.tolist(),
+        }
     if args.write:
         CALIBRATION_FILE.write_text(json.dumps(shipped, indent=2) + "\n")
         print(f"wrote {CALIBRATION_FILE}")

@@ -95,7 +95,7 @@ def _handler(hub: HubServer):
             if rng and not f.ignore_range:
                 a = int(rng[1])
                 b = min(int(rng[2]) if rng[2] else len(data) - 1, len(data) - 1)
-                body = data[a:b + 1]
+                body = data[a : b + 1]
                 headers["Content-Range"] = f"bytes {a}-{b}/{len(data)}"
                 status = 206
             else:

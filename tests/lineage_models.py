@@ -29,9 +29,16 @@ def word_tokenizer(folder: Path, vocab: int = VOCAB) -> None:
 def llama_config(n_layers: int = 3, hidden: int = 64):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                       tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
 
 
 def random_llama(seed: int, n_layers: int = 3, gain_noise: float = 0.1):
@@ -51,8 +58,9 @@ def save(model, folder: Path, state: dict | None = None) -> Path:
     """Save ``model`` (optionally with ``state`` loaded first) as safetensors plus the word tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
     if state is not None:
-        model.load_state_dict({k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in state.items()},
-                              strict=False)
+        model.load_state_dict(
+            {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in state.items()}, strict=False
+        )
     model.save_pretrained(folder, safe_serialization=True)
     word_tokenizer(folder)
     return folder
@@ -82,8 +90,9 @@ def permute_llama(state: dict, n_layers: int, seed: int) -> dict:
     commutes with both); MLP units: gate/up rows and down columns permuted together.
     """
     hidden = state["model.embed_tokens.weight"].shape[1]
-    return permuted(state, {"model_type": "llama", "num_hidden_layers": n_layers, "hidden_size": hidden}, seed,
-                    signs=True)
+    return permuted(
+        state, {"model_type": "llama", "num_hidden_layers": n_layers, "hidden_size": hidden}, seed, signs=True
+    )
 
 
 def logits(model, seed: int = 0) -> np.ndarray:
@@ -106,8 +115,9 @@ def minilm_folder(folder: Path) -> dict:
 def save_tensors(state: dict, folder: Path) -> Path:
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()},
-              str(folder / "model.safetensors"))
+    save_file(
+        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, str(folder / "model.safetensors")
+    )
     return folder
 
 

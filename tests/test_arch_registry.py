@@ -17,10 +17,25 @@ from lmsurgeon.errors import CorruptCheckpoint, LmsurgeonError, UnknownArchitect
 from lmsurgeon.io import open_model
 from tests.tiny_checkpoints import TINY, tiny_model, write_tiny
 
-FAMILY_OF = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "mistral": "llama", "mixtral": "llama",
-             "qwen2": "qwen2", "qwen3": "qwen2", "qwen2_moe": "qwen2", "qwen3_moe": "qwen2", "phi3": "phi3",
-             "phimoe": "phi3", "glm4": "glm4", "glm4_moe": "glm4_moe", "solar_open": "glm4_moe", "gemma": "gemma",
-             "gemma2": "gemma2", "gemma3_text": "gemma2"}
+FAMILY_OF = {
+    "bert": "bert",
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen2",
+    "qwen2_moe": "qwen2",
+    "qwen3_moe": "qwen2",
+    "phi3": "phi3",
+    "phimoe": "phi3",
+    "glm4": "glm4",
+    "glm4_moe": "glm4_moe",
+    "solar_open": "glm4_moe",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma2",
+}
 
 
 @pytest.fixture(scope="module", params=sorted(TINY))
@@ -95,8 +110,10 @@ def test_moe_experts_and_router_are_found(tmp_path):
 
 def test_glm45_extra_mtp_layer_is_skipped(tmp_path):
     """GLM-4.5 stores a multi-token-prediction layer at index num_hidden_layers; analyses must not see it."""
-    extra = {"model.layers.3.input_layernorm.weight": torch.ones(32),
-             "model.layers.3.self_attn.q_proj.weight": torch.zeros(32, 32)}
+    extra = {
+        "model.layers.3.input_layernorm.weight": torch.ones(32),
+        "model.layers.3.self_attn.q_proj.weight": torch.zeros(32, 32),
+    }
     layout = Layout(open_model(write_tiny(tmp_path, "glm4_moe", extra_tensors=extra)))
     assert layout.layers == [0, 1, 2]
     assert layout.skipped_layers == [3]
@@ -162,8 +179,10 @@ BROKEN = {  # what goes wrong → (edit of llama.json, the key the one-line erro
     "wrong type (string for a list)": (lambda d: _set(d, "llama", "model_types"), "model_types"),
     "wrong type (bool for a string)": (lambda d: _set(d, True, "layer", "q", "bias"), "layer.q.bias"),
     "unknown axis label": (lambda d: _set(d, ["residual", None], "layer", "o", "axes"), "layer.o.axes"),
-    "feeds an undeclared role": (lambda d: _set(d, ["gate_proj"], "layer", "mlp_norm", "feeds"),
-                                 "layer.mlp_norm.feeds"),
+    "feeds an undeclared role": (
+        lambda d: _set(d, ["gate_proj"], "layer", "mlp_norm", "feeds"),
+        "layer.mlp_norm.feeds",
+    ),
     "unknown norm kind": (lambda d: _set(d, "rmsnorm", "layer", "attn_norm", "kind"), "layer.attn_norm.kind"),
     "unknown skip_layers value": (lambda d: _set(d, "all", "skip_layers"), "skip_layers"),
 }

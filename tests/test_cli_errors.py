@@ -12,8 +12,7 @@ from lmsurgeon.report.runfolder import is_complete
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmsurgeon.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "lmsurgeon.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_missing_source_is_one_line_naming_it_with_exit_code_1(tmp_path):

@@ -86,13 +86,16 @@ def test_load_texts_jsonl_reads_the_text_field(tmp_path):
     assert load_texts(str(path)) == ["alpha", "beta\n\ngamma"]
 
 
-@pytest.mark.parametrize(("name", "content", "problem"), [
-    ("bad.jsonl", '{"text": "ok"}\nnot json\n', "line 2 is not JSON"),
-    ("bad.jsonl", '{"body": "no text field"}\n', "line 1 has no string field 'text'"),
-    ("empty.txt", "\n \n", "holds no text"),
-    ("blank.jsonl", '{"text": "  "}\n', "holds no text"),
-    ("latin1.txt", "caf\xe9".encode("latin-1"), "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("bad.jsonl", '{"text": "ok"}\nnot json\n', "line 2 is not JSON"),
+        ("bad.jsonl", '{"body": "no text field"}\n', "line 1 has no string field 'text'"),
+        ("empty.txt", "\n \n", "holds no text"),
+        ("blank.jsonl", '{"text": "  "}\n', "holds no text"),
+        ("latin1.txt", "caf\xe9".encode("latin-1"), "not UTF-8"),
+    ],
+)
 def test_load_texts_bad_file_names_the_file_and_problem(tmp_path, name, content, problem):
     path = tmp_path / name
     if isinstance(content, bytes):

@@ -38,12 +38,18 @@ def test_demo_writes_every_run_and_one_report_linking_them(tmp_path, test_zoo, c
 
 
 def test_top_page_shows_each_lineage_verdict_beside_its_naive_raw_cosine():
-    lineage = {"pairs": [
-        {"a": "zoo/lin-base", "b": "zoo/lin-finetune", "verdict": "derived", "naive": {"mean_raw_cosine": 0.99991}},
-        {"a": "zoo/lin-base", "b": "zoo/lin-indep-1", "verdict": "independent",
-         "naive": {"mean_raw_cosine": 0.999962}},
-        {"a": "zoo/lin-base", "b": "zoo/lin-flat", "verdict": "inconclusive", "naive": {"mean_raw_cosine": None}},
-    ]}
+    lineage = {
+        "pairs": [
+            {"a": "zoo/lin-base", "b": "zoo/lin-finetune", "verdict": "derived", "naive": {"mean_raw_cosine": 0.99991}},
+            {
+                "a": "zoo/lin-base",
+                "b": "zoo/lin-indep-1",
+                "verdict": "independent",
+                "naive": {"mean_raw_cosine": 0.999962},
+            },
+            {"a": "zoo/lin-base", "b": "zoo/lin-flat", "verdict": "inconclusive", "naive": {"mean_raw_cosine": None}},
+        ]
+    }
     row = {"run": "Lineage: zoo family", **lineage_headline(lineage)}
     assert row["result"] == "1 of 3 pairs derived"
     assert pair_table(row) == [

@@ -23,19 +23,19 @@ from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.io import open_model
 from lmsurgeon.io.header import DTYPE_SIZES
 
-FAST = settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow],
-                derandomize=True)
-CONFIG = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 4, "num_attention_heads": 1,
-          "vocab_size": 8}
+FAST = settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+CONFIG = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 4, "num_attention_heads": 1, "vocab_size": 8}
 GIB = 2**30
 
 dtypes = st.sampled_from([*DTYPE_SIZES, "F99", "", "f32", "I4"])
 dims = st.one_of(st.integers(0, 6), st.integers(-3, 2**62), st.just(2**31))
 offsets = st.one_of(st.integers(0, 64), st.integers(-10, 2**63 - 1))
-entry = st.fixed_dictionaries({"dtype": dtypes, "shape": st.lists(dims, max_size=3),
-                               "data_offsets": st.lists(offsets, min_size=0, max_size=3)})
-names = st.sampled_from(["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight",
-                         "x", "__metadata__"])
+entry = st.fixed_dictionaries(
+    {"dtype": dtypes, "shape": st.lists(dims, max_size=3), "data_offsets": st.lists(offsets, min_size=0, max_size=3)}
+)
+names = st.sampled_from(
+    ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight", "x", "__metadata__"]
+)
 headers = st.dictionaries(names, st.one_of(entry, st.integers(), st.text(max_size=4)), max_size=4)
 
 
@@ -75,23 +75,42 @@ def test_structured_header_mutations_end_in_a_clear_error_or_a_result(header, da
 
 
 @FAST
-@given(raw=st.binary(max_size=64), length=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
-       data=st.binary(max_size=32))
+@given(raw=st.binary(max_size=64), length=st.one_of(st.none(), st.integers(0, 2**64 - 1)), data=st.binary(max_size=32))
 def test_arbitrary_header_bytes_and_lengths_end_in_a_clear_error(raw, length, data):
     with tempfile.TemporaryDirectory() as tmp:
         write_safetensors(Path(tmp), raw, data, length)
         exercise(Path(tmp))
 
 
-shard_names = st.one_of(st.sampled_from(["../x.safetensors", "/etc/passwd", "a/b.safetensors", "..", ".",
-                                         "model.safetensors", "missing.safetensors", "", "\x00",
-                                         "C:\\evil.safetensors"]), st.text(max_size=12), st.integers())
+shard_names = st.one_of(
+    st.sampled_from(
+        [
+            "../x.safetensors",
+            "/etc/passwd",
+            "a/b.safetensors",
+            "..",
+            ".",
+            "model.safetensors",
+            "missing.safetensors",
+            "",
+            "\x00",
+            "C:\\evil.safetensors",
+        ]
+    ),
+    st.text(max_size=12),
+    st.integers(),
+)
 
 
 @FAST
-@given(weight_map=st.one_of(st.dictionaries(st.text(max_size=8), shard_names, max_size=3), st.integers(),
-                            st.lists(st.text(max_size=3), max_size=2)),
-       extra=st.sampled_from([{}, {"metadata": None}, {"weight_map": None}]))
+@given(
+    weight_map=st.one_of(
+        st.dictionaries(st.text(max_size=8), shard_names, max_size=3),
+        st.integers(),
+        st.lists(st.text(max_size=3), max_size=2),
+    ),
+    extra=st.sampled_from([{}, {"metadata": None}, {"weight_map": None}]),
+)
 def test_hostile_index_files_never_escape_the_folder_or_crash(weight_map, extra):
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "m"
@@ -101,21 +120,45 @@ def test_hostile_index_files_never_escape_the_folder_or_crash(weight_map, extra)
         exercise(folder)
 
 
-config_values = st.one_of(st.integers(-5, 2**70), st.floats(allow_nan=True), st.text(max_size=5), st.none(),
-                          st.booleans(), st.lists(st.integers(), max_size=2))
+config_values = st.one_of(
+    st.integers(-5, 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=5),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+)
 
 
 @FAST
-@given(config=st.dictionaries(st.sampled_from(["model_type", "num_hidden_layers", "hidden_size", "architectures",
-                                               "num_attention_heads", "head_dim", "intermediate_size",
-                                               "num_key_value_heads", "tie_word_embeddings", "auto_map"]),
-                              config_values, max_size=6),
-       model_type=st.sampled_from(["llama", "gpt2", "bert", "glm4_moe", "gemma2", "mamba", None]))
+@given(
+    config=st.dictionaries(
+        st.sampled_from(
+            [
+                "model_type",
+                "num_hidden_layers",
+                "hidden_size",
+                "architectures",
+                "num_attention_heads",
+                "head_dim",
+                "intermediate_size",
+                "num_key_value_heads",
+                "tie_word_embeddings",
+                "auto_map",
+            ]
+        ),
+        config_values,
+        max_size=6,
+    ),
+    model_type=st.sampled_from(["llama", "gpt2", "bert", "glm4_moe", "gemma2", "mamba", None]),
+)
 def test_absurd_configs_end_in_a_clear_error_or_a_result(config, model_type):
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        header = {"model.embed_tokens.weight": {"dtype": "F32", "shape": [8, 4], "data_offsets": [0, 128]},
-                  "model.layers.0.input_layernorm.weight": {"dtype": "F32", "shape": [4], "data_offsets": [128, 144]}}
+        header = {
+            "model.embed_tokens.weight": {"dtype": "F32", "shape": [8, 4], "data_offsets": [0, 128]},
+            "model.layers.0.input_layernorm.weight": {"dtype": "F32", "shape": [4], "data_offsets": [128, 144]},
+        }
         write_safetensors(folder, json.dumps(header).encode(), b"\0" * 144)
         if model_type is not None:
             config.setdefault("model_type", model_type)

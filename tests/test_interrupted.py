@@ -19,8 +19,9 @@ from lmsurgeon.zoo.manifest import MANIFEST
 
 
 def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lmsurgeon", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmsurgeon", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for(predicate, process: subprocess.Popen, timeout: float = 240.0) -> None:
@@ -33,8 +34,11 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 240.0) -> No
 
 def finished_models(zoo: Path) -> dict[str, float]:
     """Model folders under their final names, with the mtime of their weights."""
-    return {p.name: (p / "model.safetensors").stat().st_mtime for p in zoo.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and (p / MARKER).is_file()}
+    return {
+        p.name: (p / "model.safetensors").stat().st_mtime
+        for p in zoo.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / MARKER).is_file()
+    }
 
 
 def test_kill_9_during_zoo_build_then_rerun_resumes_without_redoing_finished_models(tmp_path):
@@ -50,8 +54,12 @@ def test_kill_9_during_zoo_build_then_rerun_resumes_without_redoing_finished_mod
             assert (folder / "model.safetensors").is_file(), folder
     before = finished_models(zoo)
 
-    again = subprocess.run([sys.executable, "-m", "lmsurgeon", "zoo", "build", str(zoo), "--profile", "test",
-                            "--no-progress"], capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [sys.executable, "-m", "lmsurgeon", "zoo", "build", str(zoo), "--profile", "test", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr
     manifest = json.loads((zoo / MANIFEST).read_text())
     after = finished_models(zoo)

@@ -20,7 +20,7 @@ def blob(header: dict, data: bytes = b"") -> bytes:
 
 def parse(file_bytes: bytes):
     n = header_length(file_bytes[:8], "f.safetensors", len(file_bytes))
-    return parse_header(file_bytes[8:8 + n], "f.safetensors", len(file_bytes))
+    return parse_header(file_bytes[8 : 8 + n], "f.safetensors", len(file_bytes))
 
 
 def test_a_real_safetensors_file_parses_to_the_same_offsets_safetensors_uses():
@@ -28,21 +28,30 @@ def test_a_real_safetensors_file_parses_to_the_same_offsets_safetensors_uses():
     tensors, _ = parse(data)
     a = tensors["a"]
     assert (a.dtype, a.shape, a.nbytes) == ("F32", (2, 3), 24)
-    assert torch.frombuffer(bytearray(data[a.begin:a.end]), dtype=torch.float32).tolist() == [0, 1, 2, 3, 4, 5]
+    assert torch.frombuffer(bytearray(data[a.begin : a.end]), dtype=torch.float32).tolist() == [0, 1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("header,data,message", [
-    ({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "unknown dtype"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "do not match"),
-    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 400]}}, b"\0" * 4, "exceeds the data buffer"),
-    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4, "increasing"),
-    ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "non-negative"),
-    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, b"\0" * 4, "two integers"),
-    ({"w": [1, 2]}, b"", "not an object"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlap"),
-    ({"__metadata__": {"k": 1}}, b"", "__metadata__"),
-])
+@pytest.mark.parametrize(
+    "header,data,message",
+    [
+        ({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "unknown dtype"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "do not match"),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 400]}}, b"\0" * 4, "exceeds the data buffer"),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4, "increasing"),
+        ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "non-negative"),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, b"\0" * 4, "two integers"),
+        ({"w": [1, 2]}, b"", "not an object"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            "overlap",
+        ),
+        ({"__metadata__": {"k": 1}}, b"", "__metadata__"),
+    ],
+)
 def test_malformed_entries_are_named(header, data, message):
     with pytest.raises(CorruptCheckpoint, match=message):
         parse(blob(header, data))
@@ -62,7 +71,9 @@ def test_non_json_non_utf8_and_duplicate_names_are_refused():
         parse_header(b"\xff\xfe{}", "f", None)
     with pytest.raises(CorruptCheckpoint, match="not valid JSON"):
         parse_header(b"{nope", "f", None)
-    dup = b'{"w": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}, "w": {"dtype": "F32", "shape": [0], ' \
-          b'"data_offsets": [0, 0]}}'
+    dup = (
+        b'{"w": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}, "w": {"dtype": "F32", "shape": [0], '
+        b'"data_offsets": [0, 0]}}'
+    )
     with pytest.raises(CorruptCheckpoint, match="twice"):
         parse_header(dup, "f", None)

@@ -26,8 +26,10 @@ def _online_to_loopback(monkeypatch):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
-    return {"org/single": write_tiny(root / "single", "llama"),
-            "org/sharded": write_tiny(root / "sharded", "llama", shard_size="20KB")}
+    return {
+        "org/single": write_tiny(root / "single", "llama"),
+        "org/sharded": write_tiny(root / "sharded", "llama", shard_size="20KB"),
+    }
 
 
 def open_remote(server, repo, cache, **kw):
@@ -41,12 +43,16 @@ def test_remote_reads_equal_local_reads_and_fetch_only_needed_ranges(folders, tm
         remote = open_remote(server, repo, tmp_path / "cache")
         assert sorted(remote.names()) == sorted(local.names())
         np.testing.assert_array_equal(remote.tensor(NAME), local.tensor(NAME))
-        np.testing.assert_array_equal(remote.rows("model.embed_tokens.weight", [5, 1, 90]),
-                                      local.rows("model.embed_tokens.weight", [5, 1, 90]))
+        np.testing.assert_array_equal(
+            remote.rows("model.embed_tokens.weight", [5, 1, 90]), local.rows("model.embed_tokens.weight", [5, 1, 90])
+        )
         total = sum((folders[repo] / f).stat().st_size for f in set(local.weight_map.values()))
         assert remote.network_bytes < total / 4
-        assert all(rng is not None for method, path, rng in server.gets() if "safetensors" in path
-                   and not path.endswith(".json"))
+        assert all(
+            rng is not None
+            for method, path, rng in server.gets()
+            if "safetensors" in path and not path.endswith(".json")
+        )
 
 
 def test_second_run_is_served_from_the_range_cache(folders, tmp_path):
@@ -119,8 +125,9 @@ def test_a_stalled_server_times_out_into_a_clear_error(folders, tmp_path):
     from lmsurgeon.io.stores import HubStore
 
     with HubServer(folders) as server:
-        store = HubStore("org/single", endpoint=server.endpoint, cache_dir=tmp_path / "cache", timeout=0.5,
-                         max_retries=1)
+        store = HubStore(
+            "org/single", endpoint=server.endpoint, cache_dir=tmp_path / "cache", timeout=0.5, max_retries=1
+        )
         handle = ModelHandle(store)
         handle.names()
         server.faults.stall_s = 3.0

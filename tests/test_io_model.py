@@ -49,8 +49,11 @@ def test_row_reads_return_requested_rows_in_order_and_count_only_their_bytes(tmp
 
 
 def test_header_lists_dtype_shape_and_size_without_reading_tensors(tmp_path):
-    handle = open_model(write_plain(tmp_path / "m", {"a": torch.zeros(3, 2, dtype=torch.bfloat16),
-                                                     "b": torch.zeros(5, dtype=torch.float64)}))
+    handle = open_model(
+        write_plain(
+            tmp_path / "m", {"a": torch.zeros(3, 2, dtype=torch.bfloat16), "b": torch.zeros(5, dtype=torch.float64)}
+        )
+    )
     header = handle.header()
     assert (header["a"].dtype, header["a"].shape, header["a"].nbytes) == ("BF16", (3, 2), 12)
     assert (header["b"].dtype, header["b"].shape, header["b"].nbytes) == ("F64", (5,), 40)

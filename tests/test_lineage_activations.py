@@ -29,8 +29,11 @@ def test_taps_return_exactly_the_gate_and_up_outputs(tmp_path, model_type):
     for li, tap in enumerate(taps):
         for role in ("gate", "up"):
             module, cols = tap[role]
-            hooks.append(module.register_forward_hook(
-                lambda m, args, out, key=(li, role), cols=cols: seen.__setitem__(key, (args[0], out[..., cols]))))
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, args, out, key=(li, role), cols=cols: seen.__setitem__(key, (args[0], out[..., cols]))
+                )
+            )
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([[3, 5, 7, 11, 13]]))

@@ -17,8 +17,8 @@ from lmsurgeon.zoo import launder
 from lmsurgeon.zoo.transforms import permute_model
 from tests.test_zoo_launder import make_model
 
-EXACT = 1e-9       # float64 formula against float64 reference
-STORED = 1e-5      # circuits of float32 weights after a float64 transform (relative)
+EXACT = 1e-9  # float64 formula against float64 reference
+STORED = 1e-5  # circuits of float32 weights after a float64 transform (relative)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,8 +33,14 @@ def one_thread():
 def layer_weights(model, layer: int) -> dict:
     """The [out, in] attention weights the architecture layer would hand out."""
     aw = launder.read_attention(model, layer)
-    return {"W_q": aw.W_q.T.numpy(), "W_k": aw.W_k.T.numpy(), "W_v": aw.W_v.T.numpy(), "W_o": aw.W_o.T.numpy(),
-            "n_heads": aw.n_heads, "n_kv_heads": aw.n_kv}
+    return {
+        "W_q": aw.W_q.T.numpy(),
+        "W_k": aw.W_k.T.numpy(),
+        "W_v": aw.W_v.T.numpy(),
+        "W_o": aw.W_o.T.numpy(),
+        "n_heads": aw.n_heads,
+        "n_kv_heads": aw.n_kv,
+    }
 
 
 def model_circuits(model, centred: bool = False) -> list[C.Circuits]:
@@ -65,10 +71,10 @@ def test_circuits_equal_a_per_head_float64_loop_under_grouped_query_attention():
     qk, ov = np.zeros((d, d)), np.zeros((d, d))
     for h in range(n_heads):
         g = h // (n_heads // n_kv)
-        WQ = W_q[h * d_h:(h + 1) * d_h].T          # [d, d_h] reader, row convention
-        WK = W_k[g * d_h:(g + 1) * d_h].T
-        WV = W_v[g * d_h:(g + 1) * d_h].T
-        WO = W_o[:, h * d_h:(h + 1) * d_h].T       # [d_h, d] writer
+        WQ = W_q[h * d_h : (h + 1) * d_h].T  # [d, d_h] reader, row convention
+        WK = W_k[g * d_h : (g + 1) * d_h].T
+        WV = W_v[g * d_h : (g + 1) * d_h].T
+        WO = W_o[:, h * d_h : (h + 1) * d_h].T  # [d_h, d] writer
         qk += WQ @ WK.T
         ov += WV @ WO
     got = C.attention_circuits(W_q, W_k, W_v, W_o, n_heads, n_kv)
@@ -85,8 +91,12 @@ def test_circuits_of_a_hand_built_single_head():
 
 def test_gain_gives_the_circuits_of_the_normalised_stream():
     rng = np.random.default_rng(1)
-    W = {"W_q": rng.normal(size=(8, 6)), "W_k": rng.normal(size=(8, 6)), "W_v": rng.normal(size=(8, 6)),
-         "W_o": rng.normal(size=(6, 8))}
+    W = {
+        "W_q": rng.normal(size=(8, 6)),
+        "W_k": rng.normal(size=(8, 6)),
+        "W_v": rng.normal(size=(8, 6)),
+        "W_o": rng.normal(size=(6, 8)),
+    }
     gamma = rng.uniform(0.5, 1.5, size=6)
     plain = C.attention_circuits(**W, n_heads=2, n_kv_heads=2)
     with_gain = C.attention_circuits(**W, n_heads=2, n_kv_heads=2, gain=gamma)
@@ -96,8 +106,12 @@ def test_gain_gives_the_circuits_of_the_normalised_stream():
 
 def test_centred_circuits_remove_the_all_ones_direction_on_both_sides():
     rng = np.random.default_rng(2)
-    W = {"W_q": rng.normal(size=(8, 6)), "W_k": rng.normal(size=(8, 6)), "W_v": rng.normal(size=(8, 6)),
-         "W_o": rng.normal(size=(6, 8))}
+    W = {
+        "W_q": rng.normal(size=(8, 6)),
+        "W_k": rng.normal(size=(8, 6)),
+        "W_v": rng.normal(size=(8, 6)),
+        "W_o": rng.normal(size=(6, 8)),
+    }
     got = C.attention_circuits(**W, n_heads=2, n_kv_heads=2, centred=True)
     P = np.eye(6) - np.ones((6, 6)) / 6
     plain = C.attention_circuits(**W, n_heads=2, n_kv_heads=2)
@@ -144,7 +158,7 @@ def test_vocabulary_and_mlp_transforms_leave_the_circuits_exactly_unchanged(mode
 def test_folding_the_norm_gains_leaves_the_circuits_of_the_normalised_stream_unchanged(models, kind):
     model, _ = launder.untie_head(models[kind])
     folded, step = launder.fold_norm_gains(model)
-    gains = step.truth["gains"].numpy()       # per layer: attention norm, MLP norm; then the final norm
+    gains = step.truth["gains"].numpy()  # per layer: attention norm, MLP norm; then the final norm
     before = [C.attention_circuits(**layer_weights(model, i), gain=gains[2 * i]) for i in range(2)]
     assert_same_circuits(before, model_circuits(folded))
     assert not np.allclose(before[0].qk, model_circuits(model)[0].qk), "the gains must matter without folding"

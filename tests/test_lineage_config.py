@@ -31,11 +31,28 @@ def test_cli_options_parse_into_the_config_that_compare_receives(monkeypatch):
         return {"pairs": [], "out": "somewhere"}
 
     monkeypatch.setattr("lmsurgeon.lineage.compare", fake_compare)
-    result = CliRunner().invoke(lineage, ["A", "B", "--tests", "awm,phi_u", "--null", "I1", "--null", "I2",
-                                          "--align", "procrustes", "--seed", "3", "--all-pairs"])
+    result = CliRunner().invoke(
+        lineage,
+        [
+            "A",
+            "B",
+            "--tests",
+            "awm,phi_u",
+            "--null",
+            "I1",
+            "--null",
+            "I2",
+            "--align",
+            "procrustes",
+            "--seed",
+            "3",
+            "--all-pairs",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert seen["config"] == LineageConfig(tests=("awm", "phi_u"), null=("I1", "I2"), align="procrustes", seed=3,
-                                           all_pairs=True)
+    assert seen["config"] == LineageConfig(
+        tests=("awm", "phi_u"), null=("I1", "I2"), align="procrustes", seed=3, all_pairs=True
+    )
 
 
 def test_keyword_options_replace_the_fields_of_a_given_config():
@@ -49,8 +66,10 @@ def test_unknown_keyword_option_is_a_type_error_naming_it():
         LineageConfig.build(naive=True)
 
 
-@pytest.mark.parametrize("field,value,flag", [("tests", ("awm", "huref"), "--tests"),
-                                              ("align", "rotation", "--align"), ("depth", "deep", "--depth")])
+@pytest.mark.parametrize(
+    "field,value,flag",
+    [("tests", ("awm", "huref"), "--tests"), ("align", "rotation", "--align"), ("depth", "deep", "--depth")],
+)
 def test_unknown_choice_fails_naming_the_option(field, value, flag):
     with pytest.raises(LmsurgeonError, match=flag):
         LineageConfig(**{field: value})
@@ -60,7 +79,7 @@ def test_null_z_is_the_distance_from_the_mean_in_sample_standard_deviations():
     values = [0.11, 0.08, 0.13, 0.09, 0.1]
     null = Null.of(values, "five independents")
     assert null.mean == pytest.approx(statistics.fmean(values), abs=1e-15)
-    assert null.std == pytest.approx(statistics.stdev(values), abs=1e-15)     # ddof = 1
+    assert null.std == pytest.approx(statistics.stdev(values), abs=1e-15)  # ddof = 1
     assert null.n == 5
     assert null.z(0.5) == pytest.approx((0.5 - statistics.fmean(values)) / statistics.stdev(values), abs=1e-12)
 
@@ -76,8 +95,9 @@ def test_null_of_finite_values_needs_two_of_them():
 
 def test_turning_a_result_exchanges_a_and_b_in_map_rows_and_matrix():
     M = np.arange(6.0).reshape(2, 3)
-    t = TestResult("awm", applies=True, layer_map=[(0, 2), (1, 0)], matrix=M,
-                   per_layer=[LayerCka(0, 2, 2.0), LayerCka(1, 0, 3.0)])
+    t = TestResult(
+        "awm", applies=True, layer_map=[(0, 2), (1, 0)], matrix=M, per_layer=[LayerCka(0, 2, 2.0), LayerCka(1, 0, 3.0)]
+    )
     turned = t.turned()
     assert turned.layer_map == [(2, 0), (0, 1)]
     assert [(p.a, p.b) for p in turned.per_layer] == [(2, 0), (0, 1)]

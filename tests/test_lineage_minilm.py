@@ -24,8 +24,10 @@ def minilm_copies(tmp_path_factory):
     (root / "pruned" / "config.json").write_text(json.dumps(pcfg))
     minilm_folder(root / "tuned")
     rng = np.random.default_rng(3)
-    save_tensors({k: v + 0.01 * v.std() * rng.standard_normal(v.shape) if v.size > 1 else v
-                  for k, v in st.items()}, root / "tuned")
+    save_tensors(
+        {k: v + 0.01 * v.std() * rng.standard_normal(v.shape) if v.size > 1 else v for k, v in st.items()},
+        root / "tuned",
+    )
     return root
 
 
@@ -42,7 +44,7 @@ def test_minilm_permuted_copy_is_derived_by_weights_and_by_activations(minilm_co
     r = compare(["minilm", str(minilm_copies / "permuted")], write=False, tests=("awm", "phi_u", "act_cka"))
     p = r["pairs"][0]
     assert p["verdict"] == "derived"
-    assert abs(p["naive"]["mean_pearson"]) < 0.3               # norm gains permuted: the naive signal is gone
+    assert abs(p["naive"]["mean_pearson"]) < 0.3  # norm gains permuted: the naive signal is gone
     act = next(t for t in p["tests"] if t["name"] == "act_cka")
     assert act["applies"]
     assert act["statistic"] > 0.99

@@ -55,8 +55,8 @@ def test_function_preserving_permutation_keeps_logits_and_is_called_derived(zoo)
     np.testing.assert_allclose(logits(zoo["perm_model"]), logits(zoo["base"]), atol=1e-5)
     p = _pair(zoo, "base", "permuted")
     assert p["verdict"] == "derived"
-    assert abs(p["naive"]["mean_pearson"]) < 0.5            # the naive signal is gone...
-    assert next(t for t in p["tests"] if t["name"] == "awm")["statistic"] > 0.99   # ...the sound one is not
+    assert abs(p["naive"]["mean_pearson"]) < 0.5  # the naive signal is gone...
+    assert next(t for t in p["tests"] if t["name"] == "awm")["statistic"] > 0.99  # ...the sound one is not
     assert p["layer_map"] == [[i, i] for i in range(4)]
 
 
@@ -64,8 +64,8 @@ def test_gamma_folded_copy_keeps_logits_erases_gains_and_is_still_derived(zoo):
     np.testing.assert_allclose(logits(zoo["fold_model"]), logits(zoo["base"]), atol=1e-4)
     folded = _pair(zoo, "indep1", "folded")
     plain = _pair(zoo, "indep1", "base")
-    assert folded["naive"]["mean_pearson"] is None             # u = 1: Pearson undefined, not 0
-    for name in TESTS:                                         # sound statistics do not move under folding
+    assert folded["naive"]["mean_pearson"] is None  # u = 1: Pearson undefined, not 0
+    for name in TESTS:  # sound statistics do not move under folding
         sf = next(t for t in folded["tests"] if t["name"] == name)["statistic"]
         sp = next(t for t in plain["tests"] if t["name"] == name)["statistic"]
         assert sf == pytest.approx(sp, abs=1e-6)
@@ -86,7 +86,7 @@ def test_pruned_copy_is_derived_with_the_surviving_layers_mapped(zoo):
 
 def test_independent_models_have_high_raw_cosine_yet_are_independent(zoo):
     p = _pair(zoo, "indep1", "indep2")
-    assert p["naive"]["mean_raw_cosine"] >= 0.9                # the seed's phenomenon
+    assert p["naive"]["mean_raw_cosine"] >= 0.9  # the seed's phenomenon
     assert abs(p["naive"]["mean_pearson"]) < 0.3
     assert p["verdict"] == "independent"
     assert [t["name"] for t in p["tests"] if t["z"] >= 3] == []
@@ -116,8 +116,9 @@ def test_cli_writes_results_report_and_figures(zoo, tmp_path):
     from lmsurgeon.cli import main
 
     out = tmp_path / "run"
-    code = main(["lineage", str(zoo["paths"]["base"]), str(zoo["paths"]["permuted"]), "--out", str(out),
-                 "--tests", "awm,phi_u"])
+    code = main(
+        ["lineage", str(zoo["paths"]["base"]), str(zoo["paths"]["permuted"]), "--out", str(out), "--tests", "awm,phi_u"]
+    )
     assert code == 0
     res = json.loads((out / "results.json").read_text())
     assert res["schema"] == "lmsurgeon/lineage@1"
@@ -135,6 +136,7 @@ def test_too_few_shared_tokens_makes_weight_tests_not_apply(zoo, tmp_path):
 
     folder = tmp_path / "othervocab"
     import shutil
+
     shutil.copytree(zoo["paths"]["indep2"], folder)
     Tokenizer(models.WordLevel({f"x{i}": i for i in range(400)}, unk_token="x0")).save(str(folder / "tokenizer.json"))
     r = compare([str(zoo["paths"]["base"]), str(folder)], write=False, tests=TESTS)
@@ -151,8 +153,11 @@ def test_three_sources_compare_the_first_against_each_other_unless_all_pairs(zoo
     every = compare(srcs, write=False, naive_only=True, all_pairs=True)
     names = [m["name"] for m in first["models"]]
     assert [(p["a"], p["b"]) for p in first["pairs"]] == [(names[0], names[1]), (names[0], names[2])]
-    assert [(p["a"], p["b"]) for p in every["pairs"]] == [(names[0], names[1]), (names[0], names[2]),
-                                                           (names[1], names[2])]
+    assert [(p["a"], p["b"]) for p in every["pairs"]] == [
+        (names[0], names[1]),
+        (names[0], names[2]),
+        (names[1], names[2]),
+    ]
 
 
 def _tiny_qwen2_moe(seed: int):
@@ -162,10 +167,20 @@ def _tiny_qwen2_moe(seed: int):
     from tests.lineage_models import VOCAB
 
     torch.manual_seed(seed)
-    cfg = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
-                         shared_expert_intermediate_size=64, num_experts=6, num_experts_per_tok=2,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = Qwen2MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        num_experts=6,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return Qwen2MoeForCausalLM(cfg).eval()
 
 
@@ -178,7 +193,7 @@ def test_moe_phi_u_matches_experts_by_router_rows_across_an_expert_permutation(t
     from safetensors.torch import load_file, save_file
 
     paths = {"base": save(_tiny_qwen2_moe(0), tmp_path / "base"), "indep": save(_tiny_qwen2_moe(7), tmp_path / "indep")}
-    st = load_file(paths["base"] / "model.safetensors")            # on disk: one tensor per expert
+    st = load_file(paths["base"] / "model.safetensors")  # on disk: one tensor per expert
     g = torch.Generator().manual_seed(1)
     order = torch.randperm(6, generator=g).tolist()
     moved = dict(st)
@@ -198,7 +213,7 @@ def test_moe_phi_u_matches_experts_by_router_rows_across_an_expert_permutation(t
     blocks = {p["block"].split(" (")[0] for p in phi["per_layer"]}
     assert "shared expert" in blocks
     assert any(b.startswith("experts") for b in blocks)
-    for p in phi["per_layer"]:                                   # matched experts are the moved ones
+    for p in phi["per_layer"]:  # matched experts are the moved ones
         if p["block"].startswith("experts"):
             e_a, e_b = (int(x) for x in p["block"].split(" ")[1].split("↔"))
             assert order[e_b] == e_a
@@ -238,7 +253,7 @@ def test_a_wider_b_gets_the_layer_map_of_a_wider_a_turned_round(tmp_path):
     awm_wn = next(t for t in wide_first["tests"] if t["name"] == "awm")
     assert awm_nw["statistic"] == awm_wn["statistic"]
     assert awm_nw["layer_map"] == [[b, a] for a, b in awm_wn["layer_map"]]
-    assert sorted(a for a, _ in awm_nw["layer_map"]) == [0, 1]          # A is the 2-layer model
+    assert sorted(a for a, _ in awm_nw["layer_map"]) == [0, 1]  # A is the 2-layer model
     assert np.array(awm_nw["matrix"]).shape == (2, 4)
     np.testing.assert_array_equal(np.array(awm_nw["matrix"]), np.array(awm_wn["matrix"]).T)
     phi_nw = next(t for t in narrow_first["tests"] if t["name"] == "phi_u")

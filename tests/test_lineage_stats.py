@@ -59,7 +59,7 @@ def test_fisher_log_p_matches_chi2_where_finite_and_stays_finite_beyond():
     lps = np.log([0.03, 0.2, 0.5, 1e-4])
     ref = sps.chi2.logsf(-2 * lps.sum(), 2 * lps.size)
     assert stats.fisher_log_p(lps) == pytest.approx(ref, rel=1e-10)
-    huge = [stats.log_p_from_z(40.0)] * 6                       # chi2.logsf gives -inf here
+    huge = [stats.log_p_from_z(40.0)] * 6  # chi2.logsf gives -inf here
     combined = stats.fisher_log_p(huge)
     assert np.isfinite(combined)
     assert combined < -4000
@@ -80,8 +80,9 @@ def _hsic_direct(K, L):
     np.fill_diagonal(K, 0)
     np.fill_diagonal(L, 0)
     one = np.ones(n)
-    return (np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * one @ K @ L @ one) / (n * (n - 3))
+    return (
+        np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * one @ K @ L @ one
+    ) / (n * (n - 3))
 
 
 def test_unbiased_hsic_without_gram_matrices_matches_direct_gram_code():
@@ -125,8 +126,15 @@ def _applies(name: str, z: float, **kw) -> TestResult:
     return TestResult(name, applies=True, z=z, **kw)
 
 
-@pytest.mark.parametrize("zs,want", [((13.0, 6.0), "derived"), ((1.0, -0.5), "independent"),
-                                     ((6.0, 1.0), "inconclusive"), ((4.0, 4.0), "inconclusive")])
+@pytest.mark.parametrize(
+    "zs,want",
+    [
+        ((13.0, 6.0), "derived"),
+        ((1.0, -0.5), "independent"),
+        ((6.0, 1.0), "inconclusive"),
+        ((4.0, 4.0), "inconclusive"),
+    ],
+)
 def test_verdict_thresholds(zs, want):
     tests = [_applies(n, z) for n, z in zip(("awm", "phi_u"), zs, strict=True)]
     assert verdict(tests).label == want
@@ -162,9 +170,9 @@ def test_phi_match_of_unrelated_mlps_on_the_same_inputs_is_null():
 
     gate, up, x = _mlp_outputs(0)
     g = np.random.default_rng(7)
-    gate_b, up_b = x @ g.standard_normal((80, 24)).T, x @ g.standard_normal((80, 24)).T   # other width too
+    gate_b, up_b = x @ g.standard_normal((80, 24)).T, x @ g.standard_normal((80, 24)).T  # other width too
     rho, n = match_rho(gate, up, gate_b, up_b, None)
-    assert 32 < n <= 64                                            # B units matched in both views
+    assert 32 < n <= 64  # B units matched in both views
     assert abs(stats.spearman_z(rho, n)) < 4
 
 
@@ -185,13 +193,13 @@ def test_phi_match_is_unchanged_by_a_rotation_of_the_inputs():
 def test_procrustes_alignment_recovers_a_planted_rotation_same_and_narrower_width(d_b):
     from lmsurgeon.lineage.align import align_rotation
 
-    E_A = np.random.default_rng(0).standard_normal((500, 24)) + 3.0        # offset: centring must handle it
+    E_A = np.random.default_rng(0).standard_normal((500, 24)) + 3.0  # offset: centring must handle it
     R = ortho_group.rvs(24, random_state=1)[:, :d_b]
     al = align_rotation(E_A, E_A @ R)
     np.testing.assert_allclose(al.rotation, R, atol=1e-10)
     assert al.mean_abs_corr == pytest.approx(1.0)
     assert al.method == "procrustes"
-    W = np.random.default_rng(2).standard_normal((7, 24))                   # a reader of A's residual stream
+    W = np.random.default_rng(2).standard_normal((7, 24))  # a reader of A's residual stream
     np.testing.assert_allclose(al.a_in(W), W @ R, atol=1e-12)
 
 
@@ -200,13 +208,13 @@ def test_awm_z_is_against_independents_unless_the_wrong_layer_guard_is_not_clear
 
     independents = Null("independents", 0.1, 0.025, 10)
     guard = Null("wrong layer maps", 0.3, 0.1, 200)
-    z, null = guarded_z(0.99, independents, guard)              # clears the guard by 6.9σ: independents' z
+    z, null = guarded_z(0.99, independents, guard)  # clears the guard by 6.9σ: independents' z
     assert null is independents
     assert z == pytest.approx((0.99 - 0.1) / 0.025)
-    z, null = guarded_z(0.35, independents, guard)              # far above independents, not above other layers
+    z, null = guarded_z(0.35, independents, guard)  # far above independents, not above other layers
     assert null is guard
     assert z == pytest.approx(0.5)
-    z, null = guarded_z(0.05, independents, guard)              # below both: the lower z either way
+    z, null = guarded_z(0.05, independents, guard)  # below both: the lower z either way
     assert z == pytest.approx(min((0.05 - 0.1) / 0.025, (0.05 - 0.3) / 0.1))
     assert guarded_z(0.99, None, guard)[1] is guard
 
@@ -232,11 +240,10 @@ def test_layer_cka_matrix_is_the_mean_over_views_of_direct_gram_cka_and_maps_the
     A = {v: [g.standard_normal((20, 6)) for _ in range(3)] for v in ("q", "k")}
     B = {v: [A[v][2] + 0.05 * g.standard_normal((20, 6)), g.standard_normal((20, 6))] for v in ("q", "k")}
     M = cka_matrix({v: [Grams(x) for x in A[v]] for v in A}, {v: [Grams(x) for x in B[v]] for v in B})
-    ref = np.array([[np.mean([_cka_direct(A[v][i], B[v][j]) for v in ("q", "k")]) for j in range(2)]
-                    for i in range(3)])
+    ref = np.array([[np.mean([_cka_direct(A[v][i], B[v][j]) for v in ("q", "k")]) for j in range(2)] for i in range(3)])
     np.testing.assert_allclose(M, ref, atol=1e-10)
     pairs = layer_map(M)
-    assert (2, 0) in pairs                                   # B's layer 0 is A's layer 2, perturbed
+    assert (2, 0) in pairs  # B's layer 0 is A's layer 2, perturbed
     assert matched_mean(M, pairs) == pytest.approx(np.mean([M[i, j] for i, j in pairs]))
 
 
@@ -246,10 +253,10 @@ def test_phi_u_layer_rho_recovers_a_planted_unit_permutation_of_the_mlp_weights(
 
     g = np.random.default_rng(9)
     d, m = 16, 48
-    up, down = g.standard_normal((m, d)), g.standard_normal((d, m))          # [units, d], [d, units]
+    up, down = g.standard_normal((m, d)), g.standard_normal((d, m))  # [units, d], [d, units]
     perm = g.permutation(m)
     identity = Alignment(np.arange(d), np.ones(d), 1.0, 0)
-    rho, n = layer_rho(up, down, up[perm] * 3.0, down[:, perm], identity, None)   # a global scale: same units
+    rho, n = layer_rho(up, down, up[perm] * 3.0, down[:, perm], identity, None)  # a global scale: same units
     assert rho == pytest.approx(1.0)
     assert n == m
     rho_ind, n_ind = layer_rho(up, down, g.standard_normal((m, d)), g.standard_normal((d, m)), identity, None)

@@ -50,8 +50,9 @@ def scaled(profile) -> list[np.ndarray]:
 
 
 def test_layer_std_is_the_population_std_of_all_entries():
-    np.testing.assert_allclose(layer_stds([np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[5.0, 5.0]])]),
-                               [math.sqrt(1.25), 0.0])
+    np.testing.assert_allclose(
+        layer_stds([np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[5.0, 5.0]])]), [math.sqrt(1.25), 0.0]
+    )
 
 
 def test_scores_on_hand_computed_profiles():
@@ -111,9 +112,16 @@ def deep_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -168,10 +176,16 @@ def test_independent_zoo_models_score_high_on_the_weight_std_fingerprint(test_zo
     from transformers import AutoModelForCausalLM
 
     zoo_dir, manifest = test_zoo
-    weights = {name: attention_by_role(AutoModelForCausalLM.from_pretrained(
-        Path(zoo_dir) / manifest["models"][name]["path"]).eval()) for name in INDEPENDENT}
-    scores = {(a, b): compare_weight_std(weights[a], weights[b]).fingerprint
-              for a, b in itertools.combinations(INDEPENDENT, 2)}
+    weights = {
+        name: attention_by_role(
+            AutoModelForCausalLM.from_pretrained(Path(zoo_dir) / manifest["models"][name]["path"]).eval()
+        )
+        for name in INDEPENDENT
+    }
+    scores = {
+        (a, b): compare_weight_std(weights[a], weights[b]).fingerprint
+        for a, b in itertools.combinations(INDEPENDENT, 2)
+    }
     for pair, score in scores.items():
         assert manifest["models"][pair[1]]["parent"] is None, "the pairs must be independent by construction"
         assert score > 0.5, f"{pair}: fingerprint {score:.3f}"

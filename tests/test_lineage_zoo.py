@@ -8,8 +8,16 @@ import pytest
 
 from lmsurgeon.lineage import compare
 
-LIN = ["lin-base", "lin-finetune", "lin-permuted", "lin-pruned", "lin-gammafold", "lin-indep-1", "lin-indep-2",
-       "lin-indep-3"]
+LIN = [
+    "lin-base",
+    "lin-finetune",
+    "lin-permuted",
+    "lin-pruned",
+    "lin-gammafold",
+    "lin-indep-1",
+    "lin-indep-2",
+    "lin-indep-3",
+]
 
 
 def _root(entries, n):
@@ -21,8 +29,9 @@ def _root(entries, n):
 def test_zoo_lineage_pairs_get_the_verdict_of_their_manifest_lineage(test_zoo):
     zoo_dir, manifest = test_zoo
     entries = manifest["models"]
-    r = compare([str(Path(zoo_dir) / entries[n]["path"]) for n in LIN], write=False,
-                tests=("awm", "phi_u"), all_pairs=True)
+    r = compare(
+        [str(Path(zoo_dir) / entries[n]["path"]) for n in LIN], write=False, tests=("awm", "phi_u"), all_pairs=True
+    )
     names = {m["name"]: n for m, n in zip(r["models"], LIN, strict=True)}
     for p in r["pairs"]:
         a, b = names[p["a"]], names[p["b"]]
@@ -34,7 +43,7 @@ def test_zoo_lineage_pairs_get_the_verdict_of_their_manifest_lineage(test_zoo):
         else:
             assert p["verdict"] == "independent", (a, b, zs)
             assert max(zs) < 3, (a, b, zs)
-            assert p["naive"]["mean_raw_cosine"] >= 0.9       # the seed's phenomenon on independents
+            assert p["naive"]["mean_raw_cosine"] >= 0.9  # the seed's phenomenon on independents
 
 
 def _zoo_paths(test_zoo, names):
@@ -96,15 +105,16 @@ def test_rotated_copy_defeats_weight_alignment_but_not_phi_match(test_zoo, tmp_p
 
 def test_null_models_replace_each_decisive_tests_null(test_zoo):
     """--null: every decisive test's z is measured against A and B compared with the given independents."""
-    base, tuned, indep, *nulls = _zoo_paths(test_zoo, ["lin-base", "lin-finetune", "lin-indep-1", "lin-indep-2",
-                                                       "lin-indep-3"])
+    base, tuned, indep, *nulls = _zoo_paths(
+        test_zoo, ["lin-base", "lin-finetune", "lin-indep-1", "lin-indep-2", "lin-indep-3"]
+    )
     r = compare([base, tuned, indep], write=False, tests=("awm", "phi_u", "phi_match"), null=nulls)
     derived, independent = r["pairs"]
     for p in (derived, independent):
         for t in p["tests"]:
             assert t["null"]["source"] == "4 comparisons with the --null models", t
             assert t["null"]["n"] == 4, t
-            if t["name"] != "awm":      # phi tests: their analytic z (kept under nulls.own) against the null
+            if t["name"] != "awm":  # phi tests: their analytic z (kept under nulls.own) against the null
                 own = t["nulls"]["own"]["z"]
                 assert t["z"] == pytest.approx((own - t["null"]["mean"]) / max(t["null"]["std"], 1e-3))
     assert derived["verdict"] == "derived"

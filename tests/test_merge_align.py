@@ -33,8 +33,7 @@ def test_procrustes_and_umeyama_recover_known_rotation_and_scale(d_D, d_B):
     ali = fit_alignment(X, Y)
     assert ali.s == pytest.approx(s, rel=1e-10)
     np.testing.assert_allclose(ali.map(X), Y, atol=1e-9)
-    np.testing.assert_allclose(ali.R @ ali.R.T if d_D <= d_B else ali.R.T @ ali.R, np.eye(min(d_D, d_B)),
-                               atol=1e-10)
+    np.testing.assert_allclose(ali.R @ ali.R.T if d_D <= d_B else ali.R.T @ ali.R, np.eye(min(d_D, d_B)), atol=1e-10)
     assert ali.residual < 1e-10
 
 

@@ -9,13 +9,23 @@ from lmsurgeon.merge.generate import first_diff
 
 def test_two_generation_comparisons_are_byte_identical(merge_pair, tmp_path):
     merged = tmp_path / "merged"
-    run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merged, trials=0, max_prompts=8,
-              prompts_file=str(merge_pair["prompts"]),
-              params={"target_emb_frac": 1.0, "min_tau_emb": -1.0, "alpha_cap_emb": 0.95, "min_tau_head": -1.0})
+    run_merge(
+        str(merge_pair["llama"]),
+        str(merge_pair["gpt2"]),
+        merged,
+        trials=0,
+        max_prompts=8,
+        prompts_file=str(merge_pair["prompts"]),
+        params={"target_emb_frac": 1.0, "min_tau_emb": -1.0, "alpha_cap_emb": 0.95, "min_tau_head": -1.0},
+    )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Return the list of\nSelf-attention lets each token\n", encoding="utf-8")
-    runs = [compare_generation(str(merge_pair["llama"]), str(merged / "best_model"), prompts, tmp_path / f"g{i}",
-                               max_new_tokens=12) for i in range(2)]
+    runs = [
+        compare_generation(
+            str(merge_pair["llama"]), str(merged / "best_model"), prompts, tmp_path / f"g{i}", max_new_tokens=12
+        )
+        for i in range(2)
+    ]
     a, b = ((tmp_path / f"g{i}" / "results.jsonl").read_bytes() for i in range(2))
     assert a == b
     recs = [json.loads(line) for line in a.decode().splitlines()]
@@ -33,14 +43,43 @@ def test_first_diff_token():
 
 def test_cli_merge_and_compare_generation(merge_pair, tmp_path, capsys):
     out = tmp_path / "cli"
-    code = main(["merge", "--base", str(merge_pair["gpt2"]), "--donor", str(merge_pair["llama"]), "--out", str(out),
-                 "--trials", "3", "--prompts-file", str(merge_pair["prompts"]), "--max-prompts", "6", "--json"])
+    code = main(
+        [
+            "merge",
+            "--base",
+            str(merge_pair["gpt2"]),
+            "--donor",
+            str(merge_pair["llama"]),
+            "--out",
+            str(out),
+            "--trials",
+            "3",
+            "--prompts-file",
+            str(merge_pair["prompts"]),
+            "--max-prompts",
+            "6",
+            "--json",
+        ]
+    )
     assert code == 0
     res = json.loads(capsys.readouterr().out)
     assert res["n_trials"] == 3
     assert (out / "study.journal").exists()
-    code = main(["merge", "--base", str(merge_pair["gpt2"]), "--donor", str(merge_pair["llama"]), "--out", str(out),
-                 "--trials", "3", "--prompts-file", str(merge_pair["prompts"])])
+    code = main(
+        [
+            "merge",
+            "--base",
+            str(merge_pair["gpt2"]),
+            "--donor",
+            str(merge_pair["llama"]),
+            "--out",
+            str(out),
+            "--trials",
+            "3",
+            "--prompts-file",
+            str(merge_pair["prompts"]),
+        ]
+    )
     assert code == 1  # existing folder without --resume: one-line error
     assert main(["merge", "--help"]) == 0
     assert "Examples" in capsys.readouterr().out
@@ -59,8 +98,21 @@ def test_cli_offers_every_config_field_and_no_dead_option(capsys):
 
 def test_cli_merge_without_out_prints_its_run_folder(merge_pair, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = main(["merge", "--base", str(merge_pair["gpt2"]), "--donor", str(merge_pair["llama"]), "--trials", "0",
-                 "--prompts-file", str(merge_pair["prompts"]), "--max-prompts", "4"])
+    code = main(
+        [
+            "merge",
+            "--base",
+            str(merge_pair["gpt2"]),
+            "--donor",
+            str(merge_pair["llama"]),
+            "--trials",
+            "0",
+            "--prompts-file",
+            str(merge_pair["prompts"]),
+            "--max-prompts",
+            "4",
+        ]
+    )
     assert code == 0
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1

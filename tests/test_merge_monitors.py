@@ -83,9 +83,20 @@ def test_token_classes_partition_the_bytes_and_the_nll(merge_pair):
     assert by_class["multibyte"] is not None
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    (" 42", "digits"), ("7", "digits"), ("    ", "whitespace"), ("\n", "whitespace"), (" (", "punctuation"),
-    ("):", "punctuation"), (" é", "multibyte"), ("€", "multibyte"), (" word", "words"), ("x1", "words"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (" 42", "digits"),
+        ("7", "digits"),
+        ("    ", "whitespace"),
+        ("\n", "whitespace"),
+        (" (", "punctuation"),
+        ("):", "punctuation"),
+        (" é", "multibyte"),
+        ("€", "multibyte"),
+        (" word", "words"),
+        ("x1", "words"),
+    ],
+)
 def test_token_class_of_spelled_text(text, expected):
     assert token_class(text) == expected

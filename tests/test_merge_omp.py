@@ -23,8 +23,11 @@ def test_omp_two_atoms_match_the_best_greedy_pair_by_brute_force():
     support, w = omp(D, v, k=2)
     first = int(np.argmax(np.abs(D.T @ v) / np.linalg.norm(D, axis=0)))
     assert support[0] == first
-    res = {j: np.linalg.norm(v - D[:, [first, j]] @ np.linalg.lstsq(D[:, [first, j]], v, rcond=None)[0])
-           for j in range(30) if j != first}
+    res = {
+        j: np.linalg.norm(v - D[:, [first, j]] @ np.linalg.lstsq(D[:, [first, j]], v, rcond=None)[0])
+        for j in range(30)
+        if j != first
+    }
     # OMP picks the atom most correlated with the residual; its refit residual is within the brute-force set
     r1 = v - D[:, [first]] @ np.linalg.lstsq(D[:, [first]], v, rcond=None)[0]
     second = max((j for j in range(30) if j != first), key=lambda j: abs(D[:, j] @ r1) / np.linalg.norm(D[:, j]))
@@ -44,8 +47,9 @@ def test_omp_rows_map_across_widths():
 def test_omp_rows_join_the_pool_of_a_real_merge(merge_pair):
     from lmsurgeon.merge import MergeSession
 
-    s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:8],
-                     init_nonshared="omp", omp_k=8)
+    s = MergeSession(
+        str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:8], init_nonshared="omp", omp_k=8
+    )
     assert len(s.omp["ids"]) > 0
     assert len(s.stage_a.idx) == len(s.shared.base_ids) + len(s.omp["ids"])
     assert len(s.stage_b.idx) == len(s.stage_a.idx)

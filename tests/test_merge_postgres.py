@@ -41,28 +41,69 @@ def postgres_url():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     try:
-        subprocess.run(_as_db_user([str(bin_dir / "initdb"), "-A", "trust", "-U", "postgres", "-D", str(data)]),
-                       check=True, capture_output=True)
-        subprocess.run(_as_db_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w",
-                                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"]),
-                       check=True, capture_output=True)
+        subprocess.run(
+            _as_db_user([str(bin_dir / "initdb"), "-A", "trust", "-U", "postgres", "-D", str(data)]),
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            _as_db_user(
+                [
+                    str(bin_dir / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(root / "log"),
+                    "-w",
+                    "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+                    "start",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(_as_db_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
-                       capture_output=True)
+        subprocess.run(
+            _as_db_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
 def test_two_workers_share_one_study_and_every_trial_is_recorded_once(merge_pair, postgres_url, tmp_path):
     import optuna
 
-    args = ["--base", str(merge_pair["llama"]), "--donor", str(merge_pair["gpt2"]), "--storage", postgres_url,
-            "--study-name", "pg", "--trials", "40", "--prompts-file", str(merge_pair["prompts"]),
-            "--max-prompts", "6", "--seed", "5"]
+    args = [
+        "--base",
+        str(merge_pair["llama"]),
+        "--donor",
+        str(merge_pair["gpt2"]),
+        "--storage",
+        postgres_url,
+        "--study-name",
+        "pg",
+        "--trials",
+        "40",
+        "--prompts-file",
+        str(merge_pair["prompts"]),
+        "--max-prompts",
+        "6",
+        "--seed",
+        "5",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     optuna.create_study(storage=postgres_url, study_name="pg", directions=["minimize", "maximize"])  # schema
-    workers = [subprocess.Popen([sys.executable, "-m", "lmsurgeon.cli", "merge", *args, "--worker"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lmsurgeon.cli", "merge", *args, "--worker"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [w.communicate(timeout=240) for w in workers]
     for w, (_so, se) in zip(workers, outs, strict=True):
         assert w.returncode == 0, se[-2000:]
@@ -74,9 +115,17 @@ def test_two_workers_share_one_study_and_every_trial_is_recorded_once(merge_pair
     assert len(numbers) == len(set(numbers)), numbers  # no trial number twice
     assert len(numbers) >= 40
     assert sum(ran) == len(done)
-    res = run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), tmp_path / "final", trials=40,
-                    storage=postgres_url, study_name="pg", prompts_file=str(merge_pair["prompts"]),
-                    max_prompts=6, seed=5)
+    res = run_merge(
+        str(merge_pair["llama"]),
+        str(merge_pair["gpt2"]),
+        tmp_path / "final",
+        trials=40,
+        storage=postgres_url,
+        study_name="pg",
+        prompts_file=str(merge_pair["prompts"]),
+        max_prompts=6,
+        seed=5,
+    )
     stats = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "final" / "stats").glob("trial_*.json"))
     assert stats == sorted(numbers)
     assert res["n_trials"] == len(numbers)

@@ -11,8 +11,16 @@ from safetensors.numpy import load_file, save_file
 from lmsurgeon.merge import MergeSession, run_merge
 from lmsurgeon.merge.search import journal_path
 
-EVERYTHING = {"target_emb_frac": 1.0, "min_tau_emb": -1.0, "alpha_cap_emb": 0.95, "alpha_floor_emb": 0.5,
-              "target_head_rows": 10**6, "min_tau_head": -1.0, "alpha_cap_head": 0.95, "alpha_floor_head": 0.5}
+EVERYTHING = {
+    "target_emb_frac": 1.0,
+    "min_tau_emb": -1.0,
+    "alpha_cap_emb": 0.95,
+    "alpha_floor_emb": 0.5,
+    "target_head_rows": 10**6,
+    "min_tau_head": -1.0,
+    "alpha_cap_head": 0.95,
+    "alpha_floor_head": 0.5,
+}
 
 
 def _weights(model):
@@ -111,25 +119,52 @@ def test_stage_b_alone_is_rolled_back_when_the_head_moves_too_far(merge_pair):
 
 def test_single_merge_writes_the_run_folder(merge_pair, tmp_path):
     out = tmp_path / "one"
-    res = run_merge(str(merge_pair["gpt2"]), str(merge_pair["llama"]), out, trials=0,
-                    prompts_file=str(merge_pair["prompts"]), params={"min_tau_emb": 0.0}, max_prompts=12)
+    res = run_merge(
+        str(merge_pair["gpt2"]),
+        str(merge_pair["llama"]),
+        out,
+        trials=0,
+        prompts_file=str(merge_pair["prompts"]),
+        params={"min_tau_emb": 0.0},
+        max_prompts=12,
+    )
     assert res["schema"] == "lmsurgeon/merge@1"
     assert res["tied"] is True
     assert res["out"] == str(out)
     assert json.loads((out / "results.json").read_text()) == {k: v for k, v in res.items() if k != "out"}
-    for f in ("best_model/model.safetensors", "best_model/tokenizer.json", "pareto.png", "report.html",
-              "pareto.json", "best.json", "trials.csv", "stats/trial_0000.json"):
+    for f in (
+        "best_model/model.safetensors",
+        "best_model/tokenizer.json",
+        "pareto.png",
+        "report.html",
+        "pareto.json",
+        "best.json",
+        "trials.csv",
+        "stats/trial_0000.json",
+    ):
         assert (out / f).exists(), f
     assert res["best_stats"]["stage_b"]["outcome"] == "skipped_tied"
 
 
 def test_results_report_bits_per_byte_of_base_donor_best_and_baselines_on_three_texts(merge_pair, tmp_path):
     out = tmp_path / "bpb"
-    res = run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=0, max_prompts=6,
-                    prompts_file=str(merge_pair["prompts"]), params={"target_emb_frac": 1.0, "min_tau_emb": -1.0})
+    res = run_merge(
+        str(merge_pair["llama"]),
+        str(merge_pair["gpt2"]),
+        out,
+        trials=0,
+        max_prompts=6,
+        prompts_file=str(merge_pair["prompts"]),
+        params={"target_emb_frac": 1.0, "min_tau_emb": -1.0},
+    )
     bpb = res["bpb"]
-    assert [b["name"] for b in bpb["baselines"]] == ["base", "seed-defaults", "linear-blend", "mean-of-subtokens",
-                                                     "omp-init"]
+    assert [b["name"] for b in bpb["baselines"]] == [
+        "base",
+        "seed-defaults",
+        "linear-blend",
+        "mean-of-subtokens",
+        "omp-init",
+    ]
     for entry in [bpb["base"], bpb["donor"], bpb["best"], bpb["best_trial"], *bpb["baselines"]]:
         assert set(entry) >= {"search", "heldout", "general", "heldout_by_class"}
     assert bpb["best_trial"]["search"] == pytest.approx(res["best_stats"]["bpb"], rel=1e-6)  # re-measured
@@ -145,9 +180,16 @@ def test_results_report_bits_per_byte_of_base_donor_best_and_baselines_on_three_
 def test_the_recommended_model_is_never_worse_than_the_base_on_held_out_text(merge_pair, broken_donor, tmp_path):
     """A broken donor let through a lax guard makes the merge worse: the base is recommended and saved as is."""
     out = tmp_path / "rec"
-    res = run_merge(str(merge_pair["llama"]), str(broken_donor), out, trials=0, max_prompts=6,
-                    prompts_file=str(merge_pair["prompts"]), params={**EVERYTHING, "use_soft_clip": False},
-                    ppl_cap=1e9)
+    res = run_merge(
+        str(merge_pair["llama"]),
+        str(broken_donor),
+        out,
+        trials=0,
+        max_prompts=6,
+        prompts_file=str(merge_pair["prompts"]),
+        params={**EVERYTHING, "use_soft_clip": False},
+        ppl_cap=1e9,
+    )
     assert res["best_stats"]["stage_a"]["outcome"] == "applied"
     bpb = res["bpb"]
     assert bpb["best_trial"]["heldout"] > bpb["base"]["heldout"]
@@ -189,8 +231,17 @@ def test_baselines_change_rows_and_give_the_base_back_bit_for_bit(merge_pair):
 
 
 def test_domain_objective_keeps_general_text_within_tolerance(merge_pair, tmp_path):
-    res = run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), tmp_path / "domain", trials=4, seed=1,
-                    max_prompts=6, prompts_file=str(merge_pair["prompts"]), objective="domain", tolerance=0.05)
+    res = run_merge(
+        str(merge_pair["llama"]),
+        str(merge_pair["gpt2"]),
+        tmp_path / "domain",
+        trials=4,
+        seed=1,
+        max_prompts=6,
+        prompts_file=str(merge_pair["prompts"]),
+        objective="domain",
+        tolerance=0.05,
+    )
     base_general = res["bpb"]["base"]["general"]
     stats = [json.loads(p.read_text()) for p in sorted((tmp_path / "domain" / "stats").glob("trial_*.json"))]
     assert len(stats) == 4
@@ -238,8 +289,7 @@ def test_interrupted_study_resumes_with_the_next_trial_number(merge_pair, tmp_pa
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=5, callbacks=[stop_after_two],
-                  **kw)
+        run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=5, callbacks=[stop_after_two], **kw)
     assert journal_path(out).exists()
     assert not out.exists()
     res = run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=5, resume=True, **kw)
@@ -259,8 +309,9 @@ def test_study_fingerprint_of_default_settings_is_the_one_studies_were_started_w
     from lmsurgeon.merge.search import SPACE
 
     inputs_b, inputs_d, texts = [{"file": "b"}], [{"file": "d"}], ["one prompt", "another"]
-    legacy = fingerprint(inputs_b, inputs_d, texts, 2.5, 512, "tail:8", 50_000, "fp32", 12.0, "rollback", SPACE,
-                         None, 64)
+    legacy = fingerprint(
+        inputs_b, inputs_d, texts, 2.5, 512, "tail:8", 50_000, "fp32", 12.0, "rollback", SPACE, None, 64
+    )
     assert study_fingerprint(inputs_b, inputs_d, texts, MergeConfig(), SPACE) == legacy
     assert study_fingerprint(inputs_b, inputs_d, texts, MergeConfig(trials=3, seed=9, batch_size=2), SPACE) == legacy
     assert study_fingerprint(inputs_b, inputs_d, texts, MergeConfig(max_length=64), SPACE) != legacy

@@ -14,12 +14,15 @@ from lmsurgeon.merge.vocab import (
 )
 
 
-@pytest.mark.parametrize("byte_level,sp,wp,key", [
-    ("Ġhello", "▁hello", "hello", (True, b"hello")),
-    ("ing", "ing", "##ing", (False, b"ing")),
-    ("Ċ", "<0x0A>", None, (False, b"\n")),
-    ("ĠcafÃ©", "▁café", "café", (True, "café".encode())),
-])
+@pytest.mark.parametrize(
+    "byte_level,sp,wp,key",
+    [
+        ("Ġhello", "▁hello", "hello", (True, b"hello")),
+        ("ing", "ing", "##ing", (False, b"ing")),
+        ("Ċ", "<0x0A>", None, (False, b"\n")),
+        ("ĠcafÃ©", "▁café", "café", (True, "café".encode())),
+    ],
+)
 def test_known_pairs_canonicalise_alike(byte_level, sp, wp, key):
     assert canonical_key(byte_level, BYTE_LEVEL) == key
     assert canonical_key(sp, SENTENCEPIECE) == key
@@ -32,16 +35,26 @@ def test_wordpiece_punctuation_is_not_word_initial():
 
 
 def _bpe_json(vocab, pre="ByteLevel", **model):
-    return {"model": {"type": "BPE", "vocab": vocab, "merges": [], **model},
-            "pre_tokenizer": {"type": pre}, "added_tokens": [{"id": 0, "content": "<|endoftext|>"}]}
+    return {
+        "model": {"type": "BPE", "vocab": vocab, "merges": [], **model},
+        "pre_tokenizer": {"type": pre},
+        "added_tokens": [{"id": 0, "content": "<|endoftext|>"}],
+    }
 
 
 def test_shared_vocab_excludes_specials_prefers_regular_pieces_and_caps_by_id():
     base = _bpe_json({"<|endoftext|>": 0, "Ġhello": 1, "ing": 2, "Ċ": 3, "x": 4})
-    donor = {"model": {"type": "BPE", "vocab": {"<unk>": 0, "<s>": 1, "<0x0A>": 2, "▁hello": 3, "ing": 4,
-                                                "\n": 5, "y": 6},
-                       "merges": [], "byte_fallback": True, "unk_token": "<unk>"},
-             "pre_tokenizer": {"type": "Metaspace"}, "added_tokens": [{"id": 1, "content": "<s>"}]}
+    donor = {
+        "model": {
+            "type": "BPE",
+            "vocab": {"<unk>": 0, "<s>": 1, "<0x0A>": 2, "▁hello": 3, "ing": 4, "\n": 5, "y": 6},
+            "merges": [],
+            "byte_fallback": True,
+            "unk_token": "<unk>",
+        },
+        "pre_tokenizer": {"type": "Metaspace"},
+        "added_tokens": [{"id": 1, "content": "<s>"}],
+    }
     cb, cd = canonical_vocab(base), canonical_vocab(donor)
     assert cd.keys[(False, b"\n")] == 5  # regular "\n" beats byte fallback <0x0A>
     assert cd.collisions == 1

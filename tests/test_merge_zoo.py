@@ -7,8 +7,9 @@ from lmsurgeon.zoo.recipe import domain_texts
 
 def test_zoo_pair_best_trial_keeps_perplexity_under_cap_and_moves_the_model(test_zoo, tmp_path):
     zoo_dir, _manifest = test_zoo
-    res = run_merge(str(zoo_dir / "llama-sp"), str(zoo_dir / "gpt2-bpe"), tmp_path / "zoo", trials=4,
-                    max_prompts=8, seed=0)
+    res = run_merge(
+        str(zoo_dir / "llama-sp"), str(zoo_dir / "gpt2-bpe"), tmp_path / "zoo", trials=4, max_prompts=8, seed=0
+    )
     assert res["fit"]["stage_a"]["d_donor"] != res["fit"]["stage_a"]["d_base"]
     assert res["overlap"]["family_base"] != res["overlap"]["family_donor"]
     assert res["overlap"]["shared"] > res["overlap"]["raw_string_shared"]
@@ -28,8 +29,17 @@ def test_zoo_domain_scenario_recommends_nothing_worse_than_the_base(test_zoo, tm
     search, heldout = tmp_path / "search.txt", tmp_path / "heldout.txt"
     search.write_text("\n\n".join(domain_texts(corpus.split("train_b"))), encoding="utf-8")
     heldout.write_text("\n\n".join(domain_texts(corpus.split("validation"))), encoding="utf-8")
-    res = run_merge(str(zoo_dir / "llama-sp"), str(zoo_dir / "gpt2-code"), tmp_path / "domain", trials=6, seed=0,
-                    max_prompts=32, prompts_file=str(search), eval_file=str(heldout), objective="domain")
+    res = run_merge(
+        str(zoo_dir / "llama-sp"),
+        str(zoo_dir / "gpt2-code"),
+        tmp_path / "domain",
+        trials=6,
+        seed=0,
+        max_prompts=32,
+        prompts_file=str(search),
+        eval_file=str(heldout),
+        objective="domain",
+    )
     bpb = res["bpb"]
     assert bpb["donor"]["heldout"] < bpb["base"]["heldout"]  # the scenario: the donor knows the domain
     assert bpb["best"]["heldout"] <= bpb["base"]["heldout"]

@@ -61,15 +61,23 @@ def test_lineage_twice_gives_identical_results(tmp_path):
 
 
 def test_swap_twice_gives_identical_results(tiny_decoder, tmp_path):
-    first, second = twice(lambda out: analyze(tiny_decoder, tokens=800, seq_len=64, out=out, bootstrap=200,
-                                              seed=5), tmp_path)
+    first, second = twice(
+        lambda out: analyze(tiny_decoder, tokens=800, seq_len=64, out=out, bootstrap=200, seed=5), tmp_path
+    )
     assert first == second
 
 
 def test_three_trial_merge_twice_gives_identical_results(merge_pair, tmp_path):
     def merge(out):
-        return run_merge(str(merge_pair["llama"]), str(merge_pair["gpt2"]), out, trials=3, seed=5, max_prompts=8,
-                         prompts_file=str(merge_pair["prompts"]))
+        return run_merge(
+            str(merge_pair["llama"]),
+            str(merge_pair["gpt2"]),
+            out,
+            trials=3,
+            seed=5,
+            max_prompts=8,
+            prompts_file=str(merge_pair["prompts"]),
+        )
 
     first, second = twice(merge, tmp_path)
     assert first == second
@@ -77,9 +85,11 @@ def test_three_trial_merge_twice_gives_identical_results(merge_pair, tmp_path):
 
 # -- kill -9 ---------------------------------------------------------------------------------------------------
 
+
 def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lmsurgeon", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmsurgeon", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def kill_when(predicate, process: subprocess.Popen, timeout: float = 180.0) -> None:
@@ -101,14 +111,26 @@ def completed_trials(journal: Path) -> dict[int, dict]:
         study = optuna.load_study(study_name="lmsurgeon-merge", storage=storage)
     except KeyError:  # the worker has created the journal file but not yet written the study into it
         return {}
-    return {t.number: t.params for t in study.get_trials(deepcopy=False)
-            if t.state == optuna.trial.TrialState.COMPLETE}
+    return {t.number: t.params for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE}
 
 
 def test_kill_9_during_a_merge_study_then_resume_keeps_the_finished_trials(merge_pair, tmp_path):
     out = tmp_path / "study"
-    args = ["merge", "--base", str(merge_pair["llama"]), "--donor", str(merge_pair["gpt2"]), "--out", str(out),
-            "--prompts-file", str(merge_pair["prompts"]), "--max-prompts", "8", "--seed", "3"]
+    args = [
+        "merge",
+        "--base",
+        str(merge_pair["llama"]),
+        "--donor",
+        str(merge_pair["gpt2"]),
+        "--out",
+        str(out),
+        "--prompts-file",
+        str(merge_pair["prompts"]),
+        "--max-prompts",
+        "8",
+        "--seed",
+        "3",
+    ]
     journal = journal_path(out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     p = start(*args, "--trials", "200")
@@ -120,8 +142,12 @@ def test_kill_9_during_a_merge_study_then_resume_keeps_the_finished_trials(merge
     # recorded; the resumed run must fail it after the grace period instead of waiting for it for ever.
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     orphan = optuna.load_study(study_name="lmsurgeon-merge", storage=storage).ask().number
-    again = subprocess.run([sys.executable, "-m", "lmsurgeon", *args, "--trials", str(total), "--resume"],
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "lmsurgeon", *args, "--trials", str(total), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr
     assert is_complete(out)
     final = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
@@ -135,8 +161,20 @@ def test_kill_9_during_a_merge_study_then_resume_keeps_the_finished_trials(merge
 
 def test_kill_9_while_writing_a_model_leaves_no_complete_looking_folder(tiny_decoder, tmp_path):
     out = tmp_path / "swap"
-    args = ["swap", str(tiny_decoder), "--tokens", "400", "--seq-len", "64", "--bootstrap", "20", "--apply", "1",
-            "--out", str(out)]
+    args = [
+        "swap",
+        str(tiny_decoder),
+        "--tokens",
+        "400",
+        "--seq-len",
+        "64",
+        "--bootstrap",
+        "20",
+        "--apply",
+        "1",
+        "--out",
+        str(out),
+    ]
 
     def writing_the_model() -> bool:
         return any(tmp_path.glob(".swap.tmp-*/swap_1_2/*"))
@@ -157,6 +195,7 @@ def test_kill_9_while_writing_a_model_leaves_no_complete_looking_folder(tiny_dec
 
 
 # -- bad numbers ----------------------------------------------------------------------------------------------
+
 
 def _corrupt(src: Path, dest: Path, tensor: str, value: float, rows: slice = slice(None)) -> Path:
     """A copy of ``src`` with ``tensor[rows]`` overwritten by ``value`` (NaN, Inf or 0)."""
@@ -197,11 +236,14 @@ def test_nan_norm_gain_is_reported_and_its_cosine_is_undefined(lineage_pair, tmp
     assert "Bad numbers" in (tmp_path / "run" / "report.html").read_text()
 
 
-@pytest.mark.parametrize(("tensor", "value", "problem"), [
-    ("model.embed_tokens.weight", float("nan"), "NaN"),
-    ("model.layers.0.self_attn.q_proj.weight", float("inf"), "Inf"),
-    ("model.layers.2.mlp.up_proj.weight", 0.0, "all zero"),
-])
+@pytest.mark.parametrize(
+    ("tensor", "value", "problem"),
+    [
+        ("model.embed_tokens.weight", float("nan"), "NaN"),
+        ("model.layers.0.self_attn.q_proj.weight", float("inf"), "Inf"),
+        ("model.layers.2.mlp.up_proj.weight", 0.0, "all zero"),
+    ],
+)
 def test_bad_weights_make_sound_tests_not_apply_instead_of_deciding(lineage_pair, tmp_path, tensor, value, problem):
     a, same = lineage_pair
     b = _corrupt(same, tmp_path / "b", tensor, value)
@@ -222,8 +264,22 @@ def test_nan_weights_are_refused_by_swap_and_merge_with_the_tensor_named(tiny_de
     assert main(["swap", str(bad), "--tokens", "300", "--out", str(tmp_path / "s")]) == 1
     assert not (tmp_path / "s").exists()
     donor = _corrupt(merge_pair["gpt2"], tmp_path / "donor", "transformer.wte.weight", float("inf"), slice(5, 6))
-    assert main(["merge", "--base", str(merge_pair["llama"]), "--donor", str(donor), "--trials", "1",
-                 "--out", str(tmp_path / "m")]) == 1
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(merge_pair["llama"]),
+                "--donor",
+                str(donor),
+                "--trials",
+                "1",
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 1
+    )
     assert not (tmp_path / "m").exists()
 
 
@@ -240,12 +296,12 @@ def test_dead_and_orphaned_journal_trials_are_failed_live_ones_kept(tmp_path):
     for trial, pid in ((dead, int(gone.stdout)), (live, os.getpid())):
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", pid)
-    assert fail_dead_trials(study, grace=3600.0) == 1          # the orphan is still within its grace period
-    assert fail_dead_trials(study, grace=0.0) == 1             # now it is not
+    assert fail_dead_trials(study, grace=3600.0) == 1  # the orphan is still within its grace period
+    assert fail_dead_trials(study, grace=0.0) == 1  # now it is not
     states = {t.number: t.state for t in study.trials}
     assert states[dead.number] == states[orphan.number] == optuna.trial.TrialState.FAIL
     assert states[live.number] == optuna.trial.TrialState.RUNNING
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
-    assert [t.system_attrs["fixed_params"] for t in waiting] == [dead.params]   # its work is queued again
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [dead.params]  # its work is queued again
     study.tell(live, [1.0, 0.0])
-    wait_for_running(study, reap=fail_dead_trials, timeout=5.0, poll=0.05)   # returns: nothing runs any more
+    wait_for_running(study, reap=fail_dead_trials, timeout=5.0, poll=0.05)  # returns: nothing runs any more

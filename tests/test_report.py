@@ -26,8 +26,14 @@ def write_run(out, fail: bool = False, **kw):
         rel = run.save_figure(fig, "line")
         results = run.write_results({"value": np.float32(0.5), "undefined": math.nan, "arr": np.arange(3)})
         table = [{"name": "layer 0", "x": 1.0, "y": None}]
-        run.write_report(Report(title="Unit <run>", summary={"verdict": "ok"}, how_to_read="Read me.",
-                                sections=[Section("Numbers", text="a & b", table=table, figures=[rel])]))
+        run.write_report(
+            Report(
+                title="Unit <run>",
+                summary={"verdict": "ok"},
+                how_to_read="Read me.",
+                sections=[Section("Numbers", text="a & b", table=table, figures=[rel])],
+            )
+        )
         assert run.path != out
         assert out.exists() == bool(kw.get("overwrite"))
         if fail:
@@ -40,8 +46,7 @@ def test_completed_run_is_renamed_into_place_with_marker(tmp_path):
     run, results = write_run(out)
     assert run.path == out
     assert is_complete(out)
-    assert sorted(p.name for p in out.iterdir()) == sorted([COMPLETE_MARKER, "figures", "report.html",
-                                                            "results.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([COMPLETE_MARKER, "figures", "report.html", "results.json"])
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp sibling left
 
 
@@ -91,12 +96,15 @@ def test_existing_non_empty_output_is_not_overwritten_unless_asked(tmp_path):
 
 
 def test_jsonable_turns_non_finite_numbers_into_null():
-    assert jsonable({"a": [np.inf, -np.inf, np.nan, np.int64(2)], "b": (1, 2)}) == {"a": [None, None, None, 2],
-                                                                                    "b": [1, 2]}
+    assert jsonable({"a": [np.inf, -np.inf, np.nan, np.int64(2)], "b": (1, 2)}) == {
+        "a": [None, None, None, 2],
+        "b": [1, 2],
+    }
 
 
-@pytest.mark.parametrize("value,text", [(None, "—"), (math.nan, "—"), (0.123456, "0.1235"), (1e-7, "1.000e-07"),
-                                        (True, "yes"), (3, "3")])
+@pytest.mark.parametrize(
+    "value,text", [(None, "—"), (math.nan, "—"), (0.123456, "0.1235"), (1e-7, "1.000e-07"), (True, "yes"), (3, "3")]
+)
 def test_cells_render_at_readable_precision(value, text):
     assert format_cell(value) == text
 

@@ -38,8 +38,10 @@ def reference_nll(model, sequences: list[list[int]]) -> list[torch.Tensor]:
 def reference_block_outputs(model, layers, ids: torch.Tensor) -> list[torch.Tensor]:
     """What every block of the whole model outputs for ``ids``, captured by forward hooks."""
     outputs: list[torch.Tensor] = []
-    handles = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple)
-                                                                              else out)) for layer in layers]
+    handles = [
+        layer.register_forward_hook(lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+        for layer in layers
+    ]
     try:
         with torch.no_grad():
             model(input_ids=ids)
@@ -67,13 +69,29 @@ def tiny_folders(tmp_path_factory) -> dict[str, Path]:
     transformers and saved as sharded safetensors, a tiny BERT encoder, and a GLM-4.5-MoE (dense first layer,
     sigmoid router, shared expert) with an extra multi-token-prediction layer that streaming must skip."""
     root = tmp_path_factory.mktemp("streaming")
-    gqa = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
-                                   num_key_value_heads=2, vocab_size=113, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
-    moe = transformers.Qwen2MoeConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
-                                      max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
-                                      moe_intermediate_size=16, shared_expert_intermediate_size=32)
+    gqa = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=113,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    moe = transformers.Qwen2MoeConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+    )
     folders = {}
     for name, config in {"llama-gqa": gqa, "qwen2-moe": moe}.items():
         torch.manual_seed(1)
@@ -82,9 +100,15 @@ def tiny_folders(tmp_path_factory) -> dict[str, Path]:
         folders[name] = root / name
     folders["bert"] = write_tiny(root / "bert", "bert")
     # GLM-4.5 stores a multi-token-prediction layer after the last one (index num_hidden_layers = 3 here)
-    folders["glm4-moe-mtp"] = write_tiny(root / "glm4-moe-mtp", "glm4_moe", shard_size="40KB",
-                                         extra_tensors={"model.layers.3.eh_proj.weight": torch.randn(32, 64),
-                                                        "model.layers.3.enorm.weight": torch.ones(32)})
+    folders["glm4-moe-mtp"] = write_tiny(
+        root / "glm4-moe-mtp",
+        "glm4_moe",
+        shard_size="40KB",
+        extra_tensors={
+            "model.layers.3.eh_proj.weight": torch.randn(32, 64),
+            "model.layers.3.enorm.weight": torch.ones(32),
+        },
+    )
     return folders
 
 
@@ -175,7 +199,7 @@ def test_encoder_final_hidden_states_equal_whole_model_with_padding(tiny_folders
     for row, seq in enumerate(sequences):
         with torch.no_grad():
             want = whole(input_ids=torch.tensor([seq])).last_hidden_state[0]
-        torch.testing.assert_close(final[row, :len(seq)], want, atol=TOL, rtol=0)
+        torch.testing.assert_close(final[row, : len(seq)], want, atol=TOL, rtol=0)
 
 
 def test_nll_of_an_encoder_is_refused(tiny_folders):
@@ -208,9 +232,11 @@ def test_a_streamed_run_holds_one_blocks_weights_at_a_time(test_zoo):
 
     def count_loaded(index: int):
         def hook(_module, _args):
-            layers_with_data = {i for i, layer in enumerate(streamed.layers)
-                                if any(p.device.type != "meta" for p in layer.parameters())}
+            layers_with_data = {
+                i for i, layer in enumerate(streamed.layers) if any(p.device.type != "meta" for p in layer.parameters())
+            }
             observed.append((index, layers_with_data, streamed.resident_bytes()))
+
         return hook
 
     for i, layer in enumerate(streamed.layers):
@@ -280,21 +306,28 @@ def test_a_model_larger_than_its_memory_budget_streams_within_it(tmp_path, monke
     write_sparse_llama(folder, n_layers=8, hidden=1024, intermediate=4096, kv_heads=8, vocab=8000)
     weights = sum(weight_bytes(open_model(folder), torch.float32).values())
     budget = weights // 2
-    child = ("import json, re, sys, torch; from lmsurgeon.io import open_model; "
-             "from lmsurgeon.streaming import StreamedModel; torch.set_num_threads(1)\n"
-             "def hwm(): return int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024\n"
-             "h = open_model('org/big', endpoint=sys.argv[1], cache_dir=sys.argv[2])\n"
-             "m = StreamedModel(h, max_memory=int(sys.argv[3])); before = hwm()\n"
-             "nll = m.nll(torch.arange(1, 33).reshape(2, 16))\n"
-             "print(json.dumps({'streaming': m.streaming, 'before': before, 'after': hwm(), "
-             "'finite': bool(torch.isfinite(nll).all()), 'read': h.bytes_read}))")
+    child = (
+        "import json, re, sys, torch; from lmsurgeon.io import open_model; "
+        "from lmsurgeon.streaming import StreamedModel; torch.set_num_threads(1)\n"
+        "def hwm(): return int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024\n"
+        "h = open_model('org/big', endpoint=sys.argv[1], cache_dir=sys.argv[2])\n"
+        "m = StreamedModel(h, max_memory=int(sys.argv[3])); before = hwm()\n"
+        "nll = m.nll(torch.arange(1, 33).reshape(2, 16))\n"
+        "print(json.dumps({'streaming': m.streaming, 'before': before, 'after': hwm(), "
+        "'finite': bool(torch.isfinite(nll).all()), 'read': h.bytes_read}))"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}  # loopback
     # glibc keeps freed blocks below its (self-raising) mmap threshold in the heap for reuse, which shows as RSS
     # growth of about one more block; a fixed threshold returns them, so the measure is what streaming holds
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     with HubServer({"org/big": folder}) as server:
-        p = subprocess.run([sys.executable, "-c", child, server.endpoint, str(tmp_path / "ranges"), str(budget)],
-                           capture_output=True, text=True, timeout=600, env=env)
+        p = subprocess.run(
+            [sys.executable, "-c", child, server.endpoint, str(tmp_path / "ranges"), str(budget)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
     assert p.returncode == 0, p.stderr[-2000:]
     facts = json.loads(p.stdout.strip().splitlines()[-1])
     assert facts["streaming"], "a model twice its budget must stream"

@@ -1,4 +1,4 @@
-"""--apply / --drop checkpoints (spec §11–§13): they load with transformers and compute what the in-memory
+"""--apply / --drop checkpoints (methods.md §S11–§S13): they load with transformers and compute what the in-memory
 rewired model computes; counts, layer_idx and layer_types follow the new order; KV-cached decoding still works."""
 
 import json

@@ -1,4 +1,4 @@
-"""Cached δ and Δloss (spec §8, §9) must equal those of a physically swapped ModuleList, for every family."""
+"""Cached δ and Δloss (methods.md §S8, §S9) must equal those of a physically swapped ModuleList, for every family."""
 
 import numpy as np
 import pytest

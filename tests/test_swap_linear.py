@@ -1,4 +1,4 @@
-"""Hand-built layers with known algebra (spec §13): disjoint blocks commute exactly, identical layers commute
+"""Hand-built layers with known algebra (methods.md §S13): disjoint blocks commute exactly, identical layers commute
 with r > 0, a zero update is redundant; the fit, δ, δ', Dep and r must say so."""
 
 import numpy as np
@@ -77,4 +77,4 @@ def test_identical_layers_commute_although_r_is_positive():
     fit, ev = _run([M, M.clone()])
     assert ev["delta"][0] < 1e-12
     assert ev["delta_linear"][0] < 1e-9
-    assert r_metric(fit.A[0], fit.A[1]) > 0.1  # r is a predictor, not a proof (spec §4.2 note)
+    assert r_metric(fit.A[0], fit.A[1]) > 0.1  # r is a predictor, not a proof (methods.md §S4.2 note)

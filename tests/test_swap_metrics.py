@@ -26,7 +26,7 @@ from tests.swap_models import ToyModel
 
 def ref_context_mix(X: np.ndarray, window: int = 4) -> np.ndarray:
     """X̂_t = mean of X_{t−window+1…t} clipped at the row start, by an explicit loop; X: [T, d] one row."""
-    return np.stack([X[max(0, t - window + 1):t + 1].mean(0) for t in range(X.shape[0])])
+    return np.stack([X[max(0, t - window + 1) : t + 1].mean(0) for t in range(X.shape[0])])
 
 
 def ref_spectral(M: np.ndarray) -> float:
@@ -34,7 +34,7 @@ def ref_spectral(M: np.ndarray) -> float:
 
 
 def ref_trans(A: np.ndarray) -> float:
-    return float(np.sqrt((A ** 2).sum() / A.shape[0]))
+    return float(np.sqrt((A**2).sum() / A.shape[0]))
 
 
 def ref_dep(Ai: np.ndarray, Aj: np.ndarray) -> float:
@@ -122,14 +122,23 @@ def test_pair_table_of_the_analysis_matches_numpy_reference_on_random_rank_defic
 
     rng = np.random.default_rng(4)
     d = 6
-    A = [rng.normal(size=(d, d)),
-         rng.normal(size=(d, 2)) @ rng.normal(size=(2, d)),  # rank 2
-         rng.normal(size=(d, 1)) @ rng.normal(size=(1, d)),  # rank 1
-         np.zeros((d, d))]  # zero update: below the spectral-norm floor, Dep := 0
+    A = [
+        rng.normal(size=(d, d)),
+        rng.normal(size=(d, 2)) @ rng.normal(size=(2, d)),  # rank 2
+        rng.normal(size=(d, 1)) @ rng.normal(size=(1, d)),  # rank 1
+        np.zeros((d, d)),
+    ]  # zero update: below the spectral-norm floor, Dep := 0
     L = len(A)
     fit = LinearFit(A=A, r2_fit=[1.0] * L, n_fit=1, ridge=0.0, window=4)
-    ev = {"r2_eval": [1.0] * L, "bi": list(rng.uniform(size=L)), "ang1": [0.1] * L, "ang2": [0.1] * (L - 1),
-          "delta": list(rng.uniform(size=L - 1)), "delta_linear": list(rng.uniform(size=L - 1)), "loss": None}
+    ev = {
+        "r2_eval": [1.0] * L,
+        "bi": list(rng.uniform(size=L)),
+        "ang1": [0.1] * L,
+        "ang2": [0.1] * (L - 1),
+        "delta": list(rng.uniform(size=L - 1)),
+        "delta_linear": list(rng.uniform(size=L - 1)),
+        "loss": None,
+    }
     table = assemble(fit, ev, L, d, False, bootstrap=0, seed=0)
     for i, p in enumerate(table["pairs"]):
         ti, tj = ref_trans(A[i]), ref_trans(A[i + 1])
@@ -171,7 +180,7 @@ def test_padded_batch_gives_the_same_normal_sums_as_unpadded_rows():
     h1 = torch.zeros(2, 7, 3, dtype=torch.float64)
     sel = torch.zeros(2, 7, dtype=torch.bool)
     for k, (r, n) in enumerate(zip(rows, nxt, strict=True)):
-        h0[k, :len(r)], h1[k, :len(r)], sel[k, :len(r)] = torch.from_numpy(r), torch.from_numpy(n), True
+        h0[k, : len(r)], h1[k, : len(r)], sel[k, : len(r)] = torch.from_numpy(r), torch.from_numpy(n), True
     h0[1, 4:], h1[1, 4:] = 99.0, -99.0
     padded = new_sums(1, 3, "cpu")
     accumulate(padded, [h0, h1], sel, 4)
@@ -209,7 +218,7 @@ def test_spearman_bootstrap_matches_scipy_per_resample_and_counts_degenerate():
         else:
             assert abs(got[k] - spearmanr(X[k], Y[k]).statistic) < 1e-12
     x = np.arange(3.0)  # 1 in 9 resamples repeats one pair only: ρ undefined, dropped and counted
-    res = spearman_ci(x, x ** 3, n_boot=900, seed=0)
+    res = spearman_ci(x, x**3, n_boot=900, seed=0)
     assert abs(res["rho"] - 1) < 1e-12
     assert np.allclose(res["ci"], [1.0, 1.0])
     assert 60 < res["n_degenerate"] < 150

@@ -44,8 +44,9 @@ def _batches(vocab: int, n: int = 2) -> list[Batch]:
 def _evaluator(model, batches, n_bytes: int = 1000, budget: int = 2 << 30) -> PlanEvaluator:
     family = detect_family(model.config.to_dict())
     paths = family.modules["layers"]
-    return PlanEvaluator(model, find_module(model, paths), paths, find_head(model, family), batches, n_bytes,
-                         budget=budget)
+    return PlanEvaluator(
+        model, find_module(model, paths), paths, find_head(model, family), batches, n_bytes, budget=budget
+    )
 
 
 def _physical_nll(model, order: list[int], batches: list[Batch]) -> tuple[float, int]:
@@ -84,8 +85,7 @@ def test_parse_plan_drop_takes_a_count_or_a_percentage_of_the_depth():
             parse_plan_drop(bad, 16)
 
 
-@pytest.mark.parametrize("orders", [[[0, 2, 3], [0, 1, 2], [1, 2, 3], [0, 3]],
-                                    [[0, 2, 1, 3], [1, 0, 3], [2, 3]]])
+@pytest.mark.parametrize("orders", [[[0, 2, 3], [0, 1, 2], [1, 2, 3], [0, 3]], [[0, 2, 1, 3], [1, 0, 3], [2, 3]]])
 def test_plan_loss_from_cached_inputs_equals_the_physically_rewired_model(orders):
     model = qwen2_mixed(layers=4)  # sliding and full attention layers: each block keeps its own mask type
     batches = _batches(97)
@@ -156,8 +156,13 @@ class AdditiveCosts:
     def scores(self, orders):
         L = len(self.cost)
         self.plans_scored += len(orders)
-        return [Score(loss=sum(self.cost[j] for j in range(L) if j not in o),
-                      bpb=sum(self.cost[j] for j in range(L) if j not in o)) for o in orders]
+        return [
+            Score(
+                loss=sum(self.cost[j] for j in range(L) if j not in o),
+                bpb=sum(self.cost[j] for j in range(L) if j not in o),
+            )
+            for o in orders
+        ]
 
     def angular_by_block(self, max_n):
         import numpy as np
@@ -176,8 +181,10 @@ def test_greedy_drops_the_cheapest_layer_each_step():
 
 
 def test_recommendation_follows_validation_loss_and_never_the_oracle():
-    table = [{"i": i, "trans": t, "bi": b, "dloss_drop": None}
-             for i, (t, b) in enumerate([(0.1, 0.9), (0.9, 0.1), (0.5, 0.5), (0.7, 0.7)])]
+    table = [
+        {"i": i, "trans": t, "bi": b, "dloss_drop": None}
+        for i, (t, b) in enumerate([(0.1, 0.9), (0.9, 0.1), (0.5, 0.5), (0.7, 0.7)])
+    ]
     validation = AdditiveCosts([1.0, 9.0, 9.0, 9.0])  # on validation text, layer 0 is the cheap one
     heldout = AdditiveCosts([9.0, 1.0, 9.0, 9.0])  # on held-out text, layer 1 is
     res = plan_drops(validation, heldout, table, 1)
@@ -197,8 +204,9 @@ def test_predicted_bytes_are_the_text_after_each_rows_first_token():
     texts = ["the quick brown fox jumps over the lazy dog", "naïve café — déjà vu"]
     rows = [tok(t)["input_ids"] for t in texts]
     first = [tok.decode(r[:1]) for r in rows]
-    assert predicted_bytes(tok, rows) == sum(len(t.encode()) - len(f.encode()) for t, f in zip(texts, first,
-                                                                                               strict=True))
+    assert predicted_bytes(tok, rows) == sum(
+        len(t.encode()) - len(f.encode()) for t, f in zip(texts, first, strict=True)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -235,15 +243,24 @@ def test_greedy_generation_of_a_written_plan_with_kv_cache_equals_uncached_decod
 
 
 def test_apply_plan_spec_is_parsed_and_bad_ones_are_refused():
-    body = {"plans": [{"strategy": ORACLE, "k": 2, "layers": [3, 4]}], "plan_summary": {"k_max": 2},
-            "recommended": [{"k": 1, "strategy": "bi", "layers": [4]}, {"k": 2, "strategy": "bi", "layers": [1, 4]}]}
+    body = {
+        "plans": [{"strategy": ORACLE, "k": 2, "layers": [3, 4]}],
+        "plan_summary": {"k_max": 2},
+        "recommended": [{"k": 1, "strategy": "bi", "layers": [4]}, {"k": 2, "strategy": "bi", "layers": [1, 4]}],
+    }
     assert resolve_plan("drop:3,1;swap:0", body, 6)[:2] == ([1, 3], [0])
     assert resolve_plan("swap:2", body, 6)[:2] == ([], [2])
     assert resolve_plan("recommended", body, 6)[:2] == ([1, 4], [])
     assert resolve_plan("oracle", body, 6)[:2] == ([3, 4], [])
-    for bad, message in [("drop:6", "outside"), ("swap:5", "outside"), ("drop:1,1", "twice"),
-                         ("drop:0,1,2,3,4,5", "every layer"), ("cut:1", "expected"), ("drop:x", "expected"),
-                         ("reorder", "--plan-reorder")]:
+    for bad, message in [
+        ("drop:6", "outside"),
+        ("swap:5", "outside"),
+        ("drop:1,1", "twice"),
+        ("drop:0,1,2,3,4,5", "every layer"),
+        ("cut:1", "expected"),
+        ("drop:x", "expected"),
+        ("reorder", "--plan-reorder"),
+    ]:
         with pytest.raises(LmsurgeonError, match=message):
             resolve_plan(bad, body, 6)
     with pytest.raises(LmsurgeonError, match="--plan-drop"):
@@ -256,12 +273,23 @@ def test_analyze_plans_drops_and_reorders_recommends_without_the_oracle_and_writ
     tok = tokenizer()
     src = save_with_tokenizer(llama(len(tok), layers=5), tok, tmp_path / "m")
     out = tmp_path / "run"
-    res = analyze(src, tokens=1200, seq_len=64, bootstrap=50, plan_drop="40%", plan_reorder=True,
-                  reorder_tolerance=0.05, apply_plan="recommended", heal_steps=2, out=out)
+    res = analyze(
+        src,
+        tokens=1200,
+        seq_len=64,
+        bootstrap=50,
+        plan_drop="40%",
+        plan_reorder=True,
+        reorder_tolerance=0.05,
+        apply_plan="recommended",
+        heal_steps=2,
+        out=out,
+    )
     assert res["settings"]["data"]["heldout"] == "built-in corpus: test"
     plans = res["plans"]
     assert {(r["strategy"], r["k"]) for r in plans} == {
-        (s, k) for s in ("trans", "bi", "angular", "dloss", "greedy_validation", ORACLE) for k in (1, 2)}
+        (s, k) for s in ("trans", "bi", "angular", "dloss", "greedy_validation", ORACLE) for k in (1, 2)
+    }
     for r in plans:
         assert {"strategy", "k", "layers", "heldout_bpb", "heldout_loss"} <= set(r)
         assert len(r["layers"]) == r["k"]

@@ -12,8 +12,21 @@ from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.swap import SwapConfig, analyze
 from tests.swap_models import llama, save_with_tokenizer, tokenizer
 
-PAIR_KEYS = {"i", "trans_i", "trans_j", "dep_ij", "dep_ji", "r", "delta", "delta_linear", "bi", "angular", "dloss",
-             "ppl_ratio", "kl"}
+PAIR_KEYS = {
+    "i",
+    "trans_i",
+    "trans_j",
+    "dep_ij",
+    "dep_ji",
+    "r",
+    "delta",
+    "delta_linear",
+    "bi",
+    "angular",
+    "dloss",
+    "ppl_ratio",
+    "kl",
+}
 FIGURES = {"fig2_r_vs_delta.png", "fig3_components.png", "fig4_deltaprime_vs_delta.png", "depth_profile.png"}
 
 
@@ -31,8 +44,7 @@ def test_results_json_has_the_issue_schema_and_matches_the_returned_dict(tiny_ll
     assert len(res["pairs"]) == 3
     assert len(res["layers"]) == 4
     assert set(res["pairs"][0]) >= PAIR_KEYS
-    for key in ("r_vs_delta", "linear_vs_delta", "bi_vs_delta", "angular_vs_delta", "r_vs_dloss",
-                "delta_vs_dloss"):
+    for key in ("r_vs_delta", "linear_vs_delta", "bi_vs_delta", "angular_vs_delta", "r_vs_dloss", "delta_vs_dloss"):
         assert {"rho", "ci", "n", "n_degenerate"} <= set(res["spearman"][key])
     p = res["pairs"][1]
     assert math.isclose(p["r"], p["trans_i"] * p["trans_j"] * (p["dep_ij"] + p["dep_ji"]), rel_tol=1e-12)
@@ -50,11 +62,11 @@ def test_results_json_has_the_issue_schema_and_matches_the_returned_dict(tiny_ll
     assert math.isclose(drop["dloss"], res["layers"][3]["dloss_drop"], rel_tol=1e-4, abs_tol=1e-6)
 
 
-def test_cli_swap_writes_a_run_folder_prints_it_without_out_and_rejects_a_bad_index(tiny_llama, tmp_path,
-                                                                                     monkeypatch, capsys):
+def test_cli_swap_writes_a_run_folder_prints_it_without_out_and_rejects_a_bad_index(
+    tiny_llama, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
-    assert main(["swap", str(tiny_llama), "--tokens", "600", "--seq-len", "64", "--bootstrap", "50",
-                 "--no-e2e"]) == 0
+    assert main(["swap", str(tiny_llama), "--tokens", "600", "--seq-len", "64", "--bootstrap", "50", "--no-e2e"]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run folder: ")]
     assert len(printed) == 1
     run_dir = Path(printed[0].removeprefix("run folder: "))
@@ -106,8 +118,28 @@ def test_zoo_deep_decoder_r_predicts_delta(test_zoo, tmp_path):
 
 
 def test_cli_plan_drop_prints_the_recommendation_and_the_verdict_against_the_oracle(tiny_llama, tmp_path, capsys):
-    assert main(["swap", str(tiny_llama), "--tokens", "600", "--seq-len", "64", "--bootstrap", "20", "--no-e2e",
-                 "--plan-drop", "2", "--apply-plan", "oracle", "--out", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                "swap",
+                str(tiny_llama),
+                "--tokens",
+                "600",
+                "--seq-len",
+                "64",
+                "--bootstrap",
+                "20",
+                "--no-e2e",
+                "--plan-drop",
+                "2",
+                "--apply-plan",
+                "oracle",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "p" / "results.json").read_text())
     assert {r["strategy"] for r in res["plans"]} == {"trans", "bi", "angular", "greedy_validation", "oracle"}

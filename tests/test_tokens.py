@@ -59,6 +59,7 @@ def _spell(keys: list[Key]) -> bytes:
 
 # --- canonicalisation ------------------------------------------------------------------------------------------
 
+
 def test_byte_table_is_the_one_the_tokenizers_library_uses():
     assert set(BYTE_TO_UNICODE.values()) == set(pre_tokenizers.ByteLevel.alphabet())
 
@@ -76,11 +77,14 @@ def test_byte_level_pieces_spell_the_text_as_the_library_splits_it(text):
     assert _spell(keys) == text.encode("utf-8")
 
 
-@pytest.mark.parametrize("family,text,spelled", [
-    (BYTE_LEVEL, "the café sat ☃ quietly.", "the café sat ☃ quietly."),
-    (SENTENCEPIECE, "the café sat ☃ quietly.", " the café sat ☃ quietly."),  # ☃ only through byte fallback
-    (WORDPIECE, "the cat sat, quietly.", " the cat sat, quietly."),  # punctuation is not word-initial
-])
+@pytest.mark.parametrize(
+    "family,text,spelled",
+    [
+        (BYTE_LEVEL, "the café sat ☃ quietly.", "the café sat ☃ quietly."),
+        (SENTENCEPIECE, "the café sat ☃ quietly.", " the café sat ☃ quietly."),  # ☃ only through byte fallback
+        (WORDPIECE, "the cat sat, quietly.", " the cat sat, quietly."),  # punctuation is not word-initial
+    ],
+)
 def test_trained_tokenizer_keys_spell_the_encoded_text_back(trained, family, text, spelled):
     tok = trained[family]
     ids = tok.encode(text, add_special_tokens=False).ids
@@ -110,32 +114,54 @@ def test_special_tokens_never_get_a_key(trained, family):
 
 
 def test_control_pieces_are_excluded_even_when_not_declared_as_added_tokens():
-    tj = {"model": {"type": "BPE", "vocab": {"<unk>": 0, "<pad>": 1, "<0x41>": 2, "▁a": 3, "<mask>": 4},
-                    "merges": [], "byte_fallback": True, "unk_token": "<unk>"}, "added_tokens": []}
+    tj = {
+        "model": {
+            "type": "BPE",
+            "vocab": {"<unk>": 0, "<pad>": 1, "<0x41>": 2, "▁a": 3, "<mask>": 4},
+            "merges": [],
+            "byte_fallback": True,
+            "unk_token": "<unk>",
+        },
+        "added_tokens": [],
+    }
     cv = canonical_vocab(tj)
     assert sorted(cv.keys.values()) == [2, 3]
     assert cv.special == 3
 
 
 def test_wordpiece_brackets_are_control_pieces_and_continuations_carry_no_space():
-    tj = {"model": {"type": "WordPiece", "vocab": {"[PAD]": 0, "[unused0]": 1, "[CLS]": 2, "play": 3, "##ing": 4,
-                                                  ",": 5}}, "added_tokens": [{"id": 2, "content": "[CLS]"}]}
+    tj = {
+        "model": {
+            "type": "WordPiece",
+            "vocab": {"[PAD]": 0, "[unused0]": 1, "[CLS]": 2, "play": 3, "##ing": 4, ",": 5},
+        },
+        "added_tokens": [{"id": 2, "content": "[CLS]"}],
+    }
     cv = canonical_vocab(tj)
     assert cv.keys == {Key(True, b"play"): 3, Key(False, b"ing"): 4, Key(False, b","): 5}
     assert cv.special == 3
 
 
 def test_regular_piece_wins_a_key_over_byte_fallback_and_the_tie_is_counted():
-    tj = {"model": {"type": "BPE", "vocab": {"<unk>": 0, "<0x41>": 1, "<0x0A>": 2, "A": 3, "▁A": 4},
-                    "merges": [], "byte_fallback": True, "unk_token": "<unk>"}, "added_tokens": []}
+    tj = {
+        "model": {
+            "type": "BPE",
+            "vocab": {"<unk>": 0, "<0x41>": 1, "<0x0A>": 2, "A": 3, "▁A": 4},
+            "merges": [],
+            "byte_fallback": True,
+            "unk_token": "<unk>",
+        },
+        "added_tokens": [],
+    }
     cv = canonical_vocab(tj)
     assert cv.keys[Key(False, b"A")] == 3
     assert cv.keys[Key(False, b"\n")] == 2
     assert cv.collisions == 1
 
 
-@pytest.mark.parametrize("byte_level,sentencepiece", [("Ġhello", "▁hello"), ("ĠcafÃ©", "▁café"), ("Ċ", "<0x0A>"),
-                                                      ("Ã", "<0xC3>")])
+@pytest.mark.parametrize(
+    "byte_level,sentencepiece", [("Ġhello", "▁hello"), ("ĠcafÃ©", "▁café"), ("Ċ", "<0x0A>"), ("Ã", "<0xC3>")]
+)
 def test_byte_level_and_sentencepiece_spellings_of_the_same_bytes_meet(byte_level, sentencepiece):
     assert canonical_key(byte_level, BYTE_LEVEL) == canonical_key(sentencepiece, SENTENCEPIECE)
 
@@ -149,23 +175,33 @@ def test_word_level_words_are_word_initial_and_their_unknown_token_is_excluded()
 
 def test_unknown_tokenizer_family_is_an_error_naming_the_file():
     tj = {"model": {"type": "BPE", "vocab": {"a</w>": 0}, "merges": []}, "pre_tokenizer": {"type": "Whitespace"}}
-    with pytest.raises(UnknownTokenizer, match=r"^some/tokenizer.json: unknown tokenizer family \(model type "
-                                               r"'BPE'\)"):
+    with pytest.raises(
+        UnknownTokenizer,
+        match=r"^some/tokenizer.json: unknown tokenizer family \(model type "
+        r"'BPE'\)",
+    ):
         canonical_vocab(tj, where="some/tokenizer.json")
 
 
 # --- the shared set ---------------------------------------------------------------------------------------------
 
+
 def _bl(words: list[str]) -> dict:
     vocab = {"<|endoftext|>": 0, **{("Ġ" + w): i + 1 for i, w in enumerate(words)}}
-    return {"model": {"type": "BPE", "vocab": vocab, "merges": []}, "pre_tokenizer": {"type": "ByteLevel"},
-            "added_tokens": [{"id": 0, "content": "<|endoftext|>"}]}
+    return {
+        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+        "pre_tokenizer": {"type": "ByteLevel"},
+        "added_tokens": [{"id": 0, "content": "<|endoftext|>"}],
+    }
 
 
 def _sp(words: list[str]) -> dict:
     vocab = {"<unk>": 0, **{("▁" + w): i + 1 for i, w in enumerate(words)}}
-    return {"model": {"type": "BPE", "vocab": vocab, "merges": [], "unk_token": "<unk>"},
-            "pre_tokenizer": {"type": "Metaspace"}, "added_tokens": [{"id": 0, "content": "<unk>"}]}
+    return {
+        "model": {"type": "BPE", "vocab": vocab, "merges": [], "unk_token": "<unk>"},
+        "pre_tokenizer": {"type": "Metaspace"},
+        "added_tokens": [{"id": 0, "content": "<unk>"}],
+    }
 
 
 WORDS = [f"w{i}" for i in range(50)]
@@ -185,8 +221,10 @@ def test_shared_set_pairs_ids_by_key_and_counts_everything_before_the_limit():
 def test_lowest_ids_selection_keeps_the_pairs_with_the_smallest_max_id():
     a, b = canonical_vocab(_bl(WORDS)), canonical_vocab(_sp(WORDS[::-1]))
     S = match_tokens(a, b, limit=10, selection="lowest_ids")
-    all_pairs = sorted(zip(match_tokens(a, b).ids_a.tolist(), match_tokens(a, b).ids_b.tolist(), strict=True),
-                       key=lambda p: (max(p), p[0]))
+    all_pairs = sorted(
+        zip(match_tokens(a, b).ids_a.tolist(), match_tokens(a, b).ids_b.tolist(), strict=True),
+        key=lambda p: (max(p), p[0]),
+    )
     assert list(zip(S.ids_a.tolist(), S.ids_b.tolist(), strict=True)) == all_pairs[:10]
     assert S.n_shared == 50
 
@@ -204,6 +242,7 @@ def test_seeded_selection_is_a_reproducible_sample_of_the_shared_set():
 
 
 # --- lineage and merge agree -------------------------------------------------------------------------------------
+
 
 def _lineage_shared_count(a: str, b: str) -> int:
     from lmsurgeon.lineage import compare
@@ -237,13 +276,14 @@ def test_lineage_and_merge_report_the_same_shared_token_count_for_minilm_and_a_z
 
 # --- Procrustes and Umeyama ------------------------------------------------------------------------------------
 
+
 def _padded_procrustes(X_c: np.ndarray, Y_c: np.ndarray) -> np.ndarray:
     """Reference for the zero-padding alternative: both sides padded to one width, the square problem solved."""
     n, d = X_c.shape[0], max(X_c.shape[1], Y_c.shape[1])
     Xp, Yp = np.zeros((n, d)), np.zeros((n, d))
-    Xp[:, :X_c.shape[1]], Yp[:, :Y_c.shape[1]] = X_c, Y_c
+    Xp[:, : X_c.shape[1]], Yp[:, : Y_c.shape[1]] = X_c, Y_c
     Q, _ = orthogonal_procrustes(Xp, Yp)
-    return Q[:X_c.shape[1], :Y_c.shape[1]]
+    return Q[: X_c.shape[1], : Y_c.shape[1]]
 
 
 def _correlated_rows(n: int, d: int, seed: int) -> np.ndarray:

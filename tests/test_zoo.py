@@ -33,8 +33,16 @@ from lmsurgeon.zoo.transforms import (
 )
 
 TOLERANCE = 1e-4
-LINEAGE = ["lin-base", "lin-finetune", "lin-permuted", "lin-pruned", "lin-gammafold",
-           "lin-indep-1", "lin-indep-2", "lin-indep-3"]
+LINEAGE = [
+    "lin-base",
+    "lin-finetune",
+    "lin-permuted",
+    "lin-pruned",
+    "lin-gammafold",
+    "lin-indep-1",
+    "lin-indep-2",
+    "lin-indep-3",
+]
 
 
 def _with_random_gains(model):
@@ -50,8 +58,15 @@ def _with_random_gains(model):
 @pytest.fixture
 def tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     return _with_random_gains(LlamaForCausalLM(config))
 
 
@@ -72,8 +87,18 @@ def test_permuted_llama_reproduces_parent_logits(tiny_llama, ids):
 
 def test_permuted_gpt2_reproduces_parent_logits(ids):
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=97,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     model = _with_random_gains(model)
     permuted, _ = permute_model(model, seed=3)
     assert logit_discrepancy(model, permuted, ids) < TOLERANCE
@@ -81,8 +106,11 @@ def test_permuted_gpt2_reproduces_parent_logits(ids):
 
 def test_permuted_bert_permutes_hidden_states_and_keeps_pooler(ids):
     torch.manual_seed(0)
-    model = _with_random_gains(BertModel(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
-                                                    num_attention_heads=4, intermediate_size=64)))
+    model = _with_random_gains(
+        BertModel(
+            BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+        )
+    )
     permuted, (perm_d, _) = permute_model(model, seed=5)
     with torch.no_grad():
         a, b = model(input_ids=ids), permuted(input_ids=ids)
@@ -114,12 +142,21 @@ def test_gamma_folding_sets_gains_to_one_and_keeps_logits(tiny_llama, ids):
 
 
 def test_gamma_folding_refuses_a_tied_head_and_post_norm_bert():
-    tied = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, tie_word_embeddings=True))
+    tied = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     with pytest.raises(LmsurgeonError, match="tied"):
         fold_model(tied)
-    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32))
+    bert = BertModel(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
     with pytest.raises(LmsurgeonError, match="no foldable gains"):
         fold_model(bert)
 
@@ -193,8 +230,10 @@ def test_every_model_and_its_tokenizer_load_offline_with_transformers(test_zoo):
 
 def test_tokenizer_families_mark_words_and_bytes_their_own_way(test_zoo):
     zoo_dir, manifest = test_zoo
-    vocabs = {name: AutoTokenizer.from_pretrained(str(zoo_dir / t["path"])).get_vocab()
-              for name, t in manifest["tokenizers"].items()}
+    vocabs = {
+        name: AutoTokenizer.from_pretrained(str(zoo_dir / t["path"])).get_vocab()
+        for name, t in manifest["tokenizers"].items()
+    }
     assert any(tok.startswith("Ġ") for tok in vocabs["bpe4k"])
     assert "<0x41>" in vocabs["sp3k"]
     assert any(tok.startswith("▁") for tok in vocabs["sp3k"])
@@ -267,8 +306,9 @@ def test_independent_twins_are_hard_negatives_for_raw_norm_cosine(test_zoo):
 
     def gains(name):
         model, _ = load_model(zoo_dir, name)
-        return np.concatenate([p.detach().double().numpy() for n, p in model.named_parameters()
-                               if n.endswith("norm.weight")])
+        return np.concatenate(
+            [p.detach().double().numpy() for n, p in model.named_parameters() if n.endswith("norm.weight")]
+        )
 
     a, b = gains("lin-indep-1"), gains("lin-indep-2")
     assert not np.array_equal(a, b)
@@ -328,12 +368,18 @@ def test_every_model_opens_with_open_model_and_layout(test_zoo):
         layout = Layout(handle)
         assert layout.family.name == entry["family"], name
         assert (layout.n_layers, layout.hidden_size, layout.tied) == (
-            entry["layers"], entry["hidden_size"], entry["tied_embeddings"]), name
+            entry["layers"],
+            entry["hidden_size"],
+            entry["tied_embeddings"],
+        ), name
         assert handle.tokenizer is not None
         assert handle.tokenizer.get_vocab_size() == entry["vocab_size"]
         model, _ = load_model(zoo_dir, name)
-        q_proj = (model.model.layers[0].self_attn.q_proj.weight if entry["family"] == "llama"
-                  else model.transformer.h[0].attn.c_attn.weight[:, :entry["hidden_size"]].T)
+        q_proj = (
+            model.model.layers[0].self_attn.q_proj.weight
+            if entry["family"] == "llama"
+            else model.transformer.h[0].attn.c_attn.weight[:, : entry["hidden_size"]].T
+        )
         assert torch.equal(torch.from_numpy(layout.read("q", 0)), q_proj.detach().double()), name
     folded = Layout(open_model(str(zoo_dir / "lin-gammafold")))
     assert all((folded.norm(role, layer).gain == 1).all() for role, layer in folded.norms_present())
@@ -348,8 +394,11 @@ def test_recipe_hash_is_a_function_of_profile_seed_and_corpus(test_zoo):
     sha = load_corpus().sha256
     assert recipe_hash(build_recipe("test", 0), sha) == recipe_hash(build_recipe("test", 0), sha)
     assert recipe_hash(build_recipe("test", 0), sha) == manifest["recipe_hash"]
-    others = {recipe_hash(build_recipe("test", 1), sha), recipe_hash(build_recipe("full", 0), sha),
-              recipe_hash(build_recipe("test", 0), "0" * 64)}
+    others = {
+        recipe_hash(build_recipe("test", 1), sha),
+        recipe_hash(build_recipe("full", 0), sha),
+        recipe_hash(build_recipe("test", 0), "0" * 64),
+    }
     assert manifest["recipe_hash"] not in others
     assert len(others) == 3
 
@@ -391,7 +440,7 @@ def test_perplexity_matches_a_float64_numpy_reference(tiny_llama):
     stream = torch.randint(0, 97, (3 * seq_len + 7,), generator=torch.Generator().manual_seed(4))
     nll, count = 0.0, 0
     for start in range(0, stream.numel(), seq_len):
-        block = stream[start:start + seq_len]
+        block = stream[start : start + seq_len]
         with torch.no_grad():
             logits = tiny_llama(input_ids=block[None]).logits[0].double().numpy()
         shifted = logits[:-1] - logits[:-1].max(axis=1, keepdims=True)
@@ -432,9 +481,11 @@ def test_interrupted_build_resumes_with_only_the_missing_model(test_zoo, tmp_pat
     shutil.rmtree(copy_dir / "lin-gammafold")
     made = []
     for kind, maker in list(build_module.MAKERS.items()):
+
         def recording(build, recipe, maker=maker):
             made.append(recipe.name)
             return maker(build, recipe)
+
         monkeypatch.setitem(build_module.MAKERS, kind, recording)
     monkeypatch.setattr(build_module, "train", lambda *a, **k: pytest.fail("resuming must not train"))
     resumed = build_zoo(copy_dir, profile="test", progress=False)
@@ -442,7 +493,8 @@ def test_interrupted_build_resumes_with_only_the_missing_model(test_zoo, tmp_pat
     assert (copy_dir / "lin-gammafold" / "model.safetensors").is_file()
     strip = {"build_seconds"}
     assert {k: v for k, v in resumed["models"]["lin-gammafold"].items() if k not in strip} == {
-        k: v for k, v in manifest["models"]["lin-gammafold"].items() if k not in strip}
+        k: v for k, v in manifest["models"]["lin-gammafold"].items() if k not in strip
+    }
     assert resumed["models"]["lin-base"] == manifest["models"]["lin-base"]
 
 

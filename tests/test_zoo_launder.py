@@ -24,10 +24,14 @@ MODEL_KINDS = ("gpt2", "gpt2_relu", "llama_gqa", "llama_biased")
 
 # which tensors each transform must rewrite, per family (regex on state-dict names)
 TARGETS = {
-    "fold_norm_gains": {"gpt2": r"c_attn\.(weight|bias)|c_fc\.(weight|bias)|lm_head\.weight",
-                        "llama": r"(q|k|v|gate|up)_proj\.weight|lm_head\.weight"},
-    "rotate_residual": {"gpt2": r"wte|wpe|c_attn\.weight|c_proj\.(weight|bias)|c_fc\.weight|lm_head",
-                        "llama": r"embed_tokens|_proj\.weight|lm_head"},
+    "fold_norm_gains": {
+        "gpt2": r"c_attn\.(weight|bias)|c_fc\.(weight|bias)|lm_head\.weight",
+        "llama": r"(q|k|v|gate|up)_proj\.weight|lm_head\.weight",
+    },
+    "rotate_residual": {
+        "gpt2": r"wte|wpe|c_attn\.weight|c_proj\.(weight|bias)|c_fc\.weight|lm_head",
+        "llama": r"embed_tokens|_proj\.weight|lm_head",
+    },
     "map_query_key": {"gpt2": r"c_attn\.weight", "llama": r"(q|k)_proj\.weight"},
     "map_value_output": {"gpt2": r"c_attn\.weight|attn\.c_proj\.weight", "llama": r"(v|o)_proj\.weight"},
     "permute_heads": {"gpt2": r"c_attn\.weight|attn\.c_proj\.weight", "llama": r"(q|o)_proj\.weight"},
@@ -57,14 +61,32 @@ def make_model(kind: str):
 
     torch.manual_seed(0)
     if kind.startswith("gpt2"):
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=1,
-                            eos_token_id=2, activation_function="relu" if kind == "gpt2_relu" else "gelu_new")
+        config = GPT2Config(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=32,
+            bos_token_id=1,
+            eos_token_id=2,
+            activation_function="relu" if kind == "gpt2_relu" else "gelu_new",
+        )
         return randomise(GPT2LMHeadModel(config))
     biased = kind == "llama_biased"
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=1 if biased else 2, max_position_embeddings=32,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=biased, attention_bias=biased,
-                         mlp_bias=biased)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1 if biased else 2,
+        max_position_embeddings=32,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=biased,
+        attention_bias=biased,
+        mlp_bias=biased,
+    )
     return randomise(LlamaForCausalLM(config))
 
 
@@ -161,8 +183,9 @@ def test_fold_norm_gains_refuses_a_tied_head(models):
 def test_an_unknown_family_is_refused_by_name():
     from transformers import BertConfig, BertForMaskedLM
 
-    model = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=64, vocab_size=VOCAB))
+    model = BertForMaskedLM(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB)
+    )
     with pytest.raises(UnknownArchitecture, match="'bert'"):
         launder.permute_heads(model, seed=0)
 
@@ -170,8 +193,15 @@ def test_an_unknown_family_is_refused_by_name():
 def test_a_parameter_outside_the_anatomy_is_refused_before_folding():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=32, add_cross_attention=True,
-                        tie_word_embeddings=False)
+    config = GPT2Config(
+        n_embd=64,
+        n_layer=1,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=32,
+        add_cross_attention=True,
+        tie_word_embeddings=False,
+    )
     with pytest.raises(UnknownArchitecture, match="crossattention"):
         launder.fold_norm_gains(GPT2LMHeadModel(config))
 
@@ -372,8 +402,15 @@ def test_launder_keeps_the_logits_on_permuted_ids_and_moves_every_weight(models,
 
 def test_launder_runs_every_step_in_order(laundered):
     names = {kind: [s.name for s in steps] for kind, (_, _, steps) in laundered.items()}
-    core = ["untie_head", "fold_norm_gains", "rotate_residual", "map_query_key", "map_value_output",
-            "permute_heads", "permute_mlp_units"]
+    core = [
+        "untie_head",
+        "fold_norm_gains",
+        "rotate_residual",
+        "map_query_key",
+        "map_value_output",
+        "permute_heads",
+        "permute_mlp_units",
+    ]
     assert names["gpt2"] == [*core, "permute_vocabulary"]  # GELU units do not scale
     assert names["llama_gqa"] == [*core, "scale_mlp_units", "permute_vocabulary"]
     assert names["gpt2_relu"] == [*core, "scale_mlp_units", "permute_vocabulary"]

@@ -12,29 +12,58 @@ from pathlib import Path
 import torch
 import transformers
 
-_DENSE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=97, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_DENSE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=97,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 _MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
 
 #: model_type → (config class, kwargs, loader kind)
 TINY: dict[str, tuple[str, dict, str]] = {
-    "bert": ("BertConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                vocab_size=97, max_position_embeddings=64), "base"),
-    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=3, n_head=4, vocab_size=97, n_positions=64, bos_token_id=1,
-                                eos_token_id=2), "causal-lm"),
+    "bert": (
+        "BertConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            vocab_size=97,
+            max_position_embeddings=64,
+        ),
+        "base",
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(n_embd=32, n_layer=3, n_head=4, vocab_size=97, n_positions=64, bos_token_id=1, eos_token_id=2),
+        "causal-lm",
+    ),
     "llama": ("LlamaConfig", _DENSE, "causal-lm"),
     "mistral": ("MistralConfig", _DENSE, "causal-lm"),
     "mixtral": ("MixtralConfig", dict(_DENSE, num_local_experts=4, num_experts_per_tok=2), "causal-lm"),
     "qwen2": ("Qwen2Config", _DENSE, "causal-lm"),
     "qwen3": ("Qwen3Config", dict(_DENSE, head_dim=8), "causal-lm"),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(_DENSE, **_MOE, num_experts=4, shared_expert_intermediate_size=32),
-                  "causal-lm"),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(_DENSE, **_MOE, num_experts=4, shared_expert_intermediate_size=32),
+        "causal-lm",
+    ),
     "qwen3_moe": ("Qwen3MoeConfig", dict(_DENSE, **_MOE, num_experts=4, head_dim=8), "causal-lm"),
     "phi3": ("Phi3Config", _DENSE, "causal-lm"),
     "phimoe": ("PhimoeConfig", dict(_DENSE, num_local_experts=4, num_experts_per_tok=2), "causal-lm"),
     "glm4": ("Glm4Config", dict(_DENSE, head_dim=8), "causal-lm"),
-    "glm4_moe": ("Glm4MoeConfig", dict(_DENSE, **_MOE, n_routed_experts=4, first_k_dense_replace=1,
-                                       n_shared_experts=1, head_dim=8), "causal-lm"),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        dict(_DENSE, **_MOE, n_routed_experts=4, first_k_dense_replace=1, n_shared_experts=1, head_dim=8),
+        "causal-lm",
+    ),
     "solar_open": ("SolarOpenConfig", dict(_DENSE, **_MOE, n_routed_experts=4, head_dim=8), "causal-lm"),
     "gemma": ("GemmaConfig", dict(_DENSE, head_dim=8), "causal-lm"),
     "gemma2": ("Gemma2Config", dict(_DENSE, head_dim=8), "causal-lm"),
@@ -56,8 +85,13 @@ def tiny_model(model_type: str, seed: int = 0):
     return model.eval()
 
 
-def write_tiny(folder: Path, model_type: str, seed: int = 0, shard_size: str | None = None,
-               extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def write_tiny(
+    folder: Path,
+    model_type: str,
+    seed: int = 0,
+    shard_size: str | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save a tiny model as a Hugging Face folder (sharded when ``shard_size`` is given)."""
     model = tiny_model(model_type, seed)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
@@ -84,8 +118,16 @@ def _append_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     index_path.write_text(json.dumps(index))
 
 
-def write_sparse_llama(folder: Path, n_layers: int = 16, hidden: int = 8192, intermediate: int = 28672,
-                       kv_heads: int = 8, head_dim: int = 128, vocab: int = 128256, seed: int = 0) -> int:
+def write_sparse_llama(
+    folder: Path,
+    n_layers: int = 16,
+    hidden: int = 8192,
+    intermediate: int = 28672,
+    kv_heads: int = 8,
+    head_dim: int = 128,
+    vocab: int = 128256,
+    seed: int = 0,
+) -> int:
     """A Llama-70B-shaped bf16 checkpoint, one shard per layer, whose weights are holes in sparse files.
 
     Only the norm gains are written (random), so a 30 GB checkpoint costs a few MB of disk: the test of
@@ -96,16 +138,21 @@ def write_sparse_llama(folder: Path, n_layers: int = 16, hidden: int = 8192, int
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     heads = hidden // head_dim
-    shapes = {"input_layernorm.weight": [hidden], "post_attention_layernorm.weight": [hidden],
-              "self_attn.q_proj.weight": [heads * head_dim, hidden],
-              "self_attn.k_proj.weight": [kv_heads * head_dim, hidden],
-              "self_attn.v_proj.weight": [kv_heads * head_dim, hidden],
-              "self_attn.o_proj.weight": [hidden, heads * head_dim],
-              "mlp.gate_proj.weight": [intermediate, hidden], "mlp.up_proj.weight": [intermediate, hidden],
-              "mlp.down_proj.weight": [hidden, intermediate]}
+    shapes = {
+        "input_layernorm.weight": [hidden],
+        "post_attention_layernorm.weight": [hidden],
+        "self_attn.q_proj.weight": [heads * head_dim, hidden],
+        "self_attn.k_proj.weight": [kv_heads * head_dim, hidden],
+        "self_attn.v_proj.weight": [kv_heads * head_dim, hidden],
+        "self_attn.o_proj.weight": [hidden, heads * head_dim],
+        "mlp.gate_proj.weight": [intermediate, hidden],
+        "mlp.up_proj.weight": [intermediate, hidden],
+        "mlp.down_proj.weight": [hidden, intermediate],
+    }
     shards = [{f"model.layers.{i}.{k}": v for k, v in shapes.items()} for i in range(n_layers)]
-    shards.append({"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden],
-                   "lm_head.weight": [vocab, hidden]})
+    shards.append(
+        {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden], "lm_head.weight": [vocab, hidden]}
+    )
     weight_map, total = {}, 0
     for k, tensors in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -127,11 +174,24 @@ def write_sparse_llama(folder: Path, n_layers: int = 16, hidden: int = 8192, int
             f.truncate(start + offset)
         total += start + offset
         weight_map.update(dict.fromkeys(tensors, fname))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                     "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
-        "intermediate_size": intermediate, "num_hidden_layers": n_layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16"}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "hidden_size": hidden,
+                "intermediate_size": intermediate,
+                "num_hidden_layers": n_layers,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv_heads,
+                "head_dim": head_dim,
+                "vocab_size": vocab,
+                "tie_word_embeddings": False,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
     return total

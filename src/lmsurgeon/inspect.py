@@ -24,8 +24,15 @@ def summarise_vector(v: np.ndarray) -> dict:
     v = np.asarray(v, dtype=np.float64)
     finite = bool(np.isfinite(v).all())
     mean, std = float(v.mean()), float(v.std())
-    return {"n": int(v.size), "mean": mean, "std": std, "cv": std / abs(mean) if mean != 0 else None,
-            "min": float(v.min()), "max": float(v.max()), "finite": finite}
+    return {
+        "n": int(v.size),
+        "mean": mean,
+        "std": std,
+        "cv": std / abs(mean) if mean != 0 else None,
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "finite": finite,
+    }
 
 
 def describe(source: str | Path, **open_kwargs) -> tuple[dict, dict[str, list[np.ndarray]], object]:
@@ -37,17 +44,32 @@ def describe(source: str | Path, **open_kwargs) -> tuple[dict, dict[str, list[np
     norms, gains = [], {}
     for role, layer in layout.norms_present():
         n = layout.norm(role, layer)
-        norms.append({"role": role, "layer": layer, "kind": n.kind, "placement": n.placement,
-                      "has_bias": n.bias is not None, **summarise_vector(n.gain)})
+        norms.append(
+            {
+                "role": role,
+                "layer": layer,
+                "kind": n.kind,
+                "placement": n.placement,
+                "has_bias": n.bias is not None,
+                **summarise_vector(n.gain),
+            }
+        )
         gains.setdefault(role, []).append(n.gain)
     header = handle.header() if handle.store.kind == "local" else {}
     dtypes = Counter(t.dtype for t in header.values())
     result = {
         "model": {
-            "name": handle.name, "source": str(source), "revision": handle.revision, "family": layout.family.name,
-            "model_type": handle.config.get("model_type"), "n_layers": layout.n_layers,
-            "hidden_size": layout.hidden_size, "tied_head": layout.tied, "skipped_layers": layout.skipped_layers,
-            "n_tensors": len(handle.names()), "norm_offset": layout.norm_offset,
+            "name": handle.name,
+            "source": str(source),
+            "revision": handle.revision,
+            "family": layout.family.name,
+            "model_type": handle.config.get("model_type"),
+            "n_layers": layout.n_layers,
+            "hidden_size": layout.hidden_size,
+            "tied_head": layout.tied,
+            "skipped_layers": layout.skipped_layers,
+            "n_tensors": len(handle.names()),
+            "norm_offset": layout.norm_offset,
             "parameters": int(sum(int(np.prod(t.shape)) for t in header.values())) if header else None,
             "dtypes": dict(dtypes),
         },
@@ -84,23 +106,55 @@ def run(source: str | Path, out: str | Path | None = None, **open_kwargs) -> dic
         fig = run_folder.save_figure(_gain_figure(gains), "norm_gains")
         body = run_folder.write_results(result, inputs=handle.inputs())
         m = result["model"]
-        run_folder.write_report(Report(
-            title=f"Checkpoint: {m['name']}",
-            subtitle=f"family {m['family']} · {m['n_layers']} layers · hidden {m['hidden_size']}",
-            summary={"family": m["family"], "model_type": m["model_type"], "layers": m["n_layers"],
-                     "hidden size": m["hidden_size"], "tied head": m["tied_head"],
-                     "skipped layers": ", ".join(map(str, m["skipped_layers"])) or "none",
-                     "tensors": m["n_tensors"], "bytes read": result["bytes_read"]},
-            how_to_read=("Only headers and norm tensors were read. Roles are the registry's names for what a "
-                         "tensor does (attn_norm, q, up, experts.up...); capabilities ask for roles, not names."
-                         "\n\nNorm gains are shown as effective gains (Gemma's stored w is shown as 1 + w). Gains "
-                         "near 1 with small spread are what makes raw cosine between unrelated models high."),
-            sections=[
-                Section("Roles per layer", table=[{"layers": r["layers"], "roles": ", ".join(r["roles"])}
-                                                  for r in result["layer_roles"]]),
-                Section("Norm gains", figures=[fig], table=[
-                    {k: n[k] for k in ("role", "layer", "kind", "placement", "has_bias", "mean", "std", "cv",
-                                       "min", "max")} for n in result["norms"]]),
-            ]))
+        run_folder.write_report(
+            Report(
+                title=f"Checkpoint: {m['name']}",
+                subtitle=f"family {m['family']} · {m['n_layers']} layers · hidden {m['hidden_size']}",
+                summary={
+                    "family": m["family"],
+                    "model_type": m["model_type"],
+                    "layers": m["n_layers"],
+                    "hidden size": m["hidden_size"],
+                    "tied head": m["tied_head"],
+                    "skipped layers": ", ".join(map(str, m["skipped_layers"])) or "none",
+                    "tensors": m["n_tensors"],
+                    "bytes read": result["bytes_read"],
+                },
+                how_to_read=(
+                    "Only headers and norm tensors were read. Roles are the registry's names for what a "
+                    "tensor does (attn_norm, q, up, experts.up...); capabilities ask for roles, not names."
+                    "\n\nNorm gains are shown as effective gains (Gemma's stored w is shown as 1 + w). Gains "
+                    "near 1 with small spread are what makes raw cosine between unrelated models high."
+                ),
+                sections=[
+                    Section(
+                        "Roles per layer",
+                        table=[{"layers": r["layers"], "roles": ", ".join(r["roles"])} for r in result["layer_roles"]],
+                    ),
+                    Section(
+                        "Norm gains",
+                        figures=[fig],
+                        table=[
+                            {
+                                k: n[k]
+                                for k in (
+                                    "role",
+                                    "layer",
+                                    "kind",
+                                    "placement",
+                                    "has_bias",
+                                    "mean",
+                                    "std",
+                                    "cv",
+                                    "min",
+                                    "max",
+                                )
+                            }
+                            for n in result["norms"]
+                        ],
+                    ),
+                ],
+            )
+        )
     body["out"] = str(run_folder.path)
     return body

@@ -4,5 +4,17 @@ from lmsurgeon.arch.layout import ArraySource, Layout, Norm, TensorSite, TensorS
 from lmsurgeon.arch.registry import detect_family, families
 from lmsurgeon.arch.schema import Family, InvalidFamilyFile, RoleSpec, load_family
 
-__all__ = ["ArraySource", "Family", "InvalidFamilyFile", "Layout", "Norm", "RoleSpec", "TensorSite", "TensorSource",
-           "detect_family", "families", "find_module", "load_family"]
+__all__ = [
+    "ArraySource",
+    "Family",
+    "InvalidFamilyFile",
+    "Layout",
+    "Norm",
+    "RoleSpec",
+    "TensorSite",
+    "TensorSource",
+    "detect_family",
+    "families",
+    "find_module",
+    "load_family",
+]

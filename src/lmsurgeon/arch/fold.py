@@ -19,8 +19,13 @@ from lmsurgeon.errors import LmsurgeonError
 NormSite = tuple[str, int | None]
 
 
-def fold_gains(state: Mapping[str, np.ndarray], layout: Layout, u: Mapping[NormSite, np.ndarray] | None = None,
-               *, include_final_norm: bool = False) -> dict[str, np.ndarray]:
+def fold_gains(
+    state: Mapping[str, np.ndarray],
+    layout: Layout,
+    u: Mapping[NormSite, np.ndarray] | None = None,
+    *,
+    include_final_norm: bool = False,
+) -> dict[str, np.ndarray]:
     """A float64 copy of ``state`` (checkpoint name → array) with every foldable gain folded into its consumers.
 
     ``layout`` names the tensors (bind it to ``state`` with :class:`~lmsurgeon.arch.ArraySource`, or to the
@@ -32,8 +37,7 @@ def fold_gains(state: Mapping[str, np.ndarray], layout: Layout, u: Mapping[NormS
     """
     family = layout.family
     if not family.foldable_norms():
-        raise LmsurgeonError(f"the {family.name} family declares no foldable gains (only pre-norm families have "
-                             "them)")
+        raise LmsurgeonError(f"the {family.name} family declares no foldable gains (only pre-norm families have them)")
     out = {name: np.array(value, dtype=np.float64, copy=True) for name, value in state.items()}
     for role in family.foldable_norms():
         per_layer = family.is_layer_role(role)
@@ -47,8 +51,9 @@ def fold_gains(state: Mapping[str, np.ndarray], layout: Layout, u: Mapping[NormS
     return out
 
 
-def _fold_one(out: dict[str, np.ndarray], layout: Layout, role: str, layer: int | None, gain_name: str,
-              new: np.ndarray | None) -> None:
+def _fold_one(
+    out: dict[str, np.ndarray], layout: Layout, role: str, layer: int | None, gain_name: str, new: np.ndarray | None
+) -> None:
     """Fold one norm's gain (and LayerNorm bias) into its consumers in ``out``, in place."""
     family = layout.family
     gain = out[gain_name] + family.norm_offset
@@ -62,8 +67,10 @@ def _fold_one(out: dict[str, np.ndarray], layout: Layout, role: str, layer: int 
     for consumer in family.spec(role).feeds:
         spec = family.spec(consumer)
         if layout.tied and spec.tied_to is not None:
-            raise LmsurgeonError(f"{consumer} is tied to {spec.tied_to}; untie the weights before folding the "
-                                 f"{role} gain into it", layout.handle.name)
+            raise LmsurgeonError(
+                f"{consumer} is tied to {spec.tied_to}; untie the weights before folding the {role} gain into it",
+                layout.handle.name,
+            )
         experts = layout.experts(layer, consumer) if consumer.startswith("experts.") and layer is not None else [None]
         for expert in experts:
             name = layout.name(consumer, layer, expert)
@@ -71,8 +78,9 @@ def _fold_one(out: dict[str, np.ndarray], layout: Layout, role: str, layer: int 
                 continue
             done.add(name)
             if name not in out:
-                raise LmsurgeonError(f"{name!r} (fed by {role}) is not among the tensors to fold into",
-                                     layout.handle.name)
+                raise LmsurgeonError(
+                    f"{name!r} (fed by {role}) is not among the tensors to fold into", layout.handle.name
+                )
             conv = spec.layout == "conv1d"
             W = out[name]
             if beta is not None:

@@ -129,8 +129,9 @@ class Layout:
     def _int_cfg(self, key: str, default: int | None = None, cap: int = 10**9) -> int:
         v = self.cfg(key, default)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > cap:
-            raise CorruptCheckpoint(f"config {key} = {v!r} is not a sane non-negative integer",
-                                    f"{self.handle.name}: config.json")
+            raise CorruptCheckpoint(
+                f"config {key} = {v!r} is not a sane non-negative integer", f"{self.handle.name}: config.json"
+            )
         return v
 
     @cached_property
@@ -158,8 +159,15 @@ class Layout:
         head_dim = self._int_cfg("head_dim", d // n_heads) or d // n_heads
         n_kv = self._int_cfg("n_kv_heads", n_heads) or n_heads
         inter = self._int_cfg("intermediate_size", 4 * d) or 4 * d
-        return {"hidden_size": d, "q_dim": n_heads * head_dim, "kv_dim": n_kv * head_dim,
-                "intermediate_size": inter, "head_dim": head_dim, "n_heads": n_heads, "n_kv_heads": n_kv}
+        return {
+            "hidden_size": d,
+            "q_dim": n_heads * head_dim,
+            "kv_dim": n_kv * head_dim,
+            "intermediate_size": inter,
+            "head_dim": head_dim,
+            "n_heads": n_heads,
+            "n_kv_heads": n_kv,
+        }
 
     @cached_property
     def layers(self) -> list[int]:
@@ -177,8 +185,11 @@ class Layout:
         found = {int(m.group(1)) for n in self._names if (m := pat.match(n))}
         extra = sorted(i for i in found if i >= self.n_layers)
         if extra and self.family.skip_layers is None:
-            raise CorruptCheckpoint(f"tensors for layer {extra[0]} but config.json says {self.n_layers} layers "
-                                    f"(the {self.family.name} family stores no extra layers)", self.handle.name)
+            raise CorruptCheckpoint(
+                f"tensors for layer {extra[0]} but config.json says {self.n_layers} layers "
+                f"(the {self.family.name} family stores no extra layers)",
+                self.handle.name,
+            )
         return extra
 
     @property
@@ -204,8 +215,10 @@ class Layout:
             if any(p + probe in self._names for probe in probes):
                 return p
         probe = probes[0]
-        raise MissingTensor(f"no {self.family.name} embedding tensor ({probe!r} under prefixes "
-                            f"{list(self.family.prefixes)})", self.handle.name)
+        raise MissingTensor(
+            f"no {self.family.name} embedding tensor ({probe!r} under prefixes {list(self.family.prefixes)})",
+            self.handle.name,
+        )
 
     def full_name(self, role: str, template: str, layer: int | None = None, expert: int | None = None) -> str:
         """``template`` (one of the role's names, or its bias) as a checkpoint name for ``layer`` and ``expert``."""
@@ -272,8 +285,9 @@ class Layout:
             spec = self.family.spec(role)
             layers: list[int | None] = list(self.layers) if self.family.is_layer_role(role) else [None]
             for layer in layers:
-                experts: Iterable[int | None] = (self.experts(layer, role) if role.startswith("experts.")
-                                                 and layer is not None else [None])
+                experts: Iterable[int | None] = (
+                    self.experts(layer, role) if role.startswith("experts.") and layer is not None else [None]
+                )
                 for expert in experts:
                     weight = self.name(role, layer, expert)
                     if weight is None:
@@ -299,8 +313,9 @@ class Layout:
         return re.compile(re.escape(self.prefix + self.family.layer_prefix).replace(r"\{i\}", r"(\d+)"))
 
     # -- reads ------------------------------------------------------------------------------------------
-    def read(self, role: str, layer: int | None = None, expert: int | None = None,
-             dtype: Any = np.float64) -> np.ndarray:
+    def read(
+        self, role: str, layer: int | None = None, expert: int | None = None, dtype: Any = np.float64
+    ) -> np.ndarray:
         """The role's matrix in [out, in] orientation (or vector), split from fused tensors if needed.
 
         A role tied to another (``lm_head`` with ``tied_to: embed``) reads that role's tensor when tied.
@@ -313,8 +328,9 @@ class Layout:
             w = w.T
         return self._unfuse(name, w, spec)
 
-    def bias(self, role: str, layer: int | None = None, expert: int | None = None,
-             dtype: Any = np.float64) -> np.ndarray | None:
+    def bias(
+        self, role: str, layer: int | None = None, expert: int | None = None, dtype: Any = np.float64
+    ) -> np.ndarray | None:
         """The role's bias vector (split like its weight when fused), or None when the checkpoint has none."""
         full = self.bias_name(role, layer, expert)
         if full is None:
@@ -336,8 +352,10 @@ class Layout:
         if rows is not None and spec.split is not None:
             sizes = [self.dims[p] for p in spec.split.parts]
             if sum(sizes) != w.shape[0]:
-                raise CorruptCheckpoint(f"{weight_name}: fused size {w.shape[0]} != {' + '.join(map(str, sizes))} "
-                                        f"expected from config", self.handle.name)
+                raise CorruptCheckpoint(
+                    f"{weight_name}: fused size {w.shape[0]} != {' + '.join(map(str, sizes))} expected from config",
+                    self.handle.name,
+                )
             w = w[rows]
         return np.ascontiguousarray(w)
 
@@ -350,7 +368,7 @@ class Layout:
         name = self.name(role, layer)
         if name is None or not self.family.is_layer_role(role):
             return None
-        inner = name[len(self.prefix + self.family.layer_prefix.replace("{i}", str(layer))):]
+        inner = name[len(self.prefix + self.family.layer_prefix.replace("{i}", str(layer))) :]
         path = inner.rsplit(".", 1)[0]
         rows = self._split_rows(name, self.family.spec(role))
         return path, slice(None) if rows is None else rows

@@ -31,8 +31,9 @@ def families() -> dict[str, Family]:
                 raise InvalidFamilyFile(f"not valid JSON ({e})", entry.name) from None
             fam = family_from_data(data, entry.name)
             if fam.name != entry.name.removesuffix(".json"):
-                raise InvalidFamilyFile(f"key 'family': {fam.name!r} must equal the file name without .json",
-                                        entry.name)
+                raise InvalidFamilyFile(
+                    f"key 'family': {fam.name!r} must equal the file name without .json", entry.name
+                )
             out[fam.name] = fam
     return out
 
@@ -44,8 +45,9 @@ def detect_family(config: object, where: str = "config.json") -> Family:
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
     if not isinstance(model_type, str | None) or not isinstance(archs, list):
-        raise CorruptCheckpoint(f"model_type must be a string and architectures a list, got {model_type!r} and "
-                                f"{archs!r}", where)
+        raise CorruptCheckpoint(
+            f"model_type must be a string and architectures a list, got {model_type!r} and {archs!r}", where
+        )
     for fam in families().values():
         if model_type in fam.model_types:
             return fam
@@ -53,5 +55,6 @@ def detect_family(config: object, where: str = "config.json") -> Family:
         if any(a in fam.architectures for a in archs if isinstance(a, str)):
             return fam
     known = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in families().values())
-    raise UnknownArchitecture(f"unknown architecture model_type={model_type!r} architectures={archs!r}; "
-                              f"known families: {known}", where)
+    raise UnknownArchitecture(
+        f"unknown architecture model_type={model_type!r} architectures={archs!r}; known families: {known}", where
+    )

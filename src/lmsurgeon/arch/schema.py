@@ -28,20 +28,56 @@ AXIS_LABELS = (HIDDEN, MLP, HEADS, KV_HEADS, None)
 
 #: Every role a family may declare. A new role is a new word capabilities must learn, so it is added here.
 KNOWN_ROLES = (
-    "embed", "pos_embed", "type_embed", "embed_norm",
-    "attn_norm", "q", "k", "v", "o", "q_norm", "k_norm", "attn_post_norm",
-    "mlp_norm", "gate", "up", "down", "mlp_post_norm",
-    "router", "router_bias", "experts.gate", "experts.up", "experts.down",
-    "shared.gate", "shared.up", "shared.down", "shared.router",
-    "final_norm", "lm_head", "pooler", "mlm_dense", "mlm_norm", "mlm_decoder", "mlm_bias",
+    "embed",
+    "pos_embed",
+    "type_embed",
+    "embed_norm",
+    "attn_norm",
+    "q",
+    "k",
+    "v",
+    "o",
+    "q_norm",
+    "k_norm",
+    "attn_post_norm",
+    "mlp_norm",
+    "gate",
+    "up",
+    "down",
+    "mlp_post_norm",
+    "router",
+    "router_bias",
+    "experts.gate",
+    "experts.up",
+    "experts.down",
+    "shared.gate",
+    "shared.up",
+    "shared.down",
+    "shared.router",
+    "final_norm",
+    "lm_head",
+    "pooler",
+    "mlm_dense",
+    "mlm_norm",
+    "mlm_decoder",
+    "mlm_bias",
 )
 #: Roles every family declares (capabilities ask for them without checking); decoders also need a head.
 REQUIRED_ROLES = ("embed", "attn_norm", "q", "k", "v", "o", "mlp_norm", "up", "down")
 REQUIRED_DECODER_ROLES = ("final_norm", "lm_head")
 #: Sizes a fused tensor's parts may be given in (computed from config.json by the layout).
 SPLIT_DIMS = ("hidden_size", "q_dim", "kv_dim", "intermediate_size", "head_dim")
-CONFIG_KEYS = ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "n_experts",
-               "tie", "sub_config")
+CONFIG_KEYS = (
+    "n_layers",
+    "hidden_size",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "n_experts",
+    "tie",
+    "sub_config",
+)
 MODULE_KEYS = ("layers", "final_norm", "lm_head")
 NORM_KINDS = ("rms", "layer", "rms_or_layer")
 PLACEMENTS = ("pre", "post", "inner")
@@ -171,18 +207,31 @@ def family_from_data(data: Any, where: str) -> Family:
     """A :class:`Family` from a parsed family file; ``where`` (the file name) prefixes every error."""
     r = _Reader(where)
     top = r.obj(data, "")
-    r.keys(top, "", required=("family", "description", "model_types", "config", "modules", "layer_prefix",
-                              "layer"),
-           optional=("architectures", "prefixes", "encoder", "norm_offset", "skip_layers", "pre_weights",
-                     "post_weights", "buffers"))
+    r.keys(
+        top,
+        "",
+        required=("family", "description", "model_types", "config", "modules", "layer_prefix", "layer"),
+        optional=(
+            "architectures",
+            "prefixes",
+            "encoder",
+            "norm_offset",
+            "skip_layers",
+            "pre_weights",
+            "post_weights",
+            "buffers",
+        ),
+    )
     encoder = r.typed(top.get("encoder", False), "encoder", bool, "a boolean")
     layer_prefix = r.string(top["layer_prefix"], "layer_prefix")
     if "{i}" not in layer_prefix:
         r.fail("layer_prefix", f"must contain '{{i}}' (the layer index), got {layer_prefix!r}")
     tables = {t: r.obj(top.get(t, {}), t) for t in ("pre_weights", "layer", "post_weights")}
     declared = [role for table in tables.values() for role in table]
-    specs = {t: {role: _role(r, spec, f"{t}.{role}", role, t == "layer", declared) for role, spec in table.items()}
-             for t, table in tables.items()}
+    specs = {
+        t: {role: _role(r, spec, f"{t}.{role}", role, t == "layer", declared) for role, spec in table.items()}
+        for t, table in tables.items()
+    }
     required = REQUIRED_ROLES + (() if encoder else REQUIRED_DECODER_ROLES)
     for role in required:
         if role not in declared:
@@ -199,10 +248,15 @@ def family_from_data(data: Any, where: str) -> Family:
         prefixes=r.strings(top.get("prefixes", [""]), "prefixes", nonempty=True),
         config_keys=_config(r, top["config"]),
         modules=_modules(r, top["modules"], encoder),
-        pre_weights=specs["pre_weights"], layer_prefix=layer_prefix, layer=specs["layer"],
+        pre_weights=specs["pre_weights"],
+        layer_prefix=layer_prefix,
+        layer=specs["layer"],
         post_weights=specs["post_weights"],
         norm_offset=r.number(top.get("norm_offset", 0.0), "norm_offset"),
-        skip_layers=skip, encoder=encoder, buffers=r.strings(top.get("buffers", []), "buffers"), source=where,
+        skip_layers=skip,
+        encoder=encoder,
+        buffers=r.strings(top.get("buffers", []), "buffers"),
+        source=where,
     )
 
 
@@ -220,8 +274,9 @@ def _config(r: _Reader, data: Any) -> dict[str, str | tuple[str, ...]]:
 
 def _modules(r: _Reader, data: Any, encoder: bool) -> dict[str, tuple[str, ...]]:
     mods = r.obj(data, "modules")
-    r.keys(mods, "modules", required=("layers",) if encoder else ("layers", "final_norm", "lm_head"),
-           optional=MODULE_KEYS)
+    r.keys(
+        mods, "modules", required=("layers",) if encoder else ("layers", "final_norm", "lm_head"), optional=MODULE_KEYS
+    )
     return {key: r.strings(value, f"modules.{key}", nonempty=True) for key, value in mods.items()}
 
 
@@ -229,8 +284,12 @@ def _role(r: _Reader, data: Any, where: str, role: str, in_layer: bool, declared
     if role not in KNOWN_ROLES:
         r.fail(where, f"unknown role {role!r} (known roles: {', '.join(KNOWN_ROLES)})")
     d = r.obj(data, where)
-    r.keys(d, where, required=("name", "axes"),
-           optional=("bias", "absolute", "layout", "split", "kind", "placement", "feeds", "tied_to"))
+    r.keys(
+        d,
+        where,
+        required=("name", "axes"),
+        optional=("bias", "absolute", "layout", "split", "kind", "placement", "feeds", "tied_to"),
+    )
     raw_names = d["name"]
     names = (raw_names,) if isinstance(raw_names, str) else r.strings(raw_names, f"{where}.name", nonempty=True)
     if not all(names):
@@ -257,11 +316,17 @@ def _role(r: _Reader, data: Any, where: str, role: str, in_layer: bool, declared
     if in_layer and d.get("absolute"):
         r.fail(f"{where}.absolute", "a per-layer role cannot have an absolute name")
     return RoleSpec(
-        role=role, names=names, axes=axes, bias=bias,
+        role=role,
+        names=names,
+        axes=axes,
+        bias=bias,
         absolute=r.typed(d.get("absolute", False), f"{where}.absolute", bool, "a boolean"),
         layout=r.choice(d.get("layout", "linear"), f"{where}.layout", STORAGE_LAYOUTS) or "linear",
         split=_split(r, d["split"], f"{where}.split") if "split" in d else None,
-        kind=kind, placement=placement, feeds=feeds, tied_to=tied_to,
+        kind=kind,
+        placement=placement,
+        feeds=feeds,
+        tied_to=tied_to,
     )
 
 
@@ -337,4 +402,3 @@ class _Reader:
         if value is not None and value not in allowed:
             self.fail(where, f"must be one of {list(allowed)}, got {_short(value)}")
         return value
-

@@ -41,9 +41,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 cli.add_command(inspect_cmd)
-for _module, _name in [("lmsurgeon.cli.lineage", "lineage"), ("lmsurgeon.cli.swap", "swap"),
-                       ("lmsurgeon.cli.merge", "merge"), ("lmsurgeon.cli.merge", "compare_generation"),
-                       ("lmsurgeon.cli.zoo", "zoo"), ("lmsurgeon.cli.demo", "demo")]:
+for _module, _name in [
+    ("lmsurgeon.cli.lineage", "lineage"),
+    ("lmsurgeon.cli.swap", "swap"),
+    ("lmsurgeon.cli.merge", "merge"),
+    ("lmsurgeon.cli.merge", "compare_generation"),
+    ("lmsurgeon.cli.zoo", "zoo"),
+    ("lmsurgeon.cli.demo", "demo"),
+]:
     try:
         _mod = __import__(_module, fromlist=[_name])
     except ModuleNotFoundError as _e:  # a capability not installed in this build

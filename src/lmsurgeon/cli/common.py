@@ -15,8 +15,13 @@ from lmsurgeon.report.results import jsonable
 
 def out_option(f):
     """``--out DIR`` (default ``runs/<command>-<timestamp>``)."""
-    return click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-                        help="Run folder to write (default: runs/<command>-<timestamp>).")(f)
+    return click.option(
+        "--out",
+        "out",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Run folder to write (default: runs/<command>-<timestamp>).",
+    )(f)
 
 
 def json_option(f):
@@ -28,8 +33,7 @@ def seed_option(f):
     return click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")(f)
 
 
-def emit(results: dict[str, Any], as_json: bool, summary_lines: list[str],
-         run_dir: Path | str | None = None) -> None:
+def emit(results: dict[str, Any], as_json: bool, summary_lines: list[str], run_dir: Path | str | None = None) -> None:
     """Print either the results as JSON (``--json``) or a short human summary ending with the run folder.
 
     ``run_dir`` defaults to ``results["out"]``, where every command's API returns the folder it wrote (a

@@ -62,14 +62,19 @@ def lineage(sources, out, as_json, overwrite, **options) -> None:
 
     if len(sources) < 2:
         raise click.UsageError("give at least two models")
-    results = compare(list(sources), out, LineageConfig(**options), overwrite=overwrite,
-                      progress=progress_enabled() and not as_json)
+    results = compare(
+        list(sources), out, LineageConfig(**options), overwrite=overwrite, progress=progress_enabled() and not as_json
+    )
     lines = []
     for p in results["pairs"]:
-        zs = ", ".join(f"{t['name']} z={t['z']:.1f}" if t.get("applies") and t.get("z") is not None
-                       else f"{t['name']} n/a" for t in p["tests"])
-        lines.append(f"{p['a']} vs {p['b']}: {p['verdict']}  (naive raw cosine {_num(p['naive']['mean_raw_cosine'])}, "
-                     f"Pearson {_num(p['naive']['mean_pearson'])}; {zs})")
+        zs = ", ".join(
+            f"{t['name']} z={t['z']:.1f}" if t.get("applies") and t.get("z") is not None else f"{t['name']} n/a"
+            for t in p["tests"]
+        )
+        lines.append(
+            f"{p['a']} vs {p['b']}: {p['verdict']}  (naive raw cosine {_num(p['naive']['mean_raw_cosine'])}, "
+            f"Pearson {_num(p['naive']['mean_pearson'])}; {zs})"
+        )
     emit(results, as_json, lines, results["out"])
 
 

@@ -71,14 +71,16 @@ def merge(base, donor, out, as_json, **settings) -> None:
         emit(results, as_json, [f"worker ran {results['trials_run']} trials"])
         return
     best, bpb = results["best"] or {}, results["bpb"]
-    lines = [f"bits per byte on held-out text: base {bpb['base']['heldout']:.4f}, recommended "
-             f"{bpb['best']['heldout']:.4f} ({bpb['recommended']}); general text: base {bpb['base']['general']:.4f}, "
-             f"recommended {bpb['best']['general']:.4f}",
-             bpb["reason"],
-             f"shared tokens: {results['overlap']['shared_used']} (of {results['overlap']['shared']})",
-             f"base perplexity {results['base_ppl']:.3f}; trials {results['n_trials']}; "
-             f"Pareto front {len(results['pareto'])}",
-             f"best: trial {best.get('number')} r={best.get('r')} symKL={best.get('sym_kl')}"]
+    lines = [
+        f"bits per byte on held-out text: base {bpb['base']['heldout']:.4f}, recommended "
+        f"{bpb['best']['heldout']:.4f} ({bpb['recommended']}); general text: base {bpb['base']['general']:.4f}, "
+        f"recommended {bpb['best']['general']:.4f}",
+        bpb["reason"],
+        f"shared tokens: {results['overlap']['shared_used']} (of {results['overlap']['shared']})",
+        f"base perplexity {results['base_ppl']:.3f}; trials {results['n_trials']}; "
+        f"Pareto front {len(results['pareto'])}",
+        f"best: trial {best.get('number')} r={best.get('r')} symKL={best.get('sym_kl')}",
+    ]
     emit(results, as_json, lines, results["out"])
 
 
@@ -93,12 +95,22 @@ def merge(base, donor, out, as_json, **settings) -> None:
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="fp32", show_default=True)
 @click.option("--trust-remote-code", is_flag=True)
-def compare_generation(base, merged, tokenizer, prompts, out, as_json, seed, max_new_tokens, dtype,
-                       trust_remote_code) -> None:
+def compare_generation(
+    base, merged, tokenizer, prompts, out, as_json, seed, max_new_tokens, dtype, trust_remote_code
+) -> None:
     """Greedy, deterministic answers of base and merged to the same prompts, side by side."""
     from lmsurgeon.merge import compare_generation as run
 
-    results = run(base, merged, prompts, out, tokenizer=tokenizer, seed=seed, max_new_tokens=max_new_tokens,
-                  dtype=dtype, trust_remote_code=trust_remote_code)
+    results = run(
+        base,
+        merged,
+        prompts,
+        out,
+        tokenizer=tokenizer,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
     s = results["summary"]
     emit(results, as_json, [f"{s['identical']} of {s['prompts']} answers identical"], out)

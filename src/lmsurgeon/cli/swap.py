@@ -33,8 +33,9 @@ def config_options(command):
             option = click.option(meta["flag"], f.name, is_flag=True, default=default, help=meta["help"])
         else:
             kind = click.Path(exists=True, dir_okay=False) if meta.get("path") else meta["type"]
-            option = click.option(meta["flag"], f.name, type=kind, default=default, show_default=default is not None,
-                                  help=meta["help"])
+            option = click.option(
+                meta["flag"], f.name, type=kind, default=default, show_default=default is not None, help=meta["help"]
+            )
         command = option(command)
     return command
 
@@ -56,18 +57,21 @@ def swap(model, overwrite, out, as_json, **options) -> None:
     from lmsurgeon.swap import analyze
 
     out = out if out is not None else default_out_dir("swap")
-    r = analyze(model, SwapConfig(**options), out=out, progress=progress_enabled() and not as_json,
-                overwrite=overwrite)
+    r = analyze(model, SwapConfig(**options), out=out, progress=progress_enabled() and not as_json, overwrite=overwrite)
     if as_json:
         click.echo(f"run folder: {r['run_dir']}", err=True)
     sp = r["spearman"]
-    lines = [f"{r['model']['source']}: {r['model']['n_layers']} layers, {r['tokens']['fit']} fit / "
-             f"{r['tokens']['eval']} eval tokens",
-             f"Spearman r vs δ = {_num(sp['r_vs_delta']['rho'])} (paper 0.91), "
-             f"δ' vs δ = {_num(sp['linear_vs_delta']['rho'])} (paper 0.91)"]
+    lines = [
+        f"{r['model']['source']}: {r['model']['n_layers']} layers, {r['tokens']['fit']} fit / "
+        f"{r['tokens']['eval']} eval tokens",
+        f"Spearman r vs δ = {_num(sp['r_vs_delta']['rho'])} (paper 0.91), "
+        f"δ' vs δ = {_num(sp['linear_vs_delta']['rho'])} (paper 0.91)",
+    ]
     for row in r["ranking"][:5]:
-        lines.append(f"  #{row['rank']} layers {row['i']}↔{row['j']}: δ={_num(row['delta'])}  "
-                     f"Δloss={_num(row['dloss'])}  r={_num(row['r'])}")
+        lines.append(
+            f"  #{row['rank']} layers {row['i']}↔{row['j']}: δ={_num(row['delta'])}  "
+            f"Δloss={_num(row['dloss'])}  r={_num(row['r'])}"
+        )
     if r.get("apply"):
         a = r["apply"]
         lines.append(f"wrote {a['path']}: perplexity {_num(a['ppl_before'])} → {_num(a['ppl_after'])}")
@@ -75,23 +79,34 @@ def swap(model, overwrite, out, as_json, **options) -> None:
         from lmsurgeon.swap.report import plan_verdict
 
         for rec in r["recommended"]:
-            lines.append(f"  drop {rec['k']}: layers {rec['layers']} ({rec['strategy']}), held-out "
-                         f"{_num(rec['heldout_bpb'])} bits/byte")
+            lines.append(
+                f"  drop {rec['k']}: layers {rec['layers']} ({rec['strategy']}), held-out "
+                f"{_num(rec['heldout_bpb'])} bits/byte"
+            )
         lines.append(plan_verdict(r["plan_summary"]))
     if r.get("reorder"):
         chosen = r["reorder"]["chosen"]
-        lines.append(f"reorder within {r['reorder']['tolerance']} nats: "
-                     + (f"swap pairs {chosen['swaps']} (held-out Δloss {_num(chosen['heldout_dloss'])})" if chosen
-                        else "no swap"))
+        lines.append(
+            f"reorder within {r['reorder']['tolerance']} nats: "
+            + (
+                f"swap pairs {chosen['swaps']} (held-out Δloss {_num(chosen['heldout_dloss'])})"
+                if chosen
+                else "no swap"
+            )
+        )
     if r.get("applied_plan"):
         a = r["applied_plan"]
         same = "equals" if a["generation"]["cached_equals_uncached"] else "DIFFERS FROM"
-        lines.append(f"wrote {a['path']} ({a['n_layers']} layers): held-out loss {_num(a['heldout_loss_before'])} → "
-                     f"{_num(a['heldout_loss'])}; cached generation {same} uncached")
+        lines.append(
+            f"wrote {a['path']} ({a['n_layers']} layers): held-out loss {_num(a['heldout_loss_before'])} → "
+            f"{_num(a['heldout_loss'])}; cached generation {same} uncached"
+        )
         if a.get("heal"):
             h = a["heal"]
-            lines.append(f"healed {h['steps']} steps → {h['path']}: held-out loss {_num(h['heldout_loss_before'])} "
-                         f"→ {_num(h['heldout_loss_after'])}")
+            lines.append(
+                f"healed {h['steps']} steps → {h['path']}: held-out loss {_num(h['heldout_loss_before'])} "
+                f"→ {_num(h['heldout_loss_after'])}"
+            )
     lines.append(f"run folder: {r['run_dir']}")
     emit(r, as_json, lines, out)
 

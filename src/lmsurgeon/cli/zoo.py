@@ -25,8 +25,13 @@ def zoo() -> None:
 
 @zoo.command("build", epilog=EXAMPLES)
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--profile", type=click.Choice(["full", "test"]), default="full", show_default=True,
-              help="full: the demo's zoo; test: smaller and shorter (about a minute), same model kinds.")
+@click.option(
+    "--profile",
+    type=click.Choice(["full", "test"]),
+    default="full",
+    show_default=True,
+    help="full: the demo's zoo; test: smaller and shorter (about a minute), same model kinds.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed of every model.")
 @click.option("--force", is_flag=True, help="Delete the zoo files already in DIRECTORY and rebuild.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
@@ -52,10 +57,14 @@ def build_cmd(directory: Path, profile: str, seed: int, force: bool, progress: b
 
 def summary_lines(manifest: dict) -> list[str]:
     """One line per model: name, family, layers x hidden, tokenizer, parent, validation perplexity."""
-    lines = [f"profile {manifest['profile']}, recipe {manifest['recipe_hash'][:12]}, "
-             f"built in {manifest['build_seconds']:.0f} s"]
+    lines = [
+        f"profile {manifest['profile']}, recipe {manifest['recipe_hash'][:12]}, "
+        f"built in {manifest['build_seconds']:.0f} s"
+    ]
     for entry in manifest["models"].values():
-        lines.append(f"  {entry['name']:<14} {entry['family']:<6} {entry['layers']:>2} x {entry['hidden_size']:<4} "
-                     f"{entry['tokenizer']:<7} parent {entry['parent'] or '-':<9} "
-                     f"val ppl {entry['initial_val_ppl']:8.1f} -> {entry['final_val_ppl']:7.2f}")
+        lines.append(
+            f"  {entry['name']:<14} {entry['family']:<6} {entry['layers']:>2} x {entry['hidden_size']:<4} "
+            f"{entry['tokenizer']:<7} parent {entry['parent'] or '-':<9} "
+            f"val ppl {entry['initial_val_ppl']:8.1f} -> {entry['final_val_ppl']:7.2f}"
+        )
     return lines

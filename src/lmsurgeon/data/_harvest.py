@@ -20,11 +20,33 @@ from pathlib import Path
 
 # Modules whose import does something (open a browser, print, start Tk), are tests, or are shadowed by
 # site-packages shims (distutils via setuptools), so their text would depend on more than the Python version.
-SKIP = frozenset({
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "tests", "lib2to3", "ensurepip",
-    "venv", "distutils", "pydoc_data", "__main__", "readline", "msilib", "winreg", "winsound", "msvcrt", "nt",
-    "xxsubtype", "xxlimited", "xxlimited_35",
-})
+SKIP = frozenset(
+    {
+        "antigravity",
+        "this",
+        "idlelib",
+        "tkinter",
+        "turtle",
+        "turtledemo",
+        "test",
+        "tests",
+        "lib2to3",
+        "ensurepip",
+        "venv",
+        "distutils",
+        "pydoc_data",
+        "__main__",
+        "readline",
+        "msilib",
+        "winreg",
+        "winsound",
+        "msvcrt",
+        "nt",
+        "xxsubtype",
+        "xxlimited",
+        "xxlimited_35",
+    }
+)
 STDLIB_DIRS = tuple({str(Path(sysconfig.get_paths()[key]).resolve()) for key in ("stdlib", "platstdlib")})
 
 
@@ -69,8 +91,9 @@ def _member_docs(obj) -> list[str]:
     """Docstrings of an object's public functions, classes, methods and properties."""
     docs = []
     for name, value in sorted(vars(obj).items()):
-        if name.startswith("_") or not (inspect.isroutine(value) or inspect.isclass(value)
-                                        or isinstance(value, property)):
+        if name.startswith("_") or not (
+            inspect.isroutine(value) or inspect.isclass(value) or isinstance(value, property)
+        ):
             continue
         if isinstance(getattr(value, "__doc__", None), str):
             docs.append(value.__doc__)

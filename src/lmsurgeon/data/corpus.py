@@ -95,8 +95,9 @@ def split_of(doc: str) -> str:
 
 def harvest_raw() -> dict[str, list[str]]:
     """Run the harvester in an isolated child interpreter and return its raw texts."""
-    result = subprocess.run([sys.executable, "-I", str(_HARVEST_SCRIPT)], capture_output=True, text=True,
-                            encoding="utf-8", check=False)
+    result = subprocess.run(
+        [sys.executable, "-I", str(_HARVEST_SCRIPT)], capture_output=True, text=True, encoding="utf-8", check=False
+    )
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
         raise LmsurgeonError(f"the docstring harvester failed: {tail[0]}", _HARVEST_SCRIPT)

@@ -20,8 +20,17 @@ from lmsurgeon.io.stores import cache_root
 from lmsurgeon.report.progress import stage, task
 from lmsurgeon.report.runfolder import atomic_write_json
 
-RECIPE = {"format": 1, "finetune_steps": 120, "lr": 1e-4, "batch": 8, "seq_len": 64, "mask_rate": 0.15,
-          "permute_seed": 11, "drop_layers": [2, 4], "seed": 0}
+RECIPE = {
+    "format": 1,
+    "finetune_steps": 120,
+    "lr": 1e-4,
+    "batch": 8,
+    "seq_len": 64,
+    "mask_rate": 0.15,
+    "permute_seed": 11,
+    "drop_layers": [2, 4],
+    "seed": 0,
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 COPIES = ("minilm-finetuned", "minilm-permuted", "minilm-pruned")
 
@@ -33,8 +42,7 @@ def derived_dir() -> Path:
         n = int.from_bytes(f.read(8), "little")
         header = hashlib.sha256(f.read(min(n, 1 << 24))).hexdigest()
     config = hashlib.sha256((minilm_path() / "config.json").read_bytes()).hexdigest()
-    key = json.dumps({"recipe": RECIPE, "weights": [weights.stat().st_size, header], "config": config},
-                     sort_keys=True)
+    key = json.dumps({"recipe": RECIPE, "weights": [weights.stat().st_size, header], "config": config}, sort_keys=True)
     return cache_root() / "minilm-derived" / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -51,9 +59,11 @@ def ensure_minilm_copies(progress: bool = False) -> dict[str, Path]:
     torch.manual_seed(RECIPE["seed"])
     with quiet_transformers():
         base = AutoModel.from_pretrained(str(minilm_path())).eval()
-    makers = {"minilm-finetuned": lambda: finetune_mlm(base, progress),
-              "minilm-permuted": lambda: permuted(base),
-              "minilm-pruned": lambda: pruned(base)}
+    makers = {
+        "minilm-finetuned": lambda: finetune_mlm(base, progress),
+        "minilm-permuted": lambda: permuted(base),
+        "minilm-pruned": lambda: pruned(base),
+    }
     for name, make in makers.items():
         if not (folders[name] / "model.safetensors").is_file():
             stage(f"demo: make {name}")
@@ -112,9 +122,9 @@ def token_batches(tok, texts: list[str], batch: int, seq_len: int) -> list[torch
     for text in texts[:4000]:
         stream += tok.encode(text, add_special_tokens=False).ids
     body = seq_len - 2
-    windows = [[cls, *stream[i:i + body], sep] for i in range(0, len(stream) - body, body)]
+    windows = [[cls, *stream[i : i + body], sep] for i in range(0, len(stream) - body, body)]
     n = len(windows) // batch * batch
-    return [torch.tensor(windows[i:i + batch]) for i in range(0, n, batch)]
+    return [torch.tensor(windows[i : i + batch]) for i in range(0, n, batch)]
 
 
 def permuted(base):

@@ -16,12 +16,26 @@ from pathlib import Path
 from lmsurgeon.report import Report, RunFolder, Section
 from lmsurgeon.report.progress import stage
 
-PROMPTS = ["The function returns", "To open a file in Python, use", "A dictionary maps",
-           "The following example shows how to", "Raises ValueError if", "This module provides"]
+PROMPTS = [
+    "The function returns",
+    "To open a file in Python, use",
+    "A dictionary maps",
+    "The following example shows how to",
+    "Raises ValueError if",
+    "This module provides",
+]
 #: headline keys with one entry per lineage pair: shown in the step's own table, not in the one-line summary
 PER_PAIR = ("verdicts", "naive_raw_cosine")
-LINEAGE_ZOO = ["lin-base", "lin-finetune", "lin-permuted", "lin-pruned", "lin-gammafold",
-               "lin-indep-1", "lin-indep-2", "lin-indep-3"]
+LINEAGE_ZOO = [
+    "lin-base",
+    "lin-finetune",
+    "lin-permuted",
+    "lin-pruned",
+    "lin-gammafold",
+    "lin-indep-1",
+    "lin-indep-2",
+    "lin-indep-3",
+]
 
 
 @dataclass
@@ -35,8 +49,14 @@ class Step:
     headline: Callable[[dict], dict]
 
 
-def run_demo(out: str | Path | None = None, *, profile: str = "full", merge_trials: int = 6,
-             progress: bool = False, overwrite: bool = False) -> dict:
+def run_demo(
+    out: str | Path | None = None,
+    *,
+    profile: str = "full",
+    merge_trials: int = 6,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Run every step into ``out`` (default ``runs/demo-<timestamp>``) and return the demo's results.json."""
     from lmsurgeon.demo.minilm import ensure_minilm_copies
     from lmsurgeon.zoo import ensure_zoo, model_dir
@@ -63,17 +83,26 @@ def run_demo(out: str | Path | None = None, *, profile: str = "full", merge_tria
             timings[step.name] = time.perf_counter() - t0
             results[step.name] = {"schema": body.get("schema"), **step.headline(body)}
             rows.append({"run": step.title, **step.headline(body), "seconds": round(timings[step.name], 1)})
-        body = run.write_results({"zoo": {"dir": str(zoo_dir), "profile": profile,
-                                          "recipe_hash": manifest["recipe_hash"],
-                                          "build_seconds": manifest["build_seconds"]},
-                                  "minilm_copies": {k: str(v) for k, v in minilm_copies.items()},
-                                  "runs": results}, timings=timings)
+        body = run.write_results(
+            {
+                "zoo": {
+                    "dir": str(zoo_dir),
+                    "profile": profile,
+                    "recipe_hash": manifest["recipe_hash"],
+                    "build_seconds": manifest["build_seconds"],
+                },
+                "minilm_copies": {k: str(v) for k, v in minilm_copies.items()},
+                "runs": results,
+            },
+            timings=timings,
+        )
         run.write_report(demo_report(steps, rows, manifest, timings))
     return {**body, "out": str(run.path)}
 
 
-def build_steps(zoo_model: Callable[[str], str], minilm_copies: dict[str, Path], merge_trials: int,
-                progress: bool) -> list[Step]:
+def build_steps(
+    zoo_model: Callable[[str], str], minilm_copies: dict[str, Path], merge_trials: int, progress: bool
+) -> list[Step]:
     from lmsurgeon.lineage import compare
     from lmsurgeon.merge import compare_generation, run_merge
     from lmsurgeon.swap import analyze
@@ -83,35 +112,71 @@ def build_steps(zoo_model: Callable[[str], str], minilm_copies: dict[str, Path],
     merge_dir: dict[str, Path] = {}
 
     def merge(out: Path) -> dict:
-        res = run_merge(zoo_model("llama-sp"), zoo_model("gpt2-bpe"), out, trials=merge_trials, seed=0,
-                        max_prompts=16, progress=progress)
+        res = run_merge(
+            zoo_model("llama-sp"),
+            zoo_model("gpt2-bpe"),
+            out,
+            trials=merge_trials,
+            seed=0,
+            max_prompts=16,
+            progress=progress,
+        )
         merge_dir["out"] = out
         return res
 
     def generation(out: Path) -> dict:
         prompts = out.parent / "prompts.txt"
         prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
-        return compare_generation(zoo_model("llama-sp"), str(merge_dir["out"] / "best_model"), prompts, out,
-                                  seed=42, max_new_tokens=48)
+        return compare_generation(
+            zoo_model("llama-sp"), str(merge_dir["out"] / "best_model"), prompts, out, seed=42, max_new_tokens=48
+        )
 
     return [
-        Step("lineage-zoo", "Lineage: zoo family", "lin-base against its fine-tuned, permuted, pruned and "
-             "γ-folded descendants and three independently trained twins (the hard negatives).",
-             lambda out: compare(zoo_lineage, out=out, progress=progress), lineage_headline),
-        Step("lineage-minilm", "Lineage: real MiniLM", "all-MiniLM-L6-v2 against copies of it fine-tuned, "
-             "permuted and pruned here.", lambda out: compare(minilm, out=out, progress=progress),
-             lineage_headline),
-        Step("swap-deep", "Layer swap: deep decoder", "Trans/Dep/r against the measured swap effect δ on the "
-             "zoo's deep Llama.", lambda out: analyze(zoo_model("deep-llama"), tokens=4_096, seq_len=256, out=out,
-                                progress=progress),
-             swap_headline),
-        Step("swap-minilm", "Layer swap: MiniLM", "The same analysis on the real pretrained encoder.",
-             lambda out: analyze("minilm", tokens=8_192, seq_len=128, out=out, progress=progress), swap_headline),
-        Step("merge", "Merge: Llama ← GPT-2 embeddings", f"A {merge_trials}-trial Optuna study blending the "
-             "GPT-2's embeddings (byte-level BPE against SentencePiece, another width) into the Llama's "
-             "input embeddings and untied lm_head.", merge, merge_headline),
-        Step("generation", "Generation: base vs merged", "Deterministic greedy decoding of both models.",
-             generation, generation_headline),
+        Step(
+            "lineage-zoo",
+            "Lineage: zoo family",
+            "lin-base against its fine-tuned, permuted, pruned and "
+            "γ-folded descendants and three independently trained twins (the hard negatives).",
+            lambda out: compare(zoo_lineage, out=out, progress=progress),
+            lineage_headline,
+        ),
+        Step(
+            "lineage-minilm",
+            "Lineage: real MiniLM",
+            "all-MiniLM-L6-v2 against copies of it fine-tuned, permuted and pruned here.",
+            lambda out: compare(minilm, out=out, progress=progress),
+            lineage_headline,
+        ),
+        Step(
+            "swap-deep",
+            "Layer swap: deep decoder",
+            "Trans/Dep/r against the measured swap effect δ on the zoo's deep Llama.",
+            lambda out: analyze(zoo_model("deep-llama"), tokens=4_096, seq_len=256, out=out, progress=progress),
+            swap_headline,
+        ),
+        Step(
+            "swap-minilm",
+            "Layer swap: MiniLM",
+            "The same analysis on the real pretrained encoder.",
+            lambda out: analyze("minilm", tokens=8_192, seq_len=128, out=out, progress=progress),
+            swap_headline,
+        ),
+        Step(
+            "merge",
+            "Merge: Llama ← GPT-2 embeddings",
+            f"A {merge_trials}-trial Optuna study blending the "
+            "GPT-2's embeddings (byte-level BPE against SentencePiece, another width) into the Llama's "
+            "input embeddings and untied lm_head.",
+            merge,
+            merge_headline,
+        ),
+        Step(
+            "generation",
+            "Generation: base vs merged",
+            "Deterministic greedy decoding of both models.",
+            generation,
+            generation_headline,
+        ),
     ]
 
 
@@ -131,16 +196,20 @@ def lineage_headline(res: dict) -> dict:
 
 def swap_headline(res: dict) -> dict:
     rho = res.get("spearman", {})
-    return {"result": f"Spearman(r, δ) = {_num(rho.get('r_vs_delta'))}, "
-                      f"Spearman(δ', δ) = {_num(rho.get('linear_vs_delta'))}"}
+    return {
+        "result": f"Spearman(r, δ) = {_num(rho.get('r_vs_delta'))}, "
+        f"Spearman(δ', δ) = {_num(rho.get('linear_vs_delta'))}"
+    }
 
 
 def merge_headline(res: dict) -> dict:
     best = res.get("best")
     if not best:
         return {"result": "no trial kept perplexity under the cap"}
-    return {"result": f"best trial {best['number']}: relative perplexity {_num(best['r'])}, "
-                      f"symmetric KL {_num(best['sym_kl'])}"}
+    return {
+        "result": f"best trial {best['number']}: relative perplexity {_num(best['r'])}, "
+        f"symmetric KL {_num(best['sym_kl'])}"
+    }
 
 
 def generation_headline(res: dict) -> dict:
@@ -160,8 +229,10 @@ def pair_table(row: dict) -> list[dict] | None:
     if not verdicts:
         return None
     raw_cosine = row.get("naive_raw_cosine", {})
-    return [{"pair": pair, "verdict": verdict, "naive raw cosine": _cosine(raw_cosine.get(pair))}
-            for pair, verdict in verdicts.items()]
+    return [
+        {"pair": pair, "verdict": verdict, "naive raw cosine": _cosine(raw_cosine.get(pair))}
+        for pair, verdict in verdicts.items()
+    ]
 
 
 def _cosine(x: float | None) -> str | None:
@@ -171,23 +242,53 @@ def _cosine(x: float | None) -> str | None:
 
 def demo_report(steps: list[Step], rows: list[dict], manifest: dict, timings: dict) -> Report:
     table = [{k: v for k, v in r.items() if k not in PER_PAIR} for r in rows]
-    sections = [Section("Runs", text="Each run has its own report, results.json and figures.", table=table,
-                        links=[(s.title, f"{s.name}/report.html") for s in steps])]
+    sections = [
+        Section(
+            "Runs",
+            text="Each run has its own report, results.json and figures.",
+            table=table,
+            links=[(s.title, f"{s.name}/report.html") for s in steps],
+        )
+    ]
     for step, row in zip(steps, rows, strict=True):
-        sections.append(Section(step.title, text=step.purpose, links=[("open the report", f"{step.name}/report.html")],
-                                table=pair_table(row)))
-    models = [{"model": m["name"], "parent": m.get("parent") or "—", "transformation": m.get("transformation") or "—",
-               "layers": m.get("layers"), "hidden": m.get("hidden_size"), "val ppl": m.get("final_val_ppl")}
-              for m in manifest["models"].values()]
-    sections.append(Section("The zoo", text=f"Built offline from the corpus (profile {manifest['profile']}, recipe "
-                            f"{manifest['recipe_hash'][:12]}) in {manifest['build_seconds']:.0f} s; reused from the "
-                            "cache on later runs.", table=models))
+        sections.append(
+            Section(
+                step.title,
+                text=step.purpose,
+                links=[("open the report", f"{step.name}/report.html")],
+                table=pair_table(row),
+            )
+        )
+    models = [
+        {
+            "model": m["name"],
+            "parent": m.get("parent") or "—",
+            "transformation": m.get("transformation") or "—",
+            "layers": m.get("layers"),
+            "hidden": m.get("hidden_size"),
+            "val ppl": m.get("final_val_ppl"),
+        }
+        for m in manifest["models"].values()
+    ]
+    sections.append(
+        Section(
+            "The zoo",
+            text=f"Built offline from the corpus (profile {manifest['profile']}, recipe "
+            f"{manifest['recipe_hash'][:12]}) in {manifest['build_seconds']:.0f} s; reused from the "
+            "cache on later runs.",
+            table=models,
+        )
+    )
     total = sum(timings.values())
-    return Report(title="lmsurgeon demo", subtitle=f"{len(steps)} runs in {total:.0f} s",
-                  summary={r["run"]: r["result"] for r in rows},
-                  how_to_read="Every line above is one run; open its report for the figures and the evidence. "
-                              "Lineage verdicts are derived / independent / inconclusive per pair, shown beside "
-                              "the naive raw cosine of the two models' norm gains, which is close to 1 for related "
-                              "and independent models alike and so never decides; the swap rows "
-                              "give the paper's correlations; the merge row gives the best trial's perplexity "
-                              "relative to the base (1.0 = unchanged).", sections=sections)
+    return Report(
+        title="lmsurgeon demo",
+        subtitle=f"{len(steps)} runs in {total:.0f} s",
+        summary={r["run"]: r["result"] for r in rows},
+        how_to_read="Every line above is one run; open its report for the figures and the evidence. "
+        "Lineage verdicts are derived / independent / inconclusive per pair, shown beside "
+        "the naive raw cosine of the two models' norm gains, which is close to 1 for related "
+        "and independent models alike and so never decides; the swap rows "
+        "give the paper's correlations; the merge row gives the best trial's perplexity "
+        "relative to the base (1.0 = unchanged).",
+        sections=sections,
+    )

@@ -19,8 +19,21 @@ from lmsurgeon.errors import CorruptCheckpoint
 
 #: bytes per element of every dtype safetensors defines
 DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
 #: the reference implementation refuses headers over 100 MB; so do we, before reading them
 MAX_HEADER_BYTES = 100_000_000
@@ -60,8 +73,9 @@ def header_length(prefix: bytes, file: str, file_size: int | None) -> int:
     if n > MAX_HEADER_BYTES:
         raise CorruptCheckpoint(f"safetensors header length {n} exceeds the {MAX_HEADER_BYTES}-byte cap", file)
     if file_size is not None and 8 + n > file_size:
-        raise CorruptCheckpoint(f"safetensors header length {n} runs past the end of the file ({file_size} bytes)",
-                                file)
+        raise CorruptCheckpoint(
+            f"safetensors header length {n} runs past the end of the file ({file_size} bytes)", file
+        )
     return n
 
 
@@ -107,22 +121,26 @@ def _tensor_info(name: str, spec: object, file: str, data_start: int, data_len: 
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if dtype not in DTYPE_SIZES:
         raise CorruptCheckpoint(f"tensor {name!r}: unknown dtype {dtype!r}", file)
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                              for s in shape):
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise CorruptCheckpoint(f"tensor {name!r}: shape must be a list of non-negative integers", file)
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise CorruptCheckpoint(f"tensor {name!r}: data_offsets must be two integers", file)
     begin, end = offsets
     if begin < 0 or end < begin:
         raise CorruptCheckpoint(f"tensor {name!r}: data_offsets {offsets} are not an increasing range", file)
     if data_len is not None and end > data_len:
         raise CorruptCheckpoint(
-            f"tensor {name!r}: data_offsets end {end} exceeds the data buffer ({data_len} bytes)", file)
+            f"tensor {name!r}: data_offsets end {end} exceeds the data buffer ({data_len} bytes)", file
+        )
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
         raise CorruptCheckpoint(
-            f"tensor {name!r}: {end - begin} bytes do not match dtype {dtype} × shape {shape} ({expected})", file)
+            f"tensor {name!r}: {end - begin} bytes do not match dtype {dtype} × shape {shape} ({expected})", file
+        )
     return TensorInfo(name, dtype, tuple(shape), file, data_start + begin, data_start + end)
 
 

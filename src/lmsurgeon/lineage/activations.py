@@ -1,4 +1,4 @@
-"""Activation tests (spec §7.4): both models read the same words, so widths and vocabularies may differ.
+"""Activation tests (methods.md §L7.4): both models read the same words, so widths and vocabularies may differ.
 
 Items are whitespace words that both tokenisers end on a token boundary (the word's last sub-token). One forward
 pass per model and text records, at those items, every layer's hidden state and, for gated MLPs, every unit's
@@ -60,7 +60,7 @@ def shared_items(enc_a: list[dict], enc_b: list[dict], max_items: int = MAX_ITEM
     keep = [sorted(set(a["ends"]) & set(b["ends"])) for a, b in zip(enc_a, enc_b, strict=True)]
     budget, trimmed = max_items, []
     for k in keep:
-        trimmed.append(k[:max(budget, 0)])
+        trimmed.append(k[: max(budget, 0)])
         budget -= len(k)
     return trimmed
 
@@ -84,8 +84,10 @@ def mlp_taps(layout, model) -> list[dict] | None:
     if not where or any(g is None or u is None for g, u in where):
         return None
     layers = find_module(model, layout.family.modules["layers"])
-    return [{"gate": (layers[i].get_submodule(g[0]), g[1]), "up": (layers[i].get_submodule(u[0]), u[1])}
-            for i, (g, u) in zip(layout.layers, where, strict=True)]
+    return [
+        {"gate": (layers[i].get_submodule(g[0]), g[1]), "up": (layers[i].get_submodule(u[0]), u[1])}
+        for i, (g, u) in zip(layout.layers, where, strict=True)
+    ]
 
 
 def collect(model, enc: list[dict], keep: list[list[int]], taps: list[dict] | None) -> Activations:
@@ -101,10 +103,14 @@ def collect(model, enc: list[dict], keep: list[list[int]], taps: list[dict] | No
         def save(_module, _inputs, output):
             out = output[0] if isinstance(output, tuple) else output
             mlp[kind][li].append(out[0, rows][:, cols].float().numpy())
+
         return save
 
-    handles = [tap[kind][0].register_forward_hook(hook(kind, li, tap[kind][1]))
-               for li, tap in enumerate(taps or []) for kind in ("gate", "up")]
+    handles = [
+        tap[kind][0].register_forward_hook(hook(kind, li, tap[kind][1]))
+        for li, tap in enumerate(taps or [])
+        for kind in ("gate", "up")
+    ]
     try:
         with torch.no_grad():
             for e, ends in zip(enc, keep, strict=True):
@@ -132,10 +138,17 @@ def act_cka(HA: list[np.ndarray], HB: list[np.ndarray], seed: int = 0) -> TestRe
     M = cka_matrix(GA, GB)
     pairs = layer_map(M)
     s = matched_mean(M, pairs)
-    t = TestResult("act_cka", applies=True, decisive=False,
-                   reason="never decisive: independents trained on similar data also align (REEF-like)",
-                   statistic=s, n_items=HA[0].shape[0], layer_map=pairs, matrix=M,
-                   per_layer=[LayerCka(i, j, float(M[i, j])) for i, j in pairs])
+    t = TestResult(
+        "act_cka",
+        applies=True,
+        decisive=False,
+        reason="never decisive: independents trained on similar data also align (REEF-like)",
+        statistic=s,
+        n_items=HA[0].shape[0],
+        layer_map=pairs,
+        matrix=M,
+        per_layer=[LayerCka(i, j, float(M[i, j])) for i, j in pairs],
+    )
     t.measure(s, item_permutation_null(GA, GB, pairs, seed, N_PERMUTATIONS, "item"))
     return t
 
@@ -154,8 +167,7 @@ def match_rho(gate_a, up_a, gate_b, up_b, units: np.ndarray | None) -> tuple[flo
     return two_view_rho(gA, gB, uA, uB)
 
 
-def phi_match(A: Activations, B: Activations, pairs: LayerMap, seed: int = 0,
-              max_units: int = MAX_UNITS) -> TestResult:
+def phi_match(A: Activations, B: Activations, pairs: LayerMap, seed: int = 0, max_units: int = MAX_UNITS) -> TestResult:
     """Per matched layer pair ρ_l, z_l = ρ_l√(n_l−1); Fisher over layers (the same combination as φ_U)."""
     rng = np.random.default_rng(seed)
     per_layer = []
@@ -166,8 +178,7 @@ def phi_match(A: Activations, B: Activations, pairs: LayerMap, seed: int = 0,
     return combine_layers("phi_match", per_layer)
 
 
-def activation_tests(layout_a, layout_b, texts: list[str], tests=ACTIVATION_TESTS,
-                     seed: int = 0) -> list[TestResult]:
+def activation_tests(layout_a, layout_b, texts: list[str], tests=ACTIVATION_TESTS, seed: int = 0) -> list[TestResult]:
     """Load both models once, read ``texts``, and run the requested activation tests."""
     tests = [t for t in ACTIVATION_TESTS if t in tests]
     if layout_a.handle.tokenizer is None or layout_b.handle.tokenizer is None:
@@ -187,8 +198,9 @@ def activation_tests(layout_a, layout_b, texts: list[str], tests=ACTIVATION_TEST
     out = [cka] if "act_cka" in tests else []
     if "phi_match" in tests:
         if not gated:
-            out.append(TestResult.not_applicable("phi_match",
-                                                 "needs a dense gated MLP (gate and up) in every layer of both"))
+            out.append(
+                TestResult.not_applicable("phi_match", "needs a dense gated MLP (gate and up) in every layer of both")
+            )
         else:
             t = phi_match(A, B, cka.layer_map, seed)
             t.layer_map_from = "act_cka"

@@ -1,4 +1,4 @@
-"""Residual alignment (spec §7.1): which hidden dimension of B is which of A, and with what sign.
+"""Residual alignment (methods.md §L7.1): which hidden dimension of B is which of A, and with what sign.
 
 Hidden units of a transformer can be permuted and sign-flipped without changing its function, so weight
 comparisons first recover that map from the embedding columns of tokens both vocabularies share. Once norm gains
@@ -65,16 +65,13 @@ def shared_tokens(tok_a, tok_b, seed: int = 0, limit: int = MAX_SHARED) -> tuple
     return S.ids_a[order], S.ids_b[order]
 
 
-ALIGN_METHODS = ("permutation", "procrustes")
-
-
 @dataclass
 class Alignment:
     """B-dim l ↔ A-dim perm[l] with sign[l]; or, with ``rotation`` R [d_A, d_B] (orthonormal columns),
     B's residual basis x_B ≈ Rᵀ x_A. Weights of A are brought into B's basis, never the other way round."""
 
-    perm: np.ndarray      # [d_B] indices into A's residual dims
-    sign: np.ndarray      # [d_B] ±1
+    perm: np.ndarray  # [d_B] indices into A's residual dims
+    sign: np.ndarray  # [d_B] ±1
     mean_abs_corr: float  # mean |corr| of matched columns
     n_tokens: int
     rotation: np.ndarray | None = None
@@ -130,7 +127,6 @@ def align_rotation(E_A: np.ndarray, E_B: np.ndarray) -> Alignment:
     B = E_B - E_B.mean(axis=0)
     R = orthogonal_map(A, B)
     fitted = A @ R
-    corr = np.sum(fitted * B, axis=0) / np.maximum(np.linalg.norm(fitted, axis=0) * np.linalg.norm(B, axis=0),
-                                                   1e-300)
+    corr = np.sum(fitted * B, axis=0) / np.maximum(np.linalg.norm(fitted, axis=0) * np.linalg.norm(B, axis=0), 1e-300)
     d_b = B.shape[1]
     return Alignment(np.arange(d_b), np.ones(d_b), float(np.mean(np.abs(corr))), E_A.shape[0], rotation=R)

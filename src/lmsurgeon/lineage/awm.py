@@ -1,4 +1,4 @@
-"""AWM-style attention test (spec §7.2): CKA of aligned q/k weights, layer by layer, with a layer map.
+"""AWM-style attention test (methods.md §L7.2): CKA of aligned q/k weights, layer by layer, with a layer map.
 
 Items are the aligned residual dimensions (n = d_B), features the output rows of W_q / W_k. Item rows are
 scaled to unit norm, so folding a norm gain into q/k (a per-item scale) leaves every number unchanged.
@@ -78,7 +78,7 @@ def shipped_null(method: str = "permutation") -> Null | None:
 def guarded_z(s: float, independents: Null | None, guard: Null) -> tuple[float, Null]:
     """z against the independents' null, unless the pair fails to beat its own wrong layer maps by T_lo.
 
-    The z a verdict needs is the one against what independently trained models score (spec §7.5; the published
+    The z a verdict needs is the one against what independently trained models score (methods.md §L7.5.1; the published
     AWM separation is measured the same way). The within-pair wrong-layer null is a guard: same basis, same
     training, different weights; when the matched layers do not clear it by T_lo standard deviations, its (lower)
     z is the one reported, so a basis that matches everything can never be called derived.
@@ -100,12 +100,17 @@ def awm_test(layout_a, layout_b, al: Alignment, seed: int = 0) -> TestResult:
     s = matched_mean(M, pairs)
     perm = item_permutation_null(GA, GB, pairs, seed, N_PERMUTATIONS, "residual")
     inner = unmatched_null(M, pairs, seed)
-    independents = shipped_null(al.method)   # a fitted rotation has more freedom: its own calibration
-    t = TestResult("awm", applies=True, align=al.method, statistic=s,
-                   nulls=OtherNulls(permutation=perm, unmatched_layers=inner, independents=independents,
-                                    z_permutation=perm.z(s)),
-                   per_layer=[LayerCka(i, j, float(M[i, j])) for i, j in pairs], layer_map=pairs,
-                   monotone=bool(all(b1 < b2 for (_, b1), (_, b2) in zip(pairs, pairs[1:], strict=False))),
-                   matrix=M)
+    independents = shipped_null(al.method)  # a fitted rotation has more freedom: its own calibration
+    t = TestResult(
+        "awm",
+        applies=True,
+        align=al.method,
+        statistic=s,
+        nulls=OtherNulls(permutation=perm, unmatched_layers=inner, independents=independents, z_permutation=perm.z(s)),
+        per_layer=[LayerCka(i, j, float(M[i, j])) for i, j in pairs],
+        layer_map=pairs,
+        monotone=bool(all(b1 < b2 for (_, b1), (_, b2) in zip(pairs, pairs[1:], strict=False))),
+        matrix=M,
+    )
     t.set_z(*guarded_z(s, independents, inner if np.isfinite(inner.std) else perm))
     return t

@@ -59,8 +59,7 @@ def _f64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def attention_circuits(W_q, W_k, W_v, W_o, n_heads: int, n_kv_heads: int, gain=None,
-                       centred: bool = False) -> Circuits:
+def attention_circuits(W_q, W_k, W_v, W_o, n_heads: int, n_kv_heads: int, gain=None, centred: bool = False) -> Circuits:
     """A_QK and A_VO of one layer from its ``[out, in]`` attention weights.
 
     ``gain`` (the pre-attention norm's effective gain, [d]) gives the circuits of the normalised stream, so a model
@@ -74,20 +73,26 @@ def attention_circuits(W_q, W_k, W_v, W_o, n_heads: int, n_kv_heads: int, gain=N
     if W_q.shape[0] % n_heads:
         raise LmsurgeonError(f"W_q has {W_q.shape[0]} rows, not a multiple of {n_heads} heads")
     d_h = W_q.shape[0] // n_heads
-    expected = {"W_q": (n_heads * d_h, d), "W_k": (n_kv_heads * d_h, d), "W_v": (n_kv_heads * d_h, d),
-                "W_o": (d, n_heads * d_h)}
+    expected = {
+        "W_q": (n_heads * d_h, d),
+        "W_k": (n_kv_heads * d_h, d),
+        "W_v": (n_kv_heads * d_h, d),
+        "W_o": (d, n_heads * d_h),
+    }
     for name, W in (("W_q", W_q), ("W_k", W_k), ("W_v", W_v), ("W_o", W_o)):
         if W.shape != expected[name]:
-            raise LmsurgeonError(f"{name} has shape {list(W.shape)}, expected {list(expected[name])} "
-                                 f"({n_heads} heads, {n_kv_heads} key/value heads, head size {d_h}, width {d})")
+            raise LmsurgeonError(
+                f"{name} has shape {list(W.shape)}, expected {list(expected[name])} "
+                f"({n_heads} heads, {n_kv_heads} key/value heads, head size {d_h}, width {d})"
+            )
     group = n_heads // n_kv_heads
     # Σ over a group's query heads first: Σ_{h∈g} W_Q^h W_K^gᵀ = (Σ_{h∈g} W_Q^h) W_K^gᵀ
-    q_by_group = W_q.reshape(n_kv_heads, group, d_h, d).sum(axis=1)         # [n_kv, d_h, d]
-    o_by_group = W_o.reshape(d, n_kv_heads, group, d_h).sum(axis=2)         # [d, n_kv, d_h]
+    q_by_group = W_q.reshape(n_kv_heads, group, d_h, d).sum(axis=1)  # [n_kv, d_h, d]
+    o_by_group = W_o.reshape(d, n_kv_heads, group, d_h).sum(axis=2)  # [d, n_kv, d_h]
     k = W_k.reshape(n_kv_heads, d_h, d)
     v = W_v.reshape(n_kv_heads, d_h, d)
-    qk = np.einsum("gei,gej->ij", q_by_group, k)                            # Σ_h W_Q^h W_K^hᵀ
-    ov = np.einsum("gei,jge->ij", v, o_by_group)                            # Σ_h W_V^h W_O^h
+    qk = np.einsum("gei,gej->ij", q_by_group, k)  # Σ_h W_Q^h W_K^hᵀ
+    ov = np.einsum("gei,jge->ij", v, o_by_group)  # Σ_h W_V^h W_O^h
     if gain is not None:
         gamma = _f64(gain)
         if gamma.shape != (d,):
@@ -148,15 +153,16 @@ class CircuitComparison:
     1/d for random circuits); a model and its function-preserving rewrite, aligned with the true map, give 1.
     """
 
-    qk: np.ndarray                  # [L_A, L_B]
-    ov: np.ndarray                  # [L_A, L_B]
+    qk: np.ndarray  # [L_A, L_B]
+    ov: np.ndarray  # [L_A, L_B]
     pairs: list[tuple[int, int]]
-    qk_pairs: np.ndarray            # [len(pairs)]
-    ov_pairs: np.ndarray            # [len(pairs)]
+    qk_pairs: np.ndarray  # [len(pairs)]
+    ov_pairs: np.ndarray  # [len(pairs)]
 
 
-def compare_circuits(circuits_a: Sequence[Circuits], circuits_b: Sequence[Circuits], R,
-                     pairs: Sequence[tuple[int, int]] | None = None) -> CircuitComparison:
+def compare_circuits(
+    circuits_a: Sequence[Circuits], circuits_b: Sequence[Circuits], R, pairs: Sequence[tuple[int, int]] | None = None
+) -> CircuitComparison:
     """Per layer pair, the cosine of A's circuits aligned by R (x_B = x_A R) with B's.
 
     ``pairs`` (A layer, B layer) defaults to the identity when both models have the same depth; for different
@@ -172,8 +178,9 @@ def compare_circuits(circuits_a: Sequence[Circuits], circuits_b: Sequence[Circui
     pairs = [(int(i), int(j)) for i, j in pairs]
     for i, j in pairs:
         if not (0 <= i < len(circuits_a) and 0 <= j < len(circuits_b)):
-            raise LmsurgeonError(f"layer pair ({i}, {j}) is outside models of {len(circuits_a)} and "
-                                 f"{len(circuits_b)} layers")
+            raise LmsurgeonError(
+                f"layer pair ({i}, {j}) is outside models of {len(circuits_a)} and {len(circuits_b)} layers"
+            )
     qk_pairs = np.array([qk[i, j] for i, j in pairs])
     ov_pairs = np.array([ov[i, j] for i, j in pairs])
     return CircuitComparison(qk, ov, pairs, qk_pairs, ov_pairs)

@@ -1,4 +1,4 @@
-"""Unbiased linear CKA (spec §7.2) from feature matrices, never forming the n×n Gram matrices, and the layer
+"""Unbiased linear CKA (methods.md §L7.2.1) from feature matrices, never forming the n×n Gram matrices, and the layer
 comparison built on it: a layer×layer CKA matrix, the layer map it gives, and its item-permutation null.
 
 Items are rows: X is [n, p], Y is [n, q]; K = XXᵀ, L = YYᵀ with zeroed diagonals K̃, L̃.
@@ -19,9 +19,9 @@ class Grams:
     def __init__(self, X: np.ndarray):
         self.X = np.asarray(X, dtype=np.float64)
         self.n = self.X.shape[0]
-        self.diag = np.einsum("ij,ij->i", self.X, self.X)            # K_ii
-        self.row_sums = self.X @ self.X.sum(axis=0) - self.diag      # K̃1, [n]
-        self.total = float(self.row_sums.sum())                      # 1ᵀK̃1
+        self.diag = np.einsum("ij,ij->i", self.X, self.X)  # K_ii
+        self.row_sums = self.X @ self.X.sum(axis=0) - self.diag  # K̃1, [n]
+        self.total = float(self.row_sums.sum())  # 1ᵀK̃1
         self.self_hsic = hsic1(self, self)
 
 
@@ -32,8 +32,9 @@ def hsic1(A: Grams, B: Grams) -> float:
         return float("nan")
     cross = A.X.T @ B.X
     tr = float(np.sum(cross * cross) - A.diag @ B.diag)
-    return (tr + A.total * B.total / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * float(A.row_sums @ B.row_sums)) \
-        / (n * (n - 3))
+    return (tr + A.total * B.total / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * float(A.row_sums @ B.row_sums)) / (
+        n * (n - 3)
+    )
 
 
 def cka(X, Y) -> float:
@@ -50,6 +51,7 @@ def cka_grams(A: Grams, B: Grams) -> float:
 # -- layers ------------------------------------------------------------------------------------------------
 # A model's layers are given per view (awm: "q" and "k" weights; act_cka: one view, the hidden states) as
 # ``{view: [Grams of layer 0, Grams of layer 1, ...]}``; the CKA of two layers is the mean over the views.
+
 
 def layer_cka(GA: dict[str, list[Grams]], GB: dict[str, list[Grams]], i: int, j: int) -> float:
     """Mean over the views of CKA(layer i of A, layer j of B)."""
@@ -74,8 +76,9 @@ def matched_mean(M: np.ndarray, pairs: LayerMap) -> float:
     return float(np.mean([M[i, j] for i, j in pairs]))
 
 
-def item_permutation_null(GA: dict[str, list[Grams]], GB: dict[str, list[Grams]], pairs: LayerMap, seed: int,
-                          n: int, items: str) -> Null:
+def item_permutation_null(
+    GA: dict[str, list[Grams]], GB: dict[str, list[Grams]], pairs: LayerMap, seed: int, n: int, items: str
+) -> Null:
     """:func:`matched_mean` with B's items randomly permuted (``n`` seeded draws): the chance level of items
     that do not correspond. ``items`` names them for the null's source."""
     rng = np.random.default_rng(seed)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from lmsurgeon.errors import LmsurgeonError
 
 ALL_TESTS = ("awm", "phi_u", "phi_match", "act_cka")
-ALIGN_METHODS = ("permutation", "procrustes")   # residual alignments: sound.ALIGNMENT_FITS implements each
+ALIGN_METHODS = ("permutation", "procrustes")  # residual alignments: sound.ALIGNMENT_FITS implements each
 DEPTHS = ("relative", "monotone")
 
 
@@ -27,25 +27,43 @@ def _cli(help: str, *, kind: str = "value", choices: tuple[str, ...] | None = No
 class LineageConfig:
     """How ``compare`` analyses its sources. Sequences are stored as tuples; unknown names fail at once."""
 
-    naive_only: bool = field(default=False, metadata=_cli(
-        "Only the norm-gain report (reads only norm tensors).", kind="flag"))
-    tests: tuple[str, ...] = field(default=ALL_TESTS, metadata=_cli(
-        "Comma-separated sound tests: awm, phi_u, phi_match (activations), act_cka (activations).", kind="list"))
-    null: tuple[str, ...] = field(default=(), metadata=_cli(
-        "A known independent model for the null (repeatable).", kind="multiple"))
-    focus_layer: int | None = field(default=None, metadata=_cli(
-        "Headline layer of the naive table (default 10, else the middle layer)."))
-    depth: str = field(default="relative", metadata=_cli(
-        "How the naive table pairs layers of models of different depth: nearest relative depth, or the "
-        "increasing map that maximises Pearson.", choices=DEPTHS))
-    align: str = field(default="permutation", metadata=_cli(
-        "Residual alignment for the weight tests; procrustes undoes rotations (folded gains).",
-        choices=ALIGN_METHODS))
-    text: str | None = field(default=None, metadata=_cli(
-        "Text for the activation test (default: bundled corpus).", kind="path"))
+    naive_only: bool = field(
+        default=False, metadata=_cli("Only the norm-gain report (reads only norm tensors).", kind="flag")
+    )
+    tests: tuple[str, ...] = field(
+        default=ALL_TESTS,
+        metadata=_cli(
+            "Comma-separated sound tests: awm, phi_u, phi_match (activations), act_cka (activations).", kind="list"
+        ),
+    )
+    null: tuple[str, ...] = field(
+        default=(), metadata=_cli("A known independent model for the null (repeatable).", kind="multiple")
+    )
+    focus_layer: int | None = field(
+        default=None, metadata=_cli("Headline layer of the naive table (default 10, else the middle layer).")
+    )
+    depth: str = field(
+        default="relative",
+        metadata=_cli(
+            "How the naive table pairs layers of models of different depth: nearest relative depth, or the "
+            "increasing map that maximises Pearson.",
+            choices=DEPTHS,
+        ),
+    )
+    align: str = field(
+        default="permutation",
+        metadata=_cli(
+            "Residual alignment for the weight tests; procrustes undoes rotations (folded gains).",
+            choices=ALIGN_METHODS,
+        ),
+    )
+    text: str | None = field(
+        default=None, metadata=_cli("Text for the activation test (default: bundled corpus).", kind="path")
+    )
     seed: int = field(default=0, metadata=_cli("Random seed."))
-    all_pairs: bool = field(default=False, metadata=_cli(
-        "Compare every pair of SOURCES, not only A against each other.", kind="flag"))
+    all_pairs: bool = field(
+        default=False, metadata=_cli("Compare every pair of SOURCES, not only A against each other.", kind="flag")
+    )
 
     def __post_init__(self) -> None:
         tests = tuple(t for t in self.tests.split(",") if t) if isinstance(self.tests, str) else tuple(self.tests)

@@ -28,8 +28,10 @@ def fold_logit_change(layout, text: str, max_tokens: int = 64) -> dict:
     h = layout.handle
     n_params = sum(int(np.prod(i.shape)) for i in h.header().values())
     if n_params > MAX_DEMO_PARAMS or h.tokenizer is None:
-        return {"applies": False, "reason": "model too large to load for the demo" if n_params > MAX_DEMO_PARAMS
-                else "no tokenizer.json"}
+        return {
+            "applies": False,
+            "reason": "model too large to load for the demo" if n_params > MAX_DEMO_PARAMS else "no tokenizer.json",
+        }
     try:
         model = h.load_model("causal-lm", dtype=torch.float32)
     except LmsurgeonError as e:
@@ -46,5 +48,9 @@ def fold_logit_change(layout, text: str, max_tokens: int = 64) -> dict:
         before = model(input_ids=ids).logits.double()
         model.load_state_dict({k: torch.from_numpy(v).float() for k, v in folded.items()}, strict=False)
         after = model(input_ids=ids).logits.double()
-    return {"applies": True, "max_abs_logit_change": float((after - before).abs().max()),
-            "max_abs_logit": float(before.abs().max()), "n_tokens": int(ids.shape[1])}
+    return {
+        "applies": True,
+        "max_abs_logit_change": float((after - before).abs().max()),
+        "max_abs_logit": float(before.abs().max()),
+        "n_tokens": int(ids.shape[1]),
+    }

@@ -1,4 +1,4 @@
-"""Stage 1 (spec §2, §6): the seed's norm-gain comparison, faithfully, with its corrections beside it.
+"""Stage 1 (methods.md §L2, §L6): the seed's norm-gain comparison, faithfully, with its corrections beside it.
 
 Raw cosine of positive, clustered gains is ≈ 1/√((1+cv_a²)(1+cv_b²)) whatever the models, so every table here
 carries the centered (Pearson) and rank (Spearman) versions and the shuffled-element control.
@@ -53,9 +53,15 @@ def monotone_map(R: np.ndarray) -> list[tuple[int, int]]:
 def compare_vectors(a, b, seed: int = 0) -> dict:
     """Every same-layer number of the table: raw, Pearson, Spearman, shuffled control, symmetric relative L2."""
     sh = stats.shuffled_control(a, b, seed=seed)
-    return {"raw_cosine": stats.cosine(a, b), "pearson": stats.pearson(a, b), "spearman": stats.spearman(a, b),
-            "shuffled_expected": sh["expected"], "shuffled_mean": sh["mean"], "shuffled_std": sh["std"],
-            "rel_l2": stats.rel_l2(a, b)}
+    return {
+        "raw_cosine": stats.cosine(a, b),
+        "pearson": stats.pearson(a, b),
+        "spearman": stats.spearman(a, b),
+        "shuffled_expected": sh["expected"],
+        "shuffled_mean": sh["mean"],
+        "shuffled_std": sh["std"],
+        "rel_l2": stats.rel_l2(a, b),
+    }
 
 
 def layer_matrix(va: dict, vb: dict, fn) -> np.ndarray:
@@ -80,29 +86,36 @@ def pair_naive(na: dict, nb: dict, depth: str = "relative", seed: int = 0) -> di
     rows, matrices = [], {}
     for role in sorted(set(na) & set(nb)):
         va, vb = na[role], nb[role]
-        if None in va or None in vb:      # final norm: one vector each
+        if None in va or None in vb:  # final norm: one vector each
             pairs = [(None, None)]
         else:
             la, lb = sorted(va), sorted(vb)
             matrices[role] = {"raw": layer_matrix(va, vb, stats.cosine), "pearson": layer_matrix(va, vb, stats.pearson)}
-            idx = (monotone_map(matrices[role]["pearson"]) if depth == "monotone"
-                   else depth_map(len(la), len(lb)))
+            idx = monotone_map(matrices[role]["pearson"]) if depth == "monotone" else depth_map(len(la), len(lb))
             pairs = [(la[i], lb[j]) for i, j in idx]
         for i, j in pairs:
             if va[i].shape != vb[j].shape:
                 rows.append({"role": role, "layer_a": i, "layer_b": j, "raw_cosine": "n/a (widths differ)"})
                 continue
             rows.append({"role": role, "layer_a": i, "layer_b": j, **compare_vectors(va[i], vb[j], seed)})
-    gains = [r for r in rows if not r["role"].endswith(".bias") and r["layer_a"] is not None
-             and isinstance(r["raw_cosine"], float)]
+    gains = [
+        r
+        for r in rows
+        if not r["role"].endswith(".bias") and r["layer_a"] is not None and isinstance(r["raw_cosine"], float)
+    ]
 
     def mean(key):
         v = np.array([r[key] for r in gains], dtype=np.float64)
         return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
-    return {"same_layer": rows, "matrices": matrices, "mean_raw_cosine": mean("raw_cosine"),
-            "mean_pearson": mean("pearson"), "mean_spearman": mean("spearman"),
-            "mean_shuffled": mean("shuffled_expected")}
+    return {
+        "same_layer": rows,
+        "matrices": matrices,
+        "mean_raw_cosine": mean("raw_cosine"),
+        "mean_pearson": mean("pearson"),
+        "mean_spearman": mean("spearman"),
+        "mean_shuffled": mean("shuffled_expected"),
+    }
 
 
 def focus_layer(n_layers: int, requested: int | None) -> int:
@@ -114,11 +127,16 @@ def focus_layer(n_layers: int, requested: int | None) -> int:
 
 def gain_summary(nv: dict) -> list[dict]:
     """mean/std/cv/min/max per role and layer: the distribution that raw cosine actually measures."""
+
     def order(kv):
         return -1 if kv[0] is None else kv[0]
 
-    return [{"role": role, "layer": layer, **stats.gain_summary(v)}
-            for role, per in nv.items() if not role.endswith(".bias") for layer, v in sorted(per.items(), key=order)]
+    return [
+        {"role": role, "layer": layer, **stats.gain_summary(v)}
+        for role, per in nv.items()
+        if not role.endswith(".bias")
+        for layer, v in sorted(per.items(), key=order)
+    ]
 
 
 def gamma_fold_demo(na: dict, nb: dict) -> dict:
@@ -136,8 +154,16 @@ def gamma_fold_demo(na: dict, nb: dict) -> dict:
             if a.shape != b.shape:
                 continue
             ones = np.ones_like(a)
-            out.append({"role": role, "layer": i, "pearson_before": stats.pearson(a, b),
-                        "raw_before": stats.cosine(a, b), "raw_after_u1": stats.cosine(ones, b),
-                        "pearson_after_u1": stats.pearson(ones, b), "raw_after_transplant": stats.cosine(b, b),
-                        "pearson_after_transplant": stats.pearson(b, b)})
+            out.append(
+                {
+                    "role": role,
+                    "layer": i,
+                    "pearson_before": stats.pearson(a, b),
+                    "raw_before": stats.cosine(a, b),
+                    "raw_after_u1": stats.cosine(ones, b),
+                    "pearson_after_u1": stats.pearson(ones, b),
+                    "raw_after_transplant": stats.cosine(b, b),
+                    "pearson_after_transplant": stats.pearson(b, b),
+                }
+            )
     return {"rows": out}

@@ -1,11 +1,11 @@
-"""φ_U-style MLP test (spec §7.3): do up-rows and down-columns pick the same unit correspondence?
+"""φ_U-style MLP test (methods.md §L7.3): do up-rows and down-columns pick the same unit correspondence?
 
 Unit permutations defeat Zhu et al.'s "matched index vs identity" statistic, so each MLP unit of B is matched to
 one of A twice, independently: by its (aligned, column-normalised) up_proj row → σ_in, and by its aligned
 down_proj column → σ_out. For separately initialised models the two matchings are unrelated (ρ ≈ 0); for a
 shared history they coincide (ρ = 1) whatever permutation was applied.
 
-Mixture-of-experts layers (spec §7.3): experts are matched by their aligned, column-normalised router rows; the
+Mixture-of-experts layers (methods.md §L7.3.3): experts are matched by their aligned, column-normalised router rows; the
 2 best-matched expert pairs and the shared expert (when both have one) each add a ρ to Fisher's combination.
 A layer pair where one side is dense and the other MoE (GLM's first dense layers) is skipped.
 """
@@ -33,15 +33,16 @@ MAX_UNITS = 4096
 def match_units(U_A: np.ndarray, U_B: np.ndarray) -> np.ndarray:
     """σ[j] = A unit matched to B unit j by maximal total cosine of their rows (rectangular if widths differ);
     −1 for a B unit left unmatched when B has more units than A."""
-    C = unit_norm(U_A, axis=1) @ unit_norm(U_B, axis=1).T     # [m_A, m_B]
+    C = unit_norm(U_A, axis=1) @ unit_norm(U_B, axis=1).T  # [m_A, m_B]
     rows, cols = linear_sum_assignment(C, maximize=True)
     sigma = np.full(U_B.shape[0], -1, dtype=np.int64)
     sigma[cols] = rows
     return sigma
 
 
-def two_view_rho(view1_a: np.ndarray, view1_b: np.ndarray, view2_a: np.ndarray, view2_b: np.ndarray) -> \
-        tuple[float, int]:
+def two_view_rho(
+    view1_a: np.ndarray, view1_b: np.ndarray, view2_a: np.ndarray, view2_b: np.ndarray
+) -> tuple[float, int]:
     """ρ = Spearman(σ₁, σ₂) of B's units matched to A's in two views (units as rows), and the number of B
     units matched in both. A shared history makes the two matchings coincide (ρ = 1) whatever permutation was
     applied; for separately initialised models they are unrelated (ρ ≈ 0, z = ρ√(n−1) ~ N(0, 1))."""
@@ -52,9 +53,9 @@ def two_view_rho(view1_a: np.ndarray, view1_b: np.ndarray, view2_a: np.ndarray, 
 
 def layer_rho(up_a, down_a, up_b, down_b, al: Alignment, units: np.ndarray | None) -> tuple[float, int]:
     """ρ_l = Spearman(σ_in, σ_out) over B's (optionally subsampled) units: the up rows and the down columns."""
-    upA = unit_norm(al.a_in(up_a), axis=0)                 # columns unit-normalised: folded gains cancel
+    upA = unit_norm(al.a_in(up_a), axis=0)  # columns unit-normalised: folded gains cancel
     upB = unit_norm(al.b_in(up_b), axis=0)
-    dnA = al.a_out(down_a).T                               # units as rows: [m_A, d_B]
+    dnA = al.a_out(down_a).T  # units as rows: [m_A, d_B]
     dnB = al.b_out(down_b).T
     if units is not None:
         upB, dnB = upB[units], dnB[units]
@@ -80,10 +81,15 @@ def combine_layers(name: str, per_layer: list[LayerRho], null_source: str = ANAL
         p.neg_log10_p = neg_log10_p(lp)
         log_ps.append(lp)
     log_p = fisher_log_p(log_ps)
-    return TestResult(name, applies=True,
-                      statistic=float(np.nanmean([p.rho for p in per_layer])) if per_layer else float("nan"),
-                      z=z_from_log_p(log_p), neg_log10_p=neg_log10_p(log_p),
-                      null=Null(null_source, 0.0, 1.0, len(per_layer)), per_layer=per_layer)
+    return TestResult(
+        name,
+        applies=True,
+        statistic=float(np.nanmean([p.rho for p in per_layer])) if per_layer else float("nan"),
+        z=z_from_log_p(log_p),
+        neg_log10_p=neg_log10_p(log_p),
+        null=Null(null_source, 0.0, 1.0, len(per_layer)),
+        per_layer=per_layer,
+    )
 
 
 BEST_EXPERTS = 2
@@ -101,7 +107,7 @@ def mlp_kind(layout, layer: int) -> str | None:
 def matched_experts(layout_a, layout_b, la: int, lb: int, al: Alignment) -> list[tuple[int, int, float]]:
     """(expert of A, expert of B, cosine) for the BEST_EXPERTS best pairs of the router-row assignment."""
     ea, eb = layout_a.experts(la, "experts.up"), layout_b.experts(lb, "experts.up")
-    Ra = unit_norm(al.a_in(layout_a.read("router", la))[ea], axis=0)   # column-normalised: folded gains cancel
+    Ra = unit_norm(al.a_in(layout_a.read("router", la))[ea], axis=0)  # column-normalised: folded gains cancel
     Rb = unit_norm(al.b_in(layout_b.read("router", lb))[eb], axis=0)
     C = unit_norm(Ra, axis=1) @ unit_norm(Rb, axis=1).T
     rows, cols = linear_sum_assignment(C, maximize=True)
@@ -116,15 +122,22 @@ def mlp_blocks(layout_a, layout_b, la: int, lb: int, al: Alignment) -> list[dict
         return []
     if kind == "dense":
         return [{"block": "mlp", "roles": ("up", "down"), "experts": (None, None)}]
-    blocks = [{"block": f"experts {e_a}↔{e_b} (router cosine {c:.3f})", "roles": ("experts.up", "experts.down"),
-               "experts": (e_a, e_b)} for e_a, e_b, c in matched_experts(layout_a, layout_b, la, lb, al)]
+    blocks = [
+        {
+            "block": f"experts {e_a}↔{e_b} (router cosine {c:.3f})",
+            "roles": ("experts.up", "experts.down"),
+            "experts": (e_a, e_b),
+        }
+        for e_a, e_b, c in matched_experts(layout_a, layout_b, la, lb, al)
+    ]
     if all(lay.has(r, layer) for lay, layer in ((layout_a, la), (layout_b, lb)) for r in ("shared.up", "shared.down")):
         blocks.append({"block": "shared expert", "roles": ("shared.up", "shared.down"), "experts": (None, None)})
     return blocks
 
 
-def phi_u_test(layout_a, layout_b, al: Alignment, pairs: LayerMap, seed: int = 0,
-               max_units: int = MAX_UNITS) -> TestResult | None:
+def phi_u_test(
+    layout_a, layout_b, al: Alignment, pairs: LayerMap, seed: int = 0, max_units: int = MAX_UNITS
+) -> TestResult | None:
     """Per matched layer pair (per expert pair in MoE) ρ_l, z_l = ρ_l√(n_l−1); Fisher over all of them.
 
     ``pairs``: the layer map (layer of A, layer of B), A being the wider model the alignment maps from.
@@ -135,8 +148,14 @@ def phi_u_test(layout_a, layout_b, al: Alignment, pairs: LayerMap, seed: int = 0
         for blk in mlp_blocks(layout_a, layout_b, la, lb, al):
             (up, down), (e_a, e_b) = blk["roles"], blk["experts"]
             up_b = layout_b.read(up, lb, e_b)
-            rho, n = layer_rho(layout_a.read(up, la, e_a), layout_a.read(down, la, e_a), up_b,
-                               layout_b.read(down, lb, e_b), al, subsample_units(rng, up_b.shape[0], max_units))
+            rho, n = layer_rho(
+                layout_a.read(up, la, e_a),
+                layout_a.read(down, la, e_a),
+                up_b,
+                layout_b.read(down, lb, e_b),
+                al,
+                subsample_units(rng, up_b.shape[0], max_units),
+            )
             per_layer.append(LayerRho(la, lb, rho, n, spearman_z(rho, n), block=blk["block"]))
     if not per_layer:
         return None

@@ -30,11 +30,17 @@ def _heatmap(run, M, title, name, xlabel, ylabel, marks=None) -> str:
     fig, ax = new_figure(5, 4)
     im = ax.imshow(np.asarray(M, dtype=float), aspect="auto", cmap="viridis", origin="lower")
     bar = fig.colorbar(im, ax=ax)
-    bar.formatter.set_useOffset(False)   # values like 0.99998 read as such, not as an offset above the title
+    bar.formatter.set_useOffset(False)  # values like 0.99998 read as such, not as an offset above the title
     bar.update_ticks()
     if not np.isfinite(np.asarray(M, dtype=float)).any():
-        ax.text(0.5, 0.5, "undefined everywhere\n(constant vectors, e.g. folded gains)", transform=ax.transAxes,
-                ha="center", va="center")
+        ax.text(
+            0.5,
+            0.5,
+            "undefined everywhere\n(constant vectors, e.g. folded gains)",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+        )
     if marks:
         ax.plot([m[1] for m in marks], [m[0] for m in marks], "r.", ms=6)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -66,9 +72,18 @@ def _hist(run, models) -> str:
 
 
 def _tests_table(p: PairResult) -> list[dict]:
-    return [{"test": t.name, "applies": t.applies, "statistic": t.statistic, "z": t.z, "-log10 p": t.neg_log10_p,
-             "null": None if t.null is None else f"{t.null.source}: {t.null.mean:.3g} ± {t.null.std:.3g}",
-             "reason": t.reason} for t in p.tests]
+    return [
+        {
+            "test": t.name,
+            "applies": t.applies,
+            "statistic": t.statistic,
+            "z": t.z,
+            "-log10 p": t.neg_log10_p,
+            "null": None if t.null is None else f"{t.null.source}: {t.null.mean:.3g} ± {t.null.std:.3g}",
+            "reason": t.reason,
+        }
+        for t in p.tests
+    ]
 
 
 def _phi_figure(run, t: TestResult, name) -> str:
@@ -95,8 +110,11 @@ def _evidence_figure(run, p: PairResult, name) -> str | None:
         return None
     fig, axes = new_figure(11, 3.4, ncols=2)
     ax, bx = axes[0]
-    ax.barh([t.name for t in tests], [t.z for t in tests],
-            color=["tab:blue" if t.name in DECISIVE else "tab:gray" for t in tests])
+    ax.barh(
+        [t.name for t in tests],
+        [t.z for t in tests],
+        color=["tab:blue" if t.name in DECISIVE else "tab:gray" for t in tests],
+    )
     ax.set_xscale("symlog", linthresh=10)
     for x, style in ((T_LO, ":"), (T_HI, "--")):
         ax.axvline(x, color="k", ls=style, lw=1)
@@ -106,8 +124,15 @@ def _evidence_figure(run, p: PairResult, name) -> str | None:
         bx.set_axis_off()
         return run.save_figure(fig, name)
     others = awm.nulls or OtherNulls()
-    nulls = {k: v for k, v in (("unmatched_layers", others.unmatched_layers), ("independents", others.independents),
-                               ("own", others.own)) if v is not None and np.isfinite(v.std)}
+    nulls = {
+        k: v
+        for k, v in (
+            ("unmatched_layers", others.unmatched_layers),
+            ("independents", others.independents),
+            ("own", others.own),
+        )
+        if v is not None and np.isfinite(v.std)
+    }
     x = np.linspace(-0.05, 1.05, 600)
     for label, nl in nulls.items():
         bx.plot(x, norm.pdf(x, nl.mean, max(nl.std, 1e-3)), label=f"{label}: {nl.mean:.3f} ± {nl.std:.3f}")
@@ -131,8 +156,17 @@ def _pair_figures(run, k: int, p: PairResult, ma, mb, focus_layer: int) -> list[
             figs.append(_elementwise(run, a, b, f"{role} layer {focus_layer}", f"p{k}_{role}_elementwise"))
     for t in p.tests:
         if t.name in ("awm", "act_cka") and t.applies:
-            figs.append(_heatmap(run, t.matrix, f"{t.name} CKA (dots: layer map)", f"p{k}_{t.name}_cka",
-                                 "B layer", "A layer", t.layer_map))
+            figs.append(
+                _heatmap(
+                    run,
+                    t.matrix,
+                    f"{t.name} CKA (dots: layer map)",
+                    f"p{k}_{t.name}_cka",
+                    "B layer",
+                    "A layer",
+                    t.layer_map,
+                )
+            )
         if t.name in ("phi_u", "phi_match") and t.applies:
             figs.append(_phi_figure(run, t, f"p{k}_{t.name}"))
     evidence = _evidence_figure(run, p, f"p{k}_evidence")
@@ -149,31 +183,58 @@ def write_run(out, body: dict, models, pairs: list[PairResult], *, seed, timings
         fl = body["naive"]["focus_layer"]
         for k, p in enumerate(pairs):
             figs = _pair_figures(run, k, p, by_name[p.a], by_name[p.b], fl)
-            sections.append(Section(f"{p.a} vs {p.b}: {p.verdict.label}", text="; ".join(p.verdict.reasons),
-                                    table=_tests_table(p) or None, figures=figs,
-                                    note=f"naive: mean raw cosine {_num(p.naive.mean_raw_cosine)}, mean "
-                                         f"Pearson {_num(p.naive.mean_pearson)}, shuffled control "
-                                         f"{_num(p.naive.mean_shuffled)}; layer map "
-                                         f"{None if p.layer_map is None else [list(m) for m in p.layer_map]}"))
+            sections.append(
+                Section(
+                    f"{p.a} vs {p.b}: {p.verdict.label}",
+                    text="; ".join(p.verdict.reasons),
+                    table=_tests_table(p) or None,
+                    figures=figs,
+                    note=f"naive: mean raw cosine {_num(p.naive.mean_raw_cosine)}, mean "
+                    f"Pearson {_num(p.naive.mean_pearson)}, shuffled control "
+                    f"{_num(p.naive.mean_shuffled)}; layer map "
+                    f"{None if p.layer_map is None else [list(m) for m in p.layer_map]}",
+                )
+            )
             focus = p.naive_table["focus"]
             if focus:
-                sections.append(Section(f"{p.a} vs {p.b}: same-layer table at layer {fl} (the seed's headline)",
-                                        table=focus))
+                sections.append(
+                    Section(f"{p.a} vs {p.b}: same-layer table at layer {fl} (the seed's headline)", table=focus)
+                )
             if p.gamma_fold:
-                sections.append(Section(f"γ-fold demonstration ({p.a} folded)", table=p.gamma_fold["rows"][:12],
-                                        text="Folding A's gains into the linear maps they feed keeps A's function; "
-                                             "u = 1 leaves raw cosine at the shuffled level and Pearson undefined, "
-                                             "a transplant of B's gains forges raw = Pearson = 1."))
+                sections.append(
+                    Section(
+                        f"γ-fold demonstration ({p.a} folded)",
+                        table=p.gamma_fold["rows"][:12],
+                        text="Folding A's gains into the linear maps they feed keeps A's function; "
+                        "u = 1 leaves raw cosine at the shuffled level and Pearson undefined, "
+                        "a transplant of B's gains forges raw = Pearson = 1.",
+                    )
+                )
         sections.append(Section("Gain distributions", figures=[gfig]))
-        sections.append(Section("Models and bytes read",
-                                table=[{k: v for k, v in m.items() if k != "bad_numbers"} for m in body["models"]]))
+        sections.append(
+            Section(
+                "Models and bytes read",
+                table=[{k: v for k, v in m.items() if k != "bad_numbers"} for m in body["models"]],
+            )
+        )
         bad = [{"model": m["name"], **b} for m in body["models"] for b in m.get("bad_numbers", [])]
         if bad:
-            sections.insert(0, Section("Bad numbers", table=bad,
-                                       text="These tensors hold NaN, Inf or only zeros. Correlations that touch "
-                                            "them are undefined, and a sound test that read one does not apply."))
-        results = run.write_results(body, inputs=[i for m in models for i in m.layout.handle.inputs()],
-                                    timings=timings)
-        run.write_report(Report(title="lmsurgeon lineage", how_to_read=HOW_TO_READ, sections=sections,
-                                summary={f"{p.a} vs {p.b}": p.verdict.label for p in pairs}))
+            sections.insert(
+                0,
+                Section(
+                    "Bad numbers",
+                    table=bad,
+                    text="These tensors hold NaN, Inf or only zeros. Correlations that touch "
+                    "them are undefined, and a sound test that read one does not apply.",
+                ),
+            )
+        results = run.write_results(body, inputs=[i for m in models for i in m.layout.handle.inputs()], timings=timings)
+        run.write_report(
+            Report(
+                title="lmsurgeon lineage",
+                how_to_read=HOW_TO_READ,
+                sections=sections,
+                summary={f"{p.a} vs {p.b}": p.verdict.label for p in pairs},
+            )
+        )
     return {**results, "out": str(run.path)}

@@ -91,7 +91,7 @@ class LayerRho:
     n_units: int
     z: float
     neg_log10_p: float = float("nan")
-    block: str | None = None        # "mlp", "experts i↔j (router cosine c)", "shared expert"; None: dense φ_MATCH
+    block: str | None = None  # "mlp", "experts i↔j (router cosine c)", "shared expert"; None: dense φ_MATCH
 
     def turned(self) -> LayerRho:
         return replace(self, a=self.b, b=self.a)
@@ -120,8 +120,12 @@ class OtherNulls:
     def to_json(self) -> dict:
         out: dict = {}
         if self.permutation is not None:
-            out = {"permutation": self.permutation.to_json(), "unmatched_layers": _json(self.unmatched_layers),
-                   "independents": _json(self.independents), "z_permutation": self.z_permutation}
+            out = {
+                "permutation": self.permutation.to_json(),
+                "unmatched_layers": _json(self.unmatched_layers),
+                "independents": _json(self.independents),
+                "z_permutation": self.z_permutation,
+            }
         if self.own_z is not None:
             out["own"] = (self.own.to_json() if self.own else {}) | {"z": self.own_z}
         return out
@@ -139,7 +143,7 @@ class TestResult:
     p. ``layer_map`` and ``per_layer`` follow the module's layer convention (A's layer, B's layer).
     """
 
-    __test__ = False                      # not a pytest test class despite the name
+    __test__ = False  # not a pytest test class despite the name
 
     name: str
     applies: bool
@@ -150,12 +154,12 @@ class TestResult:
     null: Null | None = None
     per_layer: list[LayerCka | LayerRho] = field(default_factory=list)
     layer_map: LayerMap | None = None
-    matrix: np.ndarray | None = None      # [layers of A, layers of B]: the matrix the layer map was chosen on
-    align: str | None = None              # awm: residual alignment method
-    monotone: bool | None = None          # awm: the layer map keeps layer order
-    decisive: bool | None = None          # act_cka: False (it never decides)
-    n_items: int | None = None            # act_cka: shared word items read
-    layer_map_from: str | None = None     # phi_match: the test whose layer map it used
+    matrix: np.ndarray | None = None  # [layers of A, layers of B]: the matrix the layer map was chosen on
+    align: str | None = None  # awm: residual alignment method
+    monotone: bool | None = None  # awm: the layer map keeps layer order
+    decisive: bool | None = None  # act_cka: False (it never decides)
+    n_items: int | None = None  # act_cka: shared word items read
+    layer_map_from: str | None = None  # phi_match: the test whose layer map it used
     nulls: OtherNulls | None = None
 
     @classmethod
@@ -182,9 +186,12 @@ class TestResult:
 
     def turned(self) -> TestResult:
         """The same result with A and B exchanged (layer map, per-layer rows and matrix)."""
-        return replace(self, per_layer=[p.turned() for p in self.per_layer],
-                       layer_map=None if self.layer_map is None else [(b, a) for a, b in self.layer_map],
-                       matrix=None if self.matrix is None else np.asarray(self.matrix).T)
+        return replace(
+            self,
+            per_layer=[p.turned() for p in self.per_layer],
+            layer_map=None if self.layer_map is None else [(b, a) for a, b in self.layer_map],
+            matrix=None if self.matrix is None else np.asarray(self.matrix).T,
+        )
 
     def to_json(self) -> dict:
         out: dict = {"name": self.name, "applies": self.applies}
@@ -193,8 +200,7 @@ class TestResult:
         out["reason"] = self.reason
         if self.align is not None:
             out["align"] = self.align
-        out |= {"statistic": self.statistic, "z": self.z, "neg_log10_p": self.neg_log10_p,
-                "null": _json(self.null)}
+        out |= {"statistic": self.statistic, "z": self.z, "neg_log10_p": self.neg_log10_p, "null": _json(self.null)}
         nulls = self.nulls.to_json() if self.nulls else {}
         if nulls:
             out["nulls"] = nulls
@@ -212,7 +218,7 @@ class TestResult:
         return out
 
 
-ANALYTIC_Z = ("phi_u", "phi_match")   # tests whose z is analytic; --null models measure that z, not the statistic
+ANALYTIC_Z = ("phi_u", "phi_match")  # tests whose z is analytic; --null models measure that z, not the statistic
 
 
 @dataclass(frozen=True)
@@ -228,13 +234,17 @@ class AlignmentFacts:
     """How B's residual basis was matched to A's for the weight tests (None: it could not be)."""
 
     method: str
-    swapped: bool                           # the weight tests ran with B first (B is the wider model)
+    swapped: bool  # the weight tests ran with B first (B is the wider model)
     shared_tokens: int | None
     embedding_mean_abs_corr: float | None
 
     def to_json(self) -> dict:
-        return {"method": self.method, "swapped": self.swapped, "shared_tokens": self.shared_tokens,
-                "embedding_mean_abs_corr": self.embedding_mean_abs_corr}
+        return {
+            "method": self.method,
+            "swapped": self.swapped,
+            "shared_tokens": self.shared_tokens,
+            "embedding_mean_abs_corr": self.embedding_mean_abs_corr,
+        }
 
 
 @dataclass(frozen=True)
@@ -247,8 +257,12 @@ class NaiveSummary:
     mean_shuffled: float
 
     def to_json(self) -> dict:
-        return {"mean_raw_cosine": self.mean_raw_cosine, "mean_pearson": self.mean_pearson,
-                "mean_spearman": self.mean_spearman, "mean_shuffled": self.mean_shuffled}
+        return {
+            "mean_raw_cosine": self.mean_raw_cosine,
+            "mean_pearson": self.mean_pearson,
+            "mean_spearman": self.mean_spearman,
+            "mean_shuffled": self.mean_shuffled,
+        }
 
 
 @dataclass
@@ -277,8 +291,14 @@ class PairResult:
         return next((t for t in self.tests if t.name == name), None)
 
     def to_json(self) -> dict:
-        out: dict = {"a": self.a, "b": self.b, "naive": self.naive.to_json(), "verdict": self.verdict.label,
-               "reasons": self.verdict.reasons, "tests": [t.to_json() for t in self.tests]}
+        out: dict = {
+            "a": self.a,
+            "b": self.b,
+            "naive": self.naive.to_json(),
+            "verdict": self.verdict.label,
+            "reasons": self.verdict.reasons,
+            "tests": [t.to_json() for t in self.tests],
+        }
         if self.alignment is not None:
             out["alignment"] = self.alignment.to_json()
         out["layer_map"] = None if self.layer_map is None else [list(p) for p in self.layer_map]

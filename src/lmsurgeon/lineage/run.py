@@ -45,13 +45,29 @@ class Model:
     def entry(self) -> dict:
         """The model's ``results.json`` entry (bytes read so far)."""
         h, lay = self.layout.handle, self.layout
-        return {"name": self.name, "source": str(self.source), "revision": h.revision, "family": lay.family.name,
-                "n_layers": lay.n_layers, "hidden_size": lay.hidden_size, "bytes_read": h.bytes_read,
-                "naive_bytes_read": self.naive_bytes_read, "bad_numbers": list(lay.bad.values())}
+        return {
+            "name": self.name,
+            "source": str(self.source),
+            "revision": h.revision,
+            "family": lay.family.name,
+            "n_layers": lay.n_layers,
+            "hidden_size": lay.hidden_size,
+            "bytes_read": h.bytes_read,
+            "naive_bytes_read": self.naive_bytes_read,
+            "bad_numbers": list(lay.bad.values()),
+        }
 
 
-def compare(sources: list[str], out: str | Path | None = None, config: LineageConfig | None = None, *,
-            overwrite: bool = False, write: bool = True, progress: bool = False, **options) -> dict:
+def compare(
+    sources: list[str],
+    out: str | Path | None = None,
+    config: LineageConfig | None = None,
+    *,
+    overwrite: bool = False,
+    write: bool = True,
+    progress: bool = False,
+    **options,
+) -> dict:
     """Compare ``sources[0]`` against each other source (every pair with ``all_pairs``); write the run folder
     (unless ``write`` is False) and return the results.
 
@@ -73,16 +89,19 @@ def compare(sources: list[str], out: str | Path | None = None, config: LineageCo
     texts = _text_loader(config.text)
     fold_logits = {} if config.naive_only else fold_demos(models, texts)
     null_layouts = [CheckedLayout(open_model(s)) for s in config.null]
-    pairs = [compare_pair(models[x], models[y], config, texts, null_layouts)
-             for x, y in _pair_indices(len(models), config.all_pairs, progress)]
+    pairs = [
+        compare_pair(models[x], models[y], config, texts, null_layouts)
+        for x, y in _pair_indices(len(models), config.all_pairs, progress)
+    ]
     body = results_body(models, pairs, config, fold_logits)
     timings = {"naive_seconds": t_naive - t0, "total_compare_seconds": time.time() - t0}
     if not write:
         from lmsurgeon.report.results import jsonable
+
         return jsonable({"schema": SCHEMA, "seed": config.seed, **body, "timings": timings})
     from lmsurgeon.lineage.report import write_run
-    return write_run(out, body, models, pairs, seed=config.seed, timings=timings, overwrite=overwrite)
 
+    return write_run(out, body, models, pairs, seed=config.seed, timings=timings, overwrite=overwrite)
 
 
 # -- steps -------------------------------------------------------------------------------------------------
@@ -98,16 +117,20 @@ def open_models(sources: list[str]) -> list[Model]:
 
 def _text_loader(text: str | None):
     """The activation tests' texts, read on first use only (the first N_TEXTS of the validation split)."""
+
     @cache
     def texts() -> list[str]:
         from lmsurgeon.data import load_texts
+
         return load_texts(text, split="validation")[:N_TEXTS]
+
     return texts
 
 
 def fold_demos(models: list[Model], texts) -> dict:
     """Per pre-norm model, the largest logit change when all its gains are folded to 1 (γ-fold demonstration)."""
     from lmsurgeon.lineage.fold import fold_logit_change
+
     return {m.name: fold_logit_change(m.layout, " ".join(texts()[:2])) for m in models if is_pre_norm(m.layout)}
 
 
@@ -115,6 +138,7 @@ def _pair_indices(n: int, all_pairs: bool, progress: bool):
     combos = list(itertools.combinations(range(n), 2)) if all_pairs else [(0, k) for k in range(1, n)]
     if progress:
         from rich.progress import track
+
         return track(combos, description="lineage pairs", transient=True)
     return combos
 
@@ -124,14 +148,20 @@ def compare_pair(ma: Model, mb: Model, config: LineageConfig, texts, null_layout
     la, lb = ma.layout, mb.layout
     pn = naive.pair_naive(ma.norms, mb.norms, depth=config.depth, seed=config.seed)
     fl = naive.focus_layer(min(la.n_layers, lb.n_layers), config.focus_layer)
-    pair = PairResult(ma.name, mb.name,
-                      naive=NaiveSummary(pn["mean_raw_cosine"], pn["mean_pearson"], pn["mean_spearman"],
-                                         pn["mean_shuffled"]),
-                      verdict=Verdict("inconclusive", ["--naive-only: naive numbers never decide"]),
-                      matrices=pn["matrices"],
-                      gamma_fold=naive.gamma_fold_demo(ma.norms, mb.norms) if is_pre_norm(la) else None,
-                      naive_table={"a": ma.name, "b": mb.name, "rows": pn["same_layer"],
-                                   "focus": [r for r in pn["same_layer"] if r["layer_a"] == fl]})
+    pair = PairResult(
+        ma.name,
+        mb.name,
+        naive=NaiveSummary(pn["mean_raw_cosine"], pn["mean_pearson"], pn["mean_spearman"], pn["mean_shuffled"]),
+        verdict=Verdict("inconclusive", ["--naive-only: naive numbers never decide"]),
+        matrices=pn["matrices"],
+        gamma_fold=naive.gamma_fold_demo(ma.norms, mb.norms) if is_pre_norm(la) else None,
+        naive_table={
+            "a": ma.name,
+            "b": mb.name,
+            "rows": pn["same_layer"],
+            "focus": [r for r in pn["same_layer"] if r["layer_a"] == fl],
+        },
+    )
     if config.naive_only:
         return pair
     t_pair = time.time()
@@ -152,15 +182,17 @@ def sound_tests(la, lb, config: LineageConfig, texts, null_layouts) -> tuple[lis
     seed, align = config.seed, config.align
     out, facts = weight_tests(la, lb, weight, seed, align)
     if null_layouts and out:
-        measure_against_null_models(out, la, lb, null_layouts,
-                                    lambda x, nl: weight_tests(x, nl, weight, seed, align)[0])
+        measure_against_null_models(
+            out, la, lb, null_layouts, lambda x, nl: weight_tests(x, nl, weight, seed, align)[0]
+        )
     wanted = [t for t in ACTIVATION_TESTS if t in config.tests]
     if wanted:
         acts = _activation_tests(la, lb, texts(), wanted, seed)
-        decisive = [t for t in acts if t.name == "phi_match"]   # act_cka never decides: its own null stays
+        decisive = [t for t in acts if t.name == "phi_match"]  # act_cka never decides: its own null stays
         if null_layouts and decisive:
-            measure_against_null_models(decisive, la, lb, null_layouts,
-                                        lambda x, nl: _activation_tests(x, nl, texts(), ("phi_match",), seed))
+            measure_against_null_models(
+                decisive, la, lb, null_layouts, lambda x, nl: _activation_tests(x, nl, texts(), ("phi_match",), seed)
+            )
         out += acts
     return out, facts
 
@@ -197,11 +229,13 @@ def results_body(models: list[Model], pairs: list[PairResult], config: LineageCo
         "config": config.to_json(),
         "models": [m.entry() for m in models],
         "thresholds": {"T_hi": T_HI, "T_lo": T_LO},
-        "naive": {"focus_layer": naive.focus_layer(min(m.layout.n_layers for m in models), config.focus_layer),
-                  "same_layer": [p.naive_table for p in pairs],
-                  "gain_summary": {m.name: naive.gain_summary(m.norms) for m in models},
-                  "gamma_fold": {f"{p.a} vs {p.b}": p.gamma_fold for p in pairs},
-                  "gamma_fold_logits": fold_logits},
+        "naive": {
+            "focus_layer": naive.focus_layer(min(m.layout.n_layers for m in models), config.focus_layer),
+            "same_layer": [p.naive_table for p in pairs],
+            "gain_summary": {m.name: naive.gain_summary(m.norms) for m in models},
+            "gamma_fold": {f"{p.a} vs {p.b}": p.gamma_fold for p in pairs},
+            "gamma_fold_logits": fold_logits,
+        },
         "pairs": [p.to_json() for p in pairs],
     }
 

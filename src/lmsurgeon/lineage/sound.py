@@ -13,7 +13,7 @@ from lmsurgeon.lineage.phi_u import mlp_kind, phi_u_test
 from lmsurgeon.lineage.results import AlignmentFacts, TestResult
 
 WEIGHT_TESTS = ("awm", "phi_u")
-ALIGNMENT_FITS = {"permutation": align_residual, "procrustes": align_rotation}   # LineageConfig.align → fit
+ALIGNMENT_FITS = {"permutation": align_residual, "procrustes": align_rotation}  # LineageConfig.align → fit
 
 
 def _roles_missing(layout, roles) -> str | None:
@@ -34,7 +34,7 @@ def _mlp_missing(layout) -> str | None:
 def alignment(wide, narrow, seed: int = 0, method: str = "permutation") -> tuple[Alignment | None, str]:
     """(alignment of ``wide``'s residual basis onto ``narrow``'s, "") or (None, why it cannot be fitted).
 
-    ``method``: ``permutation`` (units and signs, spec §7.1) or ``procrustes`` (any orthogonal map)."""
+    ``method``: ``permutation`` (units and signs, methods.md §L7.1) or ``procrustes`` (any orthogonal map)."""
     ta, tb = wide.handle.tokenizer, narrow.handle.tokenizer
     if ta is None or tb is None:
         return None, "a model has no tokenizer.json (shared tokens unknown)"
@@ -50,19 +50,24 @@ def alignment(wide, narrow, seed: int = 0, method: str = "permutation") -> tuple
     return ALIGNMENT_FITS[method](E_A, E_B), ""
 
 
-def weight_tests(la, lb, tests: tuple[str, ...], seed: int = 0,
-                 align: str = "permutation") -> tuple[list[TestResult], AlignmentFacts]:
+def weight_tests(
+    la, lb, tests: tuple[str, ...], seed: int = 0, align: str = "permutation"
+) -> tuple[list[TestResult], AlignmentFacts]:
     """The requested weight tests (awm, phi_u) for A = ``la`` and B = ``lb``, and how the bases were aligned."""
     swapped = lb.hidden_size > la.hidden_size
     wide, narrow = (lb, la) if swapped else (la, lb)
     al, why = alignment(wide, narrow, seed, align)
-    facts = AlignmentFacts(align, swapped, None if al is None else al.n_tokens,
-                           None if al is None else al.mean_abs_corr)
+    facts = AlignmentFacts(
+        align, swapped, None if al is None else al.n_tokens, None if al is None else al.mean_abs_corr
+    )
     out = []
     if "awm" in tests or "phi_u" in tests:
         missing = _roles_missing(wide, ("q", "k")) or _roles_missing(narrow, ("q", "k"))
-        awm = awm_test(wide, narrow, al, seed=seed) if al is not None and not missing else \
-            TestResult.not_applicable("awm", why or missing or "")
+        awm = (
+            awm_test(wide, narrow, al, seed=seed)
+            if al is not None and not missing
+            else TestResult.not_applicable("awm", why or missing or "")
+        )
         if "awm" in tests:
             out.append(awm)
     if "phi_u" in tests:
@@ -72,6 +77,10 @@ def weight_tests(la, lb, tests: tuple[str, ...], seed: int = 0,
         elif not awm.applies or awm.layer_map is None:
             out.append(TestResult.not_applicable("phi_u", "no layer map (awm did not apply)"))
         else:
-            out.append(phi_u_test(wide, narrow, al, awm.layer_map, seed=seed) or TestResult.not_applicable(
-                "phi_u", "no matched layer pair has the same MLP kind (dense or experts) on both"))
+            out.append(
+                phi_u_test(wide, narrow, al, awm.layer_map, seed=seed)
+                or TestResult.not_applicable(
+                    "phi_u", "no matched layer pair has the same MLP kind (dense or experts) on both"
+                )
+            )
     return [t.turned() if swapped and t.applies else t for t in out], facts

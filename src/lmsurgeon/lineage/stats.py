@@ -1,4 +1,4 @@
-"""The statistics of the lineage spec (§2, §7.3), one implementation each, all in float64.
+"""The statistics of methods.md (§L2, §L7.3), one implementation each, all in float64.
 
 Undefined values (a constant vector's correlation) are ``nan``, never 0, so a report cannot mistake "no
 information" for "no correlation". p-values are carried as natural logs so that z = 40 does not underflow.
@@ -69,8 +69,13 @@ def gain_summary(g) -> dict:
     """mean/std/cv/min/max of a gain vector (cv = std/|mean|, the quantity that bounds what raw cosine can say)."""
     g = _f64(g)
     m, s = float(g.mean()), float(g.std())
-    return {"mean": m, "std": s, "cv": s / abs(m) if m != 0 else float("nan"), "min": float(g.min()),
-            "max": float(g.max())}
+    return {
+        "mean": m,
+        "std": s,
+        "cv": s / abs(m) if m != 0 else float("nan"),
+        "min": float(g.min()),
+        "max": float(g.max()),
+    }
 
 
 # -- p-values in log space -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The three-way verdict (spec §7.7) from the decisive tests' z-scores; naive numbers never count.
+"""The three-way verdict (methods.md §L7.7) from the decisive tests' z-scores; naive numbers never count.
 
 Thresholds: T_hi = 5 and T_lo = 3 standard deviations of each test's stated null (one-sided p ≈ 3e-7 and
 1e-3). They are fixed by the null's scale, not fitted to any particular set of models.
@@ -21,7 +21,7 @@ def verdict(tests: list[TestResult]) -> Verdict:
     if not used:
         reasons = [f"{t.name}: {t.reason}" for t in tests if not t.applies]
         return Verdict("inconclusive", ["no decisive test applies"] + reasons)
-    zs = {t.name: float(t.z or 0.0) for t in used}          # every z here is finite
+    zs = {t.name: float(t.z or 0.0) for t in used}  # every z here is finite
     desc = ", ".join(f"{k} z={v:.1f}" for k, v in zs.items())
     hi, lo = max(zs.values()), min(zs.values())
     if hi >= T_HI and lo >= T_LO:
@@ -31,6 +31,8 @@ def verdict(tests: list[TestResult]) -> Verdict:
     reasons = [f"tests disagree ({desc}): derived needs max ≥ {T_HI} and min ≥ {T_LO}"]
     permutation = all((t.align or "permutation") == "permutation" for t in used)
     if permutation and zs.get("phi_match", 0.0) >= T_HI and min(zs.get("awm", T_HI), zs.get("phi_u", T_HI)) < T_LO:
-        reasons.append("activations match but weights do not: a rotated residual basis (folded gains) fits this; "
-                       "rerun the weight tests with --align procrustes")
+        reasons.append(
+            "activations match but weights do not: a rotated residual basis (folded gains) fits this; "
+            "rerun the weight tests with --align procrustes"
+        )
     return Verdict("inconclusive", reasons)

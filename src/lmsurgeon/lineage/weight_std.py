@@ -50,16 +50,19 @@ def zscore(profile) -> np.ndarray:
 class WeightStdComparison:
     """Both models' σ profiles, the per-role Pearson r over the layer pairs, and the fingerprint score."""
 
-    stds_a: dict[str, np.ndarray]   # role → σ per layer of model A
+    stds_a: dict[str, np.ndarray]  # role → σ per layer of model A
     stds_b: dict[str, np.ndarray]
     pairs: list[tuple[int, int]]
-    per_role: dict[str, float]      # role → Pearson r of the paired profiles
-    fingerprint: float              # Pearson r of the concatenated z-scored profiles (= mean of per_role)
+    per_role: dict[str, float]  # role → Pearson r of the paired profiles
+    fingerprint: float  # Pearson r of the concatenated z-scored profiles (= mean of per_role)
 
 
-def compare_weight_std(weights_a: Mapping[str, Sequence], weights_b: Mapping[str, Sequence],
-                       pairs: Sequence[tuple[int, int]] | None = None,
-                       roles: Sequence[str] = ROLES) -> WeightStdComparison:
+def compare_weight_std(
+    weights_a: Mapping[str, Sequence],
+    weights_b: Mapping[str, Sequence],
+    pairs: Sequence[tuple[int, int]] | None = None,
+    roles: Sequence[str] = ROLES,
+) -> WeightStdComparison:
     """The dispute's statistic for two models given per-role lists of per-layer matrices (any orientation).
 
     ``pairs`` (A layer, B layer) defaults to the identity for models of equal depth; pass a depth map otherwise.
@@ -82,6 +85,7 @@ def compare_weight_std(weights_a: Mapping[str, Sequence], weights_b: Mapping[str
     ia = np.array([i for i, _ in pairs])
     ib = np.array([j for _, j in pairs])
     per_role = {r: stats.pearson(stds_a[r][ia], stds_b[r][ib]) for r in roles}
-    fingerprint = stats.pearson(np.concatenate([zscore(stds_a[r][ia]) for r in roles]),
-                                np.concatenate([zscore(stds_b[r][ib]) for r in roles]))
+    fingerprint = stats.pearson(
+        np.concatenate([zscore(stds_a[r][ia]) for r in roles]), np.concatenate([zscore(stds_b[r][ib]) for r in roles])
+    )
     return WeightStdComparison(stds_a, stds_b, pairs, per_role, fingerprint)

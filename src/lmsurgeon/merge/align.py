@@ -1,4 +1,4 @@
-"""Donor → base row map: centring, orthogonal Procrustes, Umeyama scale (spec §2.2), soft clip (§2.3).
+"""Donor → base row map: centring, orthogonal Procrustes, Umeyama scale (methods.md §M2.2), soft clip (§M2.3).
 
 The fit itself is ``lmsurgeon.tokens.procrustes`` (shared with lineage, which also decides how unequal widths
 are handled: no zero-padding; a wider donor is projected by the polar factor of the least-squares map).
@@ -19,8 +19,14 @@ class Alignment(SimilarityMap):
     """map(x) = s (x − μ_X) R + μ_Y from donor rows (X, d_D wide) to base rows (Y, d_B wide)."""
 
     def summary(self) -> dict[str, Any]:
-        return {"n": self.n, "s": self.s, "residual": self.residual, "retained_energy": self.retained_energy,
-                "d_donor": int(self.R.shape[0]), "d_base": int(self.R.shape[1])}
+        return {
+            "n": self.n,
+            "s": self.s,
+            "residual": self.residual,
+            "retained_energy": self.retained_energy,
+            "d_donor": int(self.R.shape[0]),
+            "d_base": int(self.R.shape[1]),
+        }
 
 
 def fit_alignment(X: np.ndarray, Y: np.ndarray, proper_rotation: bool = False) -> Alignment:

@@ -1,4 +1,4 @@
-"""Cosine gate and logistic alpha schedule (spec §2.4): which rows move, and how far toward the donor."""
+"""Cosine gate and logistic alpha schedule (methods.md §M2.4): which rows move, and how far toward the donor."""
 
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ def _sigmoid(z: np.ndarray | float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
 
 
-def alpha_schedule(c: np.ndarray, k: int, min_tau: float, alpha_floor: float, alpha_cap: float,
-                   gamma: float = 12.0) -> Schedule:
+def alpha_schedule(
+    c: np.ndarray, k: int, min_tau: float, alpha_floor: float, alpha_cap: float, gamma: float = 12.0
+) -> Schedule:
     """Kset = top-k of {c_i ≥ min_tau} (ties → lower position); α from floor (weakest) to cap (strongest)."""
     c = np.asarray(c, dtype=np.float64)
     eligible = np.flatnonzero(c >= min_tau)

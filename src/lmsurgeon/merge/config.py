@@ -24,8 +24,16 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32")
 ALWAYS, WHEN_CHANGED = "always", "when_changed"
 
 
-def _param(default: Any, help: str, *, choices: tuple | None = None, kind: str | None = None,
-           study: str | None = None, cli: bool = True, default_factory: Any = MISSING) -> Any:
+def _param(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    kind: str | None = None,
+    study: str | None = None,
+    cli: bool = True,
+    default_factory: Any = MISSING,
+) -> Any:
     meta = {"help": help, "choices": choices, "kind": kind, "study": study, "cli": cli}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
@@ -43,27 +51,42 @@ class MergeConfig:
     max_shared: int = _param(50_000, "Cap on shared tokens (0 = all).", study=ALWAYS)
     dtype: str = _param("fp32", "Dtype the base is loaded and merged in.", choices=DTYPE_NAMES, study=ALWAYS)
     gamma: float = _param(12.0, "Steepness of the logistic α schedule.", study=ALWAYS)
-    on_stage_a_fail: str = _param("rollback", "What to do when Stage A trips the guard.",
-                                  choices=("rollback", "keep"), study=ALWAYS)
+    on_stage_a_fail: str = _param(
+        "rollback", "What to do when Stage A trips the guard.", choices=("rollback", "keep"), study=ALWAYS
+    )
     space: str | None = _param(None, "JSON overriding search ranges.", kind="file", study=ALWAYS)
-    init_nonshared: str | None = _param(None, "Also initialise non-shared rows by OMP over the shared anchors.",
-                                        choices=("omp",), study=ALWAYS)
+    init_nonshared: str | None = _param(
+        None, "Also initialise non-shared rows by OMP over the shared anchors.", choices=("omp",), study=ALWAYS
+    )
     omp_k: int = _param(64, "Anchors per OMP row.", study=ALWAYS)
     max_length: int = _param(512, "Tokens kept per prompt.", study=WHEN_CHANGED)
-    objective: str = _param("seed", "seed: minimise relative perplexity and maximise symKL on the search text; "
-                                    "domain: minimise bits per byte on the search text with general-text bits per "
-                                    "byte at most the base's × (1 + --tolerance).",
-                            choices=("seed", "domain"), study=WHEN_CHANGED)
-    tolerance: float = _param(0.005, "--objective domain: how much worse than the base general text may get.",
-                              study=WHEN_CHANGED)
+    objective: str = _param(
+        "seed",
+        "seed: minimise relative perplexity and maximise symKL on the search text; "
+        "domain: minimise bits per byte on the search text with general-text bits per "
+        "byte at most the base's × (1 + --tolerance).",
+        choices=("seed", "domain"),
+        study=WHEN_CHANGED,
+    )
+    tolerance: float = _param(
+        0.005, "--objective domain: how much worse than the base general text may get.", study=WHEN_CHANGED
+    )
 
     # -- the text the merge is measured on
-    prompts_file: str | None = _param(None, "Search text: drives the guard and the objectives (default: built-in "
-                                            "corpus, validation split).", kind="file")
-    eval_file: str | None = _param(None, "Held-out text, never searched on: the best trial is reported on it "
-                                         "(default: the next documents of the search text's source).", kind="file")
-    general_file: str | None = _param(None, "General text the merge must not make worse (default: built-in "
-                                            "corpus, test split).", kind="file")
+    prompts_file: str | None = _param(
+        None,
+        "Search text: drives the guard and the objectives (default: built-in corpus, validation split).",
+        kind="file",
+    )
+    eval_file: str | None = _param(
+        None,
+        "Held-out text, never searched on: the best trial is reported on it "
+        "(default: the next documents of the search text's source).",
+        kind="file",
+    )
+    general_file: str | None = _param(
+        None, "General text the merge must not make worse (default: built-in corpus, test split).", kind="file"
+    )
     max_prompts: int = _param(64, "Documents read from each text (0 = all).")
 
     # -- the search
@@ -129,8 +152,14 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(jsonable(parts), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def study_fingerprint(base_inputs: list, donor_inputs: list, texts: list[str], config: MergeConfig,
-                      space: dict, general_texts: list[str] | None = None) -> str:
+def study_fingerprint(
+    base_inputs: list,
+    donor_inputs: list,
+    texts: list[str],
+    config: MergeConfig,
+    space: dict,
+    general_texts: list[str] | None = None,
+) -> str:
     """What a resumed study must share with the one it continues: both models' files, the search texts and
     every study-defining field of ``config`` (and the general texts when they constrain the objective)."""
     extra = [] if general_texts is None else [{"general_texts": general_texts}]

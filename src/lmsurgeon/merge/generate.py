@@ -1,4 +1,4 @@
-"""Deterministic greedy generation of base vs merged on fixed prompts (spec §5).
+"""Deterministic greedy generation of base vs merged on fixed prompts (methods.md §M5).
 
 Determinism is asked of PyTorch, never assumed: CUBLAS_WORKSPACE_CONFIG is set before CUDA starts,
 `torch.use_deterministic_algorithms(True)` makes an op without a deterministic kernel raise, and every RNG is
@@ -43,8 +43,9 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def _encode(tok, prompt: str):
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                       return_tensors="pt", return_dict=True)["input_ids"]
+        return tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
     return tok(prompt, return_tensors="pt")["input_ids"]
 
 
@@ -58,16 +59,26 @@ def greedy(model, tok, prompt: str, max_new_tokens: int, max_positions: int | No
 
     ids = _encode(tok, prompt).to(model.device)
     if max_positions:
-        ids = ids[:, -(max_positions - 1):]
+        ids = ids[:, -(max_positions - 1) :]
         max_new_tokens = max(0, min(max_new_tokens, max_positions - ids.shape[1]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad if pad is not None else 0)
-    new = out[0, ids.shape[1]:].tolist()
-    return {"text": tok.decode(new, skip_special_tokens=True), "ids": new, "n_tokens": len(new),
-            "seconds": time.perf_counter() - t0}
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad if pad is not None else 0,
+        )
+    new = out[0, ids.shape[1] :].tolist()
+    return {
+        "text": tok.decode(new, skip_special_tokens=True),
+        "ids": new,
+        "n_tokens": len(new),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def first_diff(a: list[int], b: list[int]) -> int | None:
@@ -78,9 +89,19 @@ def first_diff(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def compare_generation(base: str, merged: str, prompts: str | Path, out=None, *, tokenizer: str | None = None,
-                       seed: int = 42, max_new_tokens: int = 256, dtype: str = "fp32", device: str = "cpu",
-                       trust_remote_code: bool = False) -> dict:
+def compare_generation(
+    base: str,
+    merged: str,
+    prompts: str | Path,
+    out=None,
+    *,
+    tokenizer: str | None = None,
+    seed: int = 42,
+    max_new_tokens: int = 256,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> dict:
     """Greedy answers of both models to each prompt → results.jsonl, results.md, results.json (diff summary)."""
     make_deterministic(seed)
     from lmsurgeon.io import open_model
@@ -89,8 +110,7 @@ def compare_generation(base: str, merged: str, prompts: str | Path, out=None, *,
 
     texts = read_prompts(prompts)
     hb, hm = open_model(base), open_model(merged)
-    tok = open_model(tokenizer).load_tokenizer(trust_remote_code) if tokenizer else hb.load_tokenizer(
-        trust_remote_code)
+    tok = open_model(tokenizer).load_tokenizer(trust_remote_code) if tokenizer else hb.load_tokenizer(trust_remote_code)
     records = []
     models = {}
     for name, h in (("base", hb), ("merged", hm)):
@@ -103,33 +123,74 @@ def compare_generation(base: str, merged: str, prompts: str | Path, out=None, *,
         rb = greedy(models["base"], tok, p, max_new_tokens, limit)
         rm = greedy(models["merged"], tok, p, max_new_tokens, limit)
         d = first_diff(rb["ids"], rm["ids"])
-        records.append({"index": i, "prompt": p,
-                        "base": {k: rb[k] for k in ("text", "n_tokens", "seconds")},
-                        "merged": {k: rm[k] for k in ("text", "n_tokens", "seconds")},
-                        "identical": d is None, "first_diff_token": d})
+        records.append(
+            {
+                "index": i,
+                "prompt": p,
+                "base": {k: rb[k] for k in ("text", "n_tokens", "seconds")},
+                "merged": {k: rm[k] for k in ("text", "n_tokens", "seconds")},
+                "identical": d is None,
+                "first_diff_token": d,
+            }
+        )
     n_same = sum(r["identical"] for r in records)
     diffs = [r["first_diff_token"] for r in records if r["first_diff_token"] is not None]
-    summary = {"prompts": len(records), "identical": n_same, "different": len(records) - n_same,
-               "first_diff_token_median": float(np.median(diffs)) if diffs else None}
+    summary = {
+        "prompts": len(records),
+        "identical": n_same,
+        "different": len(records) - n_same,
+        "first_diff_token_median": float(np.median(diffs)) if diffs else None,
+    }
     with RunFolder(out, command="compare-generation", seed=seed) as run:
         # results.jsonl carries no timings, so two runs with the same inputs are byte-identical
-        lines = [json.dumps({**r, "base": {**r["base"], "seconds": None}, "merged": {**r["merged"], "seconds": None}},
-                            ensure_ascii=False, sort_keys=True) for r in records]
+        lines = [
+            json.dumps(
+                {**r, "base": {**r["base"], "seconds": None}, "merged": {**r["merged"], "seconds": None}},
+                ensure_ascii=False,
+                sort_keys=True,
+            )
+            for r in records
+        ]
         (run.path / "results.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        (run.path / "timings.json").write_text(json.dumps([{"index": r["index"], "base": r["base"]["seconds"],
-                                                             "merged": r["merged"]["seconds"]} for r in records]))
+        (run.path / "timings.json").write_text(
+            json.dumps(
+                [{"index": r["index"], "base": r["base"]["seconds"], "merged": r["merged"]["seconds"]} for r in records]
+            )
+        )
         (run.path / "results.md").write_text(_markdown(records, summary), encoding="utf-8")
-        results = run.write_results({"base": str(base), "merged": str(merged), "max_new_tokens": max_new_tokens,
-                                     "summary": summary, "records": records},
-                                    inputs=hb.inputs() + hm.inputs())
-        run.write_report(Report(title="Generation comparison", summary=summary,
-                                how_to_read="Greedy decoding of the same prompts by both models; "
-                                            "first_diff_token is where the merged answer departs.",
-                                sections=[Section("Answers", table=[{"#": r["index"], "prompt": r["prompt"],
-                                                                     "base": r["base"]["text"],
-                                                                     "merged": r["merged"]["text"],
-                                                                     "first diff": r["first_diff_token"]}
-                                                                    for r in records])]))
+        results = run.write_results(
+            {
+                "base": str(base),
+                "merged": str(merged),
+                "max_new_tokens": max_new_tokens,
+                "summary": summary,
+                "records": records,
+            },
+            inputs=hb.inputs() + hm.inputs(),
+        )
+        run.write_report(
+            Report(
+                title="Generation comparison",
+                summary=summary,
+                how_to_read="Greedy decoding of the same prompts by both models; "
+                "first_diff_token is where the merged answer departs.",
+                sections=[
+                    Section(
+                        "Answers",
+                        table=[
+                            {
+                                "#": r["index"],
+                                "prompt": r["prompt"],
+                                "base": r["base"]["text"],
+                                "merged": r["merged"]["text"],
+                                "first diff": r["first_diff_token"],
+                            }
+                            for r in records
+                        ],
+                    )
+                ],
+            )
+        )
     return results
 
 
@@ -138,11 +199,18 @@ def _cell(text: str) -> str:
 
 
 def _markdown(records: list[dict], summary: dict) -> str:
-    rows = ["# Generation comparison", "",
-            f"{summary['identical']} of {summary['prompts']} answers identical.", "",
-            "| # | prompt | base | merged | first diff token |", "|---|---|---|---|---|"]
+    rows = [
+        "# Generation comparison",
+        "",
+        f"{summary['identical']} of {summary['prompts']} answers identical.",
+        "",
+        "| # | prompt | base | merged | first diff token |",
+        "|---|---|---|---|---|",
+    ]
     for r in records:
         diff = r["first_diff_token"] if r["first_diff_token"] is not None else "="
-        rows.append(f"| {r['index']} | {_cell(r['prompt'])} | {_cell(r['base']['text'])} | "
-                    f"{_cell(r['merged']['text'])} | {diff} |")
+        rows.append(
+            f"| {r['index']} | {_cell(r['prompt'])} | {_cell(r['base']['text'])} | "
+            f"{_cell(r['merged']['text'])} | {diff} |"
+        )
     return "\n".join(rows) + "\n"

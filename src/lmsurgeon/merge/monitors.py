@@ -1,4 +1,4 @@
-"""Perplexity, bits per byte and symmetric top-K KL on a text (spec §3, §8.4; methods.md §M).
+"""Perplexity, bits per byte and symmetric top-K KL on a text (methods.md §M3, §M8.4, §F1).
 
 One forward pass over the prompts gives all three: the token-weighted NLL for perplexity, the same NLL over the
 UTF-8 bytes its tokens spell for bits per byte (also split by token class), and the next-token log-probabilities
@@ -76,8 +76,10 @@ class Evaluation:
         """Bits per byte of the tokens of each class (None for a class with no bytes in this text)."""
         if self.class_nll is None or self.class_bytes is None:
             raise LmsurgeonError("this evaluation kept no per-token NLL (bits per byte unavailable)")
-        return {c: bits_per_byte(float(self.class_nll[i]), int(self.class_bytes[i])) if self.class_bytes[i] else None
-                for i, c in enumerate(TOKEN_CLASSES)}
+        return {
+            c: bits_per_byte(float(self.class_nll[i]), int(self.class_bytes[i])) if self.class_bytes[i] else None
+            for i, c in enumerate(TOKEN_CLASSES)
+        }
 
 
 def top_k_set(logP: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +88,13 @@ def top_k_set(logP: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top, torch.zeros_like(logP, dtype=torch.bool).scatter_(-1, top, True)
 
 
-def sym_kl_topk(logP: torch.Tensor, logQ: torch.Tensor, k: int = 512, rest_floor: float = 1e-12,
-                p_set: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def sym_kl_topk(
+    logP: torch.Tensor,
+    logQ: torch.Tensor,
+    k: int = 512,
+    rest_floor: float = 1e-12,
+    p_set: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """½[KL(P̂‖Q̂) + KL(Q̂‖P̂)] per row on U = topK(P) ∪ topK(Q) plus one rest bucket (coarse-graining).
 
     Works on the ≤ 2K gathered entries per row, never on [rows, V] in float64 (V is 150k for current models);
@@ -112,14 +119,23 @@ def sym_kl_topk(logP: torch.Tensor, logQ: torch.Tensor, k: int = 512, rest_floor
 class PromptEvaluator:
     """Encoded prompts in a fixed order, batched with right padding; evaluates any model sharing B's tokenizer."""
 
-    def __init__(self, tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
-                 positions: str = "tail:8", pad_id: int = 0, device: str = "cpu"):
+    def __init__(
+        self,
+        tokenizer,
+        texts: list[str],
+        *,
+        batch_size: int = 8,
+        max_length: int = 512,
+        positions: str = "tail:8",
+        pad_id: int = 0,
+        device: str = "cpu",
+    ):
         self.seqs, self.token_bytes, self.token_classes = [], [], []
         for text, enc in zip(texts, tokenizer.encode_batch(list(texts)), strict=True):
             ids = enc.ids[:max_length]
             if len(ids) < 2:
                 continue
-            spelled, classes = _spelled_bytes(text, enc.offsets[:len(ids)])
+            spelled, classes = _spelled_bytes(text, enc.offsets[: len(ids)])
             self.seqs.append(ids)
             self.token_bytes.append(spelled)
             self.token_classes.append(classes)
@@ -137,20 +153,25 @@ class PromptEvaluator:
 
     def _prepare(self, a: int) -> dict:
         """One right-padded batch, built once: ids, mask, which next-token targets count, and the KL picks."""
-        group = self.seqs[a:a + self.batch_size]
+        group = self.seqs[a : a + self.batch_size]
         L = max(len(s) for s in group)
         ids = torch.full((len(group), L), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), L), dtype=torch.long)
         for r, s in enumerate(group):
-            ids[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
         cls = torch.full((len(group), L - 1), SPECIAL, dtype=torch.long)
         for r in range(len(group)):
-            cls[r, :len(group[r]) - 1] = torch.tensor(self.token_classes[a + r])
+            cls[r, : len(group[r]) - 1] = torch.tensor(self.token_classes[a + r])
         rows = torch.cat([torch.full((len(self.positions[a + r]),), r) for r in range(len(group))])
         cols = torch.cat([torch.tensor(self.positions[a + r]) for r in range(len(group))])
-        return {"ids": ids.to(self.device), "mask": mask.to(self.device), "valid": mask[:, 1:].bool().to(self.device),
-                "pick": (rows.to(self.device), cols.to(self.device)), "classes": cls.flatten().to(self.device)}
+        return {
+            "ids": ids.to(self.device),
+            "mask": mask.to(self.device),
+            "valid": mask[:, 1:].bool().to(self.device),
+            "pick": (rows.to(self.device), cols.to(self.device)),
+            "classes": cls.flatten().to(self.device),
+        }
 
     @torch.no_grad()
     def evaluate(self, model, keep_head_inputs: bool = False) -> Evaluation:
@@ -163,7 +184,8 @@ class PromptEvaluator:
         hook = None
         if keep_head_inputs:
             hook = model.get_output_embeddings().register_forward_hook(
-                lambda module, args, output: seen.append(args[0].detach()))
+                lambda module, args, output: seen.append(args[0].detach())
+            )
         try:
             ev = self._score(model(input_ids=b["ids"], attention_mask=b["mask"]).logits for b in self.batches)
         finally:
@@ -183,13 +205,19 @@ class PromptEvaluator:
         class_nll = torch.zeros(SPECIAL + 1, dtype=torch.float64, device=self.device)
         for b, logits in zip(self.batches, logits_per_batch, strict=True):
             logp = torch.log_softmax(logits.float(), dim=-1)
-            target = logp[:, :-1].gather(-1, b["ids"][:, 1:, None])[..., 0]        # float32, [B, T−1]
+            target = logp[:, :-1].gather(-1, b["ids"][:, 1:, None])[..., 0]  # float32, [B, T−1]
             nll_sum -= float(torch.where(b["valid"], target, 0.0).sum(dtype=torch.float64))
             class_nll.index_add_(0, b["classes"], -target.flatten().double())
             picked.append(logp[b["pick"]].cpu())
             del logp, logits, target
-        return Evaluation(nll_sum, self.n_tokens, torch.cat(picked), n_bytes=self.n_bytes,
-                          class_nll=class_nll[:-1].cpu(), class_bytes=self.class_bytes)
+        return Evaluation(
+            nll_sum,
+            self.n_tokens,
+            torch.cat(picked),
+            n_bytes=self.n_bytes,
+            class_nll=class_nll[:-1].cpu(),
+            class_bytes=self.class_bytes,
+        )
 
 
 def _spelled_bytes(text: str, offsets: list[tuple[int, int]]) -> tuple[list[int], list[int]]:

@@ -1,4 +1,4 @@
-"""Sparse-coding initialisation of non-shared rows (spec §8.2, tokensurgeon's method).
+"""Sparse-coding initialisation of non-shared rows (methods.md §M8.2, tokensurgeon's method).
 
 A base token outside S gets the donor vector v (mean donor row of its donor tokenisation); orthogonal matching
 pursuit writes v ≈ Σ_j w_j X[j] over k anchors of S, and the candidate is ẽ = Σ_j w_j Y[j]. The coefficients

@@ -1,6 +1,6 @@
 """What a merge gains, measured fairly: bits per byte on search, held-out and general text, against baselines.
 
-Bits per byte (methods.md §M) does not depend on how a tokenizer cuts the text, so the base, the donor (its own
+Bits per byte (methods.md §F1, §M9) does not depend on how a tokenizer cuts the text, so the base, the donor (its own
 tokenizer) and every merge are compared in one unit. The best trial is chosen on the search text only; the
 held-out text (same source, other documents) shows whether it generalises, the general text whether it costs
 elsewhere. The baselines are the simple alternatives, measured on the same texts in the same run.
@@ -44,7 +44,7 @@ def merge_texts(cfg: MergeConfig) -> MergeTexts:
     from lmsurgeon.data import load_texts
 
     def first(docs: list[str]) -> list[str]:
-        return docs[:cfg.max_prompts] if cfg.max_prompts else docs
+        return docs[: cfg.max_prompts] if cfg.max_prompts else docs
 
     docs = load_texts(cfg.prompts_file, "validation")
     source = cfg.prompts_file or "corpus:validation"
@@ -52,17 +52,22 @@ def merge_texts(cfg: MergeConfig) -> MergeTexts:
     if cfg.eval_file is not None:
         heldout, held_source = first(load_texts(cfg.eval_file)), str(cfg.eval_file)
     elif len(docs) > len(search):
-        heldout, held_source = first(docs[len(search):]), f"{source} (documents after the search text)"
+        heldout, held_source = first(docs[len(search) :]), f"{source} (documents after the search text)"
     elif len(docs) >= 2:
         heldout, held_source = docs[3::4] or docs[-1:], f"{source} (every fourth document)"
         held = set(range(3, len(docs), 4)) if len(docs) > 3 else {len(docs) - 1}
         search = [d for i, d in enumerate(docs) if i not in held]
     else:
-        raise LmsurgeonError("the search text holds one document: nothing is left to hold out (pass --eval-file)",
-                             cfg.prompts_file)
+        raise LmsurgeonError(
+            "the search text holds one document: nothing is left to hold out (pass --eval-file)", cfg.prompts_file
+        )
     general = first(load_texts(cfg.general_file, "test"))
-    return MergeTexts(search, heldout, general, {"search": str(source), "heldout": held_source,
-                                                 "general": str(cfg.general_file or "corpus:test")})
+    return MergeTexts(
+        search,
+        heldout,
+        general,
+        {"search": str(source), "heldout": held_source, "general": str(cfg.general_file or "corpus:test")},
+    )
 
 
 def measure(evaluations: dict[str, Evaluation], base: dict[str, Evaluation] | None = None) -> dict:
@@ -84,14 +89,23 @@ def donor_bpb(session, texts: MergeTexts) -> dict:
     from lmsurgeon.arch import Layout
 
     cfg = session.config
-    model = session.donor_handle.load_model(dtype=torch.float32, device=cfg.device,
-                                            trust_remote_code=cfg.trust_remote_code)
+    model = session.donor_handle.load_model(
+        dtype=torch.float32, device=cfg.device, trust_remote_code=cfg.trust_remote_code
+    )
     pad = session.donor_handle.config.get("pad_token_id")
     max_length = min(cfg.max_length, Layout(session.donor_handle).max_positions or cfg.max_length)
-    evaluators = {name: PromptEvaluator(session.donor_handle.tokenizer, getattr(texts, name),
-                                        batch_size=cfg.batch_size, max_length=max_length,
-                                        positions=cfg.kl_positions, pad_id=pad if isinstance(pad, int) else 0,
-                                        device=cfg.device) for name in TEXTS}
+    evaluators = {
+        name: PromptEvaluator(
+            session.donor_handle.tokenizer,
+            getattr(texts, name),
+            batch_size=cfg.batch_size,
+            max_length=max_length,
+            positions=cfg.kl_positions,
+            pad_id=pad if isinstance(pad, int) else 0,
+            device=cfg.device,
+        )
+        for name in TEXTS
+    }
     row = measure(evaluate_texts(model, evaluators))
     del model
     return row
@@ -144,8 +158,9 @@ def linear_blend(session) -> list[RowPatch]:
     for stage, _donor in _stages(session):
         n = len(session.shared.base_ids)
         ids = stage.idx[:n].numpy()
-        patches.append(RowPatch(stage.weight, ids, blend_rows(stage.Y[:n], stage.E_tilde[False][:n],
-                                                              np.full(n, BASELINE_ALPHA))))
+        patches.append(
+            RowPatch(stage.weight, ids, blend_rows(stage.Y[:n], stage.E_tilde[False][:n], np.full(n, BASELINE_ALPHA)))
+        )
     return patches
 
 
@@ -211,15 +226,23 @@ def recommend(base: dict, best: dict | None, cfg: MergeConfig) -> tuple[str, str
     general text within the tolerance; otherwise the base is, and the reason says so."""
     if best is None:
         if cfg.objective == "domain":
-            return "base", (f"no trial kept general text within the tolerance ({cfg.tolerance:.1%} over the base's "
-                            f"{base['general']:.4f} bits per byte) under the guard; the base is recommended unchanged")
+            return "base", (
+                f"no trial kept general text within the tolerance ({cfg.tolerance:.1%} over the base's "
+                f"{base['general']:.4f} bits per byte) under the guard; the base is recommended unchanged"
+            )
         return "base", "no trial stayed under the guard; the base is recommended unchanged"
     if best["heldout"] >= base["heldout"]:
-        return "base", (f"no trial beat the base on held-out text (best trial {best['heldout']:.4f} bits per byte "
-                        f"≥ base {base['heldout']:.4f}); the base is recommended unchanged")
+        return "base", (
+            f"no trial beat the base on held-out text (best trial {best['heldout']:.4f} bits per byte "
+            f"≥ base {base['heldout']:.4f}); the base is recommended unchanged"
+        )
     limit = base["general"] * (1 + cfg.tolerance)
     if best["general"] > limit:
-        return "base", (f"the best trial beats the base on held-out text but costs general text "
-                        f"({best['general']:.4f} > {limit:.4f} bits per byte); the base is recommended unchanged")
-    return "trial", (f"the best trial lowers held-out bits per byte from {base['heldout']:.4f} to "
-                     f"{best['heldout']:.4f} with general text at {best['general']:.4f} (base {base['general']:.4f})")
+        return "base", (
+            f"the best trial beats the base on held-out text but costs general text "
+            f"({best['general']:.4f} > {limit:.4f} bits per byte); the base is recommended unchanged"
+        )
+    return "trial", (
+        f"the best trial lowers held-out bits per byte from {base['heldout']:.4f} to "
+        f"{best['heldout']:.4f} with general text at {best['general']:.4f} (base {base['general']:.4f})"
+    )

@@ -1,4 +1,4 @@
-"""The in-memory merge session: fits once, then patches rows in place, evaluates and restores (spec §2.5, §8.3).
+"""The in-memory merge session: fits once, then patches rows in place, evaluates and restores (methods.md §M2.5, §M8.3).
 
 Base B is loaded once as a transformers model; the donor is only read for E_D (and H_D), always on CPU float32
 (after the search, `quality.donor_bpb` loads it once more, whole, to measure its own bits per byte). A trial
@@ -31,9 +31,17 @@ from lmsurgeon.merge.vocab import SharedVocab, canonical_vocab, shared_vocab
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CLIP_QUANTILE = 0.99  # soft clip: mapped rows keep at most the base's 99th-percentile row norm
 
-CAUTIOUS = {"target_emb_frac": 0.50, "alpha_cap_emb": 0.80, "alpha_floor_emb": 0.02, "min_tau_emb": 0.60,
-            "target_head_rows": 3000, "alpha_cap_head": 0.60, "alpha_floor_head": 0.10, "min_tau_head": 0.72,
-            "use_soft_clip": True}
+CAUTIOUS = {
+    "target_emb_frac": 0.50,
+    "alpha_cap_emb": 0.80,
+    "alpha_floor_emb": 0.02,
+    "min_tau_emb": 0.60,
+    "target_head_rows": 3000,
+    "alpha_cap_head": 0.60,
+    "alpha_floor_head": 0.10,
+    "min_tau_head": 0.72,
+    "use_soft_clip": True,
+}
 
 
 @dataclass
@@ -50,8 +58,7 @@ class StagePlan:
     alignment: Alignment
     last_ids: list[int] = field(default_factory=list)  # base ids the last `apply` wrote
 
-    def apply(self, k: int, min_tau: float, alpha_floor: float, alpha_cap: float, clip: bool,
-              gamma: float) -> dict:
+    def apply(self, k: int, min_tau: float, alpha_floor: float, alpha_cap: float, clip: bool, gamma: float) -> dict:
         sched = alpha_schedule(self.cos[clip], k, min_tau, alpha_floor, alpha_cap, gamma)
         if sched.rows.size:
             new = blend_rows(self.Y[sched.rows], self.E_tilde[clip][sched.rows], sched.alpha)
@@ -62,8 +69,11 @@ class StagePlan:
             with torch.no_grad():
                 self.weight.index_copy_(0, self.idx[rows_t], new_t)
         self.last_ids = self.idx[torch.from_numpy(sched.rows)].tolist()
-        return {"rows": int(sched.rows.size), "tau": sched.tau,
-                "alpha_mean": float(sched.alpha.mean()) if sched.alpha.size else 0.0}
+        return {
+            "rows": int(sched.rows.size),
+            "tau": sched.tau,
+            "alpha_mean": float(sched.alpha.mean()) if sched.alpha.size else 0.0,
+        }
 
     def restore(self) -> None:
         """Put the kept rows back and verify them bit for bit."""
@@ -85,8 +95,15 @@ def _head_is_tied(model) -> bool:
     return out is None or out.weight is model.get_input_embeddings().weight
 
 
-def _build_stage(name: str, weight: torch.Tensor, D: np.ndarray, shared: SharedVocab, q: float,
-                 omp_init: tuple[list[int], np.ndarray] | None = None, omp_k: int = 64) -> StagePlan:
+def _build_stage(
+    name: str,
+    weight: torch.Tensor,
+    D: np.ndarray,
+    shared: SharedVocab,
+    q: float,
+    omp_init: tuple[list[int], np.ndarray] | None = None,
+    omp_k: int = 64,
+) -> StagePlan:
     """Fit on S; with `omp_init` = (base ids, donor vectors) the OMP candidates join the pool P."""
     idx = torch.tensor(shared.base_ids, dtype=torch.long)
     W = weight.detach().float().numpy()
@@ -126,45 +143,67 @@ class MergeSession:
     constraint.
     """
 
-    def __init__(self, base: str, donor: str, texts: list[str], config: MergeConfig | None = None,
-                 general_texts: list[str] | None = None, **overrides: Any):
+    def __init__(
+        self,
+        base: str,
+        donor: str,
+        texts: list[str],
+        config: MergeConfig | None = None,
+        general_texts: list[str] | None = None,
+        **overrides: Any,
+    ):
         from lmsurgeon.io import open_model
 
         cfg = (config or MergeConfig()).with_overrides(**overrides)
         self.config = cfg
         t0 = time.perf_counter()
         self.base_handle, self.donor_handle = open_model(base), open_model(donor)
-        self.ppl_cap, self.kl_topk, self.gamma, self.on_stage_a_fail = (cfg.ppl_cap, cfg.kl_topk, cfg.gamma,
-                                                                        cfg.on_stage_a_fail)
+        self.ppl_cap, self.kl_topk, self.gamma, self.on_stage_a_fail = (
+            cfg.ppl_cap,
+            cfg.kl_topk,
+            cfg.gamma,
+            cfg.on_stage_a_fail,
+        )
         cb = self.base_vocab = canonical_vocab(_tokenizer_json(self.base_handle))
         cd = canonical_vocab(_tokenizer_json(self.donor_handle))
-        self.model = self.base_handle.load_model(dtype=DTYPES[cfg.dtype], device=cfg.device,
-                                                 trust_remote_code=cfg.trust_remote_code)
+        self.model = self.base_handle.load_model(
+            dtype=DTYPES[cfg.dtype], device=cfg.device, trust_remote_code=cfg.trust_remote_code
+        )
         emb = self.model.get_input_embeddings().weight
         self.shared = shared_vocab(cb, cd, cfg.max_shared)
         dl = Layout(self.donor_handle)
-        E_D = self.E_D = _finite(self.donor_handle.tensor(dl.require("embed"), dtype=np.float32),
-                                 dl.require("embed"), self.donor_handle.name)
+        E_D = self.E_D = _finite(
+            self.donor_handle.tensor(dl.require("embed"), dtype=np.float32), dl.require("embed"), self.donor_handle.name
+        )
         self.shared = _drop_out_of_range(self.shared, emb.shape[0], E_D.shape[0])
         self.omp = None
         if cfg.init_nonshared == "omp":
             self.omp = _omp_targets(cb, self.shared, self.donor_handle.tokenizer, E_D, emb.shape[0])
-        self.stage_a = _build_stage("A", emb, E_D, self.shared, CLIP_QUANTILE,
-                                    self.omp and (self.omp["ids"], self.omp["V_emb"]), cfg.omp_k)
+        self.stage_a = _build_stage(
+            "A", emb, E_D, self.shared, CLIP_QUANTILE, self.omp and (self.omp["ids"], self.omp["V_emb"]), cfg.omp_k
+        )
         self.tied = _head_is_tied(self.model)
         self.stage_b = None
         self.H_D = E_D
         if not self.tied:
-            H_D = (_finite(self.donor_handle.tensor(dl.name("lm_head"), dtype=np.float32), dl.name("lm_head"),
-                           self.donor_handle.name) if dl.has("lm_head") and not dl.tied else E_D)
+            H_D = (
+                _finite(
+                    self.donor_handle.tensor(dl.name("lm_head"), dtype=np.float32),
+                    dl.name("lm_head"),
+                    self.donor_handle.name,
+                )
+                if dl.has("lm_head") and not dl.tied
+                else E_D
+            )
             self.H_D = H_D
             omp_b = None
             if self.omp is not None:
                 from lmsurgeon.merge.omp import donor_vectors
 
                 omp_b = (self.omp["ids"], donor_vectors(self.omp["texts"], self.donor_handle.tokenizer, H_D)[0])
-            self.stage_b = _build_stage("B", self.model.get_output_embeddings().weight, H_D, self.shared,
-                                        CLIP_QUANTILE, omp_b, cfg.omp_k)
+            self.stage_b = _build_stage(
+                "B", self.model.get_output_embeddings().weight, H_D, self.shared, CLIP_QUANTILE, omp_b, cfg.omp_k
+            )
         self.max_length = min(cfg.max_length, Layout(self.base_handle).max_positions or cfg.max_length)
         self.evaluator = self.prompt_evaluator(texts)
         t1 = time.perf_counter()
@@ -179,9 +218,15 @@ class MergeSession:
     def prompt_evaluator(self, texts: list[str]) -> PromptEvaluator:
         """An evaluator of `texts` with the base's tokenizer and this session's batching and KL positions."""
         pad = self.base_handle.config.get("pad_token_id")
-        return PromptEvaluator(self.base_handle.tokenizer, texts, batch_size=self.config.batch_size,
-                               max_length=self.max_length, positions=self.config.kl_positions,
-                               pad_id=pad if isinstance(pad, int) else 0, device=self.config.device)
+        return PromptEvaluator(
+            self.base_handle.tokenizer,
+            texts,
+            batch_size=self.config.batch_size,
+            max_length=self.max_length,
+            positions=self.config.kl_positions,
+            pad_id=pad if isinstance(pad, int) else 0,
+            device=self.config.device,
+        )
 
     def trial(self, params: dict, keep: bool = False) -> dict:
         """One merge with `params`; returns the stats; restores B unless `keep` (then the merged model stays)."""
@@ -205,8 +250,9 @@ class MergeSession:
             a["outcome"] = "applied"
             if self.stage_b is not None:
                 k_b = min(int(p["target_head_rows"]), len(self.stage_b.idx))
-                b = self.stage_b.apply(k_b, p["min_tau_head"], p["alpha_floor_head"], p["alpha_cap_head"], clip,
-                                       self.gamma)
+                b = self.stage_b.apply(
+                    k_b, p["min_tau_head"], p["alpha_floor_head"], p["alpha_cap_head"], clip, self.gamma
+                )
                 ev_b = self._evaluate_stage_b(current) if b["rows"] else current
                 n_evals += 1 if b["rows"] and not self.head_only else 0
                 b.update(ppl=ev_b.ppl, r=relative_ppl(ev_b, self.base_eval))
@@ -218,8 +264,17 @@ class MergeSession:
                     current = ev_b
         r = relative_ppl(current, self.base_eval)
         kl = 0.0 if current is self.base_eval else sym_kl(current, self.base_eval, self.kl_topk)
-        stats = {"params": p, "r": r, "sym_kl": kl, "r_A": a.get("r"), "r_B": b.get("r"), "stage_a": a,
-                 "stage_b": b, "n_evals": n_evals, "bpb": current.bpb}
+        stats = {
+            "params": p,
+            "r": r,
+            "sym_kl": kl,
+            "r_A": a.get("r"),
+            "r_B": b.get("r"),
+            "stage_a": a,
+            "stage_b": b,
+            "n_evals": n_evals,
+            "bpb": current.bpb,
+        }
         if self.general is not None:
             unchanged = current is self.base_eval
             stats["general_bpb"] = (self.base_general if unchanged else self.general.evaluate(self.model)).bpb
@@ -292,8 +347,12 @@ def _omp_targets(cb, shared: SharedVocab, donor_tokenizer, E_D: np.ndarray, V_B:
             undecodable += 1
     V, ok = donor_vectors(texts, donor_tokenizer, E_D)
     keep = np.flatnonzero(ok)
-    return {"ids": [ids[j] for j in keep], "texts": [texts[j] for j in keep], "V_emb": V[keep],
-            "skipped": undecodable + int((~ok).sum())}
+    return {
+        "ids": [ids[j] for j in keep],
+        "texts": [texts[j] for j in keep],
+        "V_emb": V[keep],
+        "skipped": undecodable + int((~ok).sum()),
+    }
 
 
 def _drop_out_of_range(shared: SharedVocab, V_B: int, V_D: int) -> SharedVocab:
@@ -303,12 +362,23 @@ def _drop_out_of_range(shared: SharedVocab, V_B: int, V_D: int) -> SharedVocab:
         raise LmsurgeonError("no shared tokens within the embedding matrices")
     if len(keep) == len(shared.base_ids):
         return shared
-    return SharedVocab([shared.base_ids[j] for j in keep], [shared.donor_ids[j] for j in keep],
-                       {**shared.overlap, "shared_used": len(keep)})
+    return SharedVocab(
+        [shared.base_ids[j] for j in keep],
+        [shared.donor_ids[j] for j in keep],
+        {**shared.overlap, "shared_used": len(keep)},
+    )
 
 
-def run_merge(base: str, donor: str, out: str | Path | None = None, config: MergeConfig | None = None, *,
-              callbacks=(), progress: bool = False, **overrides: Any) -> dict:
+def run_merge(
+    base: str,
+    donor: str,
+    out: str | Path | None = None,
+    config: MergeConfig | None = None,
+    *,
+    callbacks=(),
+    progress: bool = False,
+    **overrides: Any,
+) -> dict:
     """Merge `donor`'s embedding (and head) rows into `base`; returns the results.json dict plus ``out``, the
     run folder.
 
@@ -328,8 +398,9 @@ def run_merge(base: str, donor: str, out: str | Path | None = None, config: Merg
     texts = merge_texts(cfg)
     general = texts.general if cfg.objective == "domain" else None
     session = MergeSession(base, donor, texts.search, cfg, general_texts=general)
-    fp = study_fingerprint(session.base_handle.inputs(), session.donor_handle.inputs(), texts.search, cfg, space,
-                           general_texts=general)
+    fp = study_fingerprint(
+        session.base_handle.inputs(), session.donor_handle.inputs(), texts.search, cfg, space, general_texts=general
+    )
     t0 = time.perf_counter()
     if cfg.trials:
         records = _search(session, cfg, space, journal, fp, callbacks, progress)
@@ -358,12 +429,12 @@ def _prepare_output(out: Path, cfg: MergeConfig) -> Path | None:
 
 
 def _record(number: int, stats: dict) -> dict:
-    return {"number": number, "r": stats["r"], "sym_kl": stats["sym_kl"], "params": stats["params"],
-            "stats": stats}
+    return {"number": number, "r": stats["r"], "sym_kl": stats["sym_kl"], "params": stats["params"], "stats": stats}
 
 
-def _search(session: MergeSession, cfg: MergeConfig, space: dict, journal: Path | None, fp: str, callbacks,
-            progress: bool) -> list[dict] | int:
+def _search(
+    session: MergeSession, cfg: MergeConfig, space: dict, journal: Path | None, fp: str, callbacks, progress: bool
+) -> list[dict] | int:
     """Run (or join, or resume) the study until it holds `trials` finished trials; their records in order.
 
     A worker returns only how many trials it ran itself. A finaliser waits for the other workers and runs the
@@ -373,22 +444,28 @@ def _search(session: MergeSession, cfg: MergeConfig, space: dict, journal: Path 
 
     from lmsurgeon.merge import search
 
-    study = search.open_study(search.make_storage(cfg.storage, journal), cfg.study_name, cfg.seed, fp,
-                              cfg.objective)
+    study = search.open_study(search.make_storage(cfg.storage, journal), cfg.study_name, cfg.seed, fp, cfg.objective)
     if cfg.storage is None:
         search.fail_dead_trials(study)
     before = {t.number for t in study.get_trials(deepcopy=False)}
     search.run_trials(study, session, space, cfg.trials, callbacks, progress)
     if cfg.worker:
-        return len([t for t in study.get_trials(deepcopy=False)
-                    if t.number not in before and t.user_attrs.get("pid") == os.getpid()])
+        return len(
+            [
+                t
+                for t in study.get_trials(deepcopy=False)
+                if t.number not in before and t.user_attrs.get("pid") == os.getpid()
+            ]
+        )
     reap = search.fail_dead_trials if cfg.storage is None else optuna.storages.fail_stale_trials
     search.wait_for_running(study, reap)
     if search.n_complete(study) < cfg.trials:  # a worker died mid-trial while we waited: finish its share
         search.run_trials(study, session, space, cfg.trials, callbacks, progress)
         search.wait_for_running(study, reap)
-    return [_record(t.number, t.user_attrs["stats"])
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    return [
+        _record(t.number, t.user_attrs["stats"])
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    ]
 
 
 def _timings(session: MergeSession, records: list[dict], search_seconds: float) -> dict:
@@ -396,10 +473,14 @@ def _timings(session: MergeSession, records: list[dict], search_seconds: float) 
     per_trial = [t["stats"]["seconds"] for t in records]
     per_eval = [t["stats"]["seconds"] / max(t["stats"]["n_evals"], 1) for t in records]
     base_eval = max(session.seconds["base_eval"], 1e-9)
-    return {"setup_seconds": session.seconds["setup"], "ppl_eval_seconds": session.seconds["base_eval"],
-            "search_seconds": search_seconds, "trial_seconds_mean": float(np.mean(per_trial)),
-            "trial_cost_per_ppl_eval": float(np.mean(per_eval)) / base_eval,
-            "trial_cost_vs_one_ppl_eval": float(np.mean(per_trial)) / base_eval}
+    return {
+        "setup_seconds": session.seconds["setup"],
+        "ppl_eval_seconds": session.seconds["base_eval"],
+        "search_seconds": search_seconds,
+        "trial_seconds_mean": float(np.mean(per_trial)),
+        "trial_cost_per_ppl_eval": float(np.mean(per_eval)) / base_eval,
+        "trial_cost_vs_one_ppl_eval": float(np.mean(per_trial)) / base_eval,
+    }
 
 
 def _select(session: MergeSession, cfg: MergeConfig, records: list[dict]) -> tuple[list[dict], dict | None]:
@@ -417,22 +498,33 @@ def _select(session: MergeSession, cfg: MergeConfig, records: list[dict]) -> tup
 def _measure_quality(session: MergeSession, cfg: MergeConfig, texts: MergeTexts, best: dict | None) -> dict:
     """The `bpb` block: base, donor, the best trial and the baselines on the search, held-out and general text,
     and which model is recommended (the best trial only if it beats the base on held-out text)."""
-    evaluators = {"search": session.evaluator, "heldout": session.prompt_evaluator(texts.heldout),
-                  "general": session.general or session.prompt_evaluator(texts.general)}
+    evaluators = {
+        "search": session.evaluator,
+        "heldout": session.prompt_evaluator(texts.heldout),
+        "general": session.general or session.prompt_evaluator(texts.general),
+    }
     model = session.model
-    base_ev = {"search": session.base_eval, "heldout": evaluators["heldout"].evaluate(model),
-               "general": session.base_general or evaluators["general"].evaluate(model)}
+    base_ev = {
+        "search": session.base_eval,
+        "heldout": evaluators["heldout"].evaluate(model),
+        "general": session.base_general or evaluators["general"].evaluate(model),
+    }
     base_row = quality.measure(base_ev)
     best_row = None
     if best is not None:
         session.trial(best["params"], keep=True)
-        best_row = {"name": f"trial {best['number']}", "trial": best["number"],
-                    **quality.measure(quality.evaluate_texts(model, evaluators), base_ev),
-                    "blended_fraction_by_class": quality.blended_fraction_by_class(session, session.changed_rows())}
+        best_row = {
+            "name": f"trial {best['number']}",
+            "trial": best["number"],
+            **quality.measure(quality.evaluate_texts(model, evaluators), base_ev),
+            "blended_fraction_by_class": quality.blended_fraction_by_class(session, session.changed_rows()),
+        }
         session.restore()
     session.trial({}, keep=True)
-    baselines = [{"name": "base", **base_row},
-                 {"name": "seed-defaults", **quality.measure(quality.evaluate_texts(model, evaluators), base_ev)}]
+    baselines = [
+        {"name": "base", **base_row},
+        {"name": "seed-defaults", **quality.measure(quality.evaluate_texts(model, evaluators), base_ev)},
+    ]
     session.restore()
     for name, build in quality.BASELINES.items():
         patches = build(session)
@@ -441,15 +533,32 @@ def _measure_quality(session: MergeSession, cfg: MergeConfig, texts: MergeTexts,
             patch.restore()
     choice, reason = quality.recommend(base_row, best_row, cfg)
     others = [b["heldout"] for b in baselines if b["name"] != "base"]
-    return {"base": base_row, "donor": quality.donor_bpb(session, texts),
-            "best": best_row if choice == "trial" else {"name": "base", **base_row}, "best_trial": best_row,
-            "baselines": baselines, "recommended": choice, "reason": reason,
-            "best_trial_beats_every_baseline": None if best_row is None else
-            bool(best_row["heldout"] < min([base_row["heldout"], *others]))}
+    return {
+        "base": base_row,
+        "donor": quality.donor_bpb(session, texts),
+        "best": best_row if choice == "trial" else {"name": "base", **base_row},
+        "best_trial": best_row,
+        "baselines": baselines,
+        "recommended": choice,
+        "reason": reason,
+        "best_trial_beats_every_baseline": None
+        if best_row is None
+        else bool(best_row["heldout"] < min([base_row["heldout"], *others])),
+    }
 
 
-def _write_run_folder(out: Path, journal: Path | None, base: str, donor: str, session: MergeSession,
-                      cfg: MergeConfig, texts: MergeTexts, records: list[dict], fp: str, timings: dict) -> dict:
+def _write_run_folder(
+    out: Path,
+    journal: Path | None,
+    base: str,
+    donor: str,
+    session: MergeSession,
+    cfg: MergeConfig,
+    texts: MergeTexts,
+    records: list[dict],
+    fp: str,
+    timings: dict,
+) -> dict:
     """Choose the best trial, measure it and the baselines, save the recommended model (and the next
     `save_topk`), and write every file of the run."""
     from lmsurgeon.merge.report import build_report, pareto_figure, trials_csv
@@ -472,28 +581,44 @@ def _write_run_folder(out: Path, journal: Path | None, base: str, donor: str, se
         shutil.copy2(run.path / rel, run.path / "pareto.png")
         if journal is not None and journal.exists():
             shutil.copy2(journal, run.path / "study.journal")
-        body = {"base": str(base), "donor": str(donor), "tied": session.tied, "dtype": cfg.dtype,
-                "objective": cfg.objective, "tolerance": cfg.tolerance,
-                "ppl_cap": cfg.ppl_cap, "kl_topk": cfg.kl_topk, "kl_positions": cfg.kl_positions,
-                "select": cfg.select, "storage": "journal" if cfg.storage is None else cfg.storage.split("://")[0],
-                "study_name": cfg.study_name if cfg.trials else None, "n_trials": len(records),
-                "texts": texts.summary(), "bpb": bpb,
-                "overlap": session.shared.overlap, "fit": session.fit_summary(), "base_ppl": session.base_eval.ppl,
-                "n_prompts": len(session.evaluator.seqs), "pareto": brief, "best": best and
-                {k: best[k] for k in ("number", "r", "sym_kl", "params")},
-                "best_stats": best and best["stats"],
-                "heldout_r": bpb["best_trial"] and bpb["best_trial"]["heldout_r"],
-                "best_model": "best_model", "fingerprint": fp,
-                "omp": session.omp and {"rows": len(session.omp["ids"]), "skipped": session.omp["skipped"],
-                                        "k": cfg.omp_k}}
-        results = run.write_results(body, inputs=session.base_handle.inputs() + session.donor_handle.inputs(),
-                                    timings=timings)
+        body = {
+            "base": str(base),
+            "donor": str(donor),
+            "tied": session.tied,
+            "dtype": cfg.dtype,
+            "objective": cfg.objective,
+            "tolerance": cfg.tolerance,
+            "ppl_cap": cfg.ppl_cap,
+            "kl_topk": cfg.kl_topk,
+            "kl_positions": cfg.kl_positions,
+            "select": cfg.select,
+            "storage": "journal" if cfg.storage is None else cfg.storage.split("://")[0],
+            "study_name": cfg.study_name if cfg.trials else None,
+            "n_trials": len(records),
+            "texts": texts.summary(),
+            "bpb": bpb,
+            "overlap": session.shared.overlap,
+            "fit": session.fit_summary(),
+            "base_ppl": session.base_eval.ppl,
+            "n_prompts": len(session.evaluator.seqs),
+            "pareto": brief,
+            "best": best and {k: best[k] for k in ("number", "r", "sym_kl", "params")},
+            "best_stats": best and best["stats"],
+            "heldout_r": bpb["best_trial"] and bpb["best_trial"]["heldout_r"],
+            "best_model": "best_model",
+            "fingerprint": fp,
+            "omp": session.omp and {"rows": len(session.omp["ids"]), "skipped": session.omp["skipped"], "k": cfg.omp_k},
+        }
+        results = run.write_results(
+            body, inputs=session.base_handle.inputs() + session.donor_handle.inputs(), timings=timings
+        )
         run.write_report(build_report(results, rel))
     return results
 
 
-def _save_models(session: MergeSession, cfg: MergeConfig, folder: Path, recommended: dict | None,
-                 front: list[dict]) -> None:
+def _save_models(
+    session: MergeSession, cfg: MergeConfig, folder: Path, recommended: dict | None, front: list[dict]
+) -> None:
     """Save the recommended model as best_model/ (the base itself when no trial is recommended) and `save_topk`
     more trials of the front under topk/."""
     if recommended is not None:
@@ -501,7 +626,7 @@ def _save_models(session: MergeSession, cfg: MergeConfig, folder: Path, recommen
     session.save(folder / "best_model")
     session.restore()
     skip = recommended["number"] if recommended is not None else None
-    for t in [f for f in front if f["number"] != skip][:max(cfg.save_topk, 0)]:
+    for t in [f for f in front if f["number"] != skip][: max(cfg.save_topk, 0)]:
         session.trial(t["params"], keep=True)
         session.save(folder / "topk" / f"trial_{t['number']:04d}")
         session.restore()

@@ -1,4 +1,6 @@
-"""Optuna multi-objective search over the blend hyperparameters, and the study's storage and journal (spec §4, §8.3).
+"""Optuna multi-objective search over the blend hyperparameters, and the study's storage and journal.
+
+methods.md §M4, §M8.3.
 
 Objectives: minimise r (relative perplexity), maximise symKL (how far the outputs moved). The study lives in a
 journal file next to the run folder by default, so a killed run resumes with the next trial number; a
@@ -21,10 +23,16 @@ import optuna
 from lmsurgeon.errors import LmsurgeonError, OutputExists
 from lmsurgeon.report.results import jsonable
 
-SPACE = {  # name → (low, high) floats, ints, or a list of choices (spec §4)
-    "target_emb_frac": (0.50, 0.80), "alpha_cap_emb": (0.80, 0.95), "alpha_floor_emb": (0.02, 0.10),
-    "min_tau_emb": (0.50, 0.60), "target_head_rows": (3000, 20000), "alpha_cap_head": (0.60, 0.95),
-    "alpha_floor_head": (0.10, 0.25), "min_tau_head": (0.60, 0.72), "use_soft_clip": [True, False],
+SPACE = {  # name → (low, high) floats, ints, or a list of choices (methods.md §M4)
+    "target_emb_frac": (0.50, 0.80),
+    "alpha_cap_emb": (0.80, 0.95),
+    "alpha_floor_emb": (0.02, 0.10),
+    "min_tau_emb": (0.50, 0.60),
+    "target_head_rows": (3000, 20000),
+    "alpha_cap_head": (0.60, 0.95),
+    "alpha_floor_head": (0.10, 0.25),
+    "min_tau_head": (0.60, 0.72),
+    "use_soft_clip": [True, False],
 }
 HEAD_PARAMS = ("target_head_rows", "alpha_cap_head", "alpha_floor_head", "min_tau_head")
 
@@ -40,8 +48,7 @@ def load_space(path: str | Path | None) -> dict:
         unknown = set(over) - set(SPACE)
         if unknown:
             raise LmsurgeonError(f"unknown parameters {sorted(unknown)}", path)
-        space.update({k: tuple(v) if len(v) == 2 and not isinstance(v[0], bool) else list(v)
-                      for k, v in over.items()})
+        space.update({k: tuple(v) if len(v) == 2 and not isinstance(v[0], bool) else list(v) for k, v in over.items()})
     return space
 
 
@@ -69,8 +76,12 @@ def make_storage(storage: str | None, journal: Path):
 
     for attempt in range(5):  # workers starting together race to create the schema: the loser retries
         try:
-            return RDBStorage(storage, heartbeat_interval=60, grace_period=180,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+            return RDBStorage(
+                storage,
+                heartbeat_interval=60,
+                grace_period=180,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
         except Exception as e:  # sqlalchemy IntegrityError/ProgrammingError on concurrent CREATE
             if attempt == 4 or "already exists" not in str(e):
                 raise LmsurgeonError(f"cannot open the Optuna storage: {str(e).splitlines()[0]}") from None
@@ -87,14 +98,17 @@ def open_study(storage, study_name: str, seed: int, fingerprint: str, objective:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed)
     directions = ["minimize"] if objective == "domain" else ["minimize", "maximize"]
-    study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
-                                sampler=sampler, load_if_exists=True)
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, directions=directions, sampler=sampler, load_if_exists=True
+    )
     old = study.user_attrs.get("fingerprint")
     if old is None:
         study.set_user_attr("fingerprint", fingerprint)
     elif old != fingerprint:
-        raise LmsurgeonError(f"study {study_name!r} was started with other inputs or settings (fingerprint "
-                             f"{old[:12]} ≠ {fingerprint[:12]}); use another --out/--study-name")
+        raise LmsurgeonError(
+            f"study {study_name!r} was started with other inputs or settings (fingerprint "
+            f"{old[:12]} ≠ {fingerprint[:12]}); use another --out/--study-name"
+        )
     return study
 
 
@@ -162,8 +176,9 @@ def run_trials(study: optuna.Study, session, space: dict, trials: int, callbacks
         stats = session.trial(suggest(trial, space, session.tied))
         trial.set_user_attr("stats", jsonable(stats))
         if domain:
-            trial.set_constraint("general_bpb", general_constraint(stats, session.base_general.bpb,
-                                                                   session.config.tolerance))
+            trial.set_constraint(
+                "general_bpb", general_constraint(stats, session.base_general.bpb, session.config.tolerance)
+            )
             return (stats["bpb"],)
         return stats["r"], stats["sym_kl"]
 
@@ -198,8 +213,10 @@ def pareto_front(records: list[dict], ppl_cap: float) -> list[dict]:
     ok = [t for t in records if t["r"] <= ppl_cap]
     front = []
     for t in ok:
-        dominated = any(o["r"] <= t["r"] and o["sym_kl"] >= t["sym_kl"] and
-                        (o["r"] < t["r"] or o["sym_kl"] > t["sym_kl"]) for o in ok)
+        dominated = any(
+            o["r"] <= t["r"] and o["sym_kl"] >= t["sym_kl"] and (o["r"] < t["r"] or o["sym_kl"] > t["sym_kl"])
+            for o in ok
+        )
         if not dominated:
             front.append(t)
     return sorted(front, key=lambda t: t["number"])
@@ -208,8 +225,7 @@ def pareto_front(records: list[dict], ppl_cap: float) -> list[dict]:
 def feasible_domain(records: list[dict], ppl_cap: float, base_general_bpb: float, tolerance: float) -> list[dict]:
     """`--objective domain`: the trials under the guard whose general text stays within the tolerance, in
     order of search-text bits per byte (ties: lower trial number); the first is the best."""
-    ok = [t for t in records if t["r"] <= ppl_cap
-          and general_constraint(t["stats"], base_general_bpb, tolerance) <= 0]
+    ok = [t for t in records if t["r"] <= ppl_cap and general_constraint(t["stats"], base_general_bpb, tolerance) <= 0]
     return sorted(ok, key=lambda t: (t["stats"]["bpb"], t["number"]))
 
 

@@ -1,4 +1,4 @@
-"""Merge's shared vocabulary S (spec §2.1, §8.1): the pairs it fits and blends on, and the overlap it reports.
+"""Merge's shared vocabulary S (methods.md §M2.1, §M8.1): the pairs it fits and blends on, and the overlap it reports.
 
 Tokens are matched by ``lmsurgeon.tokens`` (the same matching lineage uses); this module applies merge's cap
 (the pairs with the lowest max(i_B, i_D) are kept) and shapes the ``overlap`` block of results.json.
@@ -22,8 +22,18 @@ from lmsurgeon.tokens.vocab import (
     match_tokens,
 )
 
-__all__ = ["BYTE_LEVEL", "SENTENCEPIECE", "WORDPIECE", "CanonicalVocab", "Key", "SharedVocab", "canonical_key",
-           "canonical_vocab", "detect_family", "shared_vocab"]
+__all__ = [
+    "BYTE_LEVEL",
+    "SENTENCEPIECE",
+    "WORDPIECE",
+    "CanonicalVocab",
+    "Key",
+    "SharedVocab",
+    "canonical_key",
+    "canonical_vocab",
+    "detect_family",
+    "shared_vocab",
+]
 
 
 @dataclass
@@ -41,10 +51,14 @@ def shared_vocab(base: CanonicalVocab, donor: CanonicalVocab, max_shared: int | 
     if not S.n_shared:
         raise LmsurgeonError("no shared tokens between base and donor vocabularies", None)
     overlap = {
-        "family_base": base.family, "family_donor": donor.family,
-        "vocab_base": base.size, "vocab_donor": donor.size,
-        "shared": S.n_shared, "shared_used": S.n_used,
-        "frac_base": S.n_shared / max(base.size, 1), "frac_donor": S.n_shared / max(donor.size, 1),
+        "family_base": base.family,
+        "family_donor": donor.family,
+        "vocab_base": base.size,
+        "vocab_donor": donor.size,
+        "shared": S.n_shared,
+        "shared_used": S.n_used,
+        "frac_base": S.n_shared / max(base.size, 1),
+        "frac_donor": S.n_shared / max(donor.size, 1),
         "jaccard": S.jaccard,
         "collisions": {"base": base.collisions, "donor": donor.collisions},
         "undecodable": {"base": base.undecodable, "donor": donor.undecodable},

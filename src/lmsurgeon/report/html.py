@@ -34,8 +34,12 @@ class Report:
 
 
 def _env() -> Environment:
-    env = Environment(loader=PackageLoader("lmsurgeon.report", "templates"),
-                      autoescape=select_autoescape(["html", "j2"]), trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("lmsurgeon.report", "templates"),
+        autoescape=select_autoescape(["html", "j2"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["fmt"] = format_cell
     env.tests["numeric"] = is_numeric_cell
     return env
@@ -75,5 +79,4 @@ def render_report(report: Report, base: str | Path) -> str:
         for row in s.table or []:
             cols.extend(k for k in row if k not in cols)
         sections.append({"s": s, "figures": figs, "columns": cols})
-    return _env().get_template("report.html.j2").render(report=report, sections=sections,
-                                                        escape=_html.escape)
+    return _env().get_template("report.html.j2").render(report=report, sections=sections, escape=_html.escape)

@@ -84,8 +84,9 @@ class RunFolder:
         (self._path / "figures").mkdir()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return
@@ -115,8 +116,9 @@ class RunFolder:
         atomic_write_json(path, obj)
         return path
 
-    def envelope(self, results: dict[str, Any], *, inputs: list[Any] | None = None,
-                 timings: dict[str, Any] | None = None) -> dict[str, Any]:
+    def envelope(
+        self, results: dict[str, Any], *, inputs: list[Any] | None = None, timings: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """``results`` with the common header every results.json carries (schema, versions, argv, seed...)."""
         head = {
             "schema": f"{SCHEMA_PREFIX}{self.command}@1",
@@ -128,12 +130,17 @@ class RunFolder:
         }
         body: dict[str, Any] = {**head, **{k: v for k, v in results.items() if k not in head or v is not None}}
         body.setdefault("timings", {})
-        body["timings"] = {**(timings or {}), **body["timings"], "total_seconds": time.time() - self.started,
-                           "created": datetime.now().isoformat(timespec="seconds")}
+        body["timings"] = {
+            **(timings or {}),
+            **body["timings"],
+            "total_seconds": time.time() - self.started,
+            "created": datetime.now().isoformat(timespec="seconds"),
+        }
         return jsonable(body)
 
-    def write_results(self, results: dict[str, Any], *, inputs: list[Any] | None = None,
-                      timings: dict[str, Any] | None = None) -> dict[str, Any]:
+    def write_results(
+        self, results: dict[str, Any], *, inputs: list[Any] | None = None, timings: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Write results.json (with :meth:`envelope`) and return exactly what was written."""
         body = self.envelope(results, inputs=inputs, timings=timings)
         self.write_json("results.json", body)

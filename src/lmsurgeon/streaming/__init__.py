@@ -8,5 +8,14 @@ utilities), and no capability.
 from lmsurgeon.streaming.budget import MemoryPlan, available_memory, parse_size, plan_memory, weight_bytes
 from lmsurgeon.streaming.model import Batch, LayerCall, Residual, StreamedModel
 
-__all__ = ["Batch", "LayerCall", "MemoryPlan", "Residual", "StreamedModel", "available_memory", "parse_size",
-           "plan_memory", "weight_bytes"]
+__all__ = [
+    "Batch",
+    "LayerCall",
+    "MemoryPlan",
+    "Residual",
+    "StreamedModel",
+    "available_memory",
+    "parse_size",
+    "plan_memory",
+    "weight_bytes",
+]

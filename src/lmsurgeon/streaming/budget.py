@@ -40,8 +40,10 @@ class MemoryPlan:
 
     def describe(self) -> str:
         way = "layer streaming" if self.stream else "whole model in memory"
-        return (f"{way}: weights {self.total / 2**30:.2f} GiB, largest block {self.largest_block / 2**30:.2f} GiB, "
-                f"budget {self.budget / 2**30:.2f} GiB")
+        return (
+            f"{way}: weights {self.total / 2**30:.2f} GiB, largest block {self.largest_block / 2**30:.2f} GiB, "
+            f"budget {self.budget / 2**30:.2f} GiB"
+        )
 
 
 def parse_size(size: int | str) -> int:
@@ -90,8 +92,9 @@ def weight_bytes(handle, dtype: torch.dtype) -> dict[str, int]:
     return out
 
 
-def plan_memory(handle, dtype: torch.dtype, budget: int | str | None = None,
-                device: str | torch.device = "cpu") -> MemoryPlan:
+def plan_memory(
+    handle, dtype: torch.dtype, budget: int | str | None = None, device: str | torch.device = "cpu"
+) -> MemoryPlan:
     """Decide between the plain path and layer streaming for ``handle`` computed in ``dtype``.
 
     ``budget`` defaults to the memory available on ``device`` now. The plain path is chosen when all weights fit
@@ -101,5 +104,4 @@ def plan_memory(handle, dtype: torch.dtype, budget: int | str | None = None,
     sizes = weight_bytes(handle, dtype)
     total = sum(sizes.values())
     largest = max(sizes.values(), default=0)
-    return MemoryPlan(total=total, largest_block=largest, budget=limit,
-                      stream=total > limit * (1 - ACTIVATION_RESERVE))
+    return MemoryPlan(total=total, largest_block=largest, budget=limit, stream=total > limit * (1 - ACTIVATION_RESERVE))

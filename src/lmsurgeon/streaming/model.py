@@ -49,8 +49,11 @@ class LayerCall:
     hidden_by_keyword: bool = False
 
     def __call__(self, block: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        out = (block(*self.args, hidden_states=hidden, **self.kwargs) if self.hidden_by_keyword
-               else block(hidden, *self.args, **self.kwargs))
+        out = (
+            block(*self.args, hidden_states=hidden, **self.kwargs)
+            if self.hidden_by_keyword
+            else block(hidden, *self.args, **self.kwargs)
+        )
         return out[0] if isinstance(out, tuple | list) else out
 
 
@@ -83,8 +86,9 @@ class Residual:
         """The same items with new hidden states (one tensor per batch) at ``depth``."""
         if len(hidden) != len(self.batches):
             raise LmsurgeonError(f"{len(hidden)} hidden-state tensors for {len(self.batches)} batches")
-        return Residual([Batch(b.input_ids, b.attention_mask, h, b.calls) for b, h in zip(self.batches, hidden,
-                                                                                            strict=True)], depth)
+        return Residual(
+            [Batch(b.input_ids, b.attention_mask, h, b.calls) for b, h in zip(self.batches, hidden, strict=True)], depth
+        )
 
 
 class _Recorder(torch.nn.Module):
@@ -125,10 +129,18 @@ class StreamedModel:
     Items are processed in micro-batches of ``batch_size``.
     """
 
-    def __init__(self, source: str | Path | ModelHandle, *, kind: str = "causal-lm",
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 max_memory: int | str | None = None, mode: str = "auto", batch_size: int = 8,
-                 head_chunk_bytes: int = HEAD_CHUNK_BYTES):
+    def __init__(
+        self,
+        source: str | Path | ModelHandle,
+        *,
+        kind: str = "causal-lm",
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_memory: int | str | None = None,
+        mode: str = "auto",
+        batch_size: int = 8,
+        head_chunk_bytes: int = HEAD_CHUNK_BYTES,
+    ):
         if mode not in MODES:
             raise LmsurgeonError(f"unknown streaming mode {mode!r} (one of {list(MODES)})")
         if batch_size < 1:
@@ -147,8 +159,9 @@ class StreamedModel:
         self._place_buffers()
         family = self.layout.family
         self.layers: Any = find_module(self.model, family.modules["layers"])  # a ModuleList
-        self.final_norm: Any = (find_module(self.model, family.modules["final_norm"])
-                           if "final_norm" in family.modules else None)
+        self.final_norm: Any = (
+            find_module(self.model, family.modules["final_norm"]) if "final_norm" in family.modules else None
+        )
         self.head: Any = self.model.get_output_embeddings() if kind == "causal-lm" else None
         self.n_layers = len(self.layers)
         self._layers_path = skeleton.module_path(self.model, self.layers)
@@ -170,7 +183,7 @@ class StreamedModel:
         if self.model.base_model is self.model:
             return self.layout.prefix + path + "."
         if path == base or path.startswith(base + "."):
-            return self.layout.prefix + path[len(base) + 1:] + "."
+            return self.layout.prefix + path[len(base) + 1 :] + "."
         return path + "."
 
     def _partition_names(self) -> dict[str | int, list[str]]:
@@ -185,7 +198,7 @@ class StreamedModel:
         head = self._checkpoint_prefix(self.head) if self.head is not None else None
         for name in names:
             if name.startswith(layers):
-                index = name[len(layers):].split(".", 1)[0]
+                index = name[len(layers) :].split(".", 1)[0]
                 if index.isdigit() and int(index) < self.n_layers:
                     stages[int(index)].append(name)
             elif norm is not None and name.startswith(norm):
@@ -199,8 +212,9 @@ class StreamedModel:
         self._tied = self.head is not None and not stages["lm_head"]
         if self._tied:
             if not self.model.config.get_text_config().tie_word_embeddings:
-                raise MissingTensor("has no lm_head tensor and its config does not tie the head to the embedding",
-                                    self.handle.name)
+                raise MissingTensor(
+                    "has no lm_head tensor and its config does not tie the head to the embedding", self.handle.name
+                )
             embed = self._checkpoint_prefix(self.model.get_input_embeddings())
             stages["lm_head"] = [n for n in stages["embed"] if n.startswith(embed)]
         return stages
@@ -217,6 +231,7 @@ class StreamedModel:
 
     def _module_paths(self, stage: str | int) -> Callable[[str], bool]:
         """Which skeleton parameter names a stage fills (used to empty it again, leaving other stages alone)."""
+
         def under(*modules: torch.nn.Module | None) -> tuple[str, ...]:
             return tuple(skeleton.module_path(self.model, m) + "." for m in modules if m is not None)
 
@@ -262,8 +277,9 @@ class StreamedModel:
         return sum(p.numel() * p.element_size() for _, p in skeleton.loaded_parameters(self.model))
 
     # -- the forward, stage by stage ------------------------------------------------------------------------------
-    def batches(self, input_ids: torch.Tensor | Sequence[Sequence[int]],
-                attention_mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Items as right-padded ``(input_ids, attention_mask)`` micro-batches of at most ``batch_size`` rows.
 
         ``input_ids`` is a ``[n, T]`` tensor (with an optional ``[n, T]`` mask) or a list of token-id lists of any
@@ -283,18 +299,22 @@ class StreamedModel:
             ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
             mask = torch.zeros_like(ids)
             for row, seq in enumerate(input_ids):
-                ids[row, :len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-                mask[row, :len(seq)] = 1
+                ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+                mask[row, : len(seq)] = 1
         limit = self.layout.max_positions
         if limit is not None and ids.shape[1] > limit:
-            raise LmsurgeonError(f"items of {ids.shape[1]} tokens exceed the model's {limit} positions",
-                                 self.handle.name)
-        return [(ids[i:i + self.batch_size], mask[i:i + self.batch_size])
-                for i in range(0, ids.shape[0], self.batch_size)]
+            raise LmsurgeonError(
+                f"items of {ids.shape[1]} tokens exceed the model's {limit} positions", self.handle.name
+            )
+        return [
+            (ids[i : i + self.batch_size], mask[i : i + self.batch_size])
+            for i in range(0, ids.shape[0], self.batch_size)
+        ]
 
     @torch.no_grad()
-    def embed(self, input_ids: torch.Tensor | Sequence[Sequence[int]],
-              attention_mask: torch.Tensor | None = None) -> Residual:
+    def embed(
+        self, input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None = None
+    ) -> Residual:
         """The residual stream at depth 0 (the input of block 0) for every item, plus how each block is called.
 
         Runs the model's own forward up to its first block (embedding, position embeddings, embedding norm and
@@ -337,8 +357,11 @@ class StreamedModel:
                 self.layers[i] = layer
         missing = [i for i, c in enumerate(calls) if c is None]
         if missing or not first:
-            raise LmsurgeonError(f"the model's forward did not call blocks {missing}; layer streaming cannot "
-                                 f"drive {type(self.model).__name__}", self.handle.name)
+            raise LmsurgeonError(
+                f"the model's forward did not call blocks {missing}; layer streaming cannot "
+                f"drive {type(self.model).__name__}",
+                self.handle.name,
+            )
         return first[0], calls  # type: ignore[return-value]
 
     def blocks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.nn.Module]]:
@@ -357,8 +380,13 @@ class StreamedModel:
         hidden = [b.calls[index](block, b.hidden) for b in residual.batches]
         return residual.with_hidden(hidden, residual.depth + 1)
 
-    def run_layers(self, residual: Residual, start: int | None = None, stop: int | None = None,
-                   hook: Callable[[int, Residual], Residual | None] | None = None) -> Residual:
+    def run_layers(
+        self,
+        residual: Residual,
+        start: int | None = None,
+        stop: int | None = None,
+        hook: Callable[[int, Residual], Residual | None] | None = None,
+    ) -> Residual:
         """Apply blocks ``start..stop-1`` (default: from ``residual.depth`` to the last) to every item.
 
         ``hook(index, residual)`` runs after block ``index`` while it is still loaded; it may return a replacement
@@ -382,8 +410,9 @@ class StreamedModel:
             return [self.final_norm(h) for h in residual.hidden()]
 
     @torch.no_grad()
-    def nll(self, input_ids: torch.Tensor | Sequence[Sequence[int]],
-            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def nll(
+        self, input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-token negative log-likelihood ``[n, T-1]`` (float32) of token ``t+1`` given tokens ``≤ t``.
 
         Positions whose target (or context token) is padding are NaN, so a careless sum cannot hide them. The
@@ -403,11 +432,12 @@ class StreamedModel:
                 rows, targets = h[:, :-1][valid], ids[:, 1:][valid]
                 losses = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
                 for a in range(0, rows.shape[0], rows_per_chunk):
-                    logits = self.head(rows[a:a + rows_per_chunk]).float()  # [chunk, vocab]
+                    logits = self.head(rows[a : a + rows_per_chunk]).float()  # [chunk, vocab]
                     if cap:
                         logits = torch.tanh(logits / cap) * cap
-                    losses[a:a + rows_per_chunk] = torch.nn.functional.cross_entropy(
-                        logits, targets[a:a + rows_per_chunk], reduction="none")
+                    losses[a : a + rows_per_chunk] = torch.nn.functional.cross_entropy(
+                        logits, targets[a : a + rows_per_chunk], reduction="none"
+                    )
                 full = torch.full(valid.shape, float("nan"), dtype=torch.float32, device=rows.device)
                 full[valid] = losses
                 out.append(full.cpu())

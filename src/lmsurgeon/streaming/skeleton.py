@@ -56,8 +56,11 @@ def build_skeleton(config: dict, kind: str, dtype: torch.dtype, where: str) -> A
     cfg = dict(config)
     model_type = cfg.pop("model_type", None)
     if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
-        raise UnknownArchitecture(f"model_type {model_type!r} is not an architecture transformers ships; layer "
-                                  "streaming builds only those (no remote code)", where)
+        raise UnknownArchitecture(
+            f"model_type {model_type!r} is not an architecture transformers ships; layer "
+            "streaming builds only those (no remote code)",
+            where,
+        )
     auto = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModel
     try:
         with quiet_transformers():
@@ -65,8 +68,9 @@ def build_skeleton(config: dict, kind: str, dtype: torch.dtype, where: str) -> A
             with init_empty_weights():
                 model = auto.from_config(hf_config, dtype=dtype)
     except (ValueError, KeyError, TypeError) as e:
-        raise LmsurgeonError(f"transformers cannot build a {kind} model from it: {str(e).splitlines()[0]}",
-                             where) from None
+        raise LmsurgeonError(
+            f"transformers cannot build a {kind} model from it: {str(e).splitlines()[0]}", where
+        ) from None
     return model.eval()
 
 
@@ -153,12 +157,12 @@ def load_tensors(model: Any, handle, names: Iterable[str], dtype: torch.dtype, d
         info, _ = convert_and_load_state_dict_in_model(model, state, config)
     if info.mismatched_keys:
         key, got, want = sorted(info.mismatched_keys)[0]
-        raise LmsurgeonError(f"tensor for {key} has shape {tuple(got)}, the config implies {tuple(want)}",
-                             handle.name)
+        raise LmsurgeonError(f"tensor for {key} has shape {tuple(got)}, the config implies {tuple(want)}", handle.name)
     if info.conversion_errors:
         key, error = next(iter(info.conversion_errors.items()))
-        raise LmsurgeonError(f"transformers could not convert the tensors of {key}: {error.strip().splitlines()[-1]}",
-                             handle.name)
+        raise LmsurgeonError(
+            f"transformers could not convert the tensors of {key}: {error.strip().splitlines()[-1]}", handle.name
+        )
 
 
 def _is_expert_stacking(converter) -> bool:
@@ -202,8 +206,15 @@ def _stacked_expert_groups(model: Any, mapping: list, names: list[str]) -> tuple
     return complete, sorted(rest)
 
 
-def _fill_stacked_experts(model: Any, handle, target: str, patterns: list[str], parts: dict[str, list[str]],
-                          dtype: torch.dtype, device: torch.device) -> None:
+def _fill_stacked_experts(
+    model: Any,
+    handle,
+    target: str,
+    patterns: list[str],
+    parts: dict[str, list[str]],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
     """Build the fused ``[experts, rows, cols]`` parameter in place, one expert tensor at a time: the result of
     ``cat([stack(sources[0]), stack(sources[1]), ...], dim=1)`` without holding the per-expert list, the stacks
     and the concatenation at once (for a GLM-4.5-Air layer that is 3 GB of transient copies)."""
@@ -218,9 +229,12 @@ def _fill_stacked_experts(model: Any, handle, target: str, patterns: list[str], 
             tensor = _DeferredTensor(handle, name, dtype)[...]
             rows = tensor.shape[0]
             if offset + rows > shape[1] or tuple(tensor.shape[1:]) != tuple(shape[2:]):
-                raise LmsurgeonError(f"expert tensor {name} has shape {tuple(tensor.shape)}, which does not fit "
-                                     f"{target} of shape {tuple(shape)}", handle.name)
-            out[expert, offset:offset + rows] = tensor
+                raise LmsurgeonError(
+                    f"expert tensor {name} has shape {tuple(tensor.shape)}, which does not fit "
+                    f"{target} of shape {tuple(shape)}",
+                    handle.name,
+                )
+            out[expert, offset : offset + rows] = tensor
         offset += rows
     if offset != shape[1]:
         raise LmsurgeonError(f"expert tensors fill {offset} of the {shape[1]} rows of {target}", handle.name)

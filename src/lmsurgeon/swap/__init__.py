@@ -1,4 +1,4 @@
-"""Layer swap analysis (spec/swap.md): which adjacent layers can be exchanged or dropped, and why.
+"""Layer swap analysis (methods.md §S1–§S13): which adjacent layers can be exchanged or dropped, and why.
 
 ``analyze(source, config=SwapConfig(...), out=...)`` runs the whole analysis and returns exactly the
 results.json dict (schema ``lmsurgeon/swap@1``); the pieces are importable for reuse and tests: capture/replay

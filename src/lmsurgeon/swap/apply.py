@@ -1,4 +1,4 @@
-"""``--apply i`` / ``--drop i``: write a rewired checkpoint that ``transformers`` loads as is (spec §11, §12).
+"""``--apply i`` / ``--drop i``: write a rewired checkpoint that ``transformers`` loads as is (methods.md §S11, §S12).
 
 Layer tensors are renamed through the registry's layer template (``layers.{i}.``), so no per-family code is
 needed; ``num_hidden_layers`` and every per-layer config list (``layer_types``: sliding vs full attention) are
@@ -25,8 +25,17 @@ from lmsurgeon.swap.plan import ORACLE, plan_order
 
 SHARD_BYTES = 4 << 30
 INDEX_LISTS = ("mlp_only_layers",)  # config lists that hold layer indices rather than one value per layer
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "vocab.txt", "tokenizer.model", "generation_config.json", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "generation_config.json",
+    "added_tokens.json",
+)
 
 
 def new_order(n_layers: int, swap: int | None = None, drop: int | None = None) -> list[int]:
@@ -40,8 +49,10 @@ def rewire_config(config: dict, layout, order: list[int]) -> dict:
     cfg = json.loads(json.dumps(config))
     text = layout.family.text_config(cfg)
     if text.get("scale_attn_by_inverse_layer_idx"):
-        raise LmsurgeonError("scale_attn_by_inverse_layer_idx ties each GPT-2 block's attention scale to its index;"
-                             " a moved block would compute something else, so the rewiring is refused")
+        raise LmsurgeonError(
+            "scale_attn_by_inverse_layer_idx ties each GPT-2 block's attention scale to its index;"
+            " a moved block would compute something else, so the rewiring is refused"
+        )
     n_key = layout.family.config_keys["n_layers"]
     n_key = n_key if isinstance(n_key, str) else next(k for k in n_key if k in text)
     text[n_key] = len(order)
@@ -55,8 +66,9 @@ def rewire_config(config: dict, layout, order: list[int]) -> dict:
 
 def rename_map(names: list[str], layout, order: list[int]) -> dict[str, str | None]:
     """Old tensor name → new name (None: dropped) via the family's layer template."""
-    pat = re.compile("^(" + re.escape(layout.prefix) + re.escape(layout.family.layer_prefix)
-                     .replace(r"\{i\}", r")(\d+)(") + ")(.*)$")
+    pat = re.compile(
+        "^(" + re.escape(layout.prefix) + re.escape(layout.family.layer_prefix).replace(r"\{i\}", r")(\d+)(") + ")(.*)$"
+    )
     where = {old: new for new, old in enumerate(order)}
     shift = len(order) - layout.n_layers
     out = {}
@@ -150,29 +162,58 @@ def nll_total(model, batches: list[Batch]) -> tuple[float, int]:
     return total, n
 
 
-def apply_and_evaluate(handle, layout, run_dir: Path, batches: list[Batch], kind: str, dtype, device,
-                       swap: int | None = None, drop: int | None = None, model=None) -> dict:
+def apply_and_evaluate(
+    handle,
+    layout,
+    run_dir: Path,
+    batches: list[Batch],
+    kind: str,
+    dtype,
+    device,
+    swap: int | None = None,
+    drop: int | None = None,
+    model=None,
+) -> dict:
     """Write swap_i_{i+1}/ and/or drop_i/ under the run folder; load each back and measure eval perplexity."""
     from lmsurgeon.io import open_model
 
     base = model if model is not None else handle.load_model(kind, dtype=dtype, device=device)
     before = mean_loss(base, batches)
     out = {"loss_before": before, "ppl_before": _ppl(before), "results": []}
-    jobs = ([("swap", swap, f"swap_{swap}_{swap + 1}", f"layers {swap} and {swap + 1} exchanged")]
-            if swap is not None else [])
+    jobs = (
+        [("swap", swap, f"swap_{swap}_{swap + 1}", f"layers {swap} and {swap + 1} exchanged")]
+        if swap is not None
+        else []
+    )
     jobs += [("drop", drop, f"drop_{drop}", f"layer {drop} removed")] if drop is not None else []
     for what, i, folder, desc in jobs:
         order = new_order(layout.n_layers, swap=i if what == "swap" else None, drop=i if what == "drop" else None)
         dest = write_rewired(handle, layout, Path(run_dir) / folder, order)
         rewired = open_model(dest).load_model(kind, dtype=dtype, device=device)
         after = mean_loss(rewired, batches)
-        out["results"].append({"kind": what, "i": i, "path": folder, "description": desc, "order": order,
-                               "n_layers": len(order), "loss_after": after, "ppl_after": _ppl(after),
-                               "dloss": None if after is None or before is None else after - before})
+        out["results"].append(
+            {
+                "kind": what,
+                "i": i,
+                "path": folder,
+                "description": desc,
+                "order": order,
+                "n_layers": len(order),
+                "loss_after": after,
+                "ppl_after": _ppl(after),
+                "dloss": None if after is None or before is None else after - before,
+            }
+        )
         del rewired
     first = out["results"][0]
-    out.update({"path": first["path"], "description": first["description"], "loss_after": first["loss_after"],
-                "ppl_after": first["ppl_after"]})
+    out.update(
+        {
+            "path": first["path"],
+            "description": first["description"],
+            "loss_after": first["loss_after"],
+            "ppl_after": first["ppl_after"],
+        }
+    )
     return out
 
 
@@ -210,8 +251,9 @@ def resolve_plan(spec: str, body: dict, n_layers: int) -> tuple[list[int], list[
         except ValueError:
             values = None
         if what.strip() not in ("drop", "swap") or not values:
-            raise LmsurgeonError(f"--apply-plan {spec!r}: expected 'recommended', 'oracle', 'reorder' or "
-                                 "'drop:3,5;swap:7'")
+            raise LmsurgeonError(
+                f"--apply-plan {spec!r}: expected 'recommended', 'oracle', 'reorder' or 'drop:3,5;swap:7'"
+            )
         (drops if what.strip() == "drop" else swaps).extend(values)
     for i in drops:
         _check(0 <= i < n_layers, f"--apply-plan drops layer {i}, outside 0…{n_layers - 1}")
@@ -247,15 +289,24 @@ def apply_plan(handle, layout, run_dir: Path, body: dict, cfg, evaluators, kind:
     heldout = evaluators[1]
     cached = heldout.scores([order])[0]
     total, n = nll_total(rewired, heldout.batches)
-    out = {"path": folder, "source": source, "drops": drops, "swaps": swaps, "order": order, "n_layers": len(order),
-           "heldout_loss": total / max(n, 1), "heldout_bpb": bits_per_byte(total, heldout.n_bytes),
-           "heldout_loss_from_cache": cached.loss,
-           "heldout_loss_before": heldout.scores([list(range(L))])[0].loss,
-           "generation": generation_check(rewired, heldout.batches[0])}
+    out = {
+        "path": folder,
+        "source": source,
+        "drops": drops,
+        "swaps": swaps,
+        "order": order,
+        "n_layers": len(order),
+        "heldout_loss": total / max(n, 1),
+        "heldout_bpb": bits_per_byte(total, heldout.n_bytes),
+        "heldout_loss_from_cache": cached.loss,
+        "heldout_loss_before": heldout.scores([list(range(L))])[0].loss,
+        "generation": generation_check(rewired, heldout.batches[0]),
+    }
     if cfg.heal_steps > 0:
         layers = find_module(rewired, layout.family.modules["layers"])
-        out["heal"] = heal(rewired, layers, order, L, fit_batches, heldout, cfg.heal_steps,
-                           Path(run_dir) / f"{folder}_healed", dest)
+        out["heal"] = heal(
+            rewired, layers, order, L, fit_batches, heldout, cfg.heal_steps, Path(run_dir) / f"{folder}_healed", dest
+        )
     return out
 
 
@@ -264,8 +315,15 @@ def generation_check(model, batch: Batch, prompt_len: int = 16, new_tokens: int 
     n = min(prompt_len, int(batch.attention_mask[0].sum()))
     prompt = batch.input_ids[:1, :n]
     with torch.inference_mode():
-        gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+        gen = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
         seq = prompt
         for _ in range(new_tokens):
             nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
@@ -273,8 +331,18 @@ def generation_check(model, batch: Batch, prompt_len: int = 16, new_tokens: int 
     return {"prompt_tokens": n, "new_tokens": new_tokens, "cached_equals_uncached": bool(torch.equal(gen, seq))}
 
 
-def heal(model, layers, order: list[int], n_layers: int, fit_batches: list[Batch], heldout, steps: int, dest: Path,
-         source: Path, lr: float = 1e-4) -> dict:
+def heal(
+    model,
+    layers,
+    order: list[int],
+    n_layers: int,
+    fit_batches: list[Batch],
+    heldout,
+    steps: int,
+    dest: Path,
+    source: Path,
+    lr: float = 1e-4,
+) -> dict:
     """Continued training of the layers next to each cut (the new positions around a removed layer, and both
     layers of a swapped pair) on the fit text; everything else frozen. Saves the healed model to ``dest``."""
     trained = sorted(p for p in cut_neighbours(order, n_layers) if 0 <= p < len(layers))
@@ -301,10 +369,16 @@ def heal(model, layers, order: list[int], n_layers: int, fit_batches: list[Batch
     for f in Path(source).iterdir():
         if f.name in TOKENIZER_FILES and not (dest / f.name).exists():
             shutil.copy2(f, dest / f.name)
-    return {"steps": steps, "lr": lr, "trained_layers": trained, "path": dest.name,
-            "heldout_loss_before": before_total / max(n, 1), "heldout_loss_after": after_total / max(n, 1),
-            "heldout_bpb_before": bits_per_byte(before_total, heldout.n_bytes),
-            "heldout_bpb_after": bits_per_byte(after_total, heldout.n_bytes)}
+    return {
+        "steps": steps,
+        "lr": lr,
+        "trained_layers": trained,
+        "path": dest.name,
+        "heldout_loss_before": before_total / max(n, 1),
+        "heldout_loss_after": after_total / max(n, 1),
+        "heldout_bpb_before": bits_per_byte(before_total, heldout.n_bytes),
+        "heldout_bpb_after": bits_per_byte(after_total, heldout.n_bytes),
+    }
 
 
 def cut_neighbours(order: list[int], n_layers: int) -> set[int]:
@@ -317,4 +391,3 @@ def cut_neighbours(order: list[int], n_layers: int) -> set[int]:
         if nxt != prev + 1:  # a gap (dropped layers) or a jump (reordered) between positions p−1 and p
             out.update({p - 1, p})
     return out
-

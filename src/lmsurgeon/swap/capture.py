@@ -1,6 +1,6 @@
 """Capture every layer's input and call arguments in one forward, then replay blocks from the cache.
 
-Spec §8: δ(i, i+1) needs h_i, h_{i+2} and block i applied to block i+1's output on h_i. Replaying blocks with
+methods.md §S8: δ(i, i+1) needs h_i, h_{i+2} and block i applied to block i+1's output on h_i. Replaying blocks with
 their own captured arguments (the mask the model built, rotary cos/sin, position ids) gives the exchanged order
 in O(L) block calls instead of one whole forward per pair. A block keeps its own arguments wherever it is moved
 (its mask type, its rotary set), which is what a checkpoint written by ``--apply`` does (layer_types permuted).

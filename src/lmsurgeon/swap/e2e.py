@@ -1,4 +1,4 @@
-"""End-to-end effect of a rewiring (spec §9): from a rewired hidden state, final norm and head → loss and KL.
+"""End-to-end effect of a rewiring (methods.md §S9): from a rewired hidden state, final norm and head → loss and KL.
 
 Only the model's own final norm and head are applied (found via the registry), plus Gemma-2-style final logit
 soft-capping when the config asks for it, so ``head_logits(h_L)`` equals the model's logits (tested). Logits are
@@ -53,8 +53,9 @@ def find_head(model, family) -> Head | None:
     return Head(norm=norm, lm_head=lm_head, softcap=getattr(cfg, "final_logit_softcapping", None))
 
 
-def token_losses(head: Head, h: torch.Tensor, targets: torch.Tensor, sel: torch.Tensor,
-                 ref_logp: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_losses(
+    head: Head, h: torch.Tensor, targets: torch.Tensor, sel: torch.Tensor, ref_logp: list[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-entropy of next tokens at the selected positions, and KL(p_ref ‖ p) if reference log-probs are given.
 
     h: [B, T, d]; targets: [B, T] (token t+1 at position t); sel: [B, T] bool. Returns float64 per-token vectors.
@@ -62,8 +63,8 @@ def token_losses(head: Head, h: torch.Tensor, targets: torch.Tensor, sel: torch.
     x, tgt = h[sel], targets[sel]
     ce, kl = [], []
     for k, a in enumerate(range(0, x.shape[0], CHUNK)):
-        logp = torch.log_softmax(head.logits(x[a:a + CHUNK]), dim=-1)
-        ce.append(-logp.gather(1, tgt[a:a + CHUNK, None])[:, 0].double())
+        logp = torch.log_softmax(head.logits(x[a : a + CHUNK]), dim=-1)
+        ce.append(-logp.gather(1, tgt[a : a + CHUNK, None])[:, 0].double())
         if ref_logp is not None:
             ref = ref_logp[k]
             kl.append((ref.exp() * (ref - logp)).sum(-1).double())
@@ -73,4 +74,4 @@ def token_losses(head: Head, h: torch.Tensor, targets: torch.Tensor, sel: torch.
 def reference_logp(head: Head, h: torch.Tensor, sel: torch.Tensor) -> list[torch.Tensor]:
     """The original model's log-probs at the selected positions, chunked like :func:`token_losses`."""
     x = h[sel]
-    return [torch.log_softmax(head.logits(x[a:a + CHUNK]), dim=-1) for a in range(0, x.shape[0], CHUNK)]
+    return [torch.log_softmax(head.logits(x[a : a + CHUNK]), dim=-1) for a in range(0, x.shape[0], CHUNK)]

@@ -1,6 +1,6 @@
 """The two passes of a swap analysis: fit A_i on the fit split, then measure everything on the eval split.
 
-Per batch: one captured forward, then running sums of every statistic, then the cache is discarded (spec §8),
+Per batch: one captured forward, then running sums of every statistic, then the cache is discarded (methods.md §S8),
 so memory is ≈ (L+1)·B·T·d activations plus d² float64 per layer. The eval pass per batch:
 
 * δ(i, i+1): block i on block i+1's output on h_i (2 block calls per pair, the inner one reused by drops);
@@ -85,15 +85,26 @@ class EvalSums:
 
     def __post_init__(self):
         L = self.n_layers
-        for name, n in [("delta", L - 1), ("delta_lin", L - 1), ("bi_cos", L), ("ang1", L), ("ang2", L - 1),
-                        ("resid", L), ("y_sq", L), ("dloss_swap", L - 1), ("kl_swap", L - 1), ("dloss_drop", L),
-                        ("kl_drop", L)]:
+        for name, n in [
+            ("delta", L - 1),
+            ("delta_lin", L - 1),
+            ("bi_cos", L),
+            ("ang1", L),
+            ("ang2", L - 1),
+            ("resid", L),
+            ("y_sq", L),
+            ("dloss_swap", L - 1),
+            ("kl_swap", L - 1),
+            ("dloss_drop", L),
+            ("kl_drop", L),
+        ]:
             setattr(self, name, np.zeros(n))
         self.y_sum = [0.0] * L
 
 
-def fit_pass(model, layers_paths, batches, n_layers: int, d: int, window: int, ridge: float,
-             device, tick=None) -> LinearFit:
+def fit_pass(
+    model, layers_paths, batches, n_layers: int, d: int, window: int, ridge: float, device, tick=None
+) -> LinearFit:
     """A_i for every layer from the fit split (one captured forward per batch, no block replays)."""
     sums = new_sums(n_layers, d, device)
     for b in batches:
@@ -104,8 +115,9 @@ def fit_pass(model, layers_paths, batches, n_layers: int, d: int, window: int, r
     return solve(sums, ridge, window)
 
 
-def eval_pass(model, layers, layers_paths, batches, fit: LinearFit, head: Head | None, window: int,
-              device, tick=None) -> EvalSums:
+def eval_pass(
+    model, layers, layers_paths, batches, fit: LinearFit, head: Head | None, window: int, device, tick=None
+) -> EvalSums:
     """All eval-split statistics, batch by batch."""
     L = len(layers)
     S = EvalSums(L)
@@ -176,10 +188,15 @@ def finish(S: EvalSums, has_head: bool) -> dict:
     nt, nr, nl = max(S.n_tok, 1), max(S.n_rows, 1), max(S.n_loss, 1)
     L = S.n_layers
     out = {
-        "bi": list(1.0 - S.bi_cos / nt), "ang1": list(S.ang1 / nr), "ang2": list(S.ang2 / nr),
-        "delta": list(S.delta / nt), "delta_linear": list(S.delta_lin / nt),
+        "bi": list(1.0 - S.bi_cos / nt),
+        "ang1": list(S.ang1 / nr),
+        "ang2": list(S.ang2 / nr),
+        "delta": list(S.delta / nt),
+        "delta_linear": list(S.delta_lin / nt),
         "r2_eval": [r_squared(S.resid[i], S.y_sq[i], np.asarray(S.y_sum[i]), S.n_tok) for i in range(L)],
-        "n_tokens": S.n_tok, "n_rows": S.n_rows, "n_loss_tokens": S.n_loss,
+        "n_tokens": S.n_tok,
+        "n_rows": S.n_rows,
+        "n_loss_tokens": S.n_loss,
     }
     if has_head:
         out["loss"] = S.loss0 / nl

@@ -1,4 +1,4 @@
-"""Per-layer linear approximation A_i (spec §5.1), accumulated over batches in float64.
+"""Per-layer linear approximation A_i (methods.md §S5.1), accumulated over batches in float64.
 
 Only the normal-equation sums are kept (G = X̂ᵀX̂, C = X̂ᵀY, ‖Y‖², ΣY, n per layer), so the fit split streams
 through in batches and is then discarded; R² on the fit split follows from the same sums.
@@ -38,9 +38,14 @@ class LinearFit:
 
 
 def new_sums(n_layers: int, d: int, device) -> list[NormalSums]:
-    return [NormalSums(G=torch.zeros(d, d, dtype=torch.float64, device=device),
-                       C=torch.zeros(d, d, dtype=torch.float64, device=device),
-                       y_sum=torch.zeros(d, dtype=torch.float64, device=device)) for _ in range(n_layers)]
+    return [
+        NormalSums(
+            G=torch.zeros(d, d, dtype=torch.float64, device=device),
+            C=torch.zeros(d, d, dtype=torch.float64, device=device),
+            y_sum=torch.zeros(d, dtype=torch.float64, device=device),
+        )
+        for _ in range(n_layers)
+    ]
 
 
 def pair_inputs(h_i: torch.Tensor, h_next: torch.Tensor, sel: torch.Tensor, window: int):

@@ -1,4 +1,4 @@
-"""The paper's equations, line by line (spec §4, §5, §10), and the only implementation of each.
+"""The paper's equations, line by line (methods.md §S4, §S5, §S10), and the only implementation of each.
 
 The analysis calls these functions; nothing recomputes them inline. Matrix statistics of the fitted A_i
 (Trans, Dep, r, the least-squares solve) are numpy float64. Per-token statistics (X̂, δ', cos for Block
@@ -17,6 +17,7 @@ import torch
 from lmsurgeon.swap.config import RIDGE, WINDOW
 
 # -- eq. 12: context-mixed input and the least-squares fit (numpy float64 for matrices) ----------------------
+
 
 def context_mix_batch(X: torch.Tensor, window: int = WINDOW) -> torch.Tensor:
     """X̂_{t} = mean of X_s over s ∈ {max(0, t−window+1), …, t}, for a right-padded batch X: [B, T, d].
@@ -51,6 +52,7 @@ def fit_residual(A: np.ndarray, G: np.ndarray, C: np.ndarray, y_sq: float) -> fl
 
 # -- eqs. 13, 14, 1: Trans, Dep, r ---------------------------------------------------------------------------
 
+
 def trans(A: np.ndarray) -> float:
     """Trans(i) = ‖A_i‖_F / √d (eq. 13)."""
     return float(np.linalg.norm(A, "fro") / np.sqrt(A.shape[0]))
@@ -76,6 +78,7 @@ def r_metric(Ai: np.ndarray, Aj: np.ndarray, floor: float = 0.0) -> float:
 
 # -- eq. 16: linearised swap effect ---------------------------------------------------------------------------
 
+
 def commutator(Ai: torch.Tensor, Aj: torch.Tensor) -> torch.Tensor:
     """A_iA_j − A_jA_i: L'_j(L'_i(x)) − L'_i(L'_j(x)) = x(A_iA_j − A_jA_i) for L'(x) = x + xA."""
     return Ai @ Aj - Aj @ Ai
@@ -91,7 +94,8 @@ def delta_linear(Xhat: torch.Tensor, Ai: torch.Tensor, Aj: torch.Tensor) -> floa
     return float(delta_linear_per_token(Xhat, commutator(Ai, Aj)).mean())
 
 
-# -- spec §10: ShortGPT's Block Influence and Gromov et al.'s angular distance --------------------------------
+# -- methods.md §S10: ShortGPT's Block Influence and Gromov et al.'s angular distance --------------------------------
+
 
 def cosine_per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """cos(a_t, b_t) in float64 for rows a, b: [N, d]."""

@@ -6,7 +6,7 @@ Each predictor proposes, for every k = 1…K, a set of layers to drop:
 * ``bi``: the k layers with the lowest Block Influence (ShortGPT);
 * ``angular``: the block of k consecutive layers whose input and output are closest in angular distance
   ang_k(ℓ) over each row's last token (Gromov et al.);
-* ``dloss``: the k layers whose single drop costs least end to end (Δloss of spec §9);
+* ``dloss``: the k layers whose single drop costs least end to end (Δloss of methods.md §S9);
 * ``greedy_validation``: drop one layer at a time, each time the one whose removal gives the lowest loss on the
   validation text (the eval split the predictors are measured on).
 
@@ -130,8 +130,16 @@ class PlanEvaluator:
     forward per batch); either way a plan costs only the blocks after its first change.
     """
 
-    def __init__(self, model, layers, layers_paths, head: Head, batches: list[Batch], n_bytes: int,
-                 budget: int = CAPTURE_BUDGET_BYTES):
+    def __init__(
+        self,
+        model,
+        layers,
+        layers_paths,
+        head: Head,
+        batches: list[Batch],
+        n_bytes: int,
+        budget: int = CAPTURE_BUDGET_BYTES,
+    ):
         self.model, self.layers, self.paths, self.head = model, layers, layers_paths, head
         self.batches, self.n_bytes, self.budget = batches, n_bytes, budget
         self._kept: list[Capture] | None = None
@@ -182,7 +190,7 @@ class PlanEvaluator:
                     sums[n, ell] += float(angle_per_row(last[ell], last[ell + n]).sum())
         out = sums / max(rows_seen, 1)
         for n in range(max_n + 1):
-            out[n, L - n + 1:] = np.nan
+            out[n, L - n + 1 :] = np.nan
         out[0] = np.nan
         return out
 
@@ -206,8 +214,9 @@ def predictor_plans(layer_table: list[dict], ang: np.ndarray, K: int) -> dict[st
     return plans
 
 
-def greedy(evaluator: PlanEvaluator, L: int, K: int, tick: Callable[[], None] | None = None
-           ) -> list[tuple[tuple[int, ...], Score]]:
+def greedy(
+    evaluator: PlanEvaluator, L: int, K: int, tick: Callable[[], None] | None = None
+) -> list[tuple[tuple[int, ...], Score]]:
     """Drop one layer at a time, each time the one whose removal scores lowest on ``evaluator``'s text."""
     current: tuple[int, ...] = ()
     out = []
@@ -222,8 +231,13 @@ def greedy(evaluator: PlanEvaluator, L: int, K: int, tick: Callable[[], None] | 
     return out
 
 
-def plan_drops(validation: PlanEvaluator, heldout: PlanEvaluator, layer_table: list[dict], K: int,
-               tick: Callable[[], None] | None = None) -> dict:
+def plan_drops(
+    validation: PlanEvaluator,
+    heldout: PlanEvaluator,
+    layer_table: list[dict],
+    K: int,
+    tick: Callable[[], None] | None = None,
+) -> dict:
     """Every strategy's plan for k = 1…K scored on validation and held-out text, the oracle, and the advice.
 
     Returns results.json's ``plans`` (a list of {strategy, k, layers, heldout_loss, heldout_bpb,
@@ -239,26 +253,41 @@ def plan_drops(validation: PlanEvaluator, heldout: PlanEvaluator, layer_table: l
     base_order = list(range(L))
     val_scores = validation.scores([base_order, *orders])
     held_scores = heldout.scores([base_order, *orders])
-    rows = [_row(name, k, layers, held, val)
-            for (name, k, layers), held, val in zip(flat, held_scores[1:], val_scores[1:], strict=True)]
+    rows = [
+        _row(name, k, layers, held, val)
+        for (name, k, layers), held, val in zip(flat, held_scores[1:], val_scores[1:], strict=True)
+    ]
     oracle = greedy(heldout, L, K, tick)
     rows += [_row(ORACLE, k + 1, layers, score, None) for k, (layers, score) in enumerate(oracle)]
     recommended = []
     for k in range(1, K + 1):
         pool = [r for r in rows if r["k"] == k and r["strategy"] != ORACLE]
         best = min(pool, key=lambda r: (r["validation_loss"], r["layers"]))
-        recommended.append({"k": k, "strategy": best["strategy"], "layers": best["layers"],
-                            "validation_loss": best["validation_loss"], "heldout_loss": best["heldout_loss"],
-                            "heldout_bpb": best["heldout_bpb"]})
+        recommended.append(
+            {
+                "k": k,
+                "strategy": best["strategy"],
+                "layers": best["layers"],
+                "validation_loss": best["validation_loss"],
+                "heldout_loss": best["heldout_loss"],
+                "heldout_bpb": best["heldout_bpb"],
+            }
+        )
     summary = _summary(rows, recommended, K, L, held_scores[0], val_scores[0])
     summary["plans_scored"] = {"validation": validation.plans_scored, "heldout": heldout.plans_scored}
     return {"plans": rows, "recommended": recommended, "plan_summary": summary}
 
 
 def _row(strategy: str, k: int, layers: tuple[int, ...], held: Score, val: Score | None) -> dict:
-    return {"strategy": strategy, "k": k, "layers": list(layers), "heldout_loss": held.loss,
-            "heldout_bpb": held.bpb, "validation_loss": val.loss if val else None,
-            "validation_bpb": val.bpb if val else None}
+    return {
+        "strategy": strategy,
+        "k": k,
+        "layers": list(layers),
+        "heldout_loss": held.loss,
+        "heldout_bpb": held.bpb,
+        "validation_loss": val.loss if val else None,
+        "validation_bpb": val.bpb if val else None,
+    }
 
 
 def _summary(rows: list[dict], recommended: list[dict], K: int, L: int, held0: Score, val0: Score) -> dict:
@@ -270,16 +299,25 @@ def _summary(rows: list[dict], recommended: list[dict], K: int, L: int, held0: S
     winner = min(non_oracle, key=lambda r: (r["heldout_bpb"], r["strategy"]))
     baselines = {s: at_K[s]["heldout_bpb"] for s in ("bi", "angular") if s in at_K}
     return {
-        "k_max": K, "n_layers": L, "fraction": K / L,
-        "baseline": {"heldout_loss": held0.loss, "heldout_bpb": held0.bpb, "validation_loss": val0.loss,
-                     "validation_bpb": val0.bpb},
+        "k_max": K,
+        "n_layers": L,
+        "fraction": K / L,
+        "baseline": {
+            "heldout_loss": held0.loss,
+            "heldout_bpb": held0.bpb,
+            "validation_loss": val0.loss,
+            "validation_bpb": val0.bpb,
+        },
         "at_k_max": {
-            "recommended": rec["strategy"], "recommended_bpb": rec["heldout_bpb"],
-            "oracle_bpb": oracle["heldout_bpb"], "gap_to_oracle": gap,
+            "recommended": rec["strategy"],
+            "recommended_bpb": rec["heldout_bpb"],
+            "oracle_bpb": oracle["heldout_bpb"],
+            "gap_to_oracle": gap,
             "within_5_percent_of_oracle": bool(gap <= 0.05),
             "baselines_bpb": baselines,
             "at_least_as_good_as_baselines": bool(all(rec["heldout_bpb"] <= v + 1e-12 for v in baselines.values())),
-            "best_non_oracle_on_heldout": winner["strategy"], "best_non_oracle_bpb": winner["heldout_bpb"],
+            "best_non_oracle_on_heldout": winner["strategy"],
+            "best_non_oracle_bpb": winner["heldout_bpb"],
         },
     }
 
@@ -306,17 +344,31 @@ def plan_reorder(validation: PlanEvaluator, heldout: PlanEvaluator, pairs: list[
         score = validation.scores([plan_order(L, swaps=trial)])[0]
         if score.loss - base_val.loss <= tolerance:
             kept = trial
-            steps.append({"swaps": list(trial), "order": plan_order(L, swaps=trial),
-                          "validation_dloss": score.loss - base_val.loss})
+            steps.append(
+                {
+                    "swaps": list(trial),
+                    "order": plan_order(L, swaps=trial),
+                    "validation_dloss": score.loss - base_val.loss,
+                }
+            )
         else:
             rejected.append({"swaps": list(trial), "validation_dloss": score.loss - base_val.loss})
     held = heldout.scores([s["order"] for s in steps])
     for step, score in zip(steps, held, strict=True):
-        step.update({"heldout_loss": score.loss, "heldout_bpb": score.bpb,
-                     "heldout_dloss": score.loss - base_held.loss})
-    safe = [{"i": p["i"], "j": p["i"] + 1, key: p[key], "delta": p["delta"]} for p in ranked
-            if key == "dloss" and p["dloss"] <= tolerance]
-    return {"tolerance": tolerance, "ranked_by": key, "single_swaps_within_tolerance": safe, "steps": steps,
-            "rejected": rejected, "chosen": steps[-1] if steps else None,
-            "baseline": {"validation_loss": base_val.loss, "heldout_loss": base_held.loss,
-                         "heldout_bpb": base_held.bpb}}
+        step.update(
+            {"heldout_loss": score.loss, "heldout_bpb": score.bpb, "heldout_dloss": score.loss - base_held.loss}
+        )
+    safe = [
+        {"i": p["i"], "j": p["i"] + 1, key: p[key], "delta": p["delta"]}
+        for p in ranked
+        if key == "dloss" and p["dloss"] <= tolerance
+    ]
+    return {
+        "tolerance": tolerance,
+        "ranked_by": key,
+        "single_swaps_within_tolerance": safe,
+        "steps": steps,
+        "rejected": rejected,
+        "chosen": steps[-1] if steps else None,
+        "baseline": {"validation_loss": base_val.loss, "heldout_loss": base_held.loss, "heldout_bpb": base_held.bpb},
+    }

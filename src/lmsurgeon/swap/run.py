@@ -1,4 +1,4 @@
-"""``analyze``: the whole swap analysis of one model (spec §5–§12), returning exactly what results.json holds."""
+"""``analyze``: the whole swap analysis of one model (methods.md §S5–§S12), returning what results.json holds."""
 
 from __future__ import annotations
 
@@ -22,12 +22,20 @@ from lmsurgeon.swap.stats import spearman_ci
 
 MIN_ROW_TOKENS = 16
 PAPER = {"model": "openai-community/gpt2-large", "pairs": 35, "r_vs_delta": 0.91, "linear_vs_delta": 0.91}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+}
 
 
-def analyze(source, config: SwapConfig | None = None, *, out=None, progress: bool = False, overwrite: bool = False,
-            **options) -> dict:
+def analyze(
+    source, config: SwapConfig | None = None, *, out=None, progress: bool = False, overwrite: bool = False, **options
+) -> dict:
     """Analyse every adjacent layer pair of ``source`` and write a run folder; returns results.json's dict.
 
     Settings come from ``config`` (default :class:`SwapConfig`), with any keyword ``options`` (its field names:
@@ -72,33 +80,47 @@ def analyze(source, config: SwapConfig | None = None, *, out=None, progress: boo
         fit_rows = tokenize_rows(tokenizer, fit_texts, seq_len, fit_budget)
         eval_rows = tokenize_rows(tokenizer, eval_texts, seq_len, cfg.tokens)
         if not fit_rows or not eval_rows:
-            raise LmsurgeonError(f"no text row has at least {MIN_ROW_TOKENS} tokens",
-                                 str(cfg.data or "built-in corpus"))
+            raise LmsurgeonError(
+                f"no text row has at least {MIN_ROW_TOKENS} tokens", str(cfg.data or "built-in corpus")
+            )
         fit_batches = make_batches(fit_rows, cfg.batch_tokens, seq_len, pad_id, cfg.device, cfg.skip_first)
         eval_batches = make_batches(eval_rows, cfg.batch_tokens, seq_len, pad_id, cfg.device, cfg.skip_first)
 
         with _progress(progress, len(fit_batches) + len(eval_batches)) as tick:
             t1 = time.time()
-            fit = fit_pass(model, family.modules["layers"], fit_batches, L, d, cfg.window, cfg.ridge, cfg.device,
-                           tick)
+            fit = fit_pass(model, family.modules["layers"], fit_batches, L, d, cfg.window, cfg.ridge, cfg.device, tick)
             timings["fit_seconds"] = time.time() - t1
             t1 = time.time()
-            S = eval_pass(model, layers, family.modules["layers"], eval_batches, fit, head, cfg.window, cfg.device,
-                          tick)
+            S = eval_pass(
+                model, layers, family.modules["layers"], eval_batches, fit, head, cfg.window, cfg.device, tick
+            )
             ev = finish(S, head is not None)
             timings["eval_seconds"] = time.time() - t1
 
         body = assemble(fit, ev, L, d, head is not None, cfg.bootstrap, cfg.seed)
-        body.update({
-            "run_dir": str(run.out.resolve()),
-            "model": {"source": str(source), "family": family.name, "n_layers": L, "hidden_size": d,
-                      "encoder": family.encoder, "dtype": str(torch_dtype).replace("torch.", ""),
-                      "device": cfg.device},
-            "settings": settings(cfg, data_desc, seq_len, fit_budget, e2e=head is not None),
-            "tokens": {"fit": fit.n_fit, "eval": ev["n_tokens"], "eval_rows": ev["n_rows"],
-                       "fit_rows": len(fit_rows), "loss_tokens": ev["n_loss_tokens"]},
-            "paper": PAPER,
-        })
+        body.update(
+            {
+                "run_dir": str(run.out.resolve()),
+                "model": {
+                    "source": str(source),
+                    "family": family.name,
+                    "n_layers": L,
+                    "hidden_size": d,
+                    "encoder": family.encoder,
+                    "dtype": str(torch_dtype).replace("torch.", ""),
+                    "device": cfg.device,
+                },
+                "settings": settings(cfg, data_desc, seq_len, fit_budget, e2e=head is not None),
+                "tokens": {
+                    "fit": fit.n_fit,
+                    "eval": ev["n_tokens"],
+                    "eval_rows": ev["n_rows"],
+                    "fit_rows": len(fit_rows),
+                    "loss_tokens": ev["n_loss_tokens"],
+                },
+                "paper": PAPER,
+            }
+        )
         from lmsurgeon.swap.report import build_report, draw_figures
 
         evaluators = None
@@ -106,15 +128,24 @@ def analyze(source, config: SwapConfig | None = None, *, out=None, progress: boo
             t1 = time.time()
             plan_head = head or find_head(model, family)
             if plan_head is None:
-                raise LmsurgeonError("--plan-drop, --plan-reorder and --apply-plan score plans by next-token loss, "
-                                     "which needs a model with an LM head", handle.name)
+                raise LmsurgeonError(
+                    "--plan-drop, --plan-reorder and --apply-plan score plans by next-token loss, "
+                    "which needs a model with an LM head",
+                    handle.name,
+                )
             heldout_rows = tokenize_rows(tokenizer, heldout_texts, seq_len, cfg.plan_tokens or cfg.tokens)
             if not heldout_rows:
-                raise LmsurgeonError(f"no held-out row has at least {MIN_ROW_TOKENS} tokens",
-                                     data_desc["heldout"])
+                raise LmsurgeonError(f"no held-out row has at least {MIN_ROW_TOKENS} tokens", data_desc["heldout"])
             heldout_batches = make_batches(heldout_rows, cfg.batch_tokens, seq_len, pad_id, cfg.device)
-            evaluators = make_evaluators(model, layers, family.modules["layers"], plan_head, tokenizer,
-                                         (eval_batches, eval_rows), (heldout_batches, heldout_rows))
+            evaluators = make_evaluators(
+                model,
+                layers,
+                family.modules["layers"],
+                plan_head,
+                tokenizer,
+                (eval_batches, eval_rows),
+                (heldout_batches, heldout_rows),
+            )
             body["tokens"]["heldout"] = sum(len(r) for r in heldout_rows)
             if cfg.plan_drop is not None:
                 body.update(plan_drops(*evaluators, body["layers"], parse_plan_drop(cfg.plan_drop, L)))
@@ -127,15 +158,26 @@ def analyze(source, config: SwapConfig | None = None, *, out=None, progress: boo
             from lmsurgeon.swap.apply import apply_and_evaluate
 
             t1 = time.time()
-            body["apply"] = apply_and_evaluate(handle, layout, run.path, eval_batches, kind, torch_dtype,
-                                               cfg.device, swap=cfg.apply, drop=cfg.drop, model=model)
+            body["apply"] = apply_and_evaluate(
+                handle,
+                layout,
+                run.path,
+                eval_batches,
+                kind,
+                torch_dtype,
+                cfg.device,
+                swap=cfg.apply,
+                drop=cfg.drop,
+                model=model,
+            )
             timings["apply_seconds"] = time.time() - t1
         if cfg.apply_plan is not None:
             from lmsurgeon.swap.apply import apply_plan
 
             t1 = time.time()
-            body["applied_plan"] = apply_plan(handle, layout, run.path, body, cfg, evaluators, kind, torch_dtype,
-                                              fit_batches)
+            body["applied_plan"] = apply_plan(
+                handle, layout, run.path, body, cfg, evaluators, kind, torch_dtype, fit_batches
+            )
             timings["apply_plan_seconds"] = time.time() - t1
         figures = draw_figures(run, body)
         timings["analysis_seconds"] = time.time() - t0
@@ -146,8 +188,10 @@ def analyze(source, config: SwapConfig | None = None, *, out=None, progress: boo
 
 def make_evaluators(model, layers, layers_paths, head, tokenizer, validation, heldout):
     """Plan evaluators over the validation (eval) split and the held-out split: (batches, rows) each."""
-    return tuple(PlanEvaluator(model, layers, layers_paths, head, batches, predicted_bytes(tokenizer, rows))
-                 for batches, rows in (validation, heldout))
+    return tuple(
+        PlanEvaluator(model, layers, layers_paths, head, batches, predicted_bytes(tokenizer, rows))
+        for batches, rows in (validation, heldout)
+    )
 
 
 def heldout_split(cfg: SwapConfig, eval_texts: list[str]) -> tuple[list[str], list[str], str]:
@@ -165,8 +209,10 @@ def heldout_split(cfg: SwapConfig, eval_texts: list[str]) -> tuple[list[str], li
         return eval_texts, load_texts(None, "test"), "built-in corpus: test"
     docs = list(eval_texts)
     if len(docs) < 3:
-        raise LmsurgeonError("planning needs held-out text: give --heldout-data, or at least 3 eval documents to "
-                             "set a third aside", str(cfg.eval_data or cfg.data))
+        raise LmsurgeonError(
+            "planning needs held-out text: give --heldout-data, or at least 3 eval documents to set a third aside",
+            str(cfg.eval_data or cfg.data),
+        )
     random.Random(cfg.seed + 1).shuffle(docs)
     cut = len(docs) - len(docs) // 3
     return docs[:cut], docs[cut:], f"a third of the eval documents (shuffled, seed {cfg.seed + 1})"
@@ -174,10 +220,21 @@ def heldout_split(cfg: SwapConfig, eval_texts: list[str]) -> tuple[list[str], li
 
 def settings(cfg: SwapConfig, data_desc: dict, seq_len: int, fit_budget: int, *, e2e: bool) -> dict:
     """results.json's ``settings``: the configuration as it was applied (effective seq_len and budgets)."""
-    return {"data": data_desc, "seq_len": seq_len, "fit_tokens_budget": fit_budget,
-            "eval_tokens_budget": cfg.tokens, "window": cfg.window, "ridge": cfg.ridge, "skip_first": cfg.skip_first,
-            "bootstrap": cfg.bootstrap, "min_row_tokens": MIN_ROW_TOKENS, "e2e": e2e,
-            "batch_tokens": cfg.batch_tokens, "padding": "right", "special_tokens": "tokenizer default"}
+    return {
+        "data": data_desc,
+        "seq_len": seq_len,
+        "fit_tokens_budget": fit_budget,
+        "eval_tokens_budget": cfg.tokens,
+        "window": cfg.window,
+        "ridge": cfg.ridge,
+        "skip_first": cfg.skip_first,
+        "bootstrap": cfg.bootstrap,
+        "min_row_tokens": MIN_ROW_TOKENS,
+        "e2e": e2e,
+        "batch_tokens": cfg.batch_tokens,
+        "padding": "right",
+        "special_tokens": "tokenizer default",
+    }
 
 
 def _check_index(i: int | None, n: int, flag: str) -> None:
@@ -186,7 +243,7 @@ def _check_index(i: int | None, n: int, flag: str) -> None:
 
 
 def resolve_dtype(dtype: str | None, device: str, handle) -> torch.dtype:
-    """``auto``: float32 if it fits in 60 % of the device's memory, else the checkpoint dtype (spec §7)."""
+    """``auto``: float32 if it fits in 60 % of the device's memory, else the checkpoint dtype (methods.md §S7)."""
     if dtype not in (None, "auto"):
         if dtype not in DTYPES:
             raise LmsurgeonError(f"unknown --dtype {dtype!r} (auto, {', '.join(sorted(DTYPES))})")
@@ -202,23 +259,32 @@ def resolve_dtype(dtype: str | None, device: str, handle) -> torch.dtype:
 
 
 def split_texts(data, eval_data, seed: int) -> tuple[list[str], list[str], dict]:
-    """Fit and eval documents per spec §7."""
+    """Fit and eval documents per methods.md §S7."""
     from lmsurgeon.data import load_texts
 
     if data is None and eval_data is None:
-        return (load_texts(None, "train"), load_texts(None, "validation"),
-                {"fit": "built-in corpus: train", "eval": "built-in corpus: validation"})
+        return (
+            load_texts(None, "train"),
+            load_texts(None, "validation"),
+            {"fit": "built-in corpus: train", "eval": "built-in corpus: validation"},
+        )
     if eval_data is not None:
         fit = load_texts(data, "train") if data is not None else load_texts(None, "train")
-        return fit, load_texts(eval_data, "validation"), {"fit": str(data or "built-in corpus: train"),
-                                                          "eval": str(eval_data)}
+        return (
+            fit,
+            load_texts(eval_data, "validation"),
+            {"fit": str(data or "built-in corpus: train"), "eval": str(eval_data)},
+        )
     docs = list(load_texts(data, "train"))
     random.Random(seed).shuffle(docs)
     half = max(1, len(docs) // 2)
     if len(docs) < 2:
         raise LmsurgeonError("--data needs at least 2 documents to split into fit and eval halves", str(data))
-    return docs[:half], docs[half:], {"fit": f"{data} (shuffled half 1, seed {seed})",
-                                      "eval": f"{data} (shuffled half 2, seed {seed})"}
+    return (
+        docs[:half],
+        docs[half:],
+        {"fit": f"{data} (shuffled half 1, seed {seed})", "eval": f"{data} (shuffled half 2, seed {seed})"},
+    )
 
 
 def _pad_id(tokenizer) -> int:
@@ -243,19 +309,20 @@ def tokenize_rows(tokenizer, texts: list[str], seq_len: int, budget: int) -> lis
     return rows
 
 
-def make_batches(rows: list[list[int]], batch_tokens: int, seq_len: int, pad_id: int, device,
-                 skip_first: int = 0) -> list[Batch]:
+def make_batches(
+    rows: list[list[int]], batch_tokens: int, seq_len: int, pad_id: int, device, skip_first: int = 0
+) -> list[Batch]:
     """Right-padded batches of about ``batch_tokens`` padded positions each."""
     per = max(1, batch_tokens // max(1, seq_len))
     out = []
     for a in range(0, len(rows), per):
-        chunk = rows[a:a + per]
+        chunk = rows[a : a + per]
         T = max(len(r) for r in chunk)
         ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), T), dtype=torch.long)
         for k, r in enumerate(chunk):
-            ids[k, :len(r)] = torch.tensor(r)
-            mask[k, :len(r)] = 1
+            ids[k, : len(r)] = torch.tensor(r)
+            mask[k, : len(r)] = 1
         out.append(Batch(ids.to(device), mask.to(device), skip_first))
     return out
 
@@ -282,31 +349,64 @@ def assemble(fit, ev: dict, L: int, d: int, has_head: bool, bootstrap: int, seed
     T = [trans(a) for a in A]
     snorm = [float(np.linalg.norm(a, 2)) for a in A]
     floor = 1e-12 * max(snorm) if snorm else 0.0
-    layers = [{"i": i, "trans": T[i], "r2_fit": fit.r2_fit[i], "r2_eval": ev["r2_eval"][i], "bi": ev["bi"][i],
-               "ang1": ev["ang1"][i], "spectral_norm": snorm[i],
-               "dloss_drop": ev["dloss_drop"][i] if has_head else None,
-               "kl_drop": ev["kl_drop"][i] if has_head else None} for i in range(L)]
+    layers = [
+        {
+            "i": i,
+            "trans": T[i],
+            "r2_fit": fit.r2_fit[i],
+            "r2_eval": ev["r2_eval"][i],
+            "bi": ev["bi"][i],
+            "ang1": ev["ang1"][i],
+            "spectral_norm": snorm[i],
+            "dloss_drop": ev["dloss_drop"][i] if has_head else None,
+            "kl_drop": ev["kl_drop"][i] if has_head else None,
+        }
+        for i in range(L)
+    ]
     pairs = []
     for i in range(L - 1):
         d_ij, d_ji = dep(A[i], A[i + 1], floor), dep(A[i + 1], A[i], floor)
         dl = ev["dloss_swap"][i] if has_head else None
-        pairs.append({
-            "i": i, "j": i + 1, "trans_i": T[i], "trans_j": T[i + 1], "dep_ij": d_ij, "dep_ji": d_ji,
-            "r": r_of(T[i], T[i + 1], d_ij, d_ji), "delta": ev["delta"][i], "delta_linear": ev["delta_linear"][i],
-            "bi": ev["bi"][i] * ev["bi"][i + 1], "angular": ev["ang2"][i],
-            "trans_product": T[i] * T[i + 1], "dep_sum": d_ij + d_ji,
-            "dep_flagged": bool(min(snorm[i], snorm[i + 1]) < floor),
-            "dloss": dl, "ppl_ratio": float(np.exp(dl)) if dl is not None else None,
-            "kl": ev["kl_swap"][i] if has_head else None,
-        })
-    return {"layers": layers, "pairs": pairs, "spearman": correlations(pairs, has_head, bootstrap, seed),
-            "ranking": ranking(pairs), "loss": ev.get("loss"),
-            "perplexity": float(np.exp(ev["loss"])) if has_head else None,
-            "dloss_applicable": has_head}
+        pairs.append(
+            {
+                "i": i,
+                "j": i + 1,
+                "trans_i": T[i],
+                "trans_j": T[i + 1],
+                "dep_ij": d_ij,
+                "dep_ji": d_ji,
+                "r": r_of(T[i], T[i + 1], d_ij, d_ji),
+                "delta": ev["delta"][i],
+                "delta_linear": ev["delta_linear"][i],
+                "bi": ev["bi"][i] * ev["bi"][i + 1],
+                "angular": ev["ang2"][i],
+                "trans_product": T[i] * T[i + 1],
+                "dep_sum": d_ij + d_ji,
+                "dep_flagged": bool(min(snorm[i], snorm[i + 1]) < floor),
+                "dloss": dl,
+                "ppl_ratio": float(np.exp(dl)) if dl is not None else None,
+                "kl": ev["kl_swap"][i] if has_head else None,
+            }
+        )
+    return {
+        "layers": layers,
+        "pairs": pairs,
+        "spearman": correlations(pairs, has_head, bootstrap, seed),
+        "ranking": ranking(pairs),
+        "loss": ev.get("loss"),
+        "perplexity": float(np.exp(ev["loss"])) if has_head else None,
+        "dloss_applicable": has_head,
+    }
 
 
-PREDICTORS = {"r": "r", "linear": "delta_linear", "bi": "bi", "angular": "angular",
-              "trans": "trans_product", "dep": "dep_sum"}
+PREDICTORS = {
+    "r": "r",
+    "linear": "delta_linear",
+    "bi": "bi",
+    "angular": "angular",
+    "trans": "trans_product",
+    "dep": "dep_sum",
+}
 
 
 def correlations(pairs: list[dict], has_head: bool, bootstrap: int, seed: int) -> dict:
@@ -325,6 +425,16 @@ def ranking(pairs: list[dict]) -> list[dict]:
     """Safest swaps first: by Δloss where there is a head, else by δ; ties broken by r."""
     by = "dloss" if pairs and pairs[0]["dloss"] is not None else "delta"
     order = sorted(pairs, key=lambda p: (p[by], p["r"]))
-    return [{"rank": k + 1, "i": p["i"], "j": p["j"], "by": by, "dloss": p["dloss"], "ppl_ratio": p["ppl_ratio"],
-             "delta": p["delta"], "r": p["r"]} for k, p in enumerate(order)]
-
+    return [
+        {
+            "rank": k + 1,
+            "i": p["i"],
+            "j": p["j"],
+            "by": by,
+            "dloss": p["dloss"],
+            "ppl_ratio": p["ppl_ratio"],
+            "delta": p["delta"],
+            "r": p["r"],
+        }
+        for k, p in enumerate(order)
+    ]

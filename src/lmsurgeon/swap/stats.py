@@ -1,4 +1,4 @@
-"""Spearman ρ with percentile bootstrap CIs over layer pairs (spec §10).
+"""Spearman ρ with percentile bootstrap CIs over layer pairs (methods.md §S10).
 
 Adjacent pairs share a layer, so resampling pairs as if independent gives CIs that are optimistic; the report
 says so. Resamples in which either side is constant (ρ undefined) are dropped and counted.

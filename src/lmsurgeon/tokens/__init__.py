@@ -22,7 +22,20 @@ from lmsurgeon.tokens.vocab import (
 )
 
 __all__ = [
-    "BYTE_LEVEL", "SENTENCEPIECE", "WORDPIECE", "WORDLEVEL", "CanonicalVocab", "Key", "SharedTokens", "SimilarityMap",
-    "UnknownTokenizer", "canonical_key", "canonical_vocab", "detect_family", "fit_similarity", "match_tokens",
-    "orthogonal_map", "umeyama_scale",
+    "BYTE_LEVEL",
+    "SENTENCEPIECE",
+    "WORDPIECE",
+    "WORDLEVEL",
+    "CanonicalVocab",
+    "Key",
+    "SharedTokens",
+    "SimilarityMap",
+    "UnknownTokenizer",
+    "canonical_key",
+    "canonical_vocab",
+    "detect_family",
+    "fit_similarity",
+    "match_tokens",
+    "orthogonal_map",
+    "umeyama_scale",
 ]

@@ -165,8 +165,9 @@ class CanonicalVocab:
     special: int = 0  # ids excluded as added, control, unknown or padding tokens
 
 
-def canonical_vocab(source: Tokenizer | str | Mapping[str, Any], size: int | None = None,
-                    where: str | None = None) -> CanonicalVocab:
+def canonical_vocab(
+    source: Tokenizer | str | Mapping[str, Any], size: int | None = None, where: str | None = None
+) -> CanonicalVocab:
     """Canonicalise a whole vocabulary (ids ≥ ``size`` are dropped). Several ids with one key: a regular piece
     wins over a byte-fallback piece, then the lowest id (low id ≈ frequent)."""
     tj = tokenizer_json(source)
@@ -233,8 +234,9 @@ class SharedTokens:
         return len(self.a.raw.keys() & self.b.raw.keys())
 
 
-def match_tokens(a: CanonicalVocab, b: CanonicalVocab, limit: int | None = None,
-                 selection: Selection = "lowest_ids", seed: int = 0) -> SharedTokens:
+def match_tokens(
+    a: CanonicalVocab, b: CanonicalVocab, limit: int | None = None, selection: Selection = "lowest_ids", seed: int = 0
+) -> SharedTokens:
     """Pair the ids of A and B that have the same key; at most ``limit`` pairs (None or 0: all).
 
     ``selection`` says which pairs a limit keeps: ``lowest_ids`` the pairs with the lowest max(id_a, id_b)
@@ -254,9 +256,13 @@ def match_tokens(a: CanonicalVocab, b: CanonicalVocab, limit: int | None = None,
             raise LmsurgeonError(f"unknown shared-token selection {selection!r} (lowest_ids or seeded)")
     word_start = sum(1 for k in common if k.space)
     return SharedTokens(
-        a, b,
-        np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64),
-        tuple(p[2] for p in pairs), n,
-        n_word_start=word_start, n_continuation=n - word_start,
+        a,
+        b,
+        np.array([p[0] for p in pairs], dtype=np.int64),
+        np.array([p[1] for p in pairs], dtype=np.int64),
+        tuple(p[2] for p in pairs),
+        n,
+        n_word_start=word_start,
+        n_continuation=n - word_start,
         n_single_byte=sum(1 for k in common if len(k.body) == 1),
     )

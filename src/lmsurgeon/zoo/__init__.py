@@ -19,5 +19,14 @@ from lmsurgeon.zoo.build import build_zoo, default_zoo_dir, ensure_zoo
 from lmsurgeon.zoo.manifest import load_model, model_dir, read_manifest, recompute_perplexity
 from lmsurgeon.zoo.recipe import PROFILES, build_recipe
 
-__all__ = ["PROFILES", "build_recipe", "build_zoo", "default_zoo_dir", "ensure_zoo", "load_model", "model_dir",
-           "read_manifest", "recompute_perplexity"]
+__all__ = [
+    "PROFILES",
+    "build_recipe",
+    "build_zoo",
+    "default_zoo_dir",
+    "ensure_zoo",
+    "load_model",
+    "model_dir",
+    "read_manifest",
+    "recompute_perplexity",
+]

@@ -68,8 +68,9 @@ def ensure_zoo(profile: str = "test", seed: int = 0, progress: bool = False) -> 
     return folder, build_zoo(folder, profile=profile, seed=seed, progress=progress)
 
 
-def build_zoo(out_dir: str | Path, profile: str = "full", seed: int = 0, progress: bool = True,
-              force: bool = False) -> dict:
+def build_zoo(
+    out_dir: str | Path, profile: str = "full", seed: int = 0, progress: bool = True, force: bool = False
+) -> dict:
     """Build (or resume, or reuse) the zoo of ``profile`` in ``out_dir`` and return its manifest.
 
     ``force`` deletes the zoo files already in ``out_dir`` and starts over; without it a folder holding a
@@ -105,8 +106,11 @@ def complete_manifest(out: Path, digest: str) -> dict | None:
     if manifest.get("recipe_hash") != digest:
         return None
     folders = [out / entry["path"] for entry in manifest["models"].values()]
-    return manifest if all((f / "config.json").is_file() and (f / "model.safetensors").is_file()
-                           for f in folders) else None
+    return (
+        manifest
+        if all((f / "config.json").is_file() and (f / "model.safetensors").is_file() for f in folders)
+        else None
+    )
 
 
 @contextlib.contextmanager
@@ -212,10 +216,14 @@ class _Build:
         if entry is None:
             log.info("training tokenizer %s", spec.name)
             tok = train_tokenizer(spec, self.corpus.split("train"))
-            entry = {"path": f"{TOKENIZER_DIR}/{spec.name}", "kind": spec.kind, "vocab_size": tok.get_vocab_size(),
-                     "special_tokens": spec.special,
-                     "bos_id": tok.token_to_id(spec.special.get("bos_token", spec.special.get("cls_token"))),
-                     "eos_id": tok.token_to_id(spec.special.get("eos_token", spec.special.get("sep_token")))}
+            entry = {
+                "path": f"{TOKENIZER_DIR}/{spec.name}",
+                "kind": spec.kind,
+                "vocab_size": tok.get_vocab_size(),
+                "special_tokens": spec.special,
+                "bos_id": tok.token_to_id(spec.special.get("bos_token", spec.special.get("cls_token"))),
+                "eos_id": tok.token_to_id(spec.special.get("eos_token", spec.special.get("sep_token"))),
+            }
             _publish(folder, self.digest, entry, lambda tmp: save_tokenizer(tok, spec, tmp, MAX_POSITIONS))
         self._raw[spec.name] = load_tokenizer(folder)
         return entry
@@ -259,8 +267,9 @@ class _Build:
             from transformers import AutoModelForCausalLM
 
             with quiet_transformers():
-                loaded = AutoModelForCausalLM.from_pretrained(str(self.out / recipe.parent), dtype=torch.float32,
-                                                              local_files_only=True)
+                loaded = AutoModelForCausalLM.from_pretrained(
+                    str(self.out / recipe.parent), dtype=torch.float32, local_files_only=True
+                )
             self._models[recipe.parent] = loaded.to(self.device).eval()
         return self._models[recipe.parent]
 
@@ -283,8 +292,11 @@ class _Build:
         probe = self._stream(recipe.tokenizer, EVAL_SPLIT)[: 4 * self.recipe.seq_len].view(4, -1).to(self.device)
         error = logit_discrepancy(before, after, probe)
         if error > FUNCTION_TOLERANCE:
-            raise LmsurgeonError(f"{recipe.name}: the {recipe.transformation} transform changed the logits "
-                                 f"(relative error {error:.2e} > {FUNCTION_TOLERANCE})", self.out)
+            raise LmsurgeonError(
+                f"{recipe.name}: the {recipe.transformation} transform changed the logits "
+                f"(relative error {error:.2e} > {FUNCTION_TOLERANCE})",
+                self.out,
+            )
         return error
 
     def _save(self, model: torch.nn.Module, tokenizer: str, folder: Path) -> None:
@@ -300,17 +312,31 @@ class _Build:
         """The model's manifest entry: identity, lineage, shape, training and real validation perplexity."""
         config = model.config
         return {
-            "name": recipe.name, "path": recipe.name, "family": recipe.arch.family,
-            "architecture": type(model).__name__, "tokenizer": recipe.tokenizer, "parent": recipe.parent,
-            "transformation": recipe.transformation, "description": recipe.description,
-            "training_steps": recipe.steps, "train_split": recipe.split if recipe.steps else None,
-            "learning_rate": recipe.lr, "batch_size": recipe.batch, "seq_len": self.recipe.seq_len,
-            "seed": recipe.seed, "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
+            "name": recipe.name,
+            "path": recipe.name,
+            "family": recipe.arch.family,
+            "architecture": type(model).__name__,
+            "tokenizer": recipe.tokenizer,
+            "parent": recipe.parent,
+            "transformation": recipe.transformation,
+            "description": recipe.description,
+            "training_steps": recipe.steps,
+            "train_split": recipe.split if recipe.steps else None,
+            "learning_rate": recipe.lr,
+            "batch_size": recipe.batch,
+            "seq_len": self.recipe.seq_len,
+            "seed": recipe.seed,
+            "hidden_size": config.hidden_size,
+            "layers": config.num_hidden_layers,
             "attention_heads": config.num_attention_heads,
             "kv_heads": getattr(config, "num_key_value_heads", config.num_attention_heads),
-            "intermediate_size": recipe.arch.intermediate, "vocab_size": config.vocab_size,
-            "tied_embeddings": bool(config.tie_word_embeddings), "params": count_params(model),
-            **facts, "final_val_ppl": self.val_ppl(model, recipe.tokenizer), "build_seconds": round(seconds, 2),
+            "intermediate_size": recipe.arch.intermediate,
+            "vocab_size": config.vocab_size,
+            "tied_embeddings": bool(config.tie_word_embeddings),
+            "params": count_params(model),
+            **facts,
+            "final_val_ppl": self.val_ppl(model, recipe.tokenizer),
+            "build_seconds": round(seconds, 2),
         }
 
 
@@ -335,8 +361,11 @@ def _finetune(build: _Build, recipe: ModelRecipe) -> tuple[torch.nn.Module, dict
     still = [name for name, fraction in moved.items() if fraction == 0.0]
     if still:
         raise LmsurgeonError(f"{recipe.name}: fine-tuning left {len(still)} tensors unchanged ({still[0]}, ...)")
-    return model, {"initial_val_ppl": initial, "moved_fraction_min": min(moved.values()),
-                   "moved_fraction_mean": sum(moved.values()) / len(moved)}
+    return model, {
+        "initial_val_ppl": initial,
+        "moved_fraction_min": min(moved.values()),
+        "moved_fraction_mean": sum(moved.values()) / len(moved),
+    }
 
 
 def _permute(build: _Build, recipe: ModelRecipe) -> tuple[torch.nn.Module, dict]:
@@ -346,8 +375,11 @@ def _permute(build: _Build, recipe: ModelRecipe) -> tuple[torch.nn.Module, dict]
     error = build.check_same_function(recipe, parent, model)
     initial = build.val_ppl(model, recipe.tokenizer)
     build.train(recipe, model)
-    return model, {"initial_val_ppl": initial, "logit_rel_error_before_training": error,
-                   "permutation_seed": recipe.seed}
+    return model, {
+        "initial_val_ppl": initial,
+        "logit_rel_error_before_training": error,
+        "permutation_seed": recipe.seed,
+    }
 
 
 def _prune(build: _Build, recipe: ModelRecipe) -> tuple[torch.nn.Module, dict]:
@@ -367,7 +399,11 @@ def _gammafold(build: _Build, recipe: ModelRecipe) -> tuple[torch.nn.Module, dic
 
 
 MAKERS: dict[str, Callable[[_Build, ModelRecipe], tuple[torch.nn.Module, dict]]] = {
-    "scratch": _scratch, "finetune": _finetune, "permute": _permute, "prune": _prune, "gammafold": _gammafold,
+    "scratch": _scratch,
+    "finetune": _finetune,
+    "permute": _permute,
+    "prune": _prune,
+    "gammafold": _gammafold,
 }
 
 
@@ -377,11 +413,20 @@ def _manifest(build: _Build, seconds: float) -> dict:
     import transformers
 
     return {
-        "format": MANIFEST_FORMAT, "profile": build.recipe.profile, "seed": build.recipe.seed,
-        "recipe_hash": build.digest, "code_version": ZOO_CODE_VERSION, "build_seconds": round(seconds, 1),
-        "built_with": {"lmsurgeon": lmsurgeon.__version__, "torch": torch.__version__,
-                       "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-                       "python": platform.python_version(), "device": str(build.device)},
+        "format": MANIFEST_FORMAT,
+        "profile": build.recipe.profile,
+        "seed": build.recipe.seed,
+        "recipe_hash": build.digest,
+        "code_version": ZOO_CODE_VERSION,
+        "build_seconds": round(seconds, 1),
+        "built_with": {
+            "lmsurgeon": lmsurgeon.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+            "python": platform.python_version(),
+            "device": str(build.device),
+        },
         "corpus": build.corpus.stats(),
         "eval": {"split": EVAL_SPLIT, "seq_len": build.recipe.seq_len, "max_tokens": build.recipe.eval_tokens},
         "tokenizers": build.tokenizers,

@@ -193,15 +193,34 @@ def read_attention(model, layer: int) -> AttentionWeights:
         d = attn.embed_dim
         W_q, W_k, W_v = _f64(attn.c_attn.weight).split(d, dim=1)
         b_q, b_k, b_v = _f64(attn.c_attn.bias).split(d)
-        return AttentionWeights(W_q, W_k, W_v, _f64(attn.c_proj.weight), b_q, b_k, b_v,
-                                attn.num_heads, attn.num_heads, attn.head_dim, rotary=False)
+        return AttentionWeights(
+            W_q,
+            W_k,
+            W_v,
+            _f64(attn.c_proj.weight),
+            b_q,
+            b_k,
+            b_v,
+            attn.num_heads,
+            attn.num_heads,
+            attn.head_dim,
+            rotary=False,
+        )
     attn = block.self_attn
     n_heads = model.config.num_attention_heads
-    return AttentionWeights(_f64(attn.q_proj.weight).T, _f64(attn.k_proj.weight).T, _f64(attn.v_proj.weight).T,
-                            _f64(attn.o_proj.weight).T, b_q=_f64_or_none(attn.q_proj.bias),
-                            b_k=_f64_or_none(attn.k_proj.bias), b_v=_f64_or_none(attn.v_proj.bias),
-                            n_heads=n_heads, n_kv=n_heads // attn.num_key_value_groups, head_dim=attn.head_dim,
-                            rotary=True)
+    return AttentionWeights(
+        _f64(attn.q_proj.weight).T,
+        _f64(attn.k_proj.weight).T,
+        _f64(attn.v_proj.weight).T,
+        _f64(attn.o_proj.weight).T,
+        b_q=_f64_or_none(attn.q_proj.bias),
+        b_k=_f64_or_none(attn.k_proj.bias),
+        b_v=_f64_or_none(attn.v_proj.bias),
+        n_heads=n_heads,
+        n_kv=n_heads // attn.num_key_value_groups,
+        head_dim=attn.head_dim,
+        rotary=True,
+    )
 
 
 def _write_attention(model, layer: int, aw: AttentionWeights) -> None:
@@ -226,11 +245,23 @@ def read_mlp(model, layer: int) -> MlpWeights:
     block = _blocks(model)[layer]
     if family_of(model) == "gpt2":
         mlp = block.mlp
-        return MlpWeights(_f64(mlp.c_fc.weight), None, _f64(mlp.c_proj.weight), _f64(mlp.c_fc.bias), None,
-                          model.config.activation_function)
+        return MlpWeights(
+            _f64(mlp.c_fc.weight),
+            None,
+            _f64(mlp.c_proj.weight),
+            _f64(mlp.c_fc.bias),
+            None,
+            model.config.activation_function,
+        )
     mlp = block.mlp
-    return MlpWeights(_f64(mlp.up_proj.weight).T, _f64(mlp.gate_proj.weight).T, _f64(mlp.down_proj.weight).T,
-                      _f64_or_none(mlp.up_proj.bias), _f64_or_none(mlp.gate_proj.bias), model.config.hidden_act)
+    return MlpWeights(
+        _f64(mlp.up_proj.weight).T,
+        _f64(mlp.gate_proj.weight).T,
+        _f64(mlp.down_proj.weight).T,
+        _f64_or_none(mlp.up_proj.bias),
+        _f64_or_none(mlp.gate_proj.bias),
+        model.config.hidden_act,
+    )
 
 
 def _write_mlp(model, layer: int, mw: MlpWeights) -> None:
@@ -255,16 +286,30 @@ def _residual_tensors(model) -> list[tuple[nn.Parameter, int]]:
         t = model.transformer
         out += [(t.wte.weight, 1), (t.wpe.weight, 1)]
         for block in t.h:
-            out += [(block.attn.c_attn.weight, 0), (block.attn.c_proj.weight, 1), (block.attn.c_proj.bias, 0),
-                    (block.mlp.c_fc.weight, 0), (block.mlp.c_proj.weight, 1), (block.mlp.c_proj.bias, 0)]
+            out += [
+                (block.attn.c_attn.weight, 0),
+                (block.attn.c_proj.weight, 1),
+                (block.attn.c_proj.bias, 0),
+                (block.mlp.c_fc.weight, 0),
+                (block.mlp.c_proj.weight, 1),
+                (block.mlp.c_proj.bias, 0),
+            ]
         out += [(t.ln_f.bias, 0)]
     else:
         out += [(model.model.embed_tokens.weight, 1)]
         for block in model.model.layers:
             attn, mlp = block.self_attn, block.mlp
-            out += [(attn.q_proj.weight, 1), (attn.k_proj.weight, 1), (attn.v_proj.weight, 1),
-                    (attn.o_proj.weight, 0), (attn.o_proj.bias, 0), (mlp.gate_proj.weight, 1),
-                    (mlp.up_proj.weight, 1), (mlp.down_proj.weight, 0), (mlp.down_proj.bias, 0)]
+            out += [
+                (attn.q_proj.weight, 1),
+                (attn.k_proj.weight, 1),
+                (attn.v_proj.weight, 1),
+                (attn.o_proj.weight, 0),
+                (attn.o_proj.bias, 0),
+                (mlp.gate_proj.weight, 1),
+                (mlp.up_proj.weight, 1),
+                (mlp.down_proj.weight, 0),
+                (mlp.down_proj.bias, 0),
+            ]
     out += [(model.lm_head.weight, 1)]
     seen: set[int] = set()
     unique = []
@@ -282,19 +327,42 @@ def _norms(model) -> list[_Norm]:
         t = model.transformer
         norms = []
         for block in t.h:
-            norms.append(_Norm(block.ln_1.weight, block.ln_1.bias,
-                               [_Reader(block.attn.c_attn.weight, 0, block.attn.c_attn.bias)], final=False))
-            norms.append(_Norm(block.ln_2.weight, block.ln_2.bias,
-                               [_Reader(block.mlp.c_fc.weight, 0, block.mlp.c_fc.bias)], final=False))
+            norms.append(
+                _Norm(
+                    block.ln_1.weight,
+                    block.ln_1.bias,
+                    [_Reader(block.attn.c_attn.weight, 0, block.attn.c_attn.bias)],
+                    final=False,
+                )
+            )
+            norms.append(
+                _Norm(
+                    block.ln_2.weight,
+                    block.ln_2.bias,
+                    [_Reader(block.mlp.c_fc.weight, 0, block.mlp.c_fc.bias)],
+                    final=False,
+                )
+            )
         return [*norms, _Norm(t.ln_f.weight, t.ln_f.bias, head, final=True)]
     norms = []
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
-        norms.append(_Norm(block.input_layernorm.weight, None,
-                           [_Reader(p.weight, 1, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)],
-                           final=False))
-        norms.append(_Norm(block.post_attention_layernorm.weight, None,
-                           [_Reader(p.weight, 1, p.bias) for p in (mlp.gate_proj, mlp.up_proj)], final=False))
+        norms.append(
+            _Norm(
+                block.input_layernorm.weight,
+                None,
+                [_Reader(p.weight, 1, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)],
+                final=False,
+            )
+        )
+        norms.append(
+            _Norm(
+                block.post_attention_layernorm.weight,
+                None,
+                [_Reader(p.weight, 1, p.bias) for p in (mlp.gate_proj, mlp.up_proj)],
+                final=False,
+            )
+        )
     return [*norms, _Norm(model.model.norm.weight, None, head, final=True)]
 
 
@@ -306,8 +374,9 @@ def _check_described(model) -> None:
         known |= {id(norm.gain), id(norm.bias)} | {id(r.bias) for r in norm.readers}
     for name, param in model.named_parameters():
         if id(param) not in known:
-            raise UnknownArchitecture(f"parameter {name!r} is not described by the launderer's "
-                                      f"{family_of(model)} anatomy")
+            raise UnknownArchitecture(
+                f"parameter {name!r} is not described by the launderer's {family_of(model)} anatomy"
+            )
 
 
 # ------------------------------------------------------------------------------------------ randomness

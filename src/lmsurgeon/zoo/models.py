@@ -16,17 +16,34 @@ def make_config(arch: ArchSpec, vocab_size: int, bos_id: int, eos_id: int) -> Pr
     """The transformers config for ``arch`` over a vocabulary of ``vocab_size``."""
     if arch.family == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_positions=MAX_POSITIONS, n_embd=arch.hidden, n_layer=arch.layers,
-            n_head=arch.heads, n_inner=arch.intermediate, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=arch.tie,
+            vocab_size=vocab_size,
+            n_positions=MAX_POSITIONS,
+            n_embd=arch.hidden,
+            n_layer=arch.layers,
+            n_head=arch.heads,
+            n_inner=arch.intermediate,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=arch.tie,
             architectures=["GPT2LMHeadModel"],
         )
     if arch.family == "llama":
         return LlamaConfig(
-            vocab_size=vocab_size, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
-            num_hidden_layers=arch.layers, num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
-            head_dim=arch.hidden // arch.heads, max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5,
-            bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=arch.tie,
+            vocab_size=vocab_size,
+            hidden_size=arch.hidden,
+            intermediate_size=arch.intermediate,
+            num_hidden_layers=arch.layers,
+            num_attention_heads=arch.heads,
+            num_key_value_heads=arch.kv_heads,
+            head_dim=arch.hidden // arch.heads,
+            max_position_embeddings=MAX_POSITIONS,
+            rms_norm_eps=1e-5,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=arch.tie,
             architectures=["LlamaForCausalLM"],
         )
     raise ValueError(f"unknown zoo family {arch.family!r}")

@@ -40,7 +40,12 @@ def bars(enabled: bool) -> Iterator[Bars]:
     if not enabled:
         yield Bars(None)
         return
-    columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns) as progress:
         yield Bars(progress)

@@ -110,20 +110,34 @@ class _Sizes:
 
 
 _FULL = _Sizes(
-    seq_len=128, batch=8, eval_tokens=None,
+    seq_len=128,
+    batch=8,
+    eval_tokens=None,
     gpt2=ArchSpec("gpt2", hidden=128, layers=4, heads=4, kv_heads=4, intermediate=512, tie=True),
     llama=ArchSpec("llama", hidden=192, layers=4, heads=6, kv_heads=2, intermediate=512, tie=False),
     deep=ArchSpec("llama", hidden=128, layers=16, heads=4, kv_heads=2, intermediate=256, tie=False),
     lineage=ArchSpec("llama", hidden=128, layers=4, heads=4, kv_heads=4, intermediate=256, tie=False),
-    pair_steps=360, deep_steps=240, lineage_steps=280, finetune_steps=120, light_steps=40, drop=(2,),
+    pair_steps=360,
+    deep_steps=240,
+    lineage_steps=280,
+    finetune_steps=120,
+    light_steps=40,
+    drop=(2,),
 )
 _TEST = _Sizes(
-    seq_len=64, batch=8, eval_tokens=4096,
+    seq_len=64,
+    batch=8,
+    eval_tokens=4096,
     gpt2=ArchSpec("gpt2", hidden=64, layers=2, heads=2, kv_heads=2, intermediate=256, tie=True),
     llama=ArchSpec("llama", hidden=96, layers=2, heads=3, kv_heads=1, intermediate=256, tie=False),
     deep=ArchSpec("llama", hidden=64, layers=16, heads=2, kv_heads=1, intermediate=128, tie=False),
     lineage=ArchSpec("llama", hidden=64, layers=4, heads=2, kv_heads=2, intermediate=128, tie=False),
-    pair_steps=150, deep_steps=120, lineage_steps=150, finetune_steps=50, light_steps=20, drop=(2,),
+    pair_steps=150,
+    deep_steps=120,
+    lineage_steps=150,
+    finetune_steps=50,
+    light_steps=20,
+    drop=(2,),
 )
 _SIZES = {"full": _FULL, "test": _TEST}
 _TOKENIZERS = (bytelevel_spec("bpe4k", 4000), sentencepiece_spec("sp3k", 3000), wordpiece_spec("wp3500", 3500))
@@ -131,25 +145,67 @@ _TOKENIZERS = (bytelevel_spec("bpe4k", 4000), sentencepiece_spec("sp3k", 3000), 
 
 def _lineage(s: _Sizes, seed: int) -> list[ModelRecipe]:
     """``lin-base``, its four descendants and three independent twins (seeds ``seed+1..3``)."""
-    base = ModelRecipe("lin-base", s.lineage, "bpe4k", seed, s.lineage_steps, 2e-3, s.batch,
-                       description="lineage root: Llama-style decoder trained from scratch")
+    base = ModelRecipe(
+        "lin-base",
+        s.lineage,
+        "bpe4k",
+        seed,
+        s.lineage_steps,
+        2e-3,
+        s.batch,
+        description="lineage root: Llama-style decoder trained from scratch",
+    )
     light = {"steps": s.light_steps, "lr": 5e-4, "parent": "lin-base"}
     return [
         base,
-        replace(base, name="lin-finetune", seed=seed + 20, steps=s.finetune_steps, lr=5e-4, split="train_b",
-                parent="lin-base", transformation="finetune",
-                description="full fine-tune of lin-base on the disjoint train_b split"),
-        replace(base, name="lin-permuted", seed=seed + 21, transformation="permute", **light,
-                description="lin-base with residual dims and FFN units permuted (function-preserving), "
-                            "then lightly trained"),
-        replace(base, name="lin-pruned", seed=seed + 22, transformation="prune", drop=s.drop, **light,
-                description=f"lin-base without layer(s) {list(s.drop)}, renumbered, lightly healed"),
-        replace(base, name="lin-gammafold", seed=seed + 23, steps=0, lr=0.0, parent="lin-base",
-                transformation="gammafold",
-                description="lin-base with every RMSNorm gain folded into the following linears; no training"),
-        *(replace(base, name=f"lin-indep-{k}", seed=seed + k,
-                  description=f"independent twin of lin-base: same config and data, seed {seed + k}")
-          for k in (1, 2, 3)),
+        replace(
+            base,
+            name="lin-finetune",
+            seed=seed + 20,
+            steps=s.finetune_steps,
+            lr=5e-4,
+            split="train_b",
+            parent="lin-base",
+            transformation="finetune",
+            description="full fine-tune of lin-base on the disjoint train_b split",
+        ),
+        replace(
+            base,
+            name="lin-permuted",
+            seed=seed + 21,
+            transformation="permute",
+            **light,
+            description="lin-base with residual dims and FFN units permuted (function-preserving), "
+            "then lightly trained",
+        ),
+        replace(
+            base,
+            name="lin-pruned",
+            seed=seed + 22,
+            transformation="prune",
+            drop=s.drop,
+            **light,
+            description=f"lin-base without layer(s) {list(s.drop)}, renumbered, lightly healed",
+        ),
+        replace(
+            base,
+            name="lin-gammafold",
+            seed=seed + 23,
+            steps=0,
+            lr=0.0,
+            parent="lin-base",
+            transformation="gammafold",
+            description="lin-base with every RMSNorm gain folded into the following linears; no training",
+        ),
+        *(
+            replace(
+                base,
+                name=f"lin-indep-{k}",
+                seed=seed + k,
+                description=f"independent twin of lin-base: same config and data, seed {seed + k}",
+            )
+            for k in (1, 2, 3)
+        ),
     ]
 
 
@@ -159,22 +215,59 @@ def build_recipe(profile: str, seed: int = 0) -> Recipe:
         raise ValueError(f"unknown zoo profile {profile!r}; choose one of {', '.join(PROFILES)}")
     s = _SIZES[profile]
     models = [
-        ModelRecipe("gpt2-bpe", s.gpt2, "bpe4k", seed + 10, s.pair_steps, 2e-3, s.batch,
-                    description="GPT-2 on byte-level BPE: one side of the cross-architecture merge pair"),
-        ModelRecipe("llama-sp", s.llama, "sp3k", seed + 11, s.pair_steps, 2e-3, s.batch,
-                    description="Llama (GQA, untied head) on SentencePiece-style BPE: the other side"),
-        ModelRecipe("deep-llama", s.deep, "bpe4k", seed + 12, s.deep_steps, 1.5e-3, s.batch,
-                    description=f"deep narrow Llama ({s.deep.layers} layers) for layer-swap analysis"),
+        ModelRecipe(
+            "gpt2-bpe",
+            s.gpt2,
+            "bpe4k",
+            seed + 10,
+            s.pair_steps,
+            2e-3,
+            s.batch,
+            description="GPT-2 on byte-level BPE: one side of the cross-architecture merge pair",
+        ),
+        ModelRecipe(
+            "llama-sp",
+            s.llama,
+            "sp3k",
+            seed + 11,
+            s.pair_steps,
+            2e-3,
+            s.batch,
+            description="Llama (GQA, untied head) on SentencePiece-style BPE: the other side",
+        ),
+        ModelRecipe(
+            "deep-llama",
+            s.deep,
+            "bpe4k",
+            seed + 12,
+            s.deep_steps,
+            1.5e-3,
+            s.batch,
+            description=f"deep narrow Llama ({s.deep.layers} layers) for layer-swap analysis",
+        ),
         *_lineage(s, seed),
-        ModelRecipe("gpt2-code", s.gpt2, "bpe4k", seed + 13, s.pair_steps, 2e-3, s.batch, split=DOMAIN_SPLIT,
-                    description="GPT-2 trained only on the docstrings with doctest code: the donor of the merge's "
-                                "domain scenario (base llama-sp)"),
+        ModelRecipe(
+            "gpt2-code",
+            s.gpt2,
+            "bpe4k",
+            seed + 13,
+            s.pair_steps,
+            2e-3,
+            s.batch,
+            split=DOMAIN_SPLIT,
+            description="GPT-2 trained only on the docstrings with doctest code: the donor of the merge's "
+            "domain scenario (base llama-sp)",
+        ),
     ]
     return Recipe(profile, seed, s.seq_len, s.eval_tokens, _TOKENIZERS, tuple(models))
 
 
 def recipe_hash(recipe: Recipe, corpus_sha256: str) -> str:
     """sha256 over the recipe, the corpus identity and the code version."""
-    payload = {"recipe": asdict(recipe), "corpus": corpus_sha256, "code": ZOO_CODE_VERSION,
-               "max_positions": MAX_POSITIONS}
+    payload = {
+        "recipe": asdict(recipe),
+        "corpus": corpus_sha256,
+        "code": ZOO_CODE_VERSION,
+        "max_positions": MAX_POSITIONS,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -33,21 +33,35 @@ class TokenizerSpec:
 def bytelevel_spec(name: str, vocab_size: int) -> TokenizerSpec:
     """GPT-2 style: one ``<|endoftext|>`` that is bos, eos, unk and pad at once."""
     eot = "<|endoftext|>"
-    return TokenizerSpec(name, "bytelevel_bpe", vocab_size,
-                         {"bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot})
+    return TokenizerSpec(
+        name, "bytelevel_bpe", vocab_size, {"bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot}
+    )
 
 
 def sentencepiece_spec(name: str, vocab_size: int) -> TokenizerSpec:
     """Llama style: ``<unk>``, ``<s>``, ``</s>`` at ids 0-2, then the 256 byte-fallback tokens."""
-    return TokenizerSpec(name, "sentencepiece_bpe", vocab_size,
-                         {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>"})
+    return TokenizerSpec(
+        name,
+        "sentencepiece_bpe",
+        vocab_size,
+        {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>"},
+    )
 
 
 def wordpiece_spec(name: str, vocab_size: int) -> TokenizerSpec:
     """BERT style, lowercasing, with the five bracketed special tokens."""
-    return TokenizerSpec(name, "wordpiece", vocab_size,
-                         {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
-                          "sep_token": "[SEP]", "mask_token": "[MASK]"})
+    return TokenizerSpec(
+        name,
+        "wordpiece",
+        vocab_size,
+        {
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "mask_token": "[MASK]",
+        },
+    )
 
 
 def _ordered_specials(spec: TokenizerSpec) -> list[str]:
@@ -61,8 +75,12 @@ def train_bytelevel(spec: TokenizerSpec, texts: list[str]) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=_ordered_specials(spec),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=_ordered_specials(spec),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -76,8 +94,9 @@ def train_sentencepiece(spec: TokenizerSpec, texts: list[str]) -> Tokenizer:
     specials = _ordered_specials(spec)
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size - len(BYTE_TOKENS), special_tokens=specials,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size - len(BYTE_TOKENS), special_tokens=specials, show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     data = json.loads(tok.to_str())
     trained = sorted(data["model"]["vocab"].items(), key=lambda item: item[1])
@@ -86,10 +105,12 @@ def train_sentencepiece(spec: TokenizerSpec, texts: list[str]) -> Tokenizer:
     for added in data["added_tokens"]:
         added["id"] = data["model"]["vocab"][added["content"]]
     tok = Tokenizer.from_str(json.dumps(data))
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     return tok
 
 
@@ -107,18 +128,21 @@ def train_wordpiece(spec: TokenizerSpec, texts: list[str]) -> Tokenizer:
     to_marked = {char: chr(CONTINUATION_BASE + i) for i, char in enumerate(inner)}
     bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=_ordered_specials(spec),
-                                  show_progress=False)
-    bpe.train_from_iterator((" ".join(w[0] + w[1:].translate(str.maketrans(to_marked)) for w in words)
-                             for words in docs), trainer=trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size, special_tokens=_ordered_specials(spec), show_progress=False
+    )
+    bpe.train_from_iterator(
+        (" ".join(w[0] + w[1:].translate(str.maketrans(to_marked)) for w in words) for words in docs), trainer=trainer
+    )
     from_marked = {marked: char for char, marked in to_marked.items()}
     vocab = {_unmark(token, from_marked): i for token, i in bpe.get_vocab().items()}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
     tok.add_special_tokens(_ordered_specials(spec))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     return tok
 
 
@@ -130,7 +154,9 @@ def _unmark(token: str, from_marked: dict[str, str]) -> str:
 
 
 TRAINERS: dict[str, Callable[[TokenizerSpec, list[str]], Tokenizer]] = {
-    "bytelevel_bpe": train_bytelevel, "sentencepiece_bpe": train_sentencepiece, "wordpiece": train_wordpiece,
+    "bytelevel_bpe": train_bytelevel,
+    "sentencepiece_bpe": train_sentencepiece,
+    "wordpiece": train_wordpiece,
 }
 
 

@@ -67,8 +67,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Matrices (embeddings included) decay; vectors (norm gains, biases) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     unique = list({id(p): p for p in params}.values())  # tied weights once
-    return [{"params": [p for p in unique if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in unique if p.ndim < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in unique if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in unique if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def lr_factor(step: int, plan: TrainPlan) -> float:
@@ -80,8 +82,14 @@ def lr_factor(step: int, plan: TrainPlan) -> float:
     return plan.min_lr_frac + (1 - plan.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(model: torch.nn.Module, stream: torch.Tensor, plan: TrainPlan, *, loss_fn: LossFn = causal_lm_loss,
-          on_step: Callable[[int, float], None] | None = None) -> list[float]:
+def train(
+    model: torch.nn.Module,
+    stream: torch.Tensor,
+    plan: TrainPlan,
+    *,
+    loss_fn: LossFn = causal_lm_loss,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """Train ``model`` in place on windows of ``stream``; returns the per-step losses."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(_param_groups(model, plan.weight_decay), lr=plan.lr, betas=(0.9, 0.95))
@@ -113,7 +121,7 @@ def perplexity(model: torch.nn.Module, stream: torch.Tensor, seq_len: int, batch
         blocks.pop()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch):
-        group = blocks[i:i + batch]
+        group = blocks[i : i + batch]
         same = [b for b in group if b.numel() == seq_len]
         for ids in ([torch.stack(same)] if same else []) + [b[None] for b in group if b.numel() != seq_len]:
             logits = model(input_ids=ids.to(device)).logits[:, :-1].double()

@@ -61,13 +61,16 @@ def axis_sizes(sd: Mapping[str, torch.Tensor], layout: Layout) -> dict[str | Uni
             parts = _fused_parts(layout, name, site, axis)
             size = tensor.shape[axis] // parts
             if sizes.setdefault(key, size) != size or size * parts != tensor.shape[axis]:
-                raise LmsurgeonError(f"tensor {name!r} axis {axis} has {tensor.shape[axis]} entries, expected "
-                                     f"{parts} × {sizes[key]} ({label} axis of the {layout.family.name} family)")
+                raise LmsurgeonError(
+                    f"tensor {name!r} axis {axis} has {tensor.shape[axis]} entries, expected "
+                    f"{parts} × {sizes[key]} ({label} axis of the {layout.family.name} family)"
+                )
     return sizes
 
 
-def random_permutations(sd: Mapping[str, torch.Tensor], layout: Layout, seed: int
-                        ) -> tuple[torch.Tensor, dict[UnitGroup, torch.Tensor]]:
+def random_permutations(
+    sd: Mapping[str, torch.Tensor], layout: Layout, seed: int
+) -> tuple[torch.Tensor, dict[UnitGroup, torch.Tensor]]:
     """A random residual permutation and one per MLP (layer by layer), reproducible from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     sizes = axis_sizes(sd, layout)
@@ -100,9 +103,14 @@ def _group_order(group: UnitGroup) -> tuple[int, int, str]:
     return (-1 if layer is None else layer, -1 if expert is None else expert, kind)
 
 
-def permute_state_dict(sd: Mapping[str, torch.Tensor], layout: Layout, perm_d: torch.Tensor,
-                       perm_units: Mapping[UnitGroup, torch.Tensor], signs: torch.Tensor | None = None,
-                       perm_heads: Mapping[int, torch.Tensor] | None = None) -> StateDict:
+def permute_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    layout: Layout,
+    perm_d: torch.Tensor,
+    perm_units: Mapping[UnitGroup, torch.Tensor],
+    signs: torch.Tensor | None = None,
+    perm_heads: Mapping[int, torch.Tensor] | None = None,
+) -> StateDict:
     """New tensors where coordinate ``j`` of every residual axis is old coordinate ``perm_d[j]``.
 
     MLP-unit axes use their MLP's permutation from ``perm_units``. With ``signs`` (±1 per residual coordinate)
@@ -160,8 +168,10 @@ def _check_sign_flips_allowed(layout: Layout) -> None:
     for role in layout.family.norm_roles():
         spec = layout.family.spec(role)
         if HIDDEN in spec.axes and spec.kind != "rms":
-            raise LmsurgeonError(f"the {layout.family.name} family has {spec.kind} norms: sign flips of the "
-                                 "residual stream would change its function")
+            raise LmsurgeonError(
+                f"the {layout.family.name} family has {spec.kind} norms: sign flips of the "
+                "residual stream would change its function"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- gain folding
@@ -225,8 +235,7 @@ def rotate_state_dict(sd: Mapping[str, torch.Tensor], layout: Layout, Q: torch.T
 # ---------------------------------------------------------------------------------------------- pruning
 
 
-def prune_state_dict(sd: Mapping[str, torch.Tensor], layout: Layout, drop: Iterable[int],
-                     n_layers: int) -> StateDict:
+def prune_state_dict(sd: Mapping[str, torch.Tensor], layout: Layout, drop: Iterable[int], n_layers: int) -> StateDict:
     """Remove layers ``drop`` and renumber the rest 0..n-1 in order (``layers.5.`` becomes ``layers.4.``)."""
     dropped = sorted(set(drop))
     if not dropped or dropped[0] < 0 or dropped[-1] >= n_layers or len(dropped) >= n_layers:
@@ -239,7 +248,7 @@ def prune_state_dict(sd: Mapping[str, torch.Tensor], layout: Layout, drop: Itera
         if old is None:
             out[name] = tensor.clone()
         elif old in new_index:
-            out[f"{name[:layer_start]}{new_index[old]}{name[layer_start + len(str(old)):]}"] = tensor.clone()
+            out[f"{name[:layer_start]}{new_index[old]}{name[layer_start + len(str(old)) :]}"] = tensor.clone()
     return out
 
 
@@ -323,5 +332,8 @@ def moved_fraction(before: Mapping[str, torch.Tensor], after: Mapping[str, torch
     """Per tensor, the fraction of elements whose value changed (1.0 means every weight moved)."""
     if before.keys() != after.keys():
         raise LmsurgeonError("the two state dicts name different tensors")
-    return {name: float((before[name] != after[name].to(before[name].device)).double().mean())
-            for name in before if before[name].is_floating_point()}
+    return {
+        name: float((before[name] != after[name].to(before[name].device)).double().mean())
+        for name in before
+        if before[name].is_floating_point()
+    }
