@@ -228,8 +228,12 @@ def test_cli_without_out_prints_where_its_run_folder_is(zoo, tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)
     assert main(["lineage", str(zoo["paths"]["base"]), str(zoo["paths"]["indep1"]), "--naive-only"]) == 0
-    report_lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("report: ")]
+    printed = capsys.readouterr()
+    report_lines = [ln for ln in printed.out.splitlines() if ln.startswith("report: ")]
     assert len(report_lines) == 1
+    # stderr is no terminal under pytest: one timed line per stage, the pair named
+    pair_lines = [ln for ln in printed.err.splitlines() if "] lineage: " in ln and " vs " in ln]
+    assert len(pair_lines) == 1
     report = Path(report_lines[0].removeprefix("report: "))
     assert report.name == "report.html"
     assert report.is_file()

@@ -67,8 +67,11 @@ def test_cli_swap_writes_a_run_folder_prints_it_without_out_and_rejects_a_bad_in
 ):
     monkeypatch.chdir(tmp_path)
     assert main(["swap", str(tiny_llama), "--tokens", "600", "--seq-len", "64", "--bootstrap", "50", "--no-e2e"]) == 0
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run folder: ")]
+    captured = capsys.readouterr()
+    printed = [line for line in captured.out.splitlines() if line.startswith("run folder: ")]
     assert len(printed) == 1
+    # stderr is no terminal under pytest: the batch stage is one timed line, not a redrawn bar
+    assert [ln for ln in captured.err.splitlines() if "swap: fit and eval batches" in ln] != []
     run_dir = Path(printed[0].removeprefix("run folder: "))
     assert run_dir.parent == (tmp_path / "runs").resolve()
     res = json.loads((run_dir / "results.json").read_text())

@@ -107,8 +107,7 @@ def swap(model, overwrite, out, as_json, **options) -> None:
                 f"healed {h['steps']} steps → {h['path']}: held-out loss {_num(h['heldout_loss_before'])} "
                 f"→ {_num(h['heldout_loss_after'])}"
             )
-    lines.append(f"run folder: {r['run_dir']}")
-    emit(r, as_json, lines, out)
+    emit(r, as_json, lines, r["run_dir"])  # ends with the run folder and its report
 
 
 def _num(x) -> str:

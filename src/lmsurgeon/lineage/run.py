@@ -27,6 +27,7 @@ from lmsurgeon.lineage.norms import is_pre_norm, norm_vectors
 from lmsurgeon.lineage.results import AlignmentFacts, NaiveSummary, Null, OtherNulls, PairResult, TestResult, Verdict
 from lmsurgeon.lineage.sound import WEIGHT_TESTS, weight_tests
 from lmsurgeon.lineage.verdict import T_HI, T_LO, verdict
+from lmsurgeon.report.progress import stage, task
 
 SCHEMA = "lmsurgeon/lineage@1"
 N_TEXTS = 64
@@ -89,10 +90,13 @@ def compare(
     texts = _text_loader(config.text)
     fold_logits = {} if config.naive_only else fold_demos(models, texts)
     null_layouts = [CheckedLayout(open_model(s)) for s in config.null]
-    pairs = [
-        compare_pair(models[x], models[y], config, texts, null_layouts)
-        for x, y in _pair_indices(len(models), config.all_pairs, progress)
-    ]
+    pairs = []
+    combos = _pair_indices(len(models), config.all_pairs)
+    with task("lineage: pairs", len(combos), progress) as update:
+        for done, (x, y) in enumerate(combos):
+            stage(f"lineage: {models[x].name} vs {models[y].name}")
+            pairs.append(compare_pair(models[x], models[y], config, texts, null_layouts))
+            update(done + 1)
     body = results_body(models, pairs, config, fold_logits)
     timings = {"naive_seconds": t_naive - t0, "total_compare_seconds": time.time() - t0}
     if not write:
@@ -134,13 +138,9 @@ def fold_demos(models: list[Model], texts) -> dict:
     return {m.name: fold_logit_change(m.layout, " ".join(texts()[:2])) for m in models if is_pre_norm(m.layout)}
 
 
-def _pair_indices(n: int, all_pairs: bool, progress: bool):
-    combos = list(itertools.combinations(range(n), 2)) if all_pairs else [(0, k) for k in range(1, n)]
-    if progress:
-        from rich.progress import track
-
-        return track(combos, description="lineage pairs", transient=True)
-    return combos
+def _pair_indices(n: int, all_pairs: bool) -> list[tuple[int, int]]:
+    """Which pairs a run compares: A against each other source, or every pair."""
+    return list(itertools.combinations(range(n), 2)) if all_pairs else [(0, k) for k in range(1, n)]
 
 
 def compare_pair(ma: Model, mb: Model, config: LineageConfig, texts, null_layouts: list[CheckedLayout]) -> PairResult:

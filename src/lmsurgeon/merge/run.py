@@ -27,6 +27,7 @@ from lmsurgeon.merge.config import MergeConfig, study_fingerprint
 from lmsurgeon.merge.monitors import Evaluation, PromptEvaluator, relative_ppl, sym_kl
 from lmsurgeon.merge.quality import MergeTexts, merge_texts
 from lmsurgeon.merge.vocab import SharedVocab, canonical_vocab, shared_vocab
+from lmsurgeon.report.progress import stage
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CLIP_QUANTILE = 0.99  # soft clip: mapped rows keep at most the base's 99th-percentile row norm
@@ -397,6 +398,7 @@ def run_merge(
     space = search.load_space(cfg.space)
     texts = merge_texts(cfg)
     general = texts.general if cfg.objective == "domain" else None
+    stage("merge: fitting the donor map and evaluating the base")
     session = MergeSession(base, donor, texts.search, cfg, general_texts=general)
     fp = study_fingerprint(
         session.base_handle.inputs(), session.donor_handle.inputs(), texts.search, cfg, space, general_texts=general
@@ -409,6 +411,7 @@ def run_merge(
     else:
         records = [_record(0, session.trial(cfg.params or {}))]
     timings = _timings(session, records, search_seconds=time.perf_counter() - t0)
+    stage("merge: baselines, held-out and general text, run folder")
     results = _write_run_folder(out, journal, base, donor, session, cfg, texts, records, fp, timings)
     if journal is not None and journal.exists():
         journal.unlink()

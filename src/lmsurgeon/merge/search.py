@@ -21,6 +21,7 @@ import numpy as np
 import optuna
 
 from lmsurgeon.errors import LmsurgeonError, OutputExists
+from lmsurgeon.report.progress import stage
 from lmsurgeon.report.results import jsonable
 
 SPACE = {  # name → (low, high) floats, ints, or a list of choices (methods.md §M4)
@@ -173,6 +174,7 @@ def run_trials(study: optuna.Study, session, space: dict, trials: int, callbacks
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
+        stage(f"merge: trial {trial.number}")
         stats = session.trial(suggest(trial, space, session.tied))
         trial.set_user_attr("stats", jsonable(stats))
         if domain:

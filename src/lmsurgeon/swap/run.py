@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from lmsurgeon.arch import Layout, find_module
 from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.io import open_model
 from lmsurgeon.report import RunFolder
+from lmsurgeon.report.progress import stage, task
 from lmsurgeon.swap.config import SwapConfig
 from lmsurgeon.swap.e2e import find_head
 from lmsurgeon.swap.engine import Batch, eval_pass, finish, fit_pass
@@ -148,8 +150,10 @@ def analyze(
             )
             body["tokens"]["heldout"] = sum(len(r) for r in heldout_rows)
             if cfg.plan_drop is not None:
+                stage(f"swap: drop plans up to k = {cfg.plan_drop}")
                 body.update(plan_drops(*evaluators, body["layers"], parse_plan_drop(cfg.plan_drop, L)))
             if cfg.plan_reorder:
+                stage("swap: reorder plans")
                 body["reorder"] = plan_reorder(*evaluators, body["pairs"], cfg.reorder_tolerance)
             timings["plan_seconds"] = time.time() - t1
 
@@ -327,20 +331,18 @@ def make_batches(
     return out
 
 
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return nullcontext(None)
-    from contextlib import contextmanager
+@contextmanager
+def _progress(enabled: bool, total: int, label: str = "swap: fit and eval batches") -> Iterator[Callable[[], None]]:
+    """One stage of ``total`` batches: its stage line in a log, a bar on a terminal; yields ``tick()``."""
+    done = 0
+    with task(label, total, enabled) as update:
 
-    from rich.progress import Progress
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            update(done)
 
-    @contextmanager
-    def bar():
-        with Progress(transient=True) as p:
-            task = p.add_task("swap: batches", total=total)
-            yield lambda: p.advance(task)
-
-    return bar()
+        yield tick
 
 
 def assemble(fit, ev: dict, L: int, d: int, has_head: bool, bootstrap: int, seed: int) -> dict:
