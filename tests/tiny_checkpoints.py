@@ -153,30 +153,11 @@ def write_sparse_llama(
     shards.append(
         {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden], "lm_head.weight": [vocab, hidden]}
     )
-    weight_map, total = {}, 0
-    for k, tensors in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, offset = {}, 0
-        for name, shape in tensors.items():
-            n = int(np.prod(shape)) * 2
-            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header).encode()
-        raw += b" " * (-len(raw) % 8)
-        start = 8 + len(raw)
-        with open(folder / fname, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little") + raw)
-            for name, shape in tensors.items():
-                if len(shape) == 1:  # a norm gain: real values
-                    gain = torch.from_numpy(1 + 0.1 * rng.standard_normal(shape[0], dtype=np.float32))
-                    f.seek(start + header[name]["data_offsets"][0])
-                    f.write(gain.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-            f.truncate(start + offset)
-        total += start + offset
-        weight_map.update(dict.fromkeys(tensors, fname))
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
-    )
+
+    def gains_only(name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        return 1 + 0.1 * rng.standard_normal(shape[0], dtype=np.float32) if len(shape) == 1 else None
+
+    total = write_sparse_shards(folder, shards, gains_only)
     (folder / "config.json").write_text(
         json.dumps(
             {
@@ -193,5 +174,45 @@ def write_sparse_llama(
                 "torch_dtype": "bfloat16",
             }
         )
+    )
+    return total
+
+
+def write_sparse_shards(folder, shards: list[dict], fill) -> int:
+    """Write bf16 safetensors shards and their index, every tensor a hole (zeros that take no disk) unless
+    ``fill(name, shape)`` returns values for it (float32; a block of leading rows is enough).
+
+    The apparent size is the real checkpoint's while disk use is only what was filled, so tests and benchmarks
+    get "a checkpoint larger than memory" for a few MB. Returns the apparent size in bytes; the caller writes
+    config.json.
+    """
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for k, tensors in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {}, 0
+        for name, shape in tensors.items():
+            n = int(np.prod(shape)) * 2
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        start = 8 + len(raw)
+        with open(folder / fname, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for name, shape in tensors.items():
+                values = fill(name, tuple(shape))
+                if values is None:
+                    continue
+                data = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
+                f.seek(start + header[name]["data_offsets"][0])
+                f.write(data.view(torch.int16).numpy().tobytes())
+            f.truncate(start + offset)
+        total += start + offset
+        weight_map.update(dict.fromkeys(tensors, fname))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
     )
     return total
