@@ -6,7 +6,7 @@ import json
 import re
 
 from lmsurgeon.cli import main
-from lmsurgeon.demo.run import lineage_headline, pair_table
+from lmsurgeon.demo.run import lineage_headline, merge_headline, pair_table, swap_headline
 from lmsurgeon.report.runfolder import is_complete
 
 
@@ -58,3 +58,35 @@ def test_top_page_shows_each_lineage_verdict_beside_its_naive_raw_cosine():
         {"pair": "lin-base ~ lin-flat", "verdict": "inconclusive", "naive raw cosine": None},
     ]
     assert pair_table({"run": "Layer swap", "result": "Spearman"}) is None
+
+
+def test_merge_line_leads_with_the_recommendation_and_held_out_bits_per_byte():
+    base = {"name": "base", "search": 2.61, "heldout": 2.6, "general": 2.5}
+    trial = {"name": "trial 3", "trial": 3, "search": 2.5, "heldout": 2.55, "general": 2.51}
+    chosen = {"bpb": {"base": base, "best": trial, "best_trial": trial, "recommended": "trial"}}
+    assert merge_headline(chosen)["result"] == (
+        "recommends trial 3: held-out 2.6000 → 2.5500 bits per byte, general 2.5000 → 2.5100"
+    )
+    worse = {**trial, "heldout": 2.7}
+    kept = {"bpb": {"base": base, "best": base, "best_trial": worse, "recommended": "base"}}
+    assert merge_headline(kept)["result"] == (
+        "recommends the base (held-out 2.6000 bits per byte; best trial 2.7000), general 2.5000 → 2.5000"
+    )
+    assert merge_headline({})["result"] == "no trial kept perplexity under the cap"
+
+
+def test_swap_line_adds_the_drop_plan_only_when_one_was_made():
+    res = {"spearman": {"r_vs_delta": {"rho": 0.91}, "linear_vs_delta": {"rho": 0.5}}}
+    assert swap_headline(res)["result"] == "Spearman(r, δ) = 0.910, Spearman(δ', δ) = 0.500"
+    res |= {
+        "recommended": [{"k": 1, "strategy": "bi", "layers": [5]}, {"k": 2, "strategy": "r_trans", "layers": [3, 5]}],
+        "plan_summary": {
+            "k_max": 2,
+            "n_layers": 8,
+            "baseline": {"heldout_bpb": 2.5},
+            "at_k_max": {"recommended": "r_trans", "recommended_bpb": 2.6, "oracle_bpb": 2.59},
+        },
+    }
+    assert swap_headline(res)["result"].endswith(
+        "; dropping 2 of 8 layers [3, 5] (r_trans): 2.5000 → 2.6000 bits per byte, oracle 2.5900"
+    )

@@ -26,6 +26,9 @@ PROMPTS = [
 ]
 #: headline keys with one entry per lineage pair: shown in the step's own table, not in the one-line summary
 PER_PAIR = ("verdicts", "naive_raw_cosine")
+#: drop plan of the deep decoder: a quarter of its layers, each plan scored on this many held-out tokens
+PLAN_DROP = "25%"
+PLAN_TOKENS = 1_024
 LINEAGE_ZOO = [
     "lin-base",
     "lin-finetune",
@@ -150,8 +153,17 @@ def build_steps(
         Step(
             "swap-deep",
             "Layer swap: deep decoder",
-            "Trans/Dep/r against the measured swap effect δ on the zoo's deep Llama.",
-            lambda out: analyze(zoo_model("deep-llama"), tokens=4_096, seq_len=256, out=out, progress=progress),
+            "Trans/Dep/r against the measured swap effect δ on the zoo's deep Llama, and which quarter of its "
+            "layers can be dropped: each predictor's plan beside the greedy oracle, on held-out text.",
+            lambda out: analyze(
+                zoo_model("deep-llama"),
+                tokens=4_096,
+                seq_len=256,
+                plan_drop=PLAN_DROP,
+                plan_tokens=PLAN_TOKENS,
+                out=out,
+                progress=progress,
+            ),
             swap_headline,
         ),
         Step(
@@ -195,21 +207,35 @@ def lineage_headline(res: dict) -> dict:
 
 
 def swap_headline(res: dict) -> dict:
+    """The paper's correlations and, when the run planned drops, what the recommended plan costs at the largest k."""
     rho = res.get("spearman", {})
-    return {
-        "result": f"Spearman(r, δ) = {_num(rho.get('r_vs_delta'))}, "
-        f"Spearman(δ', δ) = {_num(rho.get('linear_vs_delta'))}"
-    }
+    line = f"Spearman(r, δ) = {_num(rho.get('r_vs_delta'))}, Spearman(δ', δ) = {_num(rho.get('linear_vs_delta'))}"
+    summary = res.get("plan_summary")
+    if summary:
+        at_k = summary["at_k_max"]
+        layers = next((r["layers"] for r in res.get("recommended", []) if r["k"] == summary["k_max"]), [])
+        line += (
+            f"; dropping {summary['k_max']} of {summary['n_layers']} layers {layers} ({at_k['recommended']}): "
+            f"{summary['baseline']['heldout_bpb']:.4f} → {at_k['recommended_bpb']:.4f} bits per byte, "
+            f"oracle {at_k['oracle_bpb']:.4f}"
+        )
+    return {"result": line}
 
 
 def merge_headline(res: dict) -> dict:
-    best = res.get("best")
-    if not best:
+    """What lmsurgeon recommends and what it gains on text the search did not see (bits per byte, fair across
+    tokenizers); the seed's perplexity ratio stays in the merge's own report."""
+    bpb = res.get("bpb")
+    if not bpb:
         return {"result": "no trial kept perplexity under the cap"}
-    return {
-        "result": f"best trial {best['number']}: relative perplexity {_num(best['r'])}, "
-        f"symmetric KL {_num(best['sym_kl'])}"
-    }
+    base, best = bpb["base"], bpb["best"]
+    trial = bpb.get("best_trial")
+    if bpb["recommended"] == "trial":
+        head = f"recommends {best['name']}: held-out {base['heldout']:.4f} → {best['heldout']:.4f} bits per byte"
+    else:
+        tried = f"; best trial {trial['heldout']:.4f}" if trial else ""
+        head = f"recommends the base (held-out {base['heldout']:.4f} bits per byte{tried})"
+    return {"result": f"{head}, general {base['general']:.4f} → {best['general']:.4f}"}
 
 
 def generation_headline(res: dict) -> dict:
@@ -288,7 +314,8 @@ def demo_report(steps: list[Step], rows: list[dict], manifest: dict, timings: di
         "Lineage verdicts are derived / independent / inconclusive per pair, shown beside "
         "the naive raw cosine of the two models' norm gains, which is close to 1 for related "
         "and independent models alike and so never decides; the swap rows "
-        "give the paper's correlations; the merge row gives the best trial's perplexity "
-        "relative to the base (1.0 = unchanged).",
+        "give the paper's correlations and the drop plan's held-out cost; the merge row gives the "
+        "recommended model's bits per byte on held-out text against the base's (lower is better; the base is "
+        "recommended when no trial beats it).",
         sections=sections,
     )
