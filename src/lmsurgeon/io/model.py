@@ -82,9 +82,11 @@ class ModelHandle:
     def __init__(self, store: LocalStore | HubStore):
         self.store = store
         self.name = store.name
-        self.bytes_read = 0
+        self.bytes_read = 0  # safetensors bytes consumed: headers and tensor data
+        #: tensor data bytes by what read them (:meth:`counting`; "other" outside any label)
+        self.tensor_bytes: dict[str, int] = {}
+        self._label = "other"
         self._headers: dict[str, dict[str, TensorInfo]] = {}
-        self._open: dict[str, Any] = {}  # file name → safetensors.safe_open handle
 
     def __repr__(self) -> str:
         return f"ModelHandle({self.name!r}, {self.store.kind})"
@@ -168,19 +170,32 @@ class ModelHandle:
         return [self.store.identity(f) for f in files if self.store.exists(f)]
 
     # -- tensors ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def counting(self, label: str) -> Iterator[None]:
+        """Count the tensor bytes read inside the block under ``label`` in :attr:`tensor_bytes` (nests; the
+        outer label is restored after). Lineage labels its reads per test, so results.json says what each
+        test read from each model."""
+        outer, self._label = self._label, label
+        try:
+            yield
+        finally:
+            self._label = outer
+
+    def _count(self, n: int) -> None:
+        self.bytes_read += n
+        self.tensor_bytes[self._label] = self.tensor_bytes.get(self._label, 0) + n
+
     def tensor(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """One tensor as a numpy array of ``dtype`` (floats are decoded from BF16/F16/F8 via torch)."""
+        """One tensor as a numpy array of ``dtype`` (floats are decoded from BF16/F16/F8 via torch), read as
+        exactly its byte range."""
         info = self.info(name)
-        path = self.store.local_path(info.file)
-        if path is not None:
-            t = self._safe_open(info.file).get_tensor(name)
-        else:
-            t = self._decode(self.store.read(info.file, info.begin, info.end), info, info.shape)
-        self.bytes_read += info.nbytes
+        t = self._decode(self._read_ranges(info.file, [(info.begin, info.end)]), info, info.shape)
         return _to_numpy(t, dtype)
 
     def rows(self, name: str, idx: npt.ArrayLike, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """Rows ``idx`` (any order, repeats allowed) of a tensor, reading one range per run of consecutive rows."""
+        """Rows ``idx`` (any order, repeats allowed) of a tensor, reading one range per run of consecutive rows
+        (runs closer than the store's ``merge_gap`` share one range), so a sample of an embedding costs the
+        sample's bytes, not the table's."""
         info = self.info(name)
         rows = np.asarray(idx, dtype=np.int64).reshape(-1)
         if not info.shape:
@@ -189,27 +204,47 @@ class ModelHandle:
         if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
             raise LmsurgeonError(f"row index out of range for {name!r} with {n_rows} rows", self.name)
         uniq = np.unique(rows)
-        blocks = [self._read_rows(info, int(a), int(b)) for a, b in _runs(uniq)]
-        t = torch.cat(blocks) if blocks else torch.empty((0, *info.shape[1:]))
+        rb = info.row_bytes()
+        runs = _merge_runs(_runs(uniq), max(0, self.store.merge_gap // max(rb, 1)))
+        raw = self._read_ranges(info.file, [(info.begin + a * rb, info.begin + b * rb) for a, b in runs])
+        t = self._decode(raw, info, (sum(b - a for a, b in runs), *info.shape[1:]))
+        read_ids = np.concatenate([np.arange(a, b) for a, b in runs]) if runs else np.zeros(0, dtype=np.int64)
         out = _to_numpy(t, dtype)
-        return out[np.searchsorted(uniq, rows)]
+        return out[np.searchsorted(read_ids, rows)]
 
     def _read_rows(self, info: TensorInfo, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of a tensor in its stored dtype, one range read."""
         rb = info.row_bytes()
-        self.bytes_read += (b - a) * rb
-        if self.store.local_path(info.file) is not None:
-            return self._safe_open(info.file).get_slice(info.name)[a:b]
-        raw = self.store.read(info.file, info.begin + a * rb, info.begin + b * rb)
+        raw = self._read_ranges(info.file, [(info.begin + a * rb, info.begin + b * rb)])
         return self._decode(raw, info, (b - a, *info.shape[1:]))
 
+    def _read_ranges(self, fname: str, ranges: list[tuple[int, int]]) -> bytearray:
+        """The byte ranges of one file, concatenated into one buffer (no copy per range for local files)."""
+        total = sum(b - a for a, b in ranges)
+        buf = bytearray(total)
+        view, at = memoryview(buf), 0
+        store = self.store
+        parts = [] if isinstance(store, LocalStore) else store.read_many(fname, ranges)
+        for k, (a, b) in enumerate(ranges):
+            if isinstance(store, LocalStore):
+                got = store.read_into(fname, a, view[at : at + b - a])
+            else:
+                got = len(parts[k])
+                view[at : at + got] = parts[k]
+            if got != b - a:
+                raise CorruptCheckpoint(f"truncated: bytes {a}-{b} lie past the end of the file", self._where(fname))
+            at += b - a
+        self._count(total)
+        return buf
+
     @staticmethod
-    def _decode(raw: bytes, info: TensorInfo, shape: tuple[int, ...]) -> torch.Tensor:
+    def _decode(raw: bytes | bytearray, info: TensorInfo, shape: tuple[int, ...]) -> torch.Tensor:
         dt = TORCH_DTYPES.get(info.dtype)
         if dt is None:
             raise CorruptCheckpoint(f"tensor {info.name!r}: dtype {info.dtype} cannot be decoded", info.file)
         if not raw:
             return torch.empty(shape, dtype=dt)
-        return torch.frombuffer(bytearray(raw), dtype=dt).reshape(shape)
+        return torch.frombuffer(raw if isinstance(raw, bytearray) else bytearray(raw), dtype=dt).reshape(shape)
 
     # -- files ------------------------------------------------------------------------------------------
     def _file_header(self, fname: str) -> dict[str, TensorInfo]:
@@ -224,17 +259,6 @@ class ModelHandle:
             self.bytes_read += 8 + n
             self._headers[fname] = {k: _with_file(v, fname) for k, v in tensors.items()}
         return self._headers[fname]
-
-    def _safe_open(self, fname: str) -> Any:
-        from safetensors import safe_open
-
-        if fname not in self._open:
-            self._file_header(fname)  # validate before handing the file to the memory map
-            try:
-                self._open[fname] = safe_open(str(self.store.local_path(fname)), framework="pt")
-            except Exception as e:
-                raise CorruptCheckpoint(f"safetensors cannot open it: {e}", self._where(fname)) from None
-        return self._open[fname]
 
     def _json(self, fname: str) -> object | None:
         if not self.store.exists(fname):
@@ -352,6 +376,19 @@ def _check_remote_code(config: dict, trust_remote_code: bool, where: str) -> Non
 
 def _with_file(info: TensorInfo, fname: str) -> TensorInfo:
     return TensorInfo(info.name, info.dtype, info.shape, fname, info.begin, info.end)
+
+
+def _merge_runs(runs: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """Join runs separated by at most ``gap`` rows (their rows are read and dropped: fewer requests)."""
+    if gap <= 0 or not runs:
+        return runs
+    out = [runs[0]]
+    for a, b in runs[1:]:
+        if a - out[-1][1] <= gap:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
 
 
 def _runs(sorted_idx: np.ndarray) -> list[tuple[int, int]]:

@@ -6,9 +6,12 @@ what it moved. Everything above it (headers, shards, tensors) is the same for bo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +23,8 @@ if TYPE_CHECKING:
 DEFAULT_ENDPOINT = "https://huggingface.co"
 #: input files up to this size are hashed whole for results.json
 WHOLE_HASH_LIMIT = 16 * 2**20
+#: range requests a hub store keeps in flight when one read asks for many ranges
+PARALLEL_RANGES = 8
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
 
@@ -40,9 +45,17 @@ def check_plain_file_name(name: str, context: str) -> str:
 
 
 class LocalStore:
-    """A model folder on disk; files are opened by safetensors' memory map, never loaded whole."""
+    """A model folder on disk, read with ``os.pread`` of exactly the byte ranges asked for.
+
+    No memory map: a mapped shard's pages count in the process's resident set as they are touched and stay
+    there until the kernel needs them, so reading the rows of a 200 GB checkpoint through ``mmap`` grew RSS with
+    every tensor read (18.5 GiB peak on a 17 GB read-all, against 3.8 GiB with ``pread``, which only ever holds
+    the bytes of the tensor being decoded). One file descriptor per shard stays open for the handle's life.
+    """
 
     kind = "local"
+    #: runs of rows are read exactly: a ``pread`` costs microseconds, so no gap is worth reading
+    merge_gap = 0
 
     def __init__(self, folder: str | Path, name: str | None = None):
         self.folder = Path(folder).expanduser()
@@ -54,6 +67,12 @@ class LocalStore:
         self.name = name or str(folder)
         self.revision: str | None = None
         self.network_bytes = 0
+        self._fds: dict[str, int] = {}
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def path(self, fname: str) -> Path:
         """The file's path, refusing symlinks or names that resolve outside the model folder."""
@@ -73,9 +92,26 @@ class LocalStore:
         return p.stat().st_size
 
     def read(self, fname: str, start: int, end: int) -> bytes:
-        with open(self.path(fname), "rb") as f:
-            f.seek(start)
-            return f.read(end - start)
+        """Bytes [start, end) of the file (fewer only at its end), one ``pread`` loop, no memory map."""
+        buf = bytearray(max(0, end - start))
+        n = self.read_into(fname, start, memoryview(buf))
+        return bytes(buf[:n])
+
+    def read_into(self, fname: str, start: int, out: memoryview) -> int:
+        """Fill ``out`` from offset ``start``; returns the bytes read (short only at the end of the file)."""
+        fd = self._fd(fname)
+        done = 0
+        while done < len(out):
+            n = os.preadv(fd, [out[done:]], start + done)
+            if n == 0:
+                break
+            done += n
+        return done
+
+    def _fd(self, fname: str) -> int:
+        if fname not in self._fds:
+            self._fds[fname] = os.open(self.path(fname), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return self._fds[fname]
 
     def local_path(self, fname: str) -> Path:
         return self.path(fname)
@@ -105,9 +141,13 @@ class HubStore:
 
     The revision is resolved to a commit once; every range is cached on disk under (repo, commit, file, etag,
     start, end), so a rerun transfers nothing. ``network_bytes`` counts body bytes actually received.
+    Many small ranges (the sampled rows of an embedding) go out :data:`PARALLEL_RANGES` at a time, after runs
+    closer than ``merge_gap`` bytes were joined into one request (the gap is transferred and counted).
     """
 
     kind = "hub"
+    #: runs of rows closer than this many bytes are fetched by one request (a request costs more than a few rows)
+    merge_gap = 16 * 2**10
 
     def __init__(
         self,
@@ -125,6 +165,7 @@ class HubStore:
         self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "ranges"
         self.name = repo_id if revision is None else f"{repo_id}@{revision}"
         self.network_bytes = 0
+        self._lock = threading.Lock()
         self._meta: dict[str, tuple[int, str]] = {}
         self._missing: set[str] = set()
         self.revision = self._resolve_commit(revision or "main")
@@ -194,6 +235,14 @@ class HubStore:
         self._write_cache(cached, data)
         return data
 
+    def read_many(self, fname: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """:meth:`read` of every range, :data:`PARALLEL_RANGES` requests in flight at a time."""
+        if len(ranges) <= 1:
+            return [self.read(fname, a, b) for a, b in ranges]
+        self._file_meta(fname)  # one HEAD, before the threads
+        with ThreadPoolExecutor(PARALLEL_RANGES) as pool:
+            return list(pool.map(lambda r: self.read(fname, *r), ranges))
+
     def _ranged_get(self, fname: str, start: int, end: int, size: int) -> bytes:
         from huggingface_hub.utils import http_backoff
 
@@ -214,7 +263,8 @@ class HubStore:
         if r.status_code not in (200, 206):
             raise RemoteError(f"{fname}: HTTP {r.status_code} for bytes {start}-{end - 1}", self.repo_id)
         body = r.content
-        self.network_bytes += len(body)
+        with self._lock:
+            self.network_bytes += len(body)
         if r.status_code == 200:  # the server ignored Range: keep only what was asked for
             if len(body) != size:
                 raise RemoteError(f"{fname}: server ignored Range and sent {len(body)} of {size} bytes", self.repo_id)

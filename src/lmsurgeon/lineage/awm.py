@@ -8,6 +8,7 @@ The test runs with the wider model as A (the alignment brings A into B's basis);
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from lmsurgeon.lineage.stats import unit_norm
 from lmsurgeon.lineage.verdict import T_LO
 
 N_PERMUTATIONS = 20
+MAX_ITEMS = 1024
 N_WRONG_MAPS = 200
 ROLES = ("q", "k")
 
@@ -33,10 +35,31 @@ def items_b(W: np.ndarray, al: Alignment) -> np.ndarray:
     return unit_norm(al.b_in(W).T, axis=1)
 
 
-def layer_grams(layout, al: Alignment, side: str) -> dict[str, list[Grams]]:
-    """Per role (q, k), per layer: the precomputed Gram pieces of the item matrices."""
-    prep = items_a if side == "a" else items_b
-    return {role: [Grams(prep(layout.read(role, i), al)) for i in layout.layers] for role in ROLES}
+def item_sample(al: Alignment, max_items: int, seed: int = 0) -> tuple[Alignment, np.ndarray]:
+    """The alignment restricted to at most ``max_items`` of B's residual dimensions chosen by seed, and those
+    dimensions (sorted): the CKA items of both models (methods.md §L7.2.3). All of them when B has fewer."""
+    d_b = al.perm.size
+    if d_b <= max_items:
+        return al, np.arange(d_b)
+    idx = np.sort(np.random.default_rng([seed, d_b]).choice(d_b, max_items, replace=False))
+    rot = None if al.rotation is None else al.rotation[:, idx]
+    return replace(al, perm=al.perm[idx], sign=al.sign[idx], rotation=rot), idx
+
+
+def layer_grams(layout, al: Alignment, side: str, items: np.ndarray | None = None) -> dict[str, list[Grams]]:
+    """Per role (q, k), per layer: the precomputed Gram pieces of the item matrices.
+
+    ``al`` is :func:`item_sample`'s restricted alignment and ``items`` its B dimensions (None: all). Weights are
+    read as float32 and one layer at a time, so memory holds one q matrix plus the kept Gram pieces."""
+    out: dict[str, list[Grams]] = {role: [] for role in ROLES}
+    with layout.handle.counting("awm"):
+        for i in layout.layers:
+            for role in ROLES:
+                W = layout.read(role, i, dtype=np.float32)
+                X = items_a(W, al) if side == "a" else items_b(W if items is None else W[:, items], al)
+                del W
+                out[role].append(Grams(X))
+    return out
 
 
 def unmatched_null(M: np.ndarray, pairs: LayerMap, seed: int = 0, n: int = N_WRONG_MAPS) -> Null:
@@ -92,13 +115,24 @@ def guarded_z(s: float, independents: Null | None, guard: Null) -> tuple[float, 
     return z_ind, independents
 
 
-def awm_test(layout_a, layout_b, al: Alignment, seed: int = 0) -> TestResult:
-    """Run the test: CKA matrix, layer map, statistic (mean matched CKA), z against a null, per-layer CKA."""
-    GA, GB = layer_grams(layout_a, al, "a"), layer_grams(layout_b, al, "b")
+def awm_test(
+    layout_a,
+    layout_b,
+    al: Alignment,
+    seed: int = 0,
+    max_items: int = MAX_ITEMS,
+    permutations: int = N_PERMUTATIONS,
+) -> TestResult:
+    """Run the test: CKA matrix, layer map, statistic (mean matched CKA), z against a null, per-layer CKA.
+
+    Budgets (methods.md §L7.2.3): ``max_items`` residual dimensions as items, ``permutations`` draws of the
+    item-permutation null."""
+    sub, items = item_sample(al, max_items, seed)
+    GA, GB = layer_grams(layout_a, sub, "a"), layer_grams(layout_b, sub, "b", items)
     M = cka_matrix(GA, GB)
     pairs = layer_map(M)
     s = matched_mean(M, pairs)
-    perm = item_permutation_null(GA, GB, pairs, seed, N_PERMUTATIONS, "residual")
+    perm = item_permutation_null(GA, GB, pairs, seed, permutations, "residual")
     inner = unmatched_null(M, pairs, seed)
     independents = shipped_null(al.method)  # a fitted rotation has more freedom: its own calibration
     t = TestResult(

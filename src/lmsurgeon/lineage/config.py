@@ -15,6 +15,8 @@ from lmsurgeon.errors import LmsurgeonError
 ALL_TESTS = ("awm", "phi_u", "phi_match", "act_cka")
 ALIGN_METHODS = ("permutation", "procrustes")  # residual alignments: sound.ALIGNMENT_FITS implements each
 DEPTHS = ("relative", "monotone")
+#: the smallest value each budget accepts (unbiased CKA needs 4 items; a null needs 2 draws)
+BUDGET_MINIMA = {"max_tokens": 2, "max_items": 4, "permutations": 2, "max_units": 2, "best_experts": 1}
 
 
 def _cli(help: str, *, kind: str = "value", choices: tuple[str, ...] | None = None) -> dict:
@@ -64,6 +66,18 @@ class LineageConfig:
     all_pairs: bool = field(
         default=False, metadata=_cli("Compare every pair of SOURCES, not only A against each other.", kind="flag")
     )
+    # budgets of the weight tests (methods.md §L7.2.3): what they read and compute, whatever the model's size
+    max_tokens: int = field(
+        default=32_768, metadata=_cli("Shared tokens whose embedding rows the residual alignment reads (at most).")
+    )
+    max_items: int = field(
+        default=1024, metadata=_cli("awm: residual dimensions sampled as CKA items per layer (at most).")
+    )
+    permutations: int = field(default=20, metadata=_cli("awm: item permutations of its permutation null."))
+    max_units: int = field(default=4096, metadata=_cli("phi_u: MLP units of B sampled per layer or expert (at most)."))
+    best_experts: int = field(
+        default=2, metadata=_cli("phi_u: expert pairs compared per MoE layer, the best matched by router rows.")
+    )
 
     def __post_init__(self) -> None:
         tests = tuple(t for t in self.tests.split(",") if t) if isinstance(self.tests, str) else tuple(self.tests)
@@ -76,6 +90,11 @@ class LineageConfig:
             raise LmsurgeonError(f"unknown alignment {self.align!r} (known: {', '.join(ALIGN_METHODS)})", "--align")
         if self.depth not in DEPTHS:
             raise LmsurgeonError(f"unknown depth pairing {self.depth!r} (known: {', '.join(DEPTHS)})", "--depth")
+        for name, least in BUDGET_MINIMA.items():
+            if getattr(self, name) < least:
+                raise LmsurgeonError(
+                    f"must be at least {least}, got {getattr(self, name)}", "--" + name.replace("_", "-")
+                )
 
     @classmethod
     def build(cls, config: LineageConfig | None = None, **options) -> LineageConfig:

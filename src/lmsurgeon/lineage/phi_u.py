@@ -104,18 +104,21 @@ def mlp_kind(layout, layer: int) -> str | None:
     return None
 
 
-def matched_experts(layout_a, layout_b, la: int, lb: int, al: Alignment) -> list[tuple[int, int, float]]:
-    """(expert of A, expert of B, cosine) for the BEST_EXPERTS best pairs of the router-row assignment."""
+def matched_experts(
+    layout_a, layout_b, la: int, lb: int, al: Alignment, best: int = BEST_EXPERTS
+) -> list[tuple[int, int, float]]:
+    """(expert of A, expert of B, cosine) for the ``best`` best pairs of the router-row assignment: only their
+    up/down matrices are read (methods.md §L7.2.3)."""
     ea, eb = layout_a.experts(la, "experts.up"), layout_b.experts(lb, "experts.up")
     Ra = unit_norm(al.a_in(layout_a.read("router", la))[ea], axis=0)  # column-normalised: folded gains cancel
     Rb = unit_norm(al.b_in(layout_b.read("router", lb))[eb], axis=0)
     C = unit_norm(Ra, axis=1) @ unit_norm(Rb, axis=1).T
     rows, cols = linear_sum_assignment(C, maximize=True)
-    best = sorted(zip(rows, cols, strict=True), key=lambda rc: -C[rc])[:BEST_EXPERTS]
-    return [(ea[r], eb[c], float(C[r, c])) for r, c in best]
+    chosen = sorted(zip(rows, cols, strict=True), key=lambda rc: -C[rc])[:best]
+    return [(ea[r], eb[c], float(C[r, c])) for r, c in chosen]
 
 
-def mlp_blocks(layout_a, layout_b, la: int, lb: int, al: Alignment) -> list[dict]:
+def mlp_blocks(layout_a, layout_b, la: int, lb: int, al: Alignment, best_experts: int = BEST_EXPERTS) -> list[dict]:
     """The (up, down) pairs to compare in one matched layer pair: the dense MLP, or matched experts + shared."""
     kind = mlp_kind(layout_a, la)
     if kind is None or kind != mlp_kind(layout_b, lb):
@@ -128,7 +131,7 @@ def mlp_blocks(layout_a, layout_b, la: int, lb: int, al: Alignment) -> list[dict
             "roles": ("experts.up", "experts.down"),
             "experts": (e_a, e_b),
         }
-        for e_a, e_b, c in matched_experts(layout_a, layout_b, la, lb, al)
+        for e_a, e_b, c in matched_experts(layout_a, layout_b, la, lb, al, best_experts)
     ]
     if all(lay.has(r, layer) for lay, layer in ((layout_a, la), (layout_b, lb)) for r in ("shared.up", "shared.down")):
         blocks.append({"block": "shared expert", "roles": ("shared.up", "shared.down"), "experts": (None, None)})
@@ -136,27 +139,37 @@ def mlp_blocks(layout_a, layout_b, la: int, lb: int, al: Alignment) -> list[dict
 
 
 def phi_u_test(
-    layout_a, layout_b, al: Alignment, pairs: LayerMap, seed: int = 0, max_units: int = MAX_UNITS
+    layout_a,
+    layout_b,
+    al: Alignment,
+    pairs: LayerMap,
+    seed: int = 0,
+    max_units: int = MAX_UNITS,
+    best_experts: int = BEST_EXPERTS,
 ) -> TestResult | None:
     """Per matched layer pair (per expert pair in MoE) ρ_l, z_l = ρ_l√(n_l−1); Fisher over all of them.
 
     ``pairs``: the layer map (layer of A, layer of B), A being the wider model the alignment maps from.
-    None when no matched layer pair has the same MLP kind on both sides (the caller says it does not apply)."""
+    None when no matched layer pair has the same MLP kind on both sides (the caller says it does not apply).
+    Budgets (methods.md §L7.2.3): ``max_units`` of B's units per block, ``best_experts`` expert pairs per MoE
+    layer; matrices are read as float32."""
     rng = np.random.default_rng(seed)
     per_layer = []
-    for la, lb in pairs:
-        for blk in mlp_blocks(layout_a, layout_b, la, lb, al):
-            (up, down), (e_a, e_b) = blk["roles"], blk["experts"]
-            up_b = layout_b.read(up, lb, e_b)
-            rho, n = layer_rho(
-                layout_a.read(up, la, e_a),
-                layout_a.read(down, la, e_a),
-                up_b,
-                layout_b.read(down, lb, e_b),
-                al,
-                subsample_units(rng, up_b.shape[0], max_units),
-            )
-            per_layer.append(LayerRho(la, lb, rho, n, spearman_z(rho, n), block=blk["block"]))
+    f32 = np.float32
+    with layout_a.handle.counting("phi_u"), layout_b.handle.counting("phi_u"):
+        for la, lb in pairs:
+            for blk in mlp_blocks(layout_a, layout_b, la, lb, al, best_experts):
+                (up, down), (e_a, e_b) = blk["roles"], blk["experts"]
+                up_b = layout_b.read(up, lb, e_b, dtype=f32)
+                rho, n = layer_rho(
+                    layout_a.read(up, la, e_a, dtype=f32),
+                    layout_a.read(down, la, e_a, dtype=f32),
+                    up_b,
+                    layout_b.read(down, lb, e_b, dtype=f32),
+                    al,
+                    subsample_units(rng, up_b.shape[0], max_units),
+                )
+                per_layer.append(LayerRho(la, lb, rho, n, spearman_z(rho, n), block=blk["block"]))
     if not per_layer:
         return None
     return combine_layers("phi_u", per_layer, ANALYTIC_NULL + " (and expert pairs)")

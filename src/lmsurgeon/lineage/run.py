@@ -55,6 +55,7 @@ class Model:
             "hidden_size": lay.hidden_size,
             "bytes_read": h.bytes_read,
             "naive_bytes_read": self.naive_bytes_read,
+            "tensor_bytes": dict(h.tensor_bytes),
             "bad_numbers": list(lay.bad.values()),
         }
 
@@ -114,7 +115,8 @@ def open_models(sources: list[str]) -> list[Model]:
     out = []
     for name, source in zip(_unique_names(sources), sources, strict=True):
         layout = CheckedLayout(open_model(source))
-        norms = norm_vectors(layout)
+        with layout.handle.counting("naive"):
+            norms = norm_vectors(layout)
         out.append(Model(name, source, layout, norms, layout.handle.bytes_read))
     return out
 
@@ -180,10 +182,10 @@ def sound_tests(la, lb, config: LineageConfig, texts, null_layouts) -> tuple[lis
     """Weight tests (measured against the ``--null`` models when given), then activation tests."""
     weight = tuple(t for t in config.tests if t in WEIGHT_TESTS)
     seed, align = config.seed, config.align
-    out, facts = weight_tests(la, lb, weight, seed, align)
+    out, facts = weight_tests(la, lb, weight, seed, align, config)
     if null_layouts and out:
         measure_against_null_models(
-            out, la, lb, null_layouts, lambda x, nl: weight_tests(x, nl, weight, seed, align)[0]
+            out, la, lb, null_layouts, lambda x, nl: weight_tests(x, nl, weight, seed, align, config)[0]
         )
     wanted = [t for t in ACTIVATION_TESTS if t in config.tests]
     if wanted:
@@ -199,7 +201,8 @@ def sound_tests(la, lb, config: LineageConfig, texts, null_layouts) -> tuple[lis
 
 def _activation_tests(la, lb, texts, wanted, seed) -> list[TestResult]:
     try:
-        return activation_tests(la, lb, texts, wanted, seed)
+        with la.handle.counting("activations"), lb.handle.counting("activations"):
+            return activation_tests(la, lb, texts, wanted, seed)
     except (LmsurgeonError, MemoryError, OSError, ValueError) as e:
         return [TestResult.not_applicable(t, f"cannot run the models: {e}") for t in wanted]
 

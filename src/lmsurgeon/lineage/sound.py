@@ -6,9 +6,12 @@ the wider model first; their results are turned round once, here, to the caller'
 
 from __future__ import annotations
 
-from lmsurgeon.lineage.align import MIN_SHARED, Alignment, align_residual, align_rotation, shared_tokens
+import numpy as np
+
+from lmsurgeon.lineage.align import MAX_SHARED, MIN_SHARED, Alignment, align_residual, align_rotation, shared_tokens
 from lmsurgeon.lineage.awm import awm_test
 from lmsurgeon.lineage.checks import problem
+from lmsurgeon.lineage.config import LineageConfig
 from lmsurgeon.lineage.phi_u import mlp_kind, phi_u_test
 from lmsurgeon.lineage.results import AlignmentFacts, TestResult
 
@@ -31,18 +34,23 @@ def _mlp_missing(layout) -> str | None:
     return f"{layout.handle.name} has no up/down or experts in layer {bad[0]}" if bad else None
 
 
-def alignment(wide, narrow, seed: int = 0, method: str = "permutation") -> tuple[Alignment | None, str]:
+def alignment(
+    wide, narrow, seed: int = 0, method: str = "permutation", max_tokens: int = MAX_SHARED
+) -> tuple[Alignment | None, str]:
     """(alignment of ``wide``'s residual basis onto ``narrow``'s, "") or (None, why it cannot be fitted).
 
-    ``method``: ``permutation`` (units and signs, methods.md §L7.1) or ``procrustes`` (any orthogonal map)."""
+    ``method``: ``permutation`` (units and signs, methods.md §L7.1) or ``procrustes`` (any orthogonal map).
+    Reads only the embedding rows of at most ``max_tokens`` sampled shared tokens, as float32 (methods.md
+    §L7.2.3)."""
     ta, tb = wide.handle.tokenizer, narrow.handle.tokenizer
     if ta is None or tb is None:
         return None, "a model has no tokenizer.json (shared tokens unknown)"
-    ia, ib = shared_tokens(ta, tb, seed=seed)
+    ia, ib = shared_tokens(ta, tb, seed=seed, limit=max_tokens)
     need = max(MIN_SHARED, narrow.hidden_size)
     if ia.size < need:
         return None, f"only {ia.size} shared tokens (< {need} needed)"
-    E_A, E_B = wide.read_rows("embed", ia), narrow.read_rows("embed", ib)
+    with wide.handle.counting("alignment"), narrow.handle.counting("alignment"):
+        E_A, E_B = wide.read_rows("embed", ia, np.float32), narrow.read_rows("embed", ib, np.float32)
     for lay, E in ((wide, E_A), (narrow, E_B)):
         why = problem(E)
         if why:
@@ -51,12 +59,15 @@ def alignment(wide, narrow, seed: int = 0, method: str = "permutation") -> tuple
 
 
 def weight_tests(
-    la, lb, tests: tuple[str, ...], seed: int = 0, align: str = "permutation"
+    la, lb, tests: tuple[str, ...], seed: int = 0, align: str = "permutation", budget: LineageConfig | None = None
 ) -> tuple[list[TestResult], AlignmentFacts]:
-    """The requested weight tests (awm, phi_u) for A = ``la`` and B = ``lb``, and how the bases were aligned."""
+    """The requested weight tests (awm, phi_u) for A = ``la`` and B = ``lb``, and how the bases were aligned.
+
+    ``budget``: the run's config, whose budget fields bound what the tests read and compute (defaults if None)."""
+    budget = budget or LineageConfig()
     swapped = lb.hidden_size > la.hidden_size
     wide, narrow = (lb, la) if swapped else (la, lb)
-    al, why = alignment(wide, narrow, seed, align)
+    al, why = alignment(wide, narrow, seed, align, budget.max_tokens)
     facts = AlignmentFacts(
         align, swapped, None if al is None else al.n_tokens, None if al is None else al.mean_abs_corr
     )
@@ -64,7 +75,7 @@ def weight_tests(
     if "awm" in tests or "phi_u" in tests:
         missing = _roles_missing(wide, ("q", "k")) or _roles_missing(narrow, ("q", "k"))
         awm = (
-            awm_test(wide, narrow, al, seed=seed)
+            awm_test(wide, narrow, al, seed=seed, max_items=budget.max_items, permutations=budget.permutations)
             if al is not None and not missing
             else TestResult.not_applicable("awm", why or missing or "")
         )
@@ -78,7 +89,15 @@ def weight_tests(
             out.append(TestResult.not_applicable("phi_u", "no layer map (awm did not apply)"))
         else:
             out.append(
-                phi_u_test(wide, narrow, al, awm.layer_map, seed=seed)
+                phi_u_test(
+                    wide,
+                    narrow,
+                    al,
+                    awm.layer_map,
+                    seed=seed,
+                    max_units=budget.max_units,
+                    best_experts=budget.best_experts,
+                )
                 or TestResult.not_applicable(
                     "phi_u", "no matched layer pair has the same MLP kind (dense or experts) on both"
                 )
