@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from lmsurgeon.errors import LmsurgeonError
 
-ALL_TESTS = ("awm", "phi_u", "phi_match", "act_cka")
+ALL_TESTS = ("awm", "phi_u", "circuits", "phi_match", "act_cka")
 ALIGN_METHODS = ("permutation", "procrustes")  # residual alignments: sound.ALIGNMENT_FITS implements each
 DEPTHS = ("relative", "monotone")
 
@@ -33,8 +33,13 @@ class LineageConfig:
     tests: tuple[str, ...] = field(
         default=ALL_TESTS,
         metadata=_cli(
-            "Comma-separated sound tests: awm, phi_u, phi_match (activations), act_cka (activations).", kind="list"
+            "Comma-separated sound tests: awm, phi_u, circuits, phi_match (activations), act_cka (activations).",
+            kind="list",
         ),
+    )
+    circuit_layers: int = field(
+        default=8,
+        metadata=_cli("Layers of the wider model whose attention circuits the circuits test compares (evenly spread)."),
     )
     null: tuple[str, ...] = field(
         default=(), metadata=_cli("A known independent model for the null (repeatable).", kind="multiple")
@@ -74,6 +79,8 @@ class LineageConfig:
             raise LmsurgeonError(f"unknown tests {sorted(unknown)} (known: {', '.join(ALL_TESTS)})", "--tests")
         if self.align not in ALIGN_METHODS:
             raise LmsurgeonError(f"unknown alignment {self.align!r} (known: {', '.join(ALIGN_METHODS)})", "--align")
+        if self.circuit_layers < 3:
+            raise LmsurgeonError(f"needs at least 3 layers, got {self.circuit_layers}", "--circuit-layers")
         if self.depth not in DEPTHS:
             raise LmsurgeonError(f"unknown depth pairing {self.depth!r} (known: {', '.join(DEPTHS)})", "--depth")
 

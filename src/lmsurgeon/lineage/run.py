@@ -179,11 +179,11 @@ def compare_pair(ma: Model, mb: Model, config: LineageConfig, texts, null_layout
 def sound_tests(la, lb, config: LineageConfig, texts, null_layouts) -> tuple[list[TestResult], AlignmentFacts]:
     """Weight tests (measured against the ``--null`` models when given), then activation tests."""
     weight = tuple(t for t in config.tests if t in WEIGHT_TESTS)
-    seed, align = config.seed, config.align
-    out, facts = weight_tests(la, lb, weight, seed, align)
+    seed, align, k = config.seed, config.align, config.circuit_layers
+    out, facts = weight_tests(la, lb, weight, seed, align, k)
     if null_layouts and out:
         measure_against_null_models(
-            out, la, lb, null_layouts, lambda x, nl: weight_tests(x, nl, weight, seed, align)[0]
+            out, la, lb, null_layouts, lambda x, nl: weight_tests(x, nl, weight, seed, align, k)[0]
         )
     wanted = [t for t in ACTIVATION_TESTS if t in config.tests]
     if wanted:

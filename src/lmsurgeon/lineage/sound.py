@@ -9,10 +9,11 @@ from __future__ import annotations
 from lmsurgeon.lineage.align import MIN_SHARED, Alignment, align_residual, align_rotation, shared_tokens
 from lmsurgeon.lineage.awm import awm_test
 from lmsurgeon.lineage.checks import problem
+from lmsurgeon.lineage.circuits import circuits_test, permutation_map
 from lmsurgeon.lineage.phi_u import mlp_kind, phi_u_test
 from lmsurgeon.lineage.results import AlignmentFacts, TestResult
 
-WEIGHT_TESTS = ("awm", "phi_u")
+WEIGHT_TESTS = ("awm", "phi_u", "circuits")
 ALIGNMENT_FITS = {"permutation": align_residual, "procrustes": align_rotation}  # LineageConfig.align → fit
 
 
@@ -50,10 +51,16 @@ def alignment(wide, narrow, seed: int = 0, method: str = "permutation") -> tuple
     return ALIGNMENT_FITS[method](E_A, E_B), ""
 
 
+def residual_map(al: Alignment, d_wide: int):
+    """The alignment as a matrix R [d_wide, d_narrow], x_narrow = x_wide R (what the circuits test applies)."""
+    return permutation_map(al.perm, al.sign, d_wide) if al.rotation is None else al.rotation
+
+
 def weight_tests(
-    la, lb, tests: tuple[str, ...], seed: int = 0, align: str = "permutation"
+    la, lb, tests: tuple[str, ...], seed: int = 0, align: str = "permutation", circuit_layers: int = 8
 ) -> tuple[list[TestResult], AlignmentFacts]:
-    """The requested weight tests (awm, phi_u) for A = ``la`` and B = ``lb``, and how the bases were aligned."""
+    """The requested weight tests (awm, phi_u, circuits) for A = ``la`` and B = ``lb``, and how the bases were
+    aligned."""
     swapped = lb.hidden_size > la.hidden_size
     wide, narrow = (lb, la) if swapped else (la, lb)
     al, why = alignment(wide, narrow, seed, align)
@@ -83,4 +90,10 @@ def weight_tests(
                     "phi_u", "no matched layer pair has the same MLP kind (dense or experts) on both"
                 )
             )
+    if "circuits" in tests:
+        missing = _roles_missing(wide, ("q", "k", "v", "o")) or _roles_missing(narrow, ("q", "k", "v", "o"))
+        if al is None or missing:
+            out.append(TestResult.not_applicable("circuits", why or missing or ""))
+        else:
+            out.append(circuits_test(wide, narrow, residual_map(al, wide.hidden_size), circuit_layers))
     return [t.turned() if swapped and t.applies else t for t in out], facts

@@ -12,7 +12,7 @@ from lmsurgeon.lineage.results import TestResult, Verdict
 
 T_HI = 5.0
 T_LO = 3.0
-DECISIVE = ("awm", "phi_u", "phi_match")
+DECISIVE = ("awm", "phi_u", "circuits", "phi_match")
 
 
 def verdict(tests: list[TestResult]) -> Verdict:
