@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from lmsurgeon.errors import LmsurgeonError
 
 ALL_TESTS = ("awm", "phi_u", "circuits", "phi_match", "act_cka")
-ALIGN_METHODS = ("permutation", "procrustes")  # residual alignments: sound.ALIGNMENT_FITS implements each
+ALIGN_METHODS = ("auto", "permutation", "procrustes")  # sound.ALIGNMENT_FITS implements the last two
 DEPTHS = ("relative", "monotone")
 
 
@@ -56,9 +56,10 @@ class LineageConfig:
         ),
     )
     align: str = field(
-        default="permutation",
+        default="auto",
         metadata=_cli(
-            "Residual alignment for the weight tests; procrustes undoes rotations (folded gains).",
+            "Residual alignment for the weight tests: auto (the orthogonal map only when held-out shared tokens "
+            "support it decisively over the signed permutation), permutation, or procrustes (undoes rotations).",
             choices=ALIGN_METHODS,
         ),
     )

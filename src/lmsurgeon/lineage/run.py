@@ -168,7 +168,7 @@ def compare_pair(ma: Model, mb: Model, config: LineageConfig, texts, null_layout
     before = [la.handle.bytes_read, lb.handle.bytes_read]
     pair.tests, pair.alignment = sound_tests(la, lb, config, texts, null_layouts)
     invalidate_tests(pair.tests, [la, lb])
-    pair.verdict = verdict(pair.tests)
+    pair.verdict = verdict(pair.tests, pair.alignment)
     mapped = [t for name in ("awm", "act_cka") if (t := pair.test(name)) is not None and t.applies]
     pair.layer_map = mapped[0].layer_map if mapped else None
     pair.seconds = time.time() - t_pair
