@@ -276,14 +276,18 @@ class NaiveSummary:
     mean_pearson: float
     mean_spearman: float
     mean_shuffled: float
+    weight_std: dict | None = None  # the second dispute's weight-σ fingerprint (methods.md §L2.1); None: not read
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "mean_raw_cosine": self.mean_raw_cosine,
             "mean_pearson": self.mean_pearson,
             "mean_spearman": self.mean_spearman,
             "mean_shuffled": self.mean_shuffled,
         }
+        if self.weight_std is not None:
+            out["weight_std"] = self.weight_std
+        return out
 
 
 @dataclass
