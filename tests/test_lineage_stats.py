@@ -261,3 +261,35 @@ def test_phi_u_layer_rho_recovers_a_planted_unit_permutation_of_the_mlp_weights(
     assert n == m
     rho_ind, n_ind = layer_rho(up, down, g.standard_normal((m, d)), g.standard_normal((d, m)), identity, None)
     assert abs(stats.spearman_z(rho_ind, n_ind)) < 4
+
+
+def test_one_evaded_test_cannot_turn_a_strongly_derived_pair_independent():
+    """Per-head maps defeat awm at no cost: the others still decide, and the verdict says what was evaded."""
+    tests = [_applies("awm", 0.4), _applies("phi_u", 20.0), _applies("circuits", 30.0), _applies("phi_match", 25.0)]
+    v = verdict(tests)
+    assert v.label == "derived"
+    assert v.evaded == ["awm"]
+    assert (v.decisive_test, v.decisive_z) == ("phi_match", 25.0)
+    assert (v.strongest_test, v.strongest_z) == ("circuits", 30.0)
+    assert any(s.startswith("per-head maps") for s in v.suggested)
+
+
+def test_one_positive_test_alone_never_decides():
+    """A single high z with no second test at T_lo: inconclusive, never derived; below T_hi: independent."""
+    lone = verdict([_applies("awm", 8.3), _applies("phi_u", -0.1), _applies("circuits", 0.5)])
+    assert lone.label == "inconclusive"
+    assert (lone.decisive_test, lone.decisive_z) == ("circuits", 0.5)
+    weak = verdict([_applies("awm", 4.0), _applies("phi_u", -0.1), _applies("circuits", 0.5)])
+    assert weak.label == "independent"
+    assert verdict([_applies("circuits", 6.0)]).label == "derived"  # the only applicable test decides alone
+
+
+def test_rotation_is_suggested_from_the_automatic_alignment_evidence():
+    from lmsurgeon.lineage.results import AlignmentFacts
+
+    facts = AlignmentFacts("procrustes", False, 4000, 0.99, "auto", {"chosen": "procrustes", "margin_z": 40.0})
+    v = verdict([_applies("awm", 30.0), _applies("circuits", 30.0)], facts)
+    assert v.label == "derived"
+    assert v.suggested[0].startswith("rotation") and "40.0" in v.suggested[0]
+    unrotated = AlignmentFacts("permutation", False, 4000, 0.99, "auto", {"chosen": "permutation", "margin_z": -9})
+    assert verdict([_applies("awm", 30.0), _applies("circuits", 30.0)], unrotated).suggested == []

@@ -67,7 +67,8 @@ def test_phi_match_separates_descendants_from_independents_on_the_zoo(test_zoo):
 
 def test_rotated_copy_defeats_weight_alignment_but_not_phi_match(test_zoo, tmp_path):
     """Gains folded, then the residual stream rotated by a random orthogonal matrix: same function, a basis no
-    permutation explains. awm cannot see it, phi_match still does, so the verdict is not `independent`."""
+    permutation explains. With --align permutation awm cannot see it, phi_match still does, so the verdict is not
+    `independent`; the default --align auto chooses the orthogonal map on held-out tokens and calls it derived."""
     import shutil
 
     import torch
@@ -83,24 +84,31 @@ def test_rotated_copy_defeats_weight_alignment_but_not_phi_match(test_zoo, tmp_p
     out = tmp_path / "lin-rotated"
     rotated.save_pretrained(out)
     shutil.copy(base_dir / "tokenizer.json", out / "tokenizer.json")
-    p = compare([str(base_dir), str(out)], write=False, tests=("awm", "phi_match"))["pairs"][0]
+    p = compare([str(base_dir), str(out)], write=False, tests=("awm", "phi_match"), align="permutation")["pairs"][0]
     z = {t["name"]: t["z"] for t in p["tests"]}
     assert z["awm"] < 3, z
     assert z["phi_match"] >= 12, z
     assert p["verdict"] == "inconclusive"
     assert "disagree" in p["reasons"][0]
-    assert "procrustes" in p["reasons"][1]
+    assert any("--align procrustes" in s for s in p["suggested"]), p["suggested"]
 
-    # --align procrustes undoes the rotation for the weight tests, and still calls the independents independent
+    # --align auto (the default) and --align procrustes undo the rotation for the weight tests, and still call
+    # the independents independent
     others = _zoo_paths(test_zoo, ["lin-indep-1", "lin-indep-2", "lin-indep-3"])
-    r = compare([str(base_dir), str(out), *others], write=False, tests=("awm", "phi_u"), align="procrustes")
-    rot, *indeps = r["pairs"]
-    assert rot["verdict"] == "derived"
-    assert min(t["z"] for t in rot["tests"]) >= 12, rot["tests"]
-    assert rot["alignment"]["method"] == "procrustes"
-    assert rot["alignment"]["embedding_mean_abs_corr"] > 0.99
-    for p in indeps:
-        assert p["verdict"] == "independent", [(t["name"], t["z"]) for t in p["tests"]]
+    for align in ("auto", "procrustes"):
+        r = compare([str(base_dir), str(out), *others], write=False, tests=("awm", "phi_u", "circuits"), align=align)
+        rot, *indeps = r["pairs"]
+        assert rot["verdict"] == "derived"
+        assert min(t["z"] for t in rot["tests"]) >= 12, rot["tests"]
+        assert rot["alignment"]["method"] == "procrustes"
+        assert rot["alignment"]["embedding_mean_abs_corr"] > 0.99
+        if align == "auto":
+            assert rot["alignment"]["evidence"]["margin_z"] >= 3
+            assert any(s.startswith("rotation") for s in rot["suggested"])
+        for p in indeps:
+            assert p["verdict"] == "independent", [(t["name"], t["z"]) for t in p["tests"]]
+            if align == "auto":  # held-out tokens give the orthogonal map's extra freedom no decisive margin
+                assert p["alignment"]["method"] == "permutation", p["alignment"]
 
 
 def test_null_models_replace_each_decisive_tests_null(test_zoo):

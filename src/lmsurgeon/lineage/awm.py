@@ -21,7 +21,6 @@ from lmsurgeon.lineage.verdict import T_LO
 
 N_PERMUTATIONS = 20
 MAX_ITEMS = 1024
-N_WRONG_MAPS = 200
 ROLES = ("q", "k")
 
 
@@ -62,26 +61,23 @@ def layer_grams(layout, al: Alignment, side: str, items: np.ndarray | None = Non
     return out
 
 
-def unmatched_null(M: np.ndarray, pairs: LayerMap, seed: int = 0, n: int = N_WRONG_MAPS) -> Null:
-    """The statistic under wrong layer maps: each matched A layer paired with a random other B layer.
+def unmatched_null(M: np.ndarray, pairs: LayerMap) -> Null:
+    """The statistic under wrong layer maps: each matched A layer paired with another B layer.
 
     Within one model, layers i ≠ j start from independent random weights yet live in the same residual basis,
     see the same tokens and the same training, so their CKA measures exactly what two same-data independents
-    share. The null is the mean over L′ such unmatched entries, like the statistic. Its std is nan (no null)
-    when B has a single layer.
+    share. The wrong entries are every M[i, j′] with (i, j) matched and j′ ≠ j; the statistic, a mean over the
+    L′ matched pairs, has under this null their mean and standard deviation σ·√(1/L′ + 1/n_wrong) (σ of the
+    entries: with a two-layer B, a random wrong map has no spread of its own, yet its entries do). The std is nan
+    (no null) when fewer than two wrong entries exist.
     """
-    LB = M.shape[1]
-    if LB < 2 or not pairs:
-        return Null("wrong layer maps", float("nan"), float("nan"), 0)
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n):
-        picks = []
-        for i, j in pairs:
-            jj = int(rng.integers(LB - 1))
-            picks.append(M[i, jj if jj < j else jj + 1])
-        vals.append(np.nanmean(picks))
-    return Null.of(vals, f"{n} wrong layer maps (same pair, unmatched layers)")
+    wrong = [float(M[i, jj]) for i, j in pairs for jj in range(M.shape[1]) if jj != j]
+    wrong = [w for w in wrong if np.isfinite(w)]
+    if len(wrong) < 2:
+        return Null("wrong layer maps", float("nan"), float("nan"), len(wrong))
+    w = np.asarray(wrong)
+    spread = float(w.std(ddof=1) * np.sqrt(1.0 / len(pairs) + 1.0 / w.size))
+    return Null(f"{w.size} wrong layer pairs (same pair, unmatched layers)", float(w.mean()), spread, int(w.size))
 
 
 CALIBRATION_FILE = Path(__file__).parent / "calibration.json"
@@ -133,7 +129,7 @@ def awm_test(
     pairs = layer_map(M)
     s = matched_mean(M, pairs)
     perm = item_permutation_null(GA, GB, pairs, seed, permutations, "residual")
-    inner = unmatched_null(M, pairs, seed)
+    inner = unmatched_null(M, pairs)
     independents = shipped_null(al.method)  # a fitted rotation has more freedom: its own calibration
     t = TestResult(
         "awm",

@@ -184,3 +184,107 @@ def compare_circuits(
     qk_pairs = np.array([qk[i, j] for i, j in pairs])
     ov_pairs = np.array([ov[i, j] for i, j in pairs])
     return CircuitComparison(qk, ov, pairs, qk_pairs, ov_pairs)
+
+
+# -- the lineage test (methods.md §L7.8) ----------------------------------------------------------------------
+MIN_CIRCUIT_LAYERS = 3
+
+
+def sampled_layers(layers: Sequence[int], k: int) -> list[int]:
+    """``k`` layers spread evenly over ``layers`` (all of them when there are no more than ``k``)."""
+    layers = list(layers)
+    if k <= 0 or len(layers) <= k:
+        return layers
+    return sorted({layers[int(round(x))] for x in np.linspace(0, len(layers) - 1, k)})
+
+
+def layout_circuits(layout, layers: Sequence[int]) -> list[Circuits]:
+    """Circuits of the given layers of a model read through its layout: the circuits of the normalised stream
+    (pre-norm gain applied, so folding it changes nothing), centred when the norm is a LayerNorm."""
+    dims = layout.dims
+    out = []
+    for i in layers:
+        gain, centred = None, False
+        if layout.has("attn_norm", i):
+            norm = layout.norm("attn_norm", i)
+            centred = norm.kind == "layer"
+            gain = norm.gain if norm.placement == "pre" else None
+        out.append(
+            attention_circuits(
+                layout.read("q", i),
+                layout.read("k", i),
+                layout.read("v", i),
+                layout.read("o", i),
+                dims["n_heads"],
+                dims["n_kv_heads"],
+                gain=gain,
+                centred=centred,
+            )
+        )
+    return out
+
+
+def _double_centred(M: np.ndarray) -> np.ndarray:
+    """M with its row and column means removed: what is left is what a particular layer pair shares beyond what
+    each layer shares with every layer of the other model (a strong diagonal, a common scale)."""
+    M = np.nan_to_num(M, nan=0.0)
+    return M - M.mean(axis=1, keepdims=True) - M.mean(axis=0, keepdims=True) + M.mean()
+
+
+def cross_fitted_scores(qk: np.ndarray, ov: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Matched and wrong-layer values of the double-centred cosine matrices, the layer map chosen on one circuit
+    and scored on the other.
+
+    Row i (a sampled layer of A) is matched with the B layer where the QK cosine is largest, and that pair's OV
+    cosine is the matched value; likewise with the roles exchanged. Choosing on one circuit and scoring on the
+    other keeps the maximum over B's layers from biasing the matched values upwards when nothing matches: under
+    the null the choice is unrelated to the value scored. Every other entry of the row is a wrong-layer value.
+    Returns (matched, wrong, layer map by QK).
+    """
+    QK, OV = _double_centred(qk), _double_centred(ov)
+    matched, wrong, pairs = [], [], []
+    for i in range(QK.shape[0]):
+        for choose, score in ((QK, OV), (OV, QK)):
+            j = int(np.argmax(choose[i]))
+            matched.append(score[i, j])
+            wrong.extend(np.delete(score[i], j).tolist())
+        pairs.append((i, int(np.argmax(QK[i]))))
+    return np.array(matched), np.array(wrong), pairs
+
+
+def circuits_test(wide, narrow, R, n_layers: int = 8):
+    """The circuits test of one pair (``wide`` first, R [d_wide, d_narrow] the residual map x_narrow = x_wide R).
+
+    ``n_layers`` layers of the wide model, spread evenly, are compared with every layer of the narrow one. The
+    statistic is the mean matched cosine (:func:`cross_fitted_scores`); its null is the pair's own wrong-layer
+    values: under independence a matched value is one more draw of them, so the statistic's null mean is theirs
+    and its standard deviation σ_wrong·√(1/n_matched + 1/n_wrong). Needs at least three layers on each side.
+    """
+    from lmsurgeon.lineage.results import Null, TestResult
+
+    layers_a = sampled_layers(wide.layers, n_layers)
+    layers_b = list(narrow.layers)
+    if min(len(layers_a), len(layers_b)) < MIN_CIRCUIT_LAYERS:
+        return TestResult.not_applicable(
+            "circuits",
+            f"needs ≥ {MIN_CIRCUIT_LAYERS} layers in both models for a wrong-layer null "
+            f"(got {len(wide.layers)} and {len(layers_b)})",
+        )
+    comparison = compare_circuits(layout_circuits(wide, layers_a), layout_circuits(narrow, layers_b), R, pairs=[(0, 0)])
+    matched, wrong, pairs = cross_fitted_scores(comparison.qk, comparison.ov)
+    s, mu, sd = float(matched.mean()), float(wrong.mean()), float(wrong.std(ddof=1))
+    null = Null(
+        f"{wrong.size} wrong-layer circuit pairs of the same models",
+        mu,
+        sd * float(np.sqrt(1.0 / matched.size + 1.0 / wrong.size)),
+        int(wrong.size),
+    )
+    t = TestResult(
+        "circuits",
+        applies=True,
+        statistic=s,
+        layer_map=[(layers_a[i], layers_b[j]) for i, j in pairs],
+        matrix=(comparison.qk + comparison.ov) / 2,
+    )
+    t.measure(s, null)
+    return t

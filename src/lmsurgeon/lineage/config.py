@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from lmsurgeon.errors import LmsurgeonError
 
-ALL_TESTS = ("awm", "phi_u", "phi_match", "act_cka")
-ALIGN_METHODS = ("permutation", "procrustes")  # residual alignments: sound.ALIGNMENT_FITS implements each
+ALL_TESTS = ("awm", "phi_u", "circuits", "phi_match", "act_cka")
+ALIGN_METHODS = ("auto", "permutation", "procrustes")  # sound.ALIGNMENT_FITS implements the last two
 DEPTHS = ("relative", "monotone")
 #: the smallest value each budget accepts (unbiased CKA needs 4 items; a null needs 2 draws)
 BUDGET_MINIMA = {"max_tokens": 2, "max_items": 4, "permutations": 2, "max_units": 2, "best_experts": 1}
@@ -35,8 +35,13 @@ class LineageConfig:
     tests: tuple[str, ...] = field(
         default=ALL_TESTS,
         metadata=_cli(
-            "Comma-separated sound tests: awm, phi_u, phi_match (activations), act_cka (activations).", kind="list"
+            "Comma-separated sound tests: awm, phi_u, circuits, phi_match (activations), act_cka (activations).",
+            kind="list",
         ),
+    )
+    circuit_layers: int = field(
+        default=8,
+        metadata=_cli("Layers of the wider model whose attention circuits the circuits test compares (evenly spread)."),
     )
     null: tuple[str, ...] = field(
         default=(), metadata=_cli("A known independent model for the null (repeatable).", kind="multiple")
@@ -53,9 +58,10 @@ class LineageConfig:
         ),
     )
     align: str = field(
-        default="permutation",
+        default="auto",
         metadata=_cli(
-            "Residual alignment for the weight tests; procrustes undoes rotations (folded gains).",
+            "Residual alignment for the weight tests: auto (the orthogonal map only when held-out shared tokens "
+            "support it decisively over the signed permutation), permutation, or procrustes (undoes rotations).",
             choices=ALIGN_METHODS,
         ),
     )
@@ -88,6 +94,8 @@ class LineageConfig:
             raise LmsurgeonError(f"unknown tests {sorted(unknown)} (known: {', '.join(ALL_TESTS)})", "--tests")
         if self.align not in ALIGN_METHODS:
             raise LmsurgeonError(f"unknown alignment {self.align!r} (known: {', '.join(ALIGN_METHODS)})", "--align")
+        if self.circuit_layers < 3:
+            raise LmsurgeonError(f"needs at least 3 layers, got {self.circuit_layers}", "--circuit-layers")
         if self.depth not in DEPTHS:
             raise LmsurgeonError(f"unknown depth pairing {self.depth!r} (known: {', '.join(DEPTHS)})", "--depth")
         for name, least in BUDGET_MINIMA.items():

@@ -9,16 +9,32 @@ from lmsurgeon.report import Report, RunFolder, Section
 from lmsurgeon.report.figures import new_figure
 
 HOW_TO_READ = """The verdict comes only from the sound tests (awm: CKA of aligned q/k weights; phi_u: do up-rows and \
-down-columns pick the same MLP units; phi_match: do gate outputs and up outputs on the same words pick the same \
-MLP units, which survives rotations of the residual stream). Each z is measured against a stated null: awm \
-against independently trained models (the shipped calibration, or --null models), unless the pair does not clear \
-its own wrong layer maps (same basis, separately initialised weights) by 3 standard deviations, in which case \
-that lower z is shown; phi_u and phi_match analytically. derived needs max z ≥ 5 and min z ≥ 3; independent \
-needs every z < 3. act_cka (hidden-state CKA) is shown for its layer map and never decides.
+down-columns pick the same MLP units; circuits: per-layer attention circuits Σ_h W_Q W_Kᵀ and Σ_h W_V W_O after \
+residual alignment; phi_match: do the MLP units' outputs on the same words pick the same units). Each z is \
+measured against a stated null: awm against independently trained models (the shipped calibration, or --null \
+models), unless the pair does not clear its own wrong layer pairs by 3 standard deviations, in which case that \
+lower z is shown; circuits against the pair's own wrong-layer circuit pairs; phi_u and phi_match analytically. \
+The decisive z is the second largest (two tests must agree): derived needs it ≥ 5; independent needs it < 3 and \
+no test ≥ 5; anything else is inconclusive. A derived pair lists the tests it evaded and what the data suggests \
+(rotation, per-head maps, vocabulary permutation). act_cka (hidden-state CKA) is shown for its layer map and \
+never decides. The residual alignment (--align auto) is a signed permutation unless an orthogonal map fits \
+held-out shared tokens decisively better; the line under each pair gives the evidence.
 
-The naive columns reproduce the original claim: raw cosine of norm gains. Compare it with the shuffled control \
-(the cosine expected from the value distribution alone): when they agree, the cosine carried no evidence. \
-Pearson (centered cosine) near 0 means no shared pattern; gains can also be folded away entirely (γ-fold table)."""
+What each test is invariant to (a function-preserving rewrite it cannot be fooled by; methods.md §L7.7.1): \
+awm: residual permutation and sign flips, folded gains, head order and orthogonal per-head maps, vocabulary \
+permutation (tokens matched by string), a rotation when the orthogonal alignment is used; not general per-head \
+maps. phi_u: residual permutation, sign flips and (aligned) rotation, folded gains, MLP unit permutation and \
+scaling, vocabulary permutation. circuits: residual permutation, sign flips and (aligned) rotation, folded \
+gains, head order and any invertible per-head map on q/k and v/o, vocabulary permutation. phi_match: all of \
+these, being computed from activations on the same words. Naive numbers are invariant to none of the \
+re-parameterisations that matter.
+
+The naive columns reproduce the original claims: raw cosine of norm gains, and the weight-σ fingerprint \
+(Pearson across layers of the per-layer standard deviations of Q/K/V/O). Compare the cosine with the shuffled \
+control (the cosine expected from the value distribution alone): when they agree, the cosine carried no \
+evidence. Pearson (centered cosine) near 0 means no shared pattern; gains can also be folded away entirely \
+(γ-fold table). Independent models of one recipe score high on the weight-σ fingerprint too, and a per-head \
+rescaling sets it at will."""
 
 
 def _num(x) -> str:
@@ -84,6 +100,44 @@ def _tests_table(p: PairResult) -> list[dict]:
         }
         for t in p.tests
     ]
+
+
+def _weight_std_note(p: PairResult) -> str:
+    """The second dispute's weight-σ fingerprint beside the norm cosine (never evidence, methods.md §L2.1)."""
+    w = p.naive.weight_std
+    if w is None:
+        return "weight-σ fingerprint not read"
+    if not w.get("applies"):
+        return f"weight-σ fingerprint: {w.get('reason')}"
+    roles = ", ".join(f"{r} {_num(v)}" for r, v in w["per_role"].items())
+    return f"weight-σ fingerprint (Pearson across layers) {_num(w['fingerprint'])} ({roles})"
+
+
+def _alignment_note(p: PairResult) -> str:
+    """Which residual map the weight tests used and, for --align auto, the held-out evidence for it."""
+    a = p.alignment
+    if a is None:
+        return "no residual alignment"
+    ev = a.evidence or {}
+    if "margin_z" in ev:
+        return (
+            f"alignment {a.method} (auto: held-out |corr| permutation {_num(ev['held_out_corr_permutation'])}, "
+            f"orthogonal {_num(ev['held_out_corr_procrustes'])}, margin z {ev['margin_z']:.1f}, "
+            f"orthogonal needs ≥ {ev['threshold_z']:g})"
+        )
+    return f"alignment {a.method}" + (f" ({ev['reason']})" if "reason" in ev else "")
+
+
+def _verdict_note(p: PairResult) -> str:
+    v = p.verdict
+    if v.decisive_test is None:
+        return "no decisive z"
+    out = f"decisive z {v.decisive_z:.1f} ({v.decisive_test}), strongest {v.strongest_z:.1f} ({v.strongest_test})"
+    if v.evaded:
+        out += f"; evaded: {', '.join(v.evaded)}"
+    if v.suggested:
+        out += f"; suggested: {' | '.join(v.suggested)}"
+    return out
 
 
 def _phi_figure(run, t: TestResult, name) -> str:
@@ -191,7 +245,8 @@ def write_run(out, body: dict, models, pairs: list[PairResult], *, seed, timings
                     figures=figs,
                     note=f"naive: mean raw cosine {_num(p.naive.mean_raw_cosine)}, mean "
                     f"Pearson {_num(p.naive.mean_pearson)}, shuffled control "
-                    f"{_num(p.naive.mean_shuffled)}; layer map "
+                    f"{_num(p.naive.mean_shuffled)}; {_weight_std_note(p)}; {_alignment_note(p)}; "
+                    f"{_verdict_note(p)}; layer map "
                     f"{None if p.layer_map is None else [list(m) for m in p.layer_map]}",
                 )
             )

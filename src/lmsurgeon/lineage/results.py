@@ -227,6 +227,20 @@ class Verdict:
 
     label: VerdictLabel
     reasons: list[str]
+    decisive_test: str | None = None  # the test whose z the verdict rests on (the second strongest, §L7.7)
+    decisive_z: float | None = None
+    strongest_test: str | None = None
+    strongest_z: float | None = None
+    evaded: list[str] = field(default_factory=list)  # decisive tests below T_lo in a derived pair
+    suggested: list[str] = field(default_factory=list)  # what the evidence suggests was done to the model
+
+    def to_json(self) -> dict:
+        return {
+            "decisive": {"test": self.decisive_test, "z": self.decisive_z},
+            "strongest": {"test": self.strongest_test, "z": self.strongest_z},
+            "evaded": self.evaded,
+            "suggested": self.suggested,
+        }
 
 
 @dataclass(frozen=True)
@@ -237,14 +251,21 @@ class AlignmentFacts:
     swapped: bool  # the weight tests ran with B first (B is the wider model)
     shared_tokens: int | None
     embedding_mean_abs_corr: float | None
+    requested: str | None = None  # --align as given (auto, permutation, procrustes); method is what was used
+    evidence: dict | None = None  # --align auto: held-out fit of both maps and the margin z that chose
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "method": self.method,
             "swapped": self.swapped,
             "shared_tokens": self.shared_tokens,
             "embedding_mean_abs_corr": self.embedding_mean_abs_corr,
         }
+        if self.requested is not None:
+            out["requested"] = self.requested
+        if self.evidence is not None:
+            out["evidence"] = self.evidence
+        return out
 
 
 @dataclass(frozen=True)
@@ -255,14 +276,18 @@ class NaiveSummary:
     mean_pearson: float
     mean_spearman: float
     mean_shuffled: float
+    weight_std: dict | None = None  # the second dispute's weight-σ fingerprint (methods.md §L2.1); None: not read
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "mean_raw_cosine": self.mean_raw_cosine,
             "mean_pearson": self.mean_pearson,
             "mean_spearman": self.mean_spearman,
             "mean_shuffled": self.mean_shuffled,
         }
+        if self.weight_std is not None:
+            out["weight_std"] = self.weight_std
+        return out
 
 
 @dataclass
@@ -297,6 +322,7 @@ class PairResult:
             "naive": self.naive.to_json(),
             "verdict": self.verdict.label,
             "reasons": self.verdict.reasons,
+            **self.verdict.to_json(),
             "tests": [t.to_json() for t in self.tests],
         }
         if self.alignment is not None:

@@ -168,14 +168,29 @@ def compare_pair(ma: Model, mb: Model, config: LineageConfig, texts, null_layout
         return pair
     t_pair = time.time()
     before = [la.handle.bytes_read, lb.handle.bytes_read]
+    pair.naive = replace(pair.naive, weight_std=weight_std_naive(la, lb))
     pair.tests, pair.alignment = sound_tests(la, lb, config, texts, null_layouts)
     invalidate_tests(pair.tests, [la, lb])
-    pair.verdict = verdict(pair.tests)
+    pair.verdict = verdict(pair.tests, pair.alignment)
     mapped = [t for name in ("awm", "act_cka") if (t := pair.test(name)) is not None and t.applies]
     pair.layer_map = mapped[0].layer_map if mapped else None
     pair.seconds = time.time() - t_pair
     pair.bytes_read = {"a": la.handle.bytes_read - before[0], "b": lb.handle.bytes_read - before[1]}
     return pair
+
+
+def weight_std_naive(la, lb) -> dict:
+    """The per-layer weight-σ fingerprint of the second dispute (methods.md §L2.1), layers paired by relative
+    depth, or why it does not apply. Reported beside the norm cosine; like it, it never decides."""
+    from lmsurgeon.lineage.weight_std import ROLES, compare_weight_std
+
+    pairs = naive.depth_map(la.n_layers, lb.n_layers)
+    try:
+        weights = [{r: [lay.read(r, i) for i in lay.layers] for r in ROLES} for lay in (la, lb)]
+        c = compare_weight_std(*weights, pairs=pairs)
+    except (LmsurgeonError, KeyError) as e:
+        return {"applies": False, "reason": str(e)}
+    return {"applies": True, "fingerprint": c.fingerprint, "per_role": c.per_role, "n_layer_pairs": len(c.pairs)}
 
 
 def sound_tests(la, lb, config: LineageConfig, texts, null_layouts) -> tuple[list[TestResult], AlignmentFacts]:

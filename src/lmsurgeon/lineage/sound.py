@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmsurgeon.lineage.align import MAX_SHARED, MIN_SHARED, Alignment, align_residual, align_rotation, shared_tokens
+from lmsurgeon.lineage.align import (
+    MAX_SHARED,
+    MIN_SHARED,
+    Alignment,
+    align_residual,
+    align_rotation,
+    column_cosines,
+    shared_tokens,
+)
 from lmsurgeon.lineage.awm import awm_test
 from lmsurgeon.lineage.checks import problem
+from lmsurgeon.lineage.circuits import circuits_test, permutation_map
 from lmsurgeon.lineage.config import LineageConfig
 from lmsurgeon.lineage.phi_u import mlp_kind, phi_u_test
 from lmsurgeon.lineage.results import AlignmentFacts, TestResult
 
-WEIGHT_TESTS = ("awm", "phi_u")
+WEIGHT_TESTS = ("awm", "phi_u", "circuits")
 ALIGNMENT_FITS = {"permutation": align_residual, "procrustes": align_rotation}  # LineageConfig.align → fit
 
 
@@ -34,48 +43,106 @@ def _mlp_missing(layout) -> str | None:
     return f"{layout.handle.name} has no up/down or experts in layer {bad[0]}" if bad else None
 
 
-def alignment(
-    wide, narrow, seed: int = 0, method: str = "permutation", max_tokens: int = MAX_SHARED
-) -> tuple[Alignment | None, str]:
-    """(alignment of ``wide``'s residual basis onto ``narrow``'s, "") or (None, why it cannot be fitted).
+AUTO_MARGIN_Z = 3.0  # held-out evidence an orthogonal fit needs over the signed permutation (methods.md §L7.1.3)
 
-    ``method``: ``permutation`` (units and signs, methods.md §L7.1) or ``procrustes`` (any orthogonal map).
-    Reads only the embedding rows of at most ``max_tokens`` sampled shared tokens, as float32 (methods.md
-    §L7.2.3)."""
+
+def held_out_corr(al: Alignment, E_A: np.ndarray, E_B: np.ndarray) -> np.ndarray:
+    """Per B dimension, the correlation over held-out rows of A's mapped embedding column with B's (signs applied)."""
+    mapped = E_A @ al.rotation if al.rotation is not None else E_A[:, al.perm] * al.sign[None, :]
+    return np.diag(column_cosines(mapped, E_B)).copy()
+
+
+def choose_alignment(E_A: np.ndarray, E_B: np.ndarray, seed: int = 0) -> tuple[str, dict]:
+    """``permutation`` or ``procrustes`` for ``--align auto``, and the evidence (methods.md §L7.1.3).
+
+    Both are fitted on half the shared tokens and scored on the other half by the per-dimension correlation of
+    the mapped columns; the orthogonal map (d² free parameters against d) is chosen only when its held-out gain
+    over the signed permutation is decisive: the paired difference's mean at least AUTO_MARGIN_Z standard errors
+    above 0. A model whose basis is a permutation of the other's scores the same either way and keeps the
+    permutation; a rotated basis is fitted far better by the orthogonal map; independent models gain nothing
+    held-out from the extra freedom.
+    """
+    n, d_b = E_B.shape
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    fit, held = order[: n // 2], order[n // 2 :]
+    evidence: dict = {"n_fit": int(fit.size), "n_held_out": int(held.size), "threshold_z": AUTO_MARGIN_Z}
+    if fit.size < max(MIN_SHARED // 2, d_b):
+        evidence["reason"] = f"too few shared tokens to hold half out ({n} for width {d_b})"
+        return "permutation", evidence | {"chosen": "permutation"}
+    c_perm = np.abs(held_out_corr(align_residual(E_A[fit], E_B[fit]), E_A[held], E_B[held]))
+    c_rot = np.abs(held_out_corr(align_rotation(E_A[fit], E_B[fit]), E_A[held], E_B[held]))
+    diff = c_rot - c_perm
+    se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+    z = float(diff.mean() / max(se, 1e-12)) if np.isfinite(se) else float("nan")
+    chosen = "procrustes" if np.isfinite(z) and z >= AUTO_MARGIN_Z else "permutation"
+    evidence |= {
+        "held_out_corr_permutation": float(c_perm.mean()),
+        "held_out_corr_procrustes": float(c_rot.mean()),
+        "margin_z": z,
+        "chosen": chosen,
+    }
+    return chosen, evidence
+
+
+def alignment(
+    wide, narrow, seed: int = 0, method: str = "auto", max_tokens: int = MAX_SHARED
+) -> tuple[Alignment | None, str, dict | None]:
+    """(alignment of ``wide``'s residual basis onto ``narrow``'s, "", evidence) or (None, why it cannot be
+    fitted, None).
+
+    ``method``: ``permutation`` (units and signs, methods.md §L7.1), ``procrustes`` (any orthogonal map) or
+    ``auto`` (the one held-out shared tokens support, :func:`choose_alignment`; its evidence is returned). Reads
+    only the embedding rows of at most ``max_tokens`` sampled shared tokens, as float32 (methods.md §L7.2.3)."""
     ta, tb = wide.handle.tokenizer, narrow.handle.tokenizer
     if ta is None or tb is None:
-        return None, "a model has no tokenizer.json (shared tokens unknown)"
+        return None, "a model has no tokenizer.json (shared tokens unknown)", None
     ia, ib = shared_tokens(ta, tb, seed=seed, limit=max_tokens)
     need = max(MIN_SHARED, narrow.hidden_size)
     if ia.size < need:
-        return None, f"only {ia.size} shared tokens (< {need} needed)"
+        return None, f"only {ia.size} shared tokens (< {need} needed)", None
     with wide.handle.counting("alignment"), narrow.handle.counting("alignment"):
         E_A, E_B = wide.read_rows("embed", ia, np.float32), narrow.read_rows("embed", ib, np.float32)
     for lay, E in ((wide, E_A), (narrow, E_B)):
         why = problem(E)
         if why:
-            return None, f"bad numbers: {lay.handle.name} embedding rows have {why}"
-    return ALIGNMENT_FITS[method](E_A, E_B), ""
+            return None, f"bad numbers: {lay.handle.name} embedding rows have {why}", None
+    evidence = None
+    if method == "auto":
+        method, evidence = choose_alignment(E_A, E_B, seed)
+    return ALIGNMENT_FITS[method](E_A, E_B), "", evidence
+
+
+def residual_map(al: Alignment, d_wide: int):
+    """The alignment as a matrix R [d_wide, d_narrow], x_narrow = x_wide R (what the circuits test applies)."""
+    return permutation_map(al.perm, al.sign, d_wide) if al.rotation is None else al.rotation
 
 
 def weight_tests(
-    la, lb, tests: tuple[str, ...], seed: int = 0, align: str = "permutation", budget: LineageConfig | None = None
+    la, lb, tests: tuple[str, ...], seed: int = 0, align: str = "auto", config: LineageConfig | None = None
 ) -> tuple[list[TestResult], AlignmentFacts]:
-    """The requested weight tests (awm, phi_u) for A = ``la`` and B = ``lb``, and how the bases were aligned.
+    """The requested weight tests (awm, phi_u, circuits) for A = ``la`` and B = ``lb``, and how the bases were
+    aligned.
 
-    ``budget``: the run's config, whose budget fields bound what the tests read and compute (defaults if None)."""
-    budget = budget or LineageConfig()
+    ``config``: the run's config, whose ``circuit_layers`` and budget fields bound what the tests read and
+    compute (defaults if None)."""
+    config = config or LineageConfig()
     swapped = lb.hidden_size > la.hidden_size
     wide, narrow = (lb, la) if swapped else (la, lb)
-    al, why = alignment(wide, narrow, seed, align, budget.max_tokens)
+    al, why, evidence = alignment(wide, narrow, seed, align, config.max_tokens)
     facts = AlignmentFacts(
-        align, swapped, None if al is None else al.n_tokens, None if al is None else al.mean_abs_corr
+        align if al is None else al.method,
+        swapped,
+        None if al is None else al.n_tokens,
+        None if al is None else al.mean_abs_corr,
+        requested=align,
+        evidence=evidence,
     )
     out = []
     if "awm" in tests or "phi_u" in tests:
         missing = _roles_missing(wide, ("q", "k")) or _roles_missing(narrow, ("q", "k"))
         awm = (
-            awm_test(wide, narrow, al, seed=seed, max_items=budget.max_items, permutations=budget.permutations)
+            awm_test(wide, narrow, al, seed=seed, max_items=config.max_items, permutations=config.permutations)
             if al is not None and not missing
             else TestResult.not_applicable("awm", why or missing or "")
         )
@@ -95,11 +162,17 @@ def weight_tests(
                     al,
                     awm.layer_map,
                     seed=seed,
-                    max_units=budget.max_units,
-                    best_experts=budget.best_experts,
+                    max_units=config.max_units,
+                    best_experts=config.best_experts,
                 )
                 or TestResult.not_applicable(
                     "phi_u", "no matched layer pair has the same MLP kind (dense or experts) on both"
                 )
             )
+    if "circuits" in tests:
+        missing = _roles_missing(wide, ("q", "k", "v", "o")) or _roles_missing(narrow, ("q", "k", "v", "o"))
+        if al is None or missing:
+            out.append(TestResult.not_applicable("circuits", why or missing or ""))
+        else:
+            out.append(circuits_test(wide, narrow, residual_map(al, wide.hidden_size), config.circuit_layers))
     return [t.turned() if swapped and t.applies else t for t in out], facts
