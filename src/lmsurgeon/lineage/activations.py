@@ -1,15 +1,17 @@
 """Activation tests (methods.md §L7.4): both models read the same words, so widths and vocabularies may differ.
 
-Items are whitespace words that both tokenisers end on a token boundary (the word's last sub-token). One forward
-pass per model and text records, at those items, every layer's hidden state and, for gated MLPs, every unit's
-gate-projection and up-projection output. Two tests use them:
+Items are whitespace words that both tokenisers end on a token boundary (the word's last sub-token). One pass per
+model, streamed block by block when the model does not fit the memory budget (:mod:`lmsurgeon.lineage.act_capture`,
+§L7.4.4), records at those items every block's hidden state and every MLP unit's activation and readout. Two tests
+use them:
 
 * ``act_cka``: hidden-state CKA per layer pair, layer map by assignment, item-permutation null. Never decisive:
   independents trained on similar data also align (REEF-like).
-* ``phi_match`` (φ_MATCH, Zhu et al.): B's MLP units are matched to A's twice, by gate outputs and by up
-  outputs, and ρ = Spearman of the two matchings per matched layer; Fisher over layers. Outputs of a layer are
-  unchanged by any rotation of the residual stream, so this survives what the weight tests need
-  ``--align procrustes`` for.
+* ``phi_match`` (after φ_MATCH, Zhu et al., extended to every MLP kind): B's MLP units are matched to A's twice,
+  by activation (the input of the down-projection: GELU, ReLU, gated, experts) and by readout (the block's input
+  residual on the unit's down column), and ρ = Spearman of the two matchings per matched layer (per expert pair in
+  MoE); Fisher over layers with the analytic null of φ_U (§L7.4.2). Both views are unchanged by any rotation of the
+  residual stream, so this survives what the weight tests need ``--align procrustes`` for.
 """
 
 from __future__ import annotations
