@@ -1,28 +1,38 @@
 """Activation tests (methods.md §L7.4): both models read the same words, so widths and vocabularies may differ.
 
-Items are whitespace words that both tokenisers end on a token boundary (the word's last sub-token). One forward
-pass per model and text records, at those items, every layer's hidden state and, for gated MLPs, every unit's
-gate-projection and up-projection output. Two tests use them:
+Items are whitespace words that both tokenisers end on a token boundary (the word's last sub-token). One pass per
+model, streamed block by block when the model does not fit the memory budget (:mod:`lmsurgeon.lineage.act_capture`,
+§L7.4.4), records at those items every block's hidden state and every MLP unit's activation and readout. Two tests
+use them:
 
 * ``act_cka``: hidden-state CKA per layer pair, layer map by assignment, item-permutation null. Never decisive:
   independents trained on similar data also align (REEF-like).
-* ``phi_match`` (φ_MATCH, Zhu et al.): B's MLP units are matched to A's twice, by gate outputs and by up
-  outputs, and ρ = Spearman of the two matchings per matched layer; Fisher over layers. Outputs of a layer are
-  unchanged by any rotation of the residual stream, so this survives what the weight tests need
-  ``--align procrustes`` for.
+* ``phi_match`` (after φ_MATCH, Zhu et al., extended to every MLP kind): B's MLP units are matched to A's twice,
+  by activation (the input of the down-projection: GELU, ReLU, gated, experts) and by readout (the block's input
+  residual on the unit's down column), and ρ = Spearman of the two matchings per matched layer (per expert pair in
+  MoE); Fisher over layers with the analytic null of φ_U (§L7.4.2). Both views are unchanged by any rotation of the
+  residual stream, so this survives what the weight tests need ``--align procrustes`` for.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from lmsurgeon.lineage.act_capture import Activations, MlpCapture, capture, expert_views, router_logits
 from lmsurgeon.lineage.cka import Grams, cka_matrix, item_permutation_null, layer_map, matched_mean
-from lmsurgeon.lineage.phi_u import MAX_UNITS, combine_layers, subsample_units, two_view_rho
+from lmsurgeon.lineage.phi_u import (
+    ANALYTIC_NULL,
+    BEST_EXPERTS,
+    MAX_UNITS,
+    combine_layers,
+    match_units,
+    subsample_units,
+    two_view_rho,
+)
 from lmsurgeon.lineage.results import LayerCka, LayerMap, LayerRho, TestResult
-from lmsurgeon.lineage.stats import spearman_z
+from lmsurgeon.lineage.stats import spearman_z, unit_norm
 
 MAX_ITEMS = 1024
 MAX_TOKENS = 128
@@ -65,16 +75,6 @@ def shared_items(enc_a: list[dict], enc_b: list[dict], max_items: int = MAX_ITEM
     return trimmed
 
 
-@dataclass
-class Activations:
-    """One model's activations at the shared items, per layer: hidden states [n, d] (float64) and, where the
-    layer has a dense gated MLP, gate and up outputs [n, m] (float32 to bound memory)."""
-
-    hidden: list[np.ndarray] = field(default_factory=list)
-    gate: list[np.ndarray | None] = field(default_factory=list)
-    up: list[np.ndarray | None] = field(default_factory=list)
-
-
 def mlp_taps(layout, model) -> list[dict] | None:
     """Per analysed layer: the modules (and output slices) computing gate and up; None unless every layer has a
     dense gated MLP (GPT-2 and BERT have no gate; MoE layers have experts instead)."""
@@ -88,47 +88,6 @@ def mlp_taps(layout, model) -> list[dict] | None:
         {"gate": (layers[i].get_submodule(g[0]), g[1]), "up": (layers[i].get_submodule(u[0]), u[1])}
         for i, (g, u) in zip(layout.layers, where, strict=True)
     ]
-
-
-def collect(model, enc: list[dict], keep: list[list[int]], taps: list[dict] | None) -> Activations:
-    """Hidden states after each block, and gate/up outputs when ``taps`` are given, at the kept word ends."""
-    import torch
-
-    acts = Activations()
-    hidden: list[list[np.ndarray]] = []
-    mlp: dict[str, list[list[np.ndarray]]] = {"gate": [[] for _ in taps or []], "up": [[] for _ in taps or []]}
-    rows: list[int] = []
-
-    def hook(kind: str, li: int, cols: slice):
-        def save(_module, _inputs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            mlp[kind][li].append(out[0, rows][:, cols].float().numpy())
-
-        return save
-
-    handles = [
-        tap[kind][0].register_forward_hook(hook(kind, li, tap[kind][1]))
-        for li, tap in enumerate(taps or [])
-        for kind in ("gate", "up")
-    ]
-    try:
-        with torch.no_grad():
-            for e, ends in zip(enc, keep, strict=True):
-                if not ends:
-                    continue
-                rows[:] = [e["ends"][c] for c in ends]
-                out = model(input_ids=torch.tensor([e["ids"]]), output_hidden_states=True)
-                for li, h in enumerate(out.hidden_states[1:]):
-                    if len(hidden) <= li:
-                        hidden.append([])
-                    hidden[li].append(h[0, rows].double().numpy())
-    finally:
-        for h in handles:
-            h.remove()
-    acts.hidden = [np.concatenate(p) for p in hidden]
-    for kind in ("gate", "up"):
-        setattr(acts, kind, [np.concatenate(p) if p else None for p in mlp[kind]])
-    return acts
 
 
 def act_cka(HA: list[np.ndarray], HB: list[np.ndarray], seed: int = 0) -> TestResult:
@@ -153,33 +112,112 @@ def act_cka(HA: list[np.ndarray], HB: list[np.ndarray], seed: int = 0) -> TestRe
     return t
 
 
+def _live_units(*views: np.ndarray) -> np.ndarray:
+    """Units (columns) whose every view varies over the items: a dead ReLU unit, or one that is constant on
+    these words, has no correlation to match by and would be assigned arbitrarily."""
+    spread = [np.asarray(v, dtype=np.float64).std(0) for v in views]
+    return np.all([s > 1e-8 * max(float(np.median(s)), 1e-300) for s in spread], axis=0)
+
+
 def _centered_units(X: np.ndarray) -> np.ndarray:
     """Units as rows of centred outputs, so the cosine of two rows is their correlation over the items."""
     X = np.asarray(X, dtype=np.float64)
     return (X - X.mean(0)).T
 
 
-def match_rho(gate_a, up_a, gate_b, up_b, units: np.ndarray | None) -> tuple[float, int]:
-    """ρ = Spearman(σ_gate, σ_up) over B's (optionally subsampled) units."""
-    gA, uA, gB, uB = map(_centered_units, (gate_a, up_a, gate_b, up_b))
+def match_rho(view1_a, view2_a, view1_b, view2_b, units: np.ndarray | None) -> tuple[float, int]:
+    """ρ = Spearman(σ₁, σ₂) of B's (optionally subsampled) live units matched to A's by correlation over the
+    items in two views ([n, m] each: activation and readout, or gate and up outputs); dead units dropped."""
     if units is not None:
-        gB, uB = gB[units], uB[units]
-    return two_view_rho(gA, gB, uA, uB)
+        view1_b, view2_b = view1_b[:, units], view2_b[:, units]
+    live_a, live_b = _live_units(view1_a, view2_a), _live_units(view1_b, view2_b)
+    v1a, v2a = _centered_units(view1_a[:, live_a]), _centered_units(view2_a[:, live_a])
+    v1b, v2b = _centered_units(view1_b[:, live_b]), _centered_units(view2_b[:, live_b])
+    if min(v1a.shape[0], v1b.shape[0]) < 2:
+        return float("nan"), 0
+    return two_view_rho(v1a, v1b, v2a, v2b)
 
 
-def phi_match(A: Activations, B: Activations, pairs: LayerMap, seed: int = 0, max_units: int = MAX_UNITS) -> TestResult:
-    """Per matched layer pair ρ_l, z_l = ρ_l√(n_l−1); Fisher over layers (the same combination as φ_U)."""
+def _views(layout, layer: int, cap: MlpCapture, block: tuple[str, int | None]) -> tuple[np.ndarray, np.ndarray]:
+    """(activation, readout) of one MLP block of a layer: the dense MLP, an expert, or the shared expert."""
+    prefix, expert = block
+    if prefix == "mlp":
+        assert cap.act is not None and cap.readout is not None
+        return cap.act, cap.readout
+    return expert_views(layout, layer, cap, prefix, expert)
+
+
+def _most_used(logits: np.ndarray) -> list[int]:
+    return [int(e) for e in np.argsort(-logits.mean(0), kind="stable")[:BEST_EXPERTS]]
+
+
+def block_pairs(layout_a, layout_b, i: int, j: int, ca: MlpCapture, cb: MlpCapture) -> list[tuple]:
+    """The MLP blocks to compare in one matched layer pair, as ``(label, block of A, block of B)``.
+
+    Dense–dense: the MLPs. MoE–MoE: experts matched by the correlation of their router logits over the items
+    (assignment), the BEST_EXPERTS best pairs, and the shared experts when both have one. Dense–MoE (an upcycled
+    model): the dense MLP against the MoE side's BEST_EXPERTS most-used experts (highest mean router logit)."""
+    if ca.kind is None or cb.kind is None:
+        return []
+    if ca.kind == cb.kind == "dense":
+        return [("mlp", ("mlp", None), ("mlp", None))]
+    if ca.kind == cb.kind == "moe":
+        ea, eb = layout_a.experts(i, "experts.up"), layout_b.experts(j, "experts.up")
+        RA, RB = router_logits(layout_a, i, ca), router_logits(layout_b, j, cb)
+        sigma = match_units(_centered_units(RA), _centered_units(RB))
+        C = unit_norm(_centered_units(RA), axis=1) @ unit_norm(_centered_units(RB), axis=1).T
+        best = sorted(((c, sigma[c]) for c in range(len(eb)) if sigma[c] >= 0), key=lambda p: -C[p[1], p[0]])
+        out = [
+            (f"experts {ea[r]}↔{eb[c]} (router r {C[r, c]:.3f})", ("experts", ea[r]), ("experts", eb[c]))
+            for c, r in best[:BEST_EXPERTS]
+        ]
+        if layout_a.has("shared.up", i) and layout_b.has("shared.up", j):
+            out.append(("shared expert", ("shared", None), ("shared", None)))
+        return out
+    if ca.kind == "dense":
+        eb = layout_b.experts(j, "experts.up")
+        return [
+            (f"mlp↔expert {eb[e]}", ("mlp", None), ("experts", eb[e]))
+            for e in _most_used(router_logits(layout_b, j, cb))
+        ]
+    ea = layout_a.experts(i, "experts.up")
+    return [
+        (f"expert {ea[e]}↔mlp", ("experts", ea[e]), ("mlp", None)) for e in _most_used(router_logits(layout_a, i, ca))
+    ]
+
+
+def phi_match(
+    A: Activations, B: Activations, pairs: LayerMap, layout_a, layout_b, seed: int = 0, max_units: int = MAX_UNITS
+) -> TestResult | None:
+    """Per matched layer pair (per expert pair in MoE) ρ_l of the activation and readout matchings,
+    z_l = ρ_l√(n_l−1); Fisher over all of them (the combination of φ_U, methods.md §L7.3.2, §L7.4.2).
+    None when no matched layer pair has an MLP on both sides."""
     rng = np.random.default_rng(seed)
     per_layer = []
     for i, j in pairs:
-        units = subsample_units(rng, B.gate[j].shape[1], max_units)
-        rho, n = match_rho(A.gate[i], A.up[i], B.gate[j], B.up[j], units)
-        per_layer.append(LayerRho(i, j, rho, n, spearman_z(rho, n)))
-    return combine_layers("phi_match", per_layer)
+        ca, cb = A.mlp[i], B.mlp[j]
+        for label, block_a, block_b in block_pairs(layout_a, layout_b, i, j, ca, cb):
+            act_a, read_a = _views(layout_a, i, ca, block_a)
+            act_b, read_b = _views(layout_b, j, cb, block_b)
+            units = subsample_units(rng, act_b.shape[1], max_units)
+            rho, n = match_rho(act_a, read_a, act_b, read_b, units)
+            per_layer.append(LayerRho(i, j, rho, n, spearman_z(rho, n), block=label))
+    if not per_layer:
+        return None
+    return combine_layers("phi_match", per_layer, ANALYTIC_NULL + " (activation vs readout; expert pairs)")
 
 
-def activation_tests(layout_a, layout_b, texts: list[str], tests=ACTIVATION_TESTS, seed: int = 0) -> list[TestResult]:
-    """Load both models once, read ``texts``, and run the requested activation tests."""
+def activation_tests(
+    layout_a,
+    layout_b,
+    texts: list[str],
+    tests=ACTIVATION_TESTS,
+    seed: int = 0,
+    max_memory: int | str | None = None,
+    mode: str = "auto",
+) -> list[TestResult]:
+    """Run both models (streamed block by block when one does not fit ``max_memory``) on ``texts`` once and
+    compute the requested activation tests."""
     tests = [t for t in ACTIVATION_TESTS if t in tests]
     if layout_a.handle.tokenizer is None or layout_b.handle.tokenizer is None:
         return [TestResult.not_applicable(t, "a model has no tokenizer.json") for t in tests]
@@ -188,21 +226,16 @@ def activation_tests(layout_a, layout_b, texts: list[str], tests=ACTIVATION_TEST
     n = sum(len(k) for k in keep)
     if n < MIN_ITEMS:
         return [TestResult.not_applicable(t, f"only {n} shared word items in the text") for t in tests]
-    model_a, model_b = layout_a.handle.load_model("base"), layout_b.handle.load_model("base")
-    taps_a = mlp_taps(layout_a, model_a) if "phi_match" in tests else None
-    taps_b = mlp_taps(layout_b, model_b) if "phi_match" in tests else None
-    gated = taps_a is not None and taps_b is not None
-    A = collect(model_a, enc_a, keep, taps_a if gated else None)
-    B = collect(model_b, enc_b, keep, taps_b if gated else None)
+    with_mlp = "phi_match" in tests
+    A = capture(layout_a, enc_a, keep, max_memory=max_memory, mode=mode, with_mlp=with_mlp)
+    B = capture(layout_b, enc_b, keep, max_memory=max_memory, mode=mode, with_mlp=with_mlp)
     cka = act_cka(A.hidden, B.hidden, seed)
     out = [cka] if "act_cka" in tests else []
-    if "phi_match" in tests:
-        if not gated:
-            out.append(
-                TestResult.not_applicable("phi_match", "needs a dense gated MLP (gate and up) in every layer of both")
-            )
+    if with_mlp:
+        t = phi_match(A, B, cka.layer_map, layout_a, layout_b, seed)
+        if t is None:
+            out.append(TestResult.not_applicable("phi_match", "no matched layer pair has an MLP on both sides"))
         else:
-            t = phi_match(A, B, cka.layer_map, seed)
             t.layer_map_from = "act_cka"
             out.append(t)
     return out
