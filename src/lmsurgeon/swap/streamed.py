@@ -7,7 +7,7 @@ blocks. ``layers[j]`` loads block j when it is not resident and frees the least 
 ``capacity`` (at least two: δ applies block i to block i+1's output, and a swapped plan calls i+1 then i). The
 engine and the plan evaluator run a batch layer-major (every stream that needs block j advances while j is
 loaded), so a pass reads each block about once per batch. The final norm and the head stay loaded for the whole
-run: every Δloss and every plan score ends in them.
+run: every Δloss and every plan score ends in them, and every capture starts with the embedding.
 
 A block is called with the arguments the model's own forward passes it (recorded by ``StreamedModel.embed``:
 masks, rotary cos/sin, position ids), on the same hidden states as the plain path, so the streamed numbers are the
@@ -91,8 +91,8 @@ class StreamedSwapModel:
             spare = plan.budget - 2 * plan.largest_block  # embedding/head and activations, roughly
             capacity = max(2, int(spare // max(plan.largest_block, 1)))
         self.layers = BlockCache(self.sm, min(capacity, max(2, self.sm.n_layers)))
-        if kind == "causal-lm":
-            self.sm.load(["final_norm", "lm_head"])
+        # the embedding (read by every capture) and the head (every Δloss and plan score) stay loaded
+        self.sm.load(["embed", "final_norm", "lm_head"] if kind == "causal-lm" else ["embed"])
 
     def describe(self) -> str:
         return self.sm.plan.describe()
