@@ -50,6 +50,8 @@ def parse_size(size: int | str) -> int:
     """``6GiB``, ``500MB`` or a byte count, as accelerate's ``convert_file_size_to_int`` reads it."""
     from accelerate.utils import convert_file_size_to_int  # type: ignore[import-untyped]
 
+    if isinstance(size, str) and size.strip().isdigit():
+        size = int(size)  # a byte count given on the command line
     try:
         value = convert_file_size_to_int(size)
     except ValueError:

@@ -36,8 +36,11 @@ def capture(model, layers_paths: list[str], **inputs) -> Capture:
     """Run one forward with pre-hooks on every layer of ``find_module(model, layers_paths)``; return the cache.
 
     The forward runs with ``use_cache=False`` where the model takes it: a block called with a cache writes its
-    ``layer_idx`` slot, and a replayed block must not read anyone else's.
+    ``layer_idx`` slot, and a replayed block must not read anyone else's. A model that captures itself
+    (:class:`lmsurgeon.swap.streamed.StreamedSwapModel`, whose weights are streamed) is asked to.
     """
+    if hasattr(model, "capture") and not isinstance(model, torch.nn.Module):
+        return model.capture(**inputs)
     layers = find_module(model, layers_paths)
     cap = Capture()
     handles = []

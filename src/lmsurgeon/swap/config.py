@@ -54,6 +54,18 @@ class SwapConfig:
     apply: int | None = _option(None, "--apply", int, "Write swap_I_{I+1}/ with layers I and I+1 swapped.")
     drop: int | None = _option(None, "--drop", int, "Write drop_I/ with layer I removed.")
     seed: int = _option(0, "--seed", int, "Random seed.")
+    max_memory: str | None = _option(
+        None,
+        "--max-memory",
+        str,
+        "Memory the weights may use, e.g. 6GiB [default: memory available now]; a larger model is layer-streamed.",
+    )
+    streaming: str = _option(
+        "auto",
+        "--streaming",
+        str,
+        "auto (stream blocks from the checkpoint only when the model does not fit --max-memory), stream, plain.",
+    )
     plan_drop: str | None = _option(
         None,
         "--plan-drop",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lmsurgeon.swap.capture import Capture, call_block, capture, continue_from, swapped_output, token_delta
+from lmsurgeon.swap.capture import Capture, call_block, capture, swapped_output, token_delta
 from lmsurgeon.swap.e2e import Head, reference_logp, token_losses
 from lmsurgeon.swap.linear import LinearFit, accumulate, new_sums, pair_inputs, solve
 from lmsurgeon.swap.metrics import angle_per_row, commutator, cosine_per_token, delta_linear_per_token, r_squared
@@ -165,19 +165,29 @@ def _pair_stats(S: EvalSums, layers, cap: Capture, b: Batch, head: Head | None) 
             ce, kl = token_losses(head, x_final, tgt, lsel, ref)
             return float((ce - ce0).sum()), float(kl.sum())
 
-    for i in range(L - 1):
+    # Layer-major: at step j blocks j−1 and j are used, pair (j−1, j) is measured, and every stream started at an
+    # earlier step (the rest of the model after an exchanged pair or a dropped layer) advances through block j, so
+    # a streamed model reads each block about once per batch (methods.md §S15). Same block calls as pair by pair.
+    streams: list[tuple[str, int, torch.Tensor]] = []  # (kind, pair i, state after position j)
+    for j in range(1, L):
+        i = j - 1
+        advanced = [(kind, p, call_block(layers, j, x, cap)) for kind, p, x in streams]
         inner = call_block(layers, i + 1, cap.h[i], cap)  # L_{i+1}(h_i)
         swapped = swapped_output(layers, i, cap, inner)  # L_i(L_{i+1}(h_i))
         S.delta[i] += float(token_delta(cap.h[i], cap.h[i + 2], swapped)[sel].sum())
+        streams = advanced
         if head is not None:
-            d_, k_ = score(continue_from(layers, i + 2, swapped, cap))
-            S.dloss_swap[i] += d_
-            S.kl_swap[i] += k_
-            d_, k_ = score(continue_from(layers, i + 2, inner, cap))  # layer i dropped
-            S.dloss_drop[i] += d_
-            S.kl_drop[i] += k_
+            streams += [("swap", i, swapped), ("drop", i, inner)]  # layer i dropped: L_{i+1}(h_i)
         del inner, swapped
     if head is not None:
+        for kind, i, x in streams:
+            d_, k_ = score(x)
+            if kind == "swap":
+                S.dloss_swap[i] += d_
+                S.kl_swap[i] += k_
+            else:
+                S.dloss_drop[i] += d_
+                S.kl_drop[i] += k_
         d_, k_ = score(cap.h[L - 1])  # the last layer dropped
         S.dloss_drop[L - 1] += d_
         S.kl_drop[L - 1] += k_

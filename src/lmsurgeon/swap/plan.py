@@ -74,34 +74,36 @@ def first_change(order: Sequence[int]) -> int:
 
 
 def shared_prefix_outputs(layers, orders: list[tuple[int, ...]], cap: Capture):
-    """Yield (order, last hidden state) for lexicographically sorted ``orders``, running each block once per
-    distinct prefix: an order starts from the deepest state a previous order left on the stack (or from the
-    captured h_p at its first change p), and only states the next order shares are kept, so at most L are held.
-    Each block runs with its own captured arguments, as in the rewired checkpoint."""
-    stack: list[tuple[int, torch.Tensor]] = []  # (q, state after positions < q) along the previous order
-    for k, order in enumerate(orders):
-        prev = orders[k - 1] if k else ()
-        nxt = orders[k + 1] if k + 1 < len(orders) else ()
-        keep_prev = _common_prefix(prev, order)
-        keep_next = _common_prefix(order, nxt)
-        while stack and stack[-1][0] > keep_prev:
-            stack.pop()
-        p = first_change(order)
-        q, x = stack[-1] if stack and stack[-1][0] > p else (p, cap.h[p])
-        for pos in range(q, len(order)):
-            x = call_block(layers, order[pos], x, cap)
-            if pos + 1 <= keep_next:
-                stack.append((pos + 1, x))
-        yield order, x
+    """Yield (order, last hidden state) for each of ``orders``, running each block once per distinct prefix.
 
+    Layer-major (methods.md §S14, §S15): every order starts from the captured h_p at its first change p; then,
+    repeatedly, the lowest block any unfinished order needs next is applied to every distinct prefix that needs
+    it, so a block is used in one stretch per batch (a streamed model reads it about once) and orders that share
+    a prefix share its states. An order is yielded as soon as it is complete; only states that an unfinished
+    order still needs are kept. Each block runs with its own captured arguments, as in the rewired checkpoint.
+    """
+    pos = {o: first_change(o) for o in dict.fromkeys(tuple(o) for o in orders)}
+    states: dict[tuple[int, ...], torch.Tensor] = {}
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    def state(prefix: tuple[int, ...]) -> torch.Tensor:
+        return states[prefix] if prefix in states else cap.h[len(prefix)]  # an unchanged prefix: captured
+
+    for o in [o for o, q in pos.items() if q == len(o)]:  # the original order (or a prefix of it)
+        del pos[o]
+        yield o, cap.h[len(o)]
+    while pos:
+        block = min(o[q] for o, q in pos.items())
+        for o in [o for o, q in pos.items() if o[q] == block]:
+            q = pos[o]
+            if o[: q + 1] not in states:
+                states[o[: q + 1]] = call_block(layers, block, state(o[:q]), cap)
+            pos[o] = q + 1
+        for o in [o for o, q in pos.items() if q == len(o)]:
+            del pos[o]
+            yield o, states[o]
+        needed = {o[:q] for o, q in pos.items()}
+        for key in [k for k in states if k not in needed]:
+            del states[key]
 
 
 def predicted_bytes(tokenizer, rows: list[list[int]]) -> int:

@@ -61,15 +61,15 @@ def analyze(
         family = layout.family
         torch_dtype = resolve_dtype(cfg.dtype, cfg.device, handle)
         kind = "base" if family.encoder else "causal-lm"
-        model = handle.load_model(kind, dtype=torch_dtype, device=cfg.device)
+        model, layers, streamed = load_for_swap(handle, layout, kind, torch_dtype, cfg)
         tokenizer = handle.load_tokenizer()
-        layers = find_module(model, family.modules["layers"])
         L, d = len(layers), layout.hidden_size
         if L < 2:
             raise LmsurgeonError(f"a swap needs at least 2 layers, the model has {L}", handle.name)
         _check_index(cfg.apply, L - 1, "--apply")
         _check_index(cfg.drop, L, "--drop")
-        head = find_head(model, family) if cfg.e2e else None  # no head: δ, δ', Trans, Dep only
+        head_owner = streamed.model if streamed is not None else model
+        head = find_head(head_owner, family) if cfg.e2e else None  # no head: δ, δ', Trans, Dep only
         timings["load_seconds"] = time.time() - t0
 
         seq_len = min(cfg.seq_len, layout.max_positions or cfg.seq_len)  # learned position tables end there
@@ -111,6 +111,11 @@ def analyze(
                     "encoder": family.encoder,
                     "dtype": str(torch_dtype).replace("torch.", ""),
                     "device": cfg.device,
+                    "streaming": {
+                        "mode": cfg.streaming,
+                        "streamed": streamed is not None and streamed.streaming,
+                        "memory": streamed.describe() if streamed is not None else None,
+                    },
                 },
                 "settings": settings(cfg, data_desc, seq_len, fit_budget, e2e=head is not None),
                 "tokens": {
@@ -128,7 +133,7 @@ def analyze(
         evaluators = None
         if planning:
             t1 = time.time()
-            plan_head = head or find_head(model, family)
+            plan_head = head or find_head(head_owner, family)
             if plan_head is None:
                 raise LmsurgeonError(
                     "--plan-drop, --plan-reorder and --apply-plan score plans by next-token loss, "
@@ -172,7 +177,7 @@ def analyze(
                 cfg.device,
                 swap=cfg.apply,
                 drop=cfg.drop,
-                model=model,
+                model=model if streamed is None else None,
             )
             timings["apply_seconds"] = time.time() - t1
         if cfg.apply_plan is not None:
@@ -183,11 +188,33 @@ def analyze(
                 handle, layout, run.path, body, cfg, evaluators, kind, torch_dtype, fit_batches
             )
             timings["apply_plan_seconds"] = time.time() - t1
+        if streamed is not None:
+            body["model"]["streaming"]["block_loads"] = streamed.layers.loads
         figures = draw_figures(run, body)
         timings["analysis_seconds"] = time.time() - t0
         results = run.write_results(body, inputs=handle.inputs(), timings=timings)
         run.write_report(build_report(results, figures))
     return results
+
+
+def load_for_swap(handle, layout, kind: str, dtype: torch.dtype, cfg: SwapConfig):
+    """(model, its blocks, the StreamedSwapModel or None): the model in memory where it fits (``--streaming
+    auto`` within ``--max-memory``, or ``plain``), else a skeleton whose blocks stream from the checkpoint
+    (methods.md §S15). Both give the engine the same captures and block calls."""
+    from lmsurgeon.streaming import plan_memory
+    from lmsurgeon.swap.streamed import STREAMING_MODES, StreamedSwapModel
+
+    if cfg.streaming not in STREAMING_MODES:
+        raise LmsurgeonError(f"--streaming {cfg.streaming!r} is not one of {', '.join(STREAMING_MODES)}")
+    stream = cfg.streaming == "stream" or (
+        cfg.streaming == "auto" and plan_memory(handle, dtype, cfg.max_memory, cfg.device).stream
+    )
+    if not stream:
+        model = handle.load_model(kind, dtype=dtype, device=cfg.device)
+        return model, find_module(model, layout.family.modules["layers"]), None
+    streamed = StreamedSwapModel(handle, kind, dtype, cfg.device, max_memory=cfg.max_memory, mode="stream")
+    stage(f"swap: {streamed.describe()}")
+    return streamed, streamed.layers, streamed
 
 
 def make_evaluators(model, layers, layers_paths, head, tokenizer, validation, heldout):
@@ -236,6 +263,8 @@ def settings(cfg: SwapConfig, data_desc: dict, seq_len: int, fit_budget: int, *,
         "min_row_tokens": MIN_ROW_TOKENS,
         "e2e": e2e,
         "batch_tokens": cfg.batch_tokens,
+        "streaming": cfg.streaming,
+        "max_memory": cfg.max_memory,
         "padding": "right",
         "special_tokens": "tokenizer default",
     }

@@ -1,0 +1,68 @@
+"""Swap with layer streaming: blocks read from the checkpoint on demand give the in-memory numbers, and a model
+larger than its memory limit still runs with only a few blocks resident."""
+
+import math
+
+import pytest
+import torch
+
+from lmsurgeon.io import open_model
+from lmsurgeon.streaming import weight_bytes
+from lmsurgeon.swap import analyze
+from lmsurgeon.swap.engine import Batch
+from lmsurgeon.swap.streamed import StreamedSwapModel
+from tests.swap_models import llama, save_with_tokenizer, tokenizer
+
+SETTINGS = {"tokens": 500, "seq_len": 32, "bootstrap": 20}
+PLANS = {"plan_drop": "2", "plan_reorder": True, "plan_tokens": 300}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    tok = tokenizer()
+    return save_with_tokenizer(llama(len(tok), layers=4), tok, tmp_path_factory.mktemp("m") / "llama")
+
+
+def _numbers(res: dict) -> list[float]:
+    """Every measured figure of a run: per layer, per pair, every plan's scores, the reorder steps."""
+    out = [res["loss"]]
+    for row in res["layers"] + res["pairs"]:
+        out += [v for k, v in sorted(row.items()) if isinstance(v, float)]
+    for row in res["plans"]:
+        out += [row["heldout_loss"], row["heldout_bpb"], row["validation_loss"] or 0.0]
+    out += [s["heldout_loss"] for s in res["reorder"]["steps"]]
+    return out
+
+
+def test_streamed_swap_analysis_and_plans_equal_the_in_memory_run(tiny_llama, tmp_path):
+    plain = analyze(tiny_llama, streaming="plain", out=tmp_path / "plain", **SETTINGS, **PLANS)
+    streamed = analyze(tiny_llama, streaming="stream", out=tmp_path / "stream", **SETTINGS, **PLANS)
+    assert not plain["model"]["streaming"]["streamed"]
+    assert streamed["model"]["streaming"]["streamed"]
+    assert streamed["model"]["streaming"]["block_loads"] > 0
+    a, b = _numbers(plain), _numbers(streamed)
+    assert len(a) == len(b) > 80
+    for x, y in zip(a, b, strict=True):
+        assert math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9), (x, y)
+    assert [r["layers"] for r in plain["plans"]] == [r["layers"] for r in streamed["plans"]]
+    assert plain["recommended"] == streamed["recommended"]
+
+
+def test_a_model_larger_than_its_memory_limit_runs_with_few_blocks_resident(tiny_llama, tmp_path):
+    handle = open_model(tiny_llama)
+    weights = sum(weight_bytes(handle, torch.float32).values())
+    res = analyze(tiny_llama, max_memory=str(weights // 2), out=tmp_path / "run", **SETTINGS)
+    assert res["model"]["streaming"]["streamed"]  # auto chose streaming under the limit
+
+    model = StreamedSwapModel(handle, "causal-lm", torch.float32, "cpu", max_memory=weights // 2, mode="stream")
+    layers = model.layers
+    assert 2 <= layers.capacity < len(layers)
+    resident = []
+    for j in range(len(layers)):  # every block call records how many blocks are loaded at that moment
+        model.sm.layers[j].register_forward_pre_hook(
+            lambda *_: resident.append(sum(isinstance(s, int) for s in model.sm.resident))
+        )
+    ids = torch.randint(3, 250, (2, 20), generator=torch.Generator().manual_seed(0))
+    cap = model.capture(**Batch(ids, torch.ones_like(ids)).inputs())
+    assert len(cap.h) == len(layers) + 1
+    assert resident and max(resident) <= layers.capacity
