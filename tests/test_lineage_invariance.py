@@ -173,3 +173,35 @@ def test_only_circuits_see_through_folding_and_rotation_together(originals, tmp_
     assert facts.method == "procrustes"
     assert got["circuits"].statistic == pytest.approx(self_stats["circuits"], rel=SAME, abs=SAME)
     assert got["awm"].statistic < self_stats["awm"] - 0.02, got["awm"].statistic
+
+
+@pytest.mark.parametrize(("hidden", "n_layers"), [(32, 3), (96, 6)])
+def test_the_circuits_null_comes_from_the_pair_and_carries_to_other_widths_and_depths(tmp_path, hidden, n_layers):
+    """Independent random models of a width and depth the zoo does not have: the wrong-layer null is measured on
+    the pair itself, so its spread follows the width (cosines of unrelated d×d circuits shrink like 1/d) and the
+    z of an independent pair stays below T_lo, while a function-preserving copy (heads permuted) is far above."""
+    from transformers import LlamaForCausalLM
+
+    from tests.lineage_models import llama_config
+
+    layouts = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = randomise_seeded(LlamaForCausalLM(llama_config(n_layers, hidden)), seed)
+        layouts.append(save(model, tmp_path / f"m{seed}"))
+        if seed == 1:
+            copy = save(launder.permute_heads(model, seed=9)[0], tmp_path / "copy")
+    independent = {t.name: t for t in weight_tests(*layouts, ("circuits",))[0]}["circuits"]
+    derived = {t.name: t for t in weight_tests(layouts[0], copy, ("circuits",))[0]}["circuits"]
+    assert abs(independent.z) < 3, independent.z
+    assert derived.z >= 12, derived.z
+    assert independent.null.std < 3.0 / hidden, independent.null  # the null's spread scales with the width
+
+
+def randomise_seeded(model, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_((1.0 + 0.2 * noise) if "norm" in name else 0.15 * noise)
+    return model.eval()
