@@ -162,3 +162,26 @@ def test_phi_match_follows_a_dense_mlp_into_its_experts_and_matches_experts_by_r
     for a, b in ((base, other_moe), (moe, other_moe)):
         t = _phi_match(a, b, texts)
         assert abs(t.z) < 3, (a.name, b.name, t.z)
+
+
+def test_dead_units_are_dropped_before_matching():
+    """ReLU units that never fire on the items (and a unit whose down column is zero) have no correlation to match
+    by: φ_MATCH equals the one computed on the live units alone, and counts only them."""
+    import numpy as np
+
+    from lmsurgeon.lineage.activations import match_rho
+
+    g = np.random.default_rng(0)
+    x, h = g.standard_normal((300, 16)), g.standard_normal((300, 16))
+    W_up, W_down = g.standard_normal((40, 16)), g.standard_normal((16, 40))
+    act = np.maximum(x @ W_up.T - np.where(np.arange(40) < 5, 1e3, 0.0), 0.0)  # units 0-4 never fire
+    W_down[:, 5] = 0.0
+    readout = h @ W_down
+    perm = g.permutation(40)
+    act_b, read_b = act[:, perm] * 1.7, readout[:, perm]
+    live = np.arange(6, 40)
+    live_b = np.flatnonzero(np.isin(perm, live))
+    rho, n = match_rho(act, readout, act_b, read_b, None)
+    assert n == 34
+    assert rho == pytest.approx(1.0)
+    assert (rho, n) == match_rho(act[:, live], readout[:, live], act_b[:, live_b], read_b[:, live_b], None)
