@@ -164,6 +164,32 @@ GLM45_AIR = Glm4MoeShape(
     },
 )
 
+#: Solar-Open-100B's published dimensions (upstage/Solar-Open-100B: 48 layers, hidden 4096, 64 query heads and
+#: 8 KV heads of 128, 128 routed experts + 1 shared, top-8, vocabulary 196,608; 102.6B parameters, which gives
+#: expert width 1280), written with glm4_moe tensor names: its shapes and sizes, not its modelling code.
+SOLAR_OPEN_100B = Glm4MoeShape(
+    n_layers=48,
+    hidden=4096,
+    heads=64,
+    kv_heads=8,
+    head_dim=128,
+    experts=128,
+    moe_inter=1280,
+    dense_inter=10240,
+    vocab=196608,
+    first_dense=0,
+    shared_experts=1,
+    mtp_layers=0,
+    attention_bias=False,
+    extra_config={
+        "model_type": "solar_open",
+        "architectures": ["SolarOpenForCausalLM"],
+        "num_experts_per_tok": 8,
+        "rms_norm_eps": 1e-05,
+        "hidden_act": "silu",
+    },
+)
+
 Filler = Callable[[str, tuple[int, ...]], "np.ndarray | None"]
 
 

@@ -18,6 +18,14 @@ slice (dense + 7 MoE layers, 36 GB: streamed; plain where it fits), about ten mi
 220 GB apparent; its forward reads all of it, holes included).
 
 Usage: python benchmarks/bench_scale.py [--dir DIR] [--layers 1 8] [--full] [--items 4] [--tokens 64]
+
+``lineage`` mode: the weight tests (awm, φ_U) of ``lineage A B C`` over HTTP range reads, on synthetic twins of the
+two disputed checkpoints (``_lineage_twins.py``: a GLM-4.5-Air-shaped model, a derivation of it, and an
+independent Solar-Open-100B-shaped model) served by the loopback hub server of the tests. In a fresh process it
+prints the verdicts, the bytes read per model (and as a fraction of the checkpoint, and per test), wall time and
+VmHWM.
+
+    python benchmarks/bench_scale.py lineage [--layers 3] [--full] [--experts-filled 8] [--tests awm,phi_u]
 """
 
 from __future__ import annotations
@@ -31,7 +39,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shapes import GLM45_AIR, Glm4MoeShape, apparent_bytes, disk_bytes, write_sparse_checkpoint  # noqa: E402
+from _shapes import (  # noqa: E402
+    GLM45_AIR,
+    SOLAR_OPEN_100B,
+    Glm4MoeShape,
+    apparent_bytes,
+    disk_bytes,
+    write_sparse_checkpoint,
+)
 
 SEED = 0
 
@@ -182,8 +197,74 @@ def fits_in_memory(folder: Path, dtype: str) -> tuple[bool, str]:
     return not plan.stream, plan.describe()
 
 
+# -- lineage over range reads -------------------------------------------------------------------------------
+def lineage_worker(repos: list[str], tests: str, out: Path) -> dict:
+    """``compare`` of the hub ids ``repos`` in this (fresh) process; what results.json says, plus time and VmHWM."""
+    import torch
+
+    from lmsurgeon.lineage import compare
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    start = time.perf_counter()
+    r = compare(repos, out=out, tests=tuple(tests.split(",")), overwrite=True)
+    return {
+        "seconds": time.perf_counter() - start,
+        "peak_rss": _status_bytes("VmHWM"),
+        "verdicts": {f"{p['a']} vs {p['b']}": p["verdict"] for p in r["pairs"]},
+        "z": {f"{p['a']} vs {p['b']}": {t["name"]: t.get("z") for t in p["tests"]} for p in r["pairs"]},
+        "models": [
+            {"name": m["name"], "bytes_read": m["bytes_read"], "tensor_bytes": m["tensor_bytes"]} for m in r["models"]
+        ],
+    }
+
+
+def lineage_bench(args) -> None:
+    """Build the twins, serve them over loopback HTTP and run ``lineage`` on them in a fresh process."""
+    import os
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from _lineage_twins import build_twins
+    from tests.hubserver import HubServer
+
+    layers = "full" if args.full else args.layers[0]
+    glm = GLM45_AIR if args.full else GLM45_AIR.with_layers(layers, mtp_layers=0)
+    solar = SOLAR_OPEN_100B if args.full else SOLAR_OPEN_100B.with_layers(layers)
+    folders = build_twins(args.dir / f"lineage-{layers}l", glm, solar, args.experts_filled)
+    repos = {f"bench/{k}": v for k, v in folders.items()}
+    cache = Path(tempfile.mkdtemp(prefix="bench-scale-ranges-"))
+    try:
+        with HubServer(repos) as server:
+            env = {**os.environ, "HF_ENDPOINT": server.endpoint, "HF_HUB_OFFLINE": "0", "LMSURGEON_CACHE": str(cache)}
+            cmd = [sys.executable, __file__, "--lineage-worker", ",".join(repos), "--tests", args.tests]
+            cmd += ["--dir", str(cache / "run")]
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            raise SystemExit(f"lineage run failed:\n{p.stderr[-3000:]}")
+        row = json.loads(p.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    sizes = {f"bench/{k}": apparent_bytes(v) for k, v in folders.items()}
+    print(
+        f"lineage over HTTP range reads, tests {args.tests}, {layers} layers, "
+        f"{args.experts_filled} routed experts filled per layer\n"
+    )
+    for pair, label in row["verdicts"].items():
+        print(f"{pair:<45} {label:<12} z: {row['z'][pair]}")
+    print(f"\n{'model':<22}{'apparent GB':>12}{'read GB':>9}{'fraction':>10}  per test (MB)")
+    for m in row["models"]:
+        size = sizes[m["name"]] if m["name"] in sizes else sizes[f"bench/{m['name']}"]
+        per = ", ".join(f"{k} {v / 1e6:.0f}" for k, v in m["tensor_bytes"].items())
+        print(f"{m['name']:<22}{size / 1e9:>12.1f}{m['bytes_read'] / 1e9:>9.2f}{m['bytes_read'] / size:>10.2%}  {per}")
+    print(f"\nwall {row['seconds'] / 60:.1f} min, VmHWM {row['peak_rss'] / 2**30:.2f} GiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="stream", choices=["stream", "lineage"])
+    ap.add_argument("--tests", default="awm,phi_u", help="lineage mode: the tests to run")
+    ap.add_argument("--lineage-worker", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, default=Path(".bench-cache/scale"))
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 8], help="slices of the real depth to measure")
     ap.add_argument("--full", action="store_true", help="also the full 46-layer model (+ MTP layer), streamed")
@@ -196,6 +277,12 @@ def main() -> None:
     )
     ap.add_argument("--worker", choices=["stream", "plain"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.lineage_worker:
+        print(json.dumps(lineage_worker(args.lineage_worker.split(","), args.tests, args.dir)))
+        return
+    if args.mode == "lineage":
+        lineage_bench(args)
+        return
     if args.worker:
         row = worker(
             args.worker,

@@ -180,7 +180,8 @@ def write_sparse_llama(
 
 def write_sparse_shards(folder, shards: list[dict], fill) -> int:
     """Write bf16 safetensors shards and their index, every tensor a hole (zeros that take no disk) unless
-    ``fill(name, shape)`` returns values for it (float32; a block of leading rows is enough).
+    ``fill(name, shape)`` returns values for it (float32; a block of leading rows is enough, or an iterator of
+    consecutive row blocks, so a 150k-row embedding is written without holding it whole).
 
     The apparent size is the real checkpoint's while disk use is only what was filled, so tests and benchmarks
     get "a checkpoint larger than memory" for a few MB. Returns the apparent size in bytes; the caller writes
@@ -206,9 +207,10 @@ def write_sparse_shards(folder, shards: list[dict], fill) -> int:
                 values = fill(name, tuple(shape))
                 if values is None:
                     continue
-                data = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
                 f.seek(start + header[name]["data_offsets"][0])
-                f.write(data.view(torch.int16).numpy().tobytes())
+                for block in [values] if isinstance(values, np.ndarray) else values:  # or row blocks, in order
+                    data = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(torch.bfloat16)
+                    f.write(data.view(torch.int16).numpy().tobytes())
             f.truncate(start + offset)
         total += start + offset
         weight_map.update(dict.fromkeys(tensors, fname))

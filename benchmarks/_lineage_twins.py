@@ -1,0 +1,131 @@
+"""Synthetic twins of the disputed checkpoints for ``bench_scale.py lineage``: real shapes, sparse files.
+
+Three checkpoints: ``glm-a`` (GLM-4.5-Air's shapes, seeded random data), ``glm-derived`` (a derivation of it: the
+residual stream permuted with sign flips, the filled routed experts reordered together with their router rows,
+and 1 % noise) and ``solar-indep`` (Solar-Open-100B's shapes, independent seed, its own larger vocabulary).
+Only the tensors lineage reads hold data — embedding, norms, q and k, routers, the first ``experts_filled``
+routed experts' up/down, the shared expert's up/down, the dense layer's up/down — everything else is a sparse
+hole, so each file has its real apparent size. Router rows of unfilled experts are zero (φ_U never picks them:
+their cosine is 0). Each model gets a word-level tokenizer.json (``w0`` … ``w{vocab-1}``), so the shared
+tokens are the first 151,552 words.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+from _shapes import Glm4MoeShape, apparent_bytes, disk_bytes, write_sparse_checkpoint
+
+ROW_BLOCK = 8192
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+READ_SUFFIXES = (
+    "norm.weight",
+    "q_proj.weight",
+    "k_proj.weight",
+    "mlp.gate.weight",
+    "up_proj.weight",
+    "down_proj.weight",
+    "embed_tokens.weight",
+)
+
+
+def _rng(seed: int, name: str, block: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), block])
+
+
+def base_values(shape: Glm4MoeShape, seed: int, experts_filled: int):
+    """fill(name, dims) for an independent model: seeded data where lineage reads, holes elsewhere."""
+
+    def fill(name: str, dims: tuple[int, ...]):
+        m = _EXPERT.search(name)
+        if m and int(m.group(1)) >= experts_filled:
+            return None
+        if not name.endswith(READ_SUFFIXES) or "gate_proj" in name:
+            return None
+        if len(dims) == 1:
+            return 1 + 0.1 * _rng(seed, name).standard_normal(dims, dtype=np.float32)
+        if name.endswith("embed_tokens.weight"):
+            return (
+                0.02 * _rng(seed, name, b).standard_normal((min(ROW_BLOCK, dims[0] - a), dims[1]), dtype=np.float32)
+                for b, a in enumerate(range(0, dims[0], ROW_BLOCK))
+            )
+        w = 0.02 * _rng(seed, name).standard_normal(dims, dtype=np.float32)
+        if name.endswith("mlp.gate.weight"):
+            w[experts_filled:] = 0.0
+        return w
+
+    return fill
+
+
+def derived_values(shape: Glm4MoeShape, seed: int, experts_filled: int, noise: float = 0.01):
+    """fill for a derivation of ``base_values(shape, seed)``: residual permutation and signs, filled experts
+    reordered with their router rows, ``noise`` × std added. Function-preserving apart from the noise."""
+    base = base_values(shape, seed, experts_filled)
+    g = np.random.default_rng([seed, 99])
+    perm, sign = g.permutation(shape.hidden), np.where(g.random(shape.hidden) < 0.5, -1.0, 1.0).astype(np.float32)
+    experts = g.permutation(experts_filled)  # B's expert e is A's expert experts[e]
+
+    def noisy(w: np.ndarray, name: str, block: int = 0) -> np.ndarray:
+        return w + noise * float(w.std()) * _rng(seed + 1, name, block).standard_normal(w.shape, dtype=np.float32)
+
+    def fill(name: str, dims: tuple[int, ...]):
+        m = _EXPERT.search(name)
+        source = name
+        if m and int(m.group(1)) < experts_filled:
+            source = name.replace(f".experts.{m.group(1)}.", f".experts.{experts[int(m.group(1))]}.")
+        w = base(source, dims)
+        if w is None:
+            return None
+        if name.endswith("embed_tokens.weight"):
+            return (noisy(blk[:, perm] * sign, name, b) for b, blk in enumerate(w))
+        if len(dims) == 1:  # norm gains: permuted (RMSNorm commutes with a signed permutation)
+            return w[perm]
+        if name.endswith("down_proj.weight"):  # writes the residual: rows
+            return noisy(w[perm] * sign[:, None], name)
+        if name.endswith("mlp.gate.weight"):
+            w = np.concatenate([w[:experts_filled][experts], w[experts_filled:]])
+        return noisy(w[:, perm] * sign, name)  # reads the residual: columns
+
+    return fill
+
+
+def word_tokenizer(folder: Path, vocab: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def build_twin(folder: Path, shape: Glm4MoeShape, fill, stamp: dict) -> Path:
+    """Write one twin unless ``folder`` already holds it (same stamp)."""
+    marker = folder / "bench-scale.json"
+    if marker.exists() and json.loads(marker.read_text()) == stamp:
+        return folder
+    started = time.perf_counter()
+    write_sparse_checkpoint(folder, shape, shape.shards_by_size(), fill)
+    word_tokenizer(folder, shape.vocab)
+    marker.write_text(json.dumps(stamp))
+    print(
+        f"built {folder.name}: {apparent_bytes(folder) / 1e9:.1f} GB apparent, {disk_bytes(folder) / 1e9:.2f} GB "
+        f"on disk, {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
+    return folder
+
+
+def build_twins(root: Path, glm: Glm4MoeShape, solar: Glm4MoeShape, experts_filled: int) -> dict[str, Path]:
+    out = {}
+    for name, shape, fill in (
+        ("glm-a", glm, base_values(glm, 0, experts_filled)),
+        ("glm-derived", glm, derived_values(glm, 0, experts_filled)),
+        ("solar-indep", solar, base_values(solar, 7, experts_filled)),
+    ):
+        stamp = {"config": shape.config(), "experts_filled": experts_filled, "kind": name, "version": 1}
+        out[name] = build_twin(root / name, shape, fill, stamp)
+    return out
