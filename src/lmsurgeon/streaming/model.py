@@ -168,7 +168,7 @@ class StreamedModel:
         self._stages = self._partition_names()
         self._resident: set[str | int] = set()
         if not self.streaming:
-            self._load(["embed", "final_norm", "lm_head", *range(self.n_layers)])
+            self.load(["embed", "final_norm", "lm_head", *range(self.n_layers)])
 
     def __repr__(self) -> str:
         way = "streaming" if self.streaming else "plain"
@@ -245,7 +245,10 @@ class StreamedModel:
         others = (self._layers_path + ".", *under(self.final_norm, self.head))
         return lambda name: not name.startswith(others)
 
-    def _load(self, stages: Sequence[str | int]) -> None:
+    def load(self, stages: Sequence[str | int]) -> None:
+        """Load these stages (``"embed"``, a block index, ``"final_norm"``, ``"lm_head"``) from the checkpoint;
+        resident ones are left as they are. Callers that schedule blocks themselves (several blocks resident at
+        once, blocks kept across passes) pair it with :meth:`release`."""
         todo = [s for s in stages if s not in self._resident]
         if not todo:
             return
@@ -255,7 +258,9 @@ class StreamedModel:
             self.head.weight = self.model.get_input_embeddings().weight
         self._resident.update(todo)
 
-    def _release(self, stages: Sequence[str | int]) -> None:
+    def release(self, stages: Sequence[str | int]) -> None:
+        """Free these stages' weights again (their parameters go back to the meta device); a no-op on the plain
+        path, where everything stays loaded."""
         if not self.streaming:
             return
         for stage in stages:
@@ -263,14 +268,19 @@ class StreamedModel:
             self._resident.discard(stage)
 
     @contextmanager
-    def _loaded(self, *stages: str | int) -> Iterator[None]:
+    def loaded(self, *stages: str | int) -> Iterator[None]:
         """Stages loaded for the duration of the block; those already resident stay as they were."""
         new = [s for s in stages if s not in self._resident]
-        self._load(new)
+        self.load(new)
         try:
             yield
         finally:
-            self._release(new)
+            self.release(new)
+
+    @property
+    def resident(self) -> frozenset[str | int]:
+        """The stages whose weights are in memory now."""
+        return frozenset(self._resident)
 
     def resident_bytes(self) -> int:
         """Bytes of weights currently in memory (each shared storage once)."""
@@ -321,7 +331,7 @@ class StreamedModel:
         scaling as the family does them), then records instead of computing every block (see the module doc).
         """
         out = []
-        with self._loaded("embed"):
+        with self.loaded("embed"):
             for ids, mask in self.batches(input_ids, attention_mask):
                 hidden, calls = self._record_calls(ids.to(self.device), mask.to(self.device))
                 out.append(Batch(ids.to(self.device), mask.to(self.device), hidden, calls))
@@ -371,7 +381,7 @@ class StreamedModel:
         if not 0 <= start <= stop <= self.n_layers:
             raise LmsurgeonError(f"block range {start}..{stop} outside 0..{self.n_layers}")
         for index in range(start, stop):
-            with self._loaded(index):
+            with self.loaded(index):
                 yield index, self.layers[index]
 
     @torch.no_grad()
@@ -406,7 +416,7 @@ class StreamedModel:
         themselves for families without one (BERT's post-norm blocks end normalised)."""
         if self.final_norm is None:
             return residual.hidden()
-        with self._loaded("final_norm"):
+        with self.loaded("final_norm"):
             return [self.final_norm(h) for h in residual.hidden()]
 
     @torch.no_grad()
@@ -425,7 +435,7 @@ class StreamedModel:
         cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
         rows_per_chunk = max(1, self.head_chunk_bytes // (4 * self.head.weight.shape[0]))
         out = []
-        with self._loaded("final_norm", "lm_head"):
+        with self.loaded("final_norm", "lm_head"):
             for batch, h in zip(residual.batches, self.final(residual), strict=True):
                 ids, mask = batch.input_ids, batch.attention_mask.bool()
                 valid = mask[:, 1:] & mask[:, :-1]
