@@ -109,3 +109,24 @@ def test_a_head_only_merge_reuses_the_general_texts_body_outputs(merge_pair):
 def test_domain_objective_searches_the_gate():
     assert load_space(None, "domain") == DOMAIN_SPACE
     assert "gate_frac" not in load_space(None, "seed")
+
+
+def test_batches_without_a_moved_token_reuse_the_base_body_outputs_exactly(domain_session):
+    """evaluate_changed equals a full evaluation when one batch holds a moved embedding row and the others not."""
+    s = domain_session
+    ids_per_batch = [set(b["ids"][b["mask"].bool()].tolist()) for b in s.evaluator.batches]
+    assert len(ids_per_batch) > 1
+    only_first = sorted(ids_per_batch[0] - set().union(*ids_per_batch[1:]))
+    assert only_first
+    emb = s.model.get_input_embeddings().weight
+    before = emb.detach().clone()
+    with torch.no_grad():
+        emb[only_first[:3]] *= 1.5
+    full = s.evaluator.evaluate(s.model)
+    part = s.evaluator.evaluate_changed(s.model, s.head_logits, s.base_eval.head_inputs, only_first[:3])
+    with torch.no_grad():
+        emb.copy_(before)
+    assert full.nll_sum != s.base_eval.nll_sum
+    np.testing.assert_allclose(part.nll_sum, full.nll_sum, rtol=1e-6)
+    np.testing.assert_allclose(part.logprobs.numpy(), full.logprobs.numpy(), atol=1e-5)
+    np.testing.assert_allclose(part.bpb, full.bpb, rtol=1e-6)

@@ -206,6 +206,36 @@ class PromptEvaluator:
         return ev
 
     @torch.no_grad()
+    def evaluate_changed(
+        self, model, head_logits, base_head_inputs: list[torch.Tensor], changed_ids: list[int]
+    ) -> Evaluation:
+        """:meth:`evaluate` after a change to the embedding rows `changed_ids` (and any change to the head):
+        a batch none of whose tokens is changed feeds the body the same inputs as the base did, so its kept body
+        outputs are reused and only the head runs (exact when ``head_logits`` reproduces the model, which the
+        merge checks once); the other batches run the whole model. Head inputs are kept for every batch."""
+        changed = torch.tensor(sorted(set(changed_ids)), dtype=torch.long, device=self.device)
+        seen: list[torch.Tensor] = []
+        hook = model.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: seen.append(args[0].detach())
+        )
+
+        def logits():
+            for b, h in zip(self.batches, base_head_inputs, strict=True):
+                if changed.numel() and torch.isin(b["ids"][b["mask"].bool()], changed).any():
+                    out = model(input_ids=b["ids"], attention_mask=b["mask"]).logits
+                    yield out
+                else:
+                    seen.append(h)
+                    yield head_logits(h)
+
+        try:
+            ev = self._score(logits())
+        finally:
+            hook.remove()
+        ev.head_inputs = seen
+        return ev
+
+    @torch.no_grad()
     def evaluate_head(self, head_logits, head_inputs: list[torch.Tensor]) -> Evaluation:
         """The same numbers with the body's outputs reused: logits = ``head_logits(h)`` per batch."""
         return self._score(head_logits(h) for h in head_inputs)

@@ -282,7 +282,7 @@ class MergeSession:
         t0 = time.perf_counter()
         clip = bool(p["use_soft_clip"])
         a = self._apply_a(p, clip)
-        ev_a = self.evaluator.evaluate(self.model, self.head_only) if a["rows"] else self.base_eval
+        ev_a = self._evaluate_body(self.evaluator, self.base_eval) if a["rows"] else self.base_eval
         a.update(ppl=ev_a.ppl, r=relative_ppl(ev_a, self.base_eval))
         current, n_evals = ev_a, 1 if a["rows"] else 0
         b = {"rows": 0, "outcome": "skipped_tied"}
@@ -348,8 +348,15 @@ class MergeSession:
             ev = self.general.evaluate_head(self.head_logits, self.base_general.head_inputs)
             evals = 0
         else:
-            ev, evals = self.general.evaluate(self.model), 1
+            ev, evals = self._evaluate_body(self.general, self.base_general), 1
         return {"general_bpb": ev.bpb, "general_excess": ev.bpb - limit, "general_evals": evals}
+
+    def _evaluate_body(self, evaluator: PromptEvaluator, base: Evaluation) -> Evaluation:
+        """An evaluation after Stage A moved embedding rows: batches without a moved token reuse the base's body
+        outputs when the head alone reproduces the model (in memory); otherwise the whole model runs."""
+        if self.head_only and base.head_inputs is not None and not self.streamed:
+            return evaluator.evaluate_changed(self.model, self.head_logits, base.head_inputs, self.stage_a.last_ids)
+        return evaluator.evaluate(self.model, self.head_only)
 
     def changed_rows(self) -> list[int]:
         """Base token ids whose embedding row the current (kept) merge moved."""
