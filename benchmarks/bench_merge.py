@@ -35,6 +35,39 @@ def _params(rng) -> dict:
     }
 
 
+def _domain_params(rng) -> dict:
+    """A random point of the domain gate's search space (methods.md §M10)."""
+    from lmsurgeon.merge.search import DOMAIN_SPACE
+
+    lo, hi = zip(*(DOMAIN_SPACE[k] for k in ("gate_frac", "alpha_emb", "alpha_head")), strict=True)
+    f, ae, ah = rng.uniform(lo, hi)
+    return {"gate_frac": f, "alpha_emb": ae, "alpha_head": ah, "use_soft_clip": bool(rng.integers(2))}
+
+
+def _domain_rows(zoo_dir: Path, trials: int, timed) -> tuple[float, float, float, int]:
+    """The zoo domain scenario (llama-sp ← gpt2-code, `--objective domain`): interleaved rounds of one base
+    evaluation of the domain search text and one gate trial (general text included); medians."""
+    from lmsurgeon.data import load_corpus, load_texts
+    from lmsurgeon.merge import MergeConfig, MergeSession
+    from lmsurgeon.zoo.recipe import domain_texts
+
+    search = domain_texts(load_corpus().split("train_b"))[:32]
+    cfg = MergeConfig(objective="domain")
+    s = MergeSession(
+        str(zoo_dir / "llama-sp"), str(zoo_dir / "gpt2-code"), search, cfg, general_texts=load_texts(None, "test")[:32]
+    )
+    rng = np.random.default_rng(0)
+    evals, stats = [], []
+    for _ in range(trials):
+        evals.append(timed(lambda: s.evaluator.evaluate(s.model)))
+        stats.append(s.trial(_domain_params(rng)))
+    general = sum(st["general_bpb"] is not None and st["stage_a"]["rows"] > 0 for st in stats)
+    t_eval = float(np.median(evals))
+    t_trial = float(np.median([st["seconds"] for st in stats]))
+    t_mean = float(np.mean([st["seconds"] for st in stats]))
+    return t_eval, t_trial, t_mean, general
+
+
 def _workers(n: int, base: str, donor: str, trials: int, storage: str, name: str) -> float:
     """Wall seconds for `n` worker processes to finish `trials` trials of one study (startup included)."""
     args = [
@@ -72,6 +105,7 @@ def main() -> None:
     ap.add_argument("--worker-trials", type=int, default=16)
     ap.add_argument("--storage", default=None)
     ap.add_argument("--zoo", default=None, help="an already built zoo folder (default: the profile's, built if needed)")
+    ap.add_argument("--domain-trials", type=int, default=16, help="rounds of the domain scenario's rows (0: none)")
     a = ap.parse_args()
 
     from lmsurgeon.data import load_texts
@@ -110,6 +144,8 @@ def main() -> None:
         t_reload.append(time.perf_counter() - t0)
     t_reload_trial = float(np.median(t_reload)) + t_trial
 
+    domain = _domain_rows(zoo_dir, a.domain_trials, timed) if a.domain_trials else None
+
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for n in (1, 2) if a.worker_trials else ():
@@ -132,6 +168,14 @@ def main() -> None:
     print(f"{'trial with Stage B re-running the body':48s} {t_full_b:9.3f} {t_full_b / t_eval:8.2f}")
     print(f"{'reload B + trial (naive)':48s} {t_reload_trial:9.3f} {t_reload_trial / t_eval:8.2f}")
     print(f"{'naive / in-place':48s} {'':9s} {t_reload_trial / t_trial:8.2f}")
+    if domain is not None:
+        d_eval, d_trial, d_mean, n_general = domain
+        print(f"domain scenario llama-sp ← gpt2-code, --objective domain, {a.domain_trials} gate trials")
+        print(f"{'one perplexity evaluation (domain search text)':48s} {d_eval:9.3f} {1.0:8.2f}")
+        print(
+            f"{'gate trial (patch, evaluate, general, restore)':48s} {d_trial:9.3f} {d_trial / d_eval:8.2f}   "
+            f"(median; target ≤ 1.2; mean {d_mean / d_eval:.2f}; {n_general} trials re-ran the body on general text)"
+        )
     for n, secs, tpm in rows:
         print(
             f"{f'{n} worker process(es), {a.worker_trials} trials, wall':48s} {secs:9.2f}   "

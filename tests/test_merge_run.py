@@ -245,8 +245,16 @@ def test_domain_objective_keeps_general_text_within_tolerance(merge_pair, tmp_pa
     base_general = res["bpb"]["base"]["general"]
     stats = [json.loads(p.read_text()) for p in sorted((tmp_path / "domain" / "stats").glob("trial_*.json"))]
     assert len(stats) == 4
-    assert [isinstance(st["general_bpb"], float) for st in stats] == [True] * 4
-    feasible = [st for st in stats if st["general_bpb"] <= base_general * 1.05 and st["r"] <= res["ppl_cap"]]
+    # general text is measured for every trial that lowered the search text's bits per byte (the others cannot win)
+    base_search = res["bpb"]["base"]["search"]
+    assert [isinstance(st["general_bpb"], float) for st in stats] == [
+        st["bpb"] < base_search or st["n_evals"] == 0 for st in stats
+    ]
+    feasible = [
+        st
+        for st in stats
+        if st["general_bpb"] is not None and st["general_bpb"] <= base_general * 1.05 and st["r"] <= res["ppl_cap"]
+    ]
     if feasible:
         assert res["best_stats"]["bpb"] == min(st["bpb"] for st in feasible)
     else:

@@ -1,7 +1,7 @@
 """The zoo pairs: cross-tokenizer, cross-width merges, and the domain scenario (a code-trained donor)."""
 
 from lmsurgeon.data import load_corpus
-from lmsurgeon.merge import run_merge
+from lmsurgeon.merge import run_domain_merge, run_merge
 from lmsurgeon.zoo.recipe import domain_texts
 
 
@@ -26,22 +26,20 @@ def test_zoo_domain_scenario_recommends_nothing_worse_than_the_base(test_zoo, tm
     keeps general text within the tolerance."""
     zoo_dir, _manifest = test_zoo
     corpus = load_corpus()
-    search, heldout = tmp_path / "search.txt", tmp_path / "heldout.txt"
-    search.write_text("\n\n".join(domain_texts(corpus.split("train_b"))), encoding="utf-8")
-    heldout.write_text("\n\n".join(domain_texts(corpus.split("validation"))), encoding="utf-8")
-    res = run_merge(
+    res = run_domain_merge(
         str(zoo_dir / "llama-sp"),
         str(zoo_dir / "gpt2-code"),
         tmp_path / "domain",
+        domain_texts(corpus.split("train_b")),
+        domain_texts(corpus.split("validation")),
         trials=6,
         seed=0,
         max_prompts=32,
-        prompts_file=str(search),
-        eval_file=str(heldout),
-        objective="domain",
     )
     bpb = res["bpb"]
     assert bpb["donor"]["heldout"] < bpb["base"]["heldout"]  # the scenario: the donor knows the domain
     assert bpb["best"]["heldout"] <= bpb["base"]["heldout"]
     assert bpb["best"]["general"] <= bpb["base"]["general"] * (1 + res["tolerance"])
-    assert res["texts"]["heldout"]["documents"] == len(domain_texts(corpus.split("validation")))
+    assert res["texts"]["heldout"]["documents"] == min(32, len(domain_texts(corpus.split("validation"))))
+    if bpb["recommended"] == "base":  # when no trial beats the base, results and report say so
+        assert "no trial" in bpb["reason"] or "costs general text" in bpb["reason"]

@@ -95,8 +95,27 @@ def merge(base, donor, out, as_json, **settings) -> None:
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="fp32", show_default=True)
 @click.option("--trust-remote-code", is_flag=True)
+@click.option(
+    "--streaming",
+    type=click.Choice(["auto", "stream", "plain"]),
+    default="auto",
+    show_default=True,
+    help="Stream each model's blocks from its checkpoint: auto when it does not fit --max-memory.",
+)
+@click.option("--max-memory", default=None, help="Memory budget for --streaming auto, e.g. 6GiB (default: free).")
 def compare_generation(
-    base, merged, tokenizer, prompts, out, as_json, seed, max_new_tokens, dtype, trust_remote_code
+    base,
+    merged,
+    tokenizer,
+    prompts,
+    out,
+    as_json,
+    seed,
+    max_new_tokens,
+    dtype,
+    trust_remote_code,
+    streaming,
+    max_memory,
 ) -> None:
     """Greedy, deterministic answers of base and merged to the same prompts, side by side."""
     from lmsurgeon.merge import compare_generation as run
@@ -111,6 +130,8 @@ def compare_generation(
         max_new_tokens=max_new_tokens,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        streaming=streaming,
+        max_memory=max_memory,
     )
     s = results["summary"]
     emit(results, as_json, [f"{s['identical']} of {s['prompts']} answers identical"], out)

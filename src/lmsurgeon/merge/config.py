@@ -105,6 +105,13 @@ class MergeConfig:
     batch_size: int = _param(8, "Prompts per forward pass.")
     device: str = _param("cpu", "Torch device of the base model.", cli=False)
     trust_remote_code: bool = _param(False, "Allow the base's own modelling code.")
+    streaming: str = _param(
+        "auto",
+        "Run the base (and the donor's own evaluation) layer-streamed: auto streams only when the model does not "
+        "fit --max-memory; the numbers are the same either way.",
+        choices=("auto", "stream", "plain"),
+    )
+    max_memory: str | None = _param(None, "Memory budget for --streaming auto, e.g. 6GiB (default: what is free).")
 
     def __post_init__(self) -> None:
         if self.ppl_cap <= 1.0:

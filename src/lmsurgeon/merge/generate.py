@@ -81,6 +81,33 @@ def greedy(model, tok, prompt: str, max_new_tokens: int, max_positions: int | No
     }
 
 
+def greedy_streamed(lm, tok, prompt: str, max_new_tokens: int, max_positions: int | None = None) -> dict:
+    """:func:`greedy` on a layer-streamed model (methods.md §M11): no KV cache, every block streams once per
+    new token; the same argmax tokens as ``generate`` (same logits to float rounding), stopping at the same
+    end-of-sequence ids."""
+    import torch
+
+    ids = _encode(tok, prompt)[0].tolist()
+    if max_positions:
+        ids = ids[-(max_positions - 1) :]
+        max_new_tokens = max(0, min(max_new_tokens, max_positions - len(ids)))
+    eos = lm.model.generation_config.eos_token_id
+    stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    new: list[int] = []
+    t0 = time.perf_counter()
+    while len(new) < max_new_tokens:
+        token = int(torch.argmax(lm.next_token_logits(ids + new)))
+        new.append(token)
+        if token in stop:
+            break
+    return {
+        "text": tok.decode(new, skip_special_tokens=True),
+        "ids": new,
+        "n_tokens": len(new),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def first_diff(a: list[int], b: list[int]) -> int | None:
     """Index of the first differing generated token; None when identical."""
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
@@ -101,8 +128,13 @@ def compare_generation(
     dtype: str = "fp32",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    streaming: str = "auto",
+    max_memory: str | None = None,
 ) -> dict:
-    """Greedy answers of both models to each prompt → results.jsonl, results.md, results.json (diff summary)."""
+    """Greedy answers of both models to each prompt → results.jsonl, results.md, results.json (diff summary).
+
+    ``streaming``: ``auto`` streams a model's blocks from its checkpoint when it does not fit ``max_memory``,
+    ``stream``/``plain`` force a path; the answers are the same (methods.md §M11)."""
     make_deterministic(seed)
     from lmsurgeon.io import open_model
     from lmsurgeon.merge.run import DTYPES
@@ -111,17 +143,23 @@ def compare_generation(
     texts = read_prompts(prompts)
     hb, hm = open_model(base), open_model(merged)
     tok = open_model(tokenizer).load_tokenizer(trust_remote_code) if tokenizer else hb.load_tokenizer(trust_remote_code)
+    from lmsurgeon.merge.streamed import StreamedLM, wants_streaming
+
     records = []
-    models = {}
+    models: dict = {}
     for name, h in (("base", hb), ("merged", hm)):
-        models[name] = h.load_model(dtype=DTYPES[dtype], device=device, trust_remote_code=trust_remote_code)
+        if wants_streaming(h, DTYPES[dtype], streaming, max_memory, device):
+            models[name] = StreamedLM(h, dtype=DTYPES[dtype], device=device, batch_size=1, max_memory=max_memory)
+        else:
+            models[name] = h.load_model(dtype=DTYPES[dtype], device=device, trust_remote_code=trust_remote_code)
+    run_greedy = {n: greedy_streamed if isinstance(m, StreamedLM) else greedy for n, m in models.items()}
     from lmsurgeon.arch import Layout
 
     limits = [Layout(h).max_positions for h in (hb, hm)]
     limit = min((v for v in limits if v), default=None)
     for i, p in enumerate(texts):
-        rb = greedy(models["base"], tok, p, max_new_tokens, limit)
-        rm = greedy(models["merged"], tok, p, max_new_tokens, limit)
+        rb = run_greedy["base"](models["base"], tok, p, max_new_tokens, limit)
+        rm = run_greedy["merged"](models["merged"], tok, p, max_new_tokens, limit)
         d = first_diff(rb["ids"], rm["ids"])
         records.append(
             {
@@ -163,6 +201,7 @@ def compare_generation(
                 "base": str(base),
                 "merged": str(merged),
                 "max_new_tokens": max_new_tokens,
+                "streamed": {n: isinstance(m, StreamedLM) for n, m in models.items()},
                 "summary": summary,
                 "records": records,
             },

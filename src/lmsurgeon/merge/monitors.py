@@ -59,6 +59,7 @@ class Evaluation:
     class_nll: torch.Tensor | None = None  # float64 [len(TOKEN_CLASSES)]: NLL summed per token class
     class_bytes: torch.Tensor | None = None  # int64 [len(TOKEN_CLASSES)]: bytes those tokens spell
     head_inputs: list[torch.Tensor] | None = None  # per batch, what the LM head saw (kept for Stage B)
+    token_nll: list[torch.Tensor] | None = None  # per batch, [B, T−1] NLL (nats) of each target (domain gate)
     top_k: dict[int, tuple] = field(default_factory=dict)  # cached top_k_set(logprobs, K) per K
 
     @property
@@ -174,12 +175,20 @@ class PromptEvaluator:
         }
 
     @torch.no_grad()
-    def evaluate(self, model, keep_head_inputs: bool = False) -> Evaluation:
+    def evaluate(self, model, keep_head_inputs: bool = False, keep_token_nll: bool = False) -> Evaluation:
         """NLL in float32, summed in float64; log-probs at the KL positions of every prompt, in order.
 
         ``keep_head_inputs`` also keeps the LM head's input per batch, so a change to the head alone (Stage B)
-        is evaluated by :meth:`evaluate_head` without running the transformer body again.
+        is evaluated by :meth:`evaluate_head` without running the transformer body again. ``keep_token_nll``
+        keeps every target's NLL (what the domain gate of methods.md §M10 reads). A layer-streamed model
+        (anything with a ``batch_logits`` method) computes all batches block by block instead.
         """
+        if hasattr(model, "batch_logits"):
+            seen_h: list[torch.Tensor] = []
+            logits = model.batch_logits(self.batches, seen_h if keep_head_inputs else None)
+            ev = self._score(logits, keep_token_nll)
+            ev.head_inputs = seen_h if keep_head_inputs else None
+            return ev
         seen: list[torch.Tensor] = []
         hook = None
         if keep_head_inputs:
@@ -187,7 +196,9 @@ class PromptEvaluator:
                 lambda module, args, output: seen.append(args[0].detach())
             )
         try:
-            ev = self._score(model(input_ids=b["ids"], attention_mask=b["mask"]).logits for b in self.batches)
+            ev = self._score(
+                (model(input_ids=b["ids"], attention_mask=b["mask"]).logits for b in self.batches), keep_token_nll
+            )
         finally:
             if hook is not None:
                 hook.remove()
@@ -195,13 +206,43 @@ class PromptEvaluator:
         return ev
 
     @torch.no_grad()
+    def evaluate_changed(
+        self, model, head_logits, base_head_inputs: list[torch.Tensor], changed_ids: list[int]
+    ) -> Evaluation:
+        """:meth:`evaluate` after a change to the embedding rows `changed_ids` (and any change to the head):
+        a batch none of whose tokens is changed feeds the body the same inputs as the base did, so its kept body
+        outputs are reused and only the head runs (exact when ``head_logits`` reproduces the model, which the
+        merge checks once); the other batches run the whole model. Head inputs are kept for every batch."""
+        changed = torch.tensor(sorted(set(changed_ids)), dtype=torch.long, device=self.device)
+        seen: list[torch.Tensor] = []
+        hook = model.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: seen.append(args[0].detach())
+        )
+
+        def logits():
+            for b, h in zip(self.batches, base_head_inputs, strict=True):
+                if changed.numel() and torch.isin(b["ids"][b["mask"].bool()], changed).any():
+                    out = model(input_ids=b["ids"], attention_mask=b["mask"]).logits
+                    yield out
+                else:
+                    seen.append(h)
+                    yield head_logits(h)
+
+        try:
+            ev = self._score(logits())
+        finally:
+            hook.remove()
+        ev.head_inputs = seen
+        return ev
+
+    @torch.no_grad()
     def evaluate_head(self, head_logits, head_inputs: list[torch.Tensor]) -> Evaluation:
         """The same numbers with the body's outputs reused: logits = ``head_logits(h)`` per batch."""
         return self._score(head_logits(h) for h in head_inputs)
 
-    def _score(self, logits_per_batch) -> Evaluation:
+    def _score(self, logits_per_batch, keep_token_nll: bool = False) -> Evaluation:
         """Consume one batch's logits at a time (a [B, T, V] tensor per batch, never all batches at once)."""
-        nll_sum, picked = 0.0, []
+        nll_sum, picked, token_nll = 0.0, [], []
         class_nll = torch.zeros(SPECIAL + 1, dtype=torch.float64, device=self.device)
         for b, logits in zip(self.batches, logits_per_batch, strict=True):
             logp = torch.log_softmax(logits.float(), dim=-1)
@@ -209,6 +250,8 @@ class PromptEvaluator:
             nll_sum -= float(torch.where(b["valid"], target, 0.0).sum(dtype=torch.float64))
             class_nll.index_add_(0, b["classes"], -target.flatten().double())
             picked.append(logp[b["pick"]].cpu())
+            if keep_token_nll:
+                token_nll.append(torch.where(b["valid"], -target, 0.0).cpu())
             del logp, logits, target
         return Evaluation(
             nll_sum,
@@ -217,6 +260,7 @@ class PromptEvaluator:
             n_bytes=self.n_bytes,
             class_nll=class_nll[:-1].cpu(),
             class_bytes=self.class_bytes,
+            token_nll=token_nll if keep_token_nll else None,
         )
 
 

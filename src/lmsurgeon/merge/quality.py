@@ -87,11 +87,10 @@ def evaluate_texts(model, evaluators: dict[str, PromptEvaluator]) -> dict[str, E
 def donor_bpb(session, texts: MergeTexts) -> dict:
     """The donor on the same texts with its own tokenizer: what a user would get by switching models."""
     from lmsurgeon.arch import Layout
+    from lmsurgeon.merge.streamed import load_lm
 
     cfg = session.config
-    model = session.donor_handle.load_model(
-        dtype=torch.float32, device=cfg.device, trust_remote_code=cfg.trust_remote_code
-    )
+    model = load_lm(session.donor_handle, cfg, torch.float32)
     pad = session.donor_handle.config.get("pad_token_id")
     max_length = min(cfg.max_length, Layout(session.donor_handle).max_positions or cfg.max_length)
     evaluators = {

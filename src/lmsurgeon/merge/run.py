@@ -26,6 +26,7 @@ from lmsurgeon.merge.blend import alpha_schedule, blend_rows, centred_cosine
 from lmsurgeon.merge.config import MergeConfig, study_fingerprint
 from lmsurgeon.merge.monitors import Evaluation, PromptEvaluator, relative_ppl, sym_kl
 from lmsurgeon.merge.quality import MergeTexts, merge_texts
+from lmsurgeon.merge.streamed import StreamedLM, load_lm
 from lmsurgeon.merge.vocab import SharedVocab, canonical_vocab, shared_vocab
 from lmsurgeon.report.progress import stage
 
@@ -61,20 +62,26 @@ class StagePlan:
 
     def apply(self, k: int, min_tau: float, alpha_floor: float, alpha_cap: float, clip: bool, gamma: float) -> dict:
         sched = alpha_schedule(self.cos[clip], k, min_tau, alpha_floor, alpha_cap, gamma)
-        if sched.rows.size:
-            new = blend_rows(self.Y[sched.rows], self.E_tilde[clip][sched.rows], sched.alpha)
+        out = self._write(sched.rows, sched.alpha, clip)
+        return {"rows": out["rows"], "tau": sched.tau, "alpha_mean": out["alpha_mean"]}
+
+    def apply_gated(self, gate: np.ndarray, alpha: float, clip: bool) -> dict:
+        """The domain gate's merge (methods.md §M10): the pool rows where `gate` holds, all at one rate α."""
+        rows = np.flatnonzero(gate) if alpha > 0 else np.zeros(0, dtype=np.int64)
+        return self._write(rows, np.full(rows.size, alpha), clip)
+
+    def _write(self, rows: np.ndarray, alpha: np.ndarray, clip: bool) -> dict:
+        """Blend pool positions `rows` at rates `alpha` into the live weight; remember which base ids moved."""
+        if rows.size:
+            new = blend_rows(self.Y[rows], self.E_tilde[clip][rows], alpha)
             new_t = torch.from_numpy(new).to(self.weight.dtype)
             if not torch.isfinite(new_t).all():
                 raise BadNumbers(f"stage {self.name}: blended rows overflow {self.weight.dtype}")
-            rows_t = torch.from_numpy(sched.rows)
+            rows_t = torch.from_numpy(rows)
             with torch.no_grad():
                 self.weight.index_copy_(0, self.idx[rows_t], new_t)
-        self.last_ids = self.idx[torch.from_numpy(sched.rows)].tolist()
-        return {
-            "rows": int(sched.rows.size),
-            "tau": sched.tau,
-            "alpha_mean": float(sched.alpha.mean()) if sched.alpha.size else 0.0,
-        }
+        self.last_ids = self.idx[torch.from_numpy(rows)].tolist()
+        return {"rows": int(rows.size), "alpha_mean": float(alpha.mean()) if alpha.size else 0.0}
 
     def restore(self) -> None:
         """Put the kept rows back and verify them bit for bit."""
@@ -167,9 +174,8 @@ class MergeSession:
         )
         cb = self.base_vocab = canonical_vocab(_tokenizer_json(self.base_handle))
         cd = canonical_vocab(_tokenizer_json(self.donor_handle))
-        self.model = self.base_handle.load_model(
-            dtype=DTYPES[cfg.dtype], device=cfg.device, trust_remote_code=cfg.trust_remote_code
-        )
+        self.model = load_lm(self.base_handle, cfg, DTYPES[cfg.dtype])
+        self.streamed = isinstance(self.model, StreamedLM)
         emb = self.model.get_input_embeddings().weight
         self.shared = shared_vocab(cb, cd, cfg.max_shared)
         dl = Layout(self.donor_handle)
@@ -208,13 +214,16 @@ class MergeSession:
         self.max_length = min(cfg.max_length, Layout(self.base_handle).max_positions or cfg.max_length)
         self.evaluator = self.prompt_evaluator(texts)
         t1 = time.perf_counter()
-        self.base_eval: Evaluation = self.evaluator.evaluate(self.model, keep_head_inputs=self.stage_b is not None)
+        self.base_eval: Evaluation = self.evaluator.evaluate(
+            self.model, keep_head_inputs=self.stage_b is not None, keep_token_nll=cfg.objective == "domain"
+        )
         self.seconds = {"setup": t1 - t0, "base_eval": time.perf_counter() - t1}
         self.head_only = self.stage_b is not None and self._head_reproduces_model()
+        self.difficulty = self._difficulty() if self.base_eval.token_nll is not None else None
         self.general = self.base_general = None
         if general_texts is not None:
             self.general = self.prompt_evaluator(general_texts)
-            self.base_general = self.general.evaluate(self.model)
+            self.base_general = self.general.evaluate(self.model, keep_head_inputs=self.head_only)
 
     def prompt_evaluator(self, texts: list[str]) -> PromptEvaluator:
         """An evaluator of `texts` with the base's tokenizer and this session's batching and KL positions."""
@@ -229,14 +238,51 @@ class MergeSession:
             device=self.config.device,
         )
 
+    def _difficulty(self) -> dict[str, np.ndarray]:
+        """Per base token id, the base's mean loss in bits on the search text (NaN: never seen there), as the
+        next token's target (``head``: how well the base predicts the token) and as the context just before it
+        (``emb``: how well the base predicts what follows the token). The domain gate reads these (§M10)."""
+        V = self.model.get_input_embeddings().weight.shape[0]
+        sums = {k: torch.zeros(V, dtype=torch.float64) for k in ("emb", "head")}
+        counts = {k: torch.zeros(V, dtype=torch.float64) for k in ("emb", "head")}
+        for b, nll in zip(self.evaluator.batches, self.base_eval.token_nll or [], strict=True):
+            valid = b["valid"].cpu()
+            ids, loss = b["ids"].cpu(), nll[valid].double() / np.log(2.0)
+            for key, at in (("head", ids[:, 1:][valid]), ("emb", ids[:, :-1][valid])):
+                sums[key].index_add_(0, at, loss)
+                counts[key].index_add_(0, at, torch.ones_like(loss))
+        return {k: (sums[k] / counts[k]).numpy() for k in sums}  # 0/0 → NaN: no evidence, never gated
+
+    def gate(self, stage: StagePlan, key: str, gate_frac: float) -> np.ndarray:
+        """The domain gate over a stage's pool: rows of tokens the base predicts worse than f·log2(V) bits."""
+        assert self.difficulty is not None, "the domain gate needs the base's per-token losses (objective domain)"
+        V = self.model.get_input_embeddings().weight.shape[0]
+        with np.errstate(invalid="ignore"):
+            return self.difficulty[key][stage.idx.numpy()] > gate_frac * np.log2(V)
+
+    def _apply_a(self, p: dict, clip: bool) -> dict:
+        if "gate_frac" in p:
+            return self.stage_a.apply_gated(self.gate(self.stage_a, "emb", p["gate_frac"]), p["alpha_emb"], clip)
+        k_a = int(np.floor(p["target_emb_frac"] * len(self.stage_a.idx)))
+        return self.stage_a.apply(k_a, p["min_tau_emb"], p["alpha_floor_emb"], p["alpha_cap_emb"], clip, self.gamma)
+
+    def _apply_b(self, p: dict, clip: bool) -> dict:
+        assert self.stage_b is not None
+        if "gate_frac" in p:
+            return self.stage_b.apply_gated(self.gate(self.stage_b, "head", p["gate_frac"]), p["alpha_head"], clip)
+        k_b = min(int(p["target_head_rows"]), len(self.stage_b.idx))
+        return self.stage_b.apply(k_b, p["min_tau_head"], p["alpha_floor_head"], p["alpha_cap_head"], clip, self.gamma)
+
     def trial(self, params: dict, keep: bool = False) -> dict:
-        """One merge with `params`; returns the stats; restores B unless `keep` (then the merged model stays)."""
-        p = {**CAUTIOUS, **params}
+        """One merge with `params`; returns the stats; restores B unless `keep` (then the merged model stays).
+
+        `params` holding ``gate_frac`` are the domain gate's (§M10: ``gate_frac``, ``alpha_emb``, ``alpha_head``);
+        any others are the seed's schedule, its cautious defaults filling what is missing."""
+        p = {"use_soft_clip": True, **params} if "gate_frac" in params else {**CAUTIOUS, **params}
         t0 = time.perf_counter()
         clip = bool(p["use_soft_clip"])
-        k_a = int(np.floor(p["target_emb_frac"] * len(self.stage_a.idx)))
-        a = self.stage_a.apply(k_a, p["min_tau_emb"], p["alpha_floor_emb"], p["alpha_cap_emb"], clip, self.gamma)
-        ev_a = self.evaluator.evaluate(self.model, self.head_only) if a["rows"] else self.base_eval
+        a = self._apply_a(p, clip)
+        ev_a = self._evaluate_body(self.evaluator, self.base_eval) if a["rows"] else self.base_eval
         a.update(ppl=ev_a.ppl, r=relative_ppl(ev_a, self.base_eval))
         current, n_evals = ev_a, 1 if a["rows"] else 0
         b = {"rows": 0, "outcome": "skipped_tied"}
@@ -250,10 +296,7 @@ class MergeSession:
         else:
             a["outcome"] = "applied"
             if self.stage_b is not None:
-                k_b = min(int(p["target_head_rows"]), len(self.stage_b.idx))
-                b = self.stage_b.apply(
-                    k_b, p["min_tau_head"], p["alpha_floor_head"], p["alpha_cap_head"], clip, self.gamma
-                )
+                b = self._apply_b(p, clip)
                 ev_b = self._evaluate_stage_b(current) if b["rows"] else current
                 n_evals += 1 if b["rows"] and not self.head_only else 0
                 b.update(ppl=ev_b.ppl, r=relative_ppl(ev_b, self.base_eval))
@@ -277,12 +320,43 @@ class MergeSession:
             "bpb": current.bpb,
         }
         if self.general is not None:
-            unchanged = current is self.base_eval
-            stats["general_bpb"] = (self.base_general if unchanged else self.general.evaluate(self.model)).bpb
-            stats["n_evals"] += 0 if unchanged else 1
+            stats.update(self._general(current, a, b))
+            stats["n_evals"] += stats.pop("general_evals")
         if not keep:
             self.restore()
         return {**stats, "seconds": time.perf_counter() - t0}
+
+    def _general(self, current: Evaluation, a: dict, b: dict) -> dict:
+        """General-text bits per byte of the merge in place, and the domain constraint (≤ 0: feasible).
+
+        Unchanged model: the base's numbers. Under ``--objective domain`` a merge that does not lower the search
+        text's bits per byte cannot be chosen, so its general text is not evaluated (``general_bpb`` None) and
+        the constraint is the search loss it caused (> 0, infeasible). A merge of the head alone reuses the
+        general text's body outputs."""
+        assert self.general is not None and self.base_general is not None
+        limit = self.base_general.bpb * (1.0 + self.config.tolerance)
+        if current is self.base_eval:
+            return {
+                "general_bpb": self.base_general.bpb,
+                "general_excess": self.base_general.bpb - limit,
+                "general_evals": 0,
+            }
+        if self.config.objective == "domain" and current.bpb >= self.base_eval.bpb:
+            return {"general_bpb": None, "general_excess": current.bpb - self.base_eval.bpb + 1e-12, "general_evals": 0}
+        head_alone = a["rows"] == 0 or a.get("outcome") == "rolled_back"
+        if head_alone and self.head_only and self.base_general.head_inputs is not None:
+            ev = self.general.evaluate_head(self.head_logits, self.base_general.head_inputs)
+            evals = 0
+        else:
+            ev, evals = self._evaluate_body(self.general, self.base_general), 1
+        return {"general_bpb": ev.bpb, "general_excess": ev.bpb - limit, "general_evals": evals}
+
+    def _evaluate_body(self, evaluator: PromptEvaluator, base: Evaluation) -> Evaluation:
+        """An evaluation after Stage A moved embedding rows: batches without a moved token reuse the base's body
+        outputs when the head alone reproduces the model (in memory); otherwise the whole model runs."""
+        if self.head_only and base.head_inputs is not None and not self.streamed:
+            return evaluator.evaluate_changed(self.model, self.head_logits, base.head_inputs, self.stage_a.last_ids)
+        return evaluator.evaluate(self.model, self.head_only)
 
     def changed_rows(self) -> list[int]:
         """Base token ids whose embedding row the current (kept) merge moved."""
@@ -318,8 +392,15 @@ class MergeSession:
 
         from lmsurgeon.io.model import quiet_transformers
 
-        with quiet_transformers():
-            self.model.save_pretrained(path, safe_serialization=True)
+        if isinstance(self.model, StreamedLM):
+            names = self.model.parameter_names()
+            weights = {"embed": self.model.get_input_embeddings().weight}
+            if "lm_head" in names:
+                weights["lm_head"] = self.model.get_output_embeddings().weight
+            self.model.save_pretrained(path, {names[k]: w for k, w in weights.items()})
+        else:
+            with quiet_transformers():
+                self.model.save_pretrained(path, safe_serialization=True)
         src = Path(self.base_handle.local_dir())
         for f in src.iterdir():  # tokenizer files travel with the model: B's tokenizer is kept
             if "tokenizer" in f.name or f.name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
@@ -395,7 +476,7 @@ def run_merge(
     cfg = (config or MergeConfig()).with_overrides(**overrides)
     out = Path(out) if out is not None else default_out_dir("merge")
     journal = _prepare_output(out, cfg)
-    space = search.load_space(cfg.space)
+    space = search.load_space(cfg.space, cfg.objective)
     texts = merge_texts(cfg)
     general = texts.general if cfg.objective == "domain" else None
     stage("merge: fitting the donor map and evaluating the base")
@@ -588,6 +669,7 @@ def _write_run_folder(
             "base": str(base),
             "donor": str(donor),
             "tied": session.tied,
+            "streamed": session.streamed,
             "dtype": cfg.dtype,
             "objective": cfg.objective,
             "tolerance": cfg.tolerance,
@@ -633,3 +715,47 @@ def _save_models(
         session.trial(t["params"], keep=True)
         session.save(folder / "topk" / f"trial_{t['number']:04d}")
         session.restore()
+
+
+def run_domain_merge(
+    base: str,
+    donor: str,
+    out: str | Path,
+    search_docs: list[str],
+    heldout_docs: list[str],
+    *,
+    trials: int = 16,
+    seed: int = 0,
+    max_prompts: int = 32,
+    **overrides: Any,
+) -> dict:
+    """`--objective domain` on documents given in memory: the search and held-out documents are written as
+    JSON lines next to `out` (``<out>.texts/``, one document a line, so blank lines inside a document survive)
+    and :func:`run_merge` runs on them; general text stays the corpus test split unless `general_file` is given.
+
+    The demo's domain scenario is ``run_domain_merge(zoo("llama-sp"), zoo("gpt2-code"), out,
+    domain_texts(corpus.split("train_b")), domain_texts(corpus.split("validation")))``
+    (``lmsurgeon.zoo.recipe.domain_texts``, ``lmsurgeon.data.load_corpus``).
+    """
+    import json
+
+    out = Path(out)
+    folder = out.with_name(out.name + ".texts")
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, docs in (("search", search_docs), ("heldout", heldout_docs)):
+        files[name] = folder / f"{name}.jsonl"
+        lines = (json.dumps({"text": d}, ensure_ascii=False) for d in docs)
+        files[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return run_merge(
+        base,
+        donor,
+        out,
+        trials=trials,
+        seed=seed,
+        max_prompts=max_prompts,
+        prompts_file=str(files["search"]),
+        eval_file=str(files["heldout"]),
+        objective="domain",
+        **overrides,
+    )

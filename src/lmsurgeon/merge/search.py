@@ -35,18 +35,27 @@ SPACE = {  # name → (low, high) floats, ints, or a list of choices (methods.md
     "min_tau_head": (0.60, 0.72),
     "use_soft_clip": [True, False],
 }
-HEAD_PARAMS = ("target_head_rows", "alpha_cap_head", "alpha_floor_head", "min_tau_head")
+DOMAIN_SPACE = {  # --objective domain: the domain gate (methods.md §M10)
+    # blend rows of tokens the base predicts worse than gate_frac · log2(V) bits (1: worse than a uniform guess)
+    "gate_frac": (0.60, 1.40),
+    "alpha_emb": (0.0, 0.50),  # one blend rate for every gated embedding row (0: embedding left alone)
+    "alpha_head": (0.0, 1.0),  # one blend rate for every gated head row (1: the mapped donor row itself)
+    "use_soft_clip": [True, False],
+}
+HEAD_PARAMS = ("target_head_rows", "alpha_cap_head", "alpha_floor_head", "min_tau_head", "alpha_head")
 
 
-def load_space(path: str | Path | None) -> dict:
-    """The search space, with `--space FILE` (JSON of the same shape) overriding single entries."""
-    space = dict(SPACE)
+def load_space(path: str | Path | None, objective: str = "seed") -> dict:
+    """The search space of the objective (the seed's schedule, or the domain gate), with `--space FILE` (JSON of
+    the same shape) overriding single entries."""
+    default = DOMAIN_SPACE if objective == "domain" else SPACE
+    space = dict(default)
     if path is not None:
         try:
             over = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise LmsurgeonError(f"cannot read the search space: {e}", path) from None
-        unknown = set(over) - set(SPACE)
+        unknown = set(over) - set(default)
         if unknown:
             raise LmsurgeonError(f"unknown parameters {sorted(unknown)}", path)
         space.update({k: tuple(v) if len(v) == 2 and not isinstance(v[0], bool) else list(v) for k, v in over.items()})
@@ -163,7 +172,10 @@ def n_complete(study: optuna.Study) -> int:
 
 
 def general_constraint(stats: dict, base_general_bpb: float, tolerance: float) -> float:
-    """≤ 0 when the trial's general-text bits per byte stay within the base's × (1 + tolerance)."""
+    """≤ 0 when the trial's general-text bits per byte stay within the base's × (1 + tolerance); a trial whose
+    general text was not evaluated (it did not lower the search text's) carries its own positive excess."""
+    if stats.get("general_bpb") is None:
+        return float(stats["general_excess"])
     return stats["general_bpb"] - base_general_bpb * (1.0 + tolerance)
 
 
