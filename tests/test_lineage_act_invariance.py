@@ -159,9 +159,8 @@ def test_phi_match_follows_a_dense_mlp_into_its_experts_and_matches_experts_by_r
     moe_moe = _phi_match(moe, reordered, texts)
     assert {p.block.split(" ")[0] for p in moe_moe.per_layer} == {"experts"}
     assert moe_moe.z >= 12, moe_moe.z
-    for a, b in ((base, other_moe), (moe, other_moe)):
-        t = _phi_match(a, b, texts)
-        assert abs(t.z) < 3, (a.name, b.name, t.z)
+    independent = _phi_match(moe, other_moe, texts)
+    assert abs(independent.z) < 3, independent.z
 
 
 def test_dead_units_are_dropped_before_matching():

@@ -90,8 +90,9 @@ def mlp_taps(layout, model) -> list[dict] | None:
     ]
 
 
-def act_cka(HA: list[np.ndarray], HB: list[np.ndarray], seed: int = 0) -> TestResult:
-    """CKA matrix of hidden states over the shared items, layer map by assignment, permutation-null z."""
+def act_cka(HA: list[np.ndarray], HB: list[np.ndarray], seed: int = 0, with_null: bool = True) -> TestResult:
+    """CKA matrix of hidden states over the shared items, layer map by assignment, permutation-null z (skipped
+    with ``with_null=False`` when only the layer map is wanted, as for phi_match alone)."""
     GA = {"hidden": [Grams(h - h.mean(0)) for h in HA]}
     GB = {"hidden": [Grams(h - h.mean(0)) for h in HB]}
     M = cka_matrix(GA, GB)
@@ -108,7 +109,8 @@ def act_cka(HA: list[np.ndarray], HB: list[np.ndarray], seed: int = 0) -> TestRe
         matrix=M,
         per_layer=[LayerCka(i, j, float(M[i, j])) for i, j in pairs],
     )
-    t.measure(s, item_permutation_null(GA, GB, pairs, seed, N_PERMUTATIONS, "item"))
+    if with_null:
+        t.measure(s, item_permutation_null(GA, GB, pairs, seed, N_PERMUTATIONS, "item"))
     return t
 
 
@@ -229,7 +231,7 @@ def activation_tests(
     with_mlp = "phi_match" in tests
     A = capture(layout_a, enc_a, keep, max_memory=max_memory, mode=mode, with_mlp=with_mlp)
     B = capture(layout_b, enc_b, keep, max_memory=max_memory, mode=mode, with_mlp=with_mlp)
-    cka = act_cka(A.hidden, B.hidden, seed)
+    cka = act_cka(A.hidden, B.hidden, seed, with_null="act_cka" in tests)
     out = [cka] if "act_cka" in tests else []
     if with_mlp:
         t = phi_match(A, B, cka.layer_map, layout_a, layout_b, seed)
