@@ -10,7 +10,8 @@ from lmsurgeon.report.figures import new_figure
 
 HOW_TO_READ = """The verdict comes only from the sound tests (awm: CKA of aligned q/k weights; phi_u: do up-rows and \
 down-columns pick the same MLP units; circuits: per-layer attention circuits Σ_h W_Q W_Kᵀ and Σ_h W_V W_O after \
-residual alignment; phi_match: do the MLP units' outputs on the same words pick the same units). Each z is \
+residual alignment; phi_match: do the MLP units' activations and readouts on the same words pick the same \
+units, for every MLP kind). Each z is \
 measured against a stated null: awm against independently trained models (the shipped calibration, or --null \
 models), unless the pair does not clear its own wrong layer pairs by 3 standard deviations, in which case that \
 lower z is shown; circuits against the pair's own wrong-layer circuit pairs; phi_u and phi_match analytically. \
