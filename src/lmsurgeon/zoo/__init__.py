@@ -10,6 +10,8 @@ Build time from nothing (empty ``LMSURGEON_CACHE``, corpus included, 2 CPU threa
 * ``full`` (what ``lmsurgeon demo`` uses): 329 s wall. Validation perplexity from ~4000 (untrained) to
   gpt2-bpe 298, llama-sp 246, deep-llama (16 layers) 445, lin-base 335.
 * ``test`` (the ``test_zoo`` fixture): 54 s wall; perplexities 700-900 (short runs, but clearly trained).
+  The adversarial family (``adv-*``, added 2026-12-03) costs 21 s of CPU time more on one thread, half of it
+  ``adv-llama-indep`` (trained from scratch like ``llama-sp``); the other 13 cases train 20 steps each.
 
 A complete zoo is reused in well under a second; an interrupted build resumes at the first unfinished model.
 On a shared, busy CPU expect up to about twice these times.

@@ -29,6 +29,7 @@ from lmsurgeon.data.cache import cache_dir, write_atomic
 from lmsurgeon.data.corpus import Corpus, load_corpus
 from lmsurgeon.errors import LmsurgeonError, OutputExists
 from lmsurgeon.io.model import quiet_transformers
+from lmsurgeon.zoo.adversarial import CASES
 from lmsurgeon.zoo.manifest import MANIFEST, read_manifest
 from lmsurgeon.zoo.models import count_params, make_config, new_model
 from lmsurgeon.zoo.progress import Bars, bars
@@ -199,6 +200,7 @@ class _Build:
     _raw: dict[str, Tokenizer] = field(default_factory=dict)
     _streams: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     _models: dict[str, torch.nn.Module] = field(default_factory=dict)
+    _own_vocabulary: dict[str, tuple[Tokenizer, torch.Tensor]] = field(default_factory=dict)
 
     def run(self) -> None:
         """Tokenizers first, then models in recipe order (parents before children)."""
@@ -239,9 +241,28 @@ class _Build:
             self._streams[key] = stream
         return self._streams[key]
 
-    def val_ppl(self, model: torch.nn.Module, tokenizer: str) -> float:
+    def raw_tokenizer(self, name: str) -> Tokenizer:
+        """The trained ``tokenizers`` object of tokenizer ``name``."""
+        return self._raw[name]
+
+    def set_vocabulary(self, recipe: ModelRecipe, tokenizer: Tokenizer, new_ids: torch.Tensor) -> None:
+        """Give model ``recipe.name`` its own permuted tokenizer (old id t is ``new_ids[t]``): it trains and is
+        evaluated on the permuted stream, and its folder receives that tokenizer instead of the shared one."""
+        self._own_vocabulary[recipe.name] = (tokenizer, new_ids)
+
+    def stream(self, recipe: ModelRecipe, split: str) -> torch.Tensor:
+        """The token stream of ``split`` in the ids of ``recipe``'s model (its own vocabulary if it has one)."""
+        stream = self._stream(recipe.tokenizer, split)
+        own = self._own_vocabulary.get(recipe.name)
+        return stream if own is None else own[1][stream]
+
+    def windows(self, recipe: ModelRecipe, split: str, n: int) -> torch.Tensor:
+        """The first ``n`` consecutive ``seq_len`` windows [n, seq_len] of ``split`` in the model's ids."""
+        return self.stream(recipe, split)[: n * self.recipe.seq_len].view(n, -1).to(self.device)
+
+    def val_ppl(self, model: torch.nn.Module, recipe: ModelRecipe) -> float:
         """Validation perplexity, exactly as ``recompute_perplexity`` computes it from disk."""
-        return perplexity(model, self._stream(tokenizer, EVAL_SPLIT), self.recipe.seq_len)
+        return perplexity(model, self.stream(recipe, EVAL_SPLIT), self.recipe.seq_len)
 
     # ---------------------------------------------------------------------------------------- models
 
@@ -253,25 +274,32 @@ class _Build:
             log.info("reusing %s", folder)
             return entry
         started = time.monotonic()
-        model, facts = MAKERS[recipe.transformation](self, recipe)
+        maker = CASES[recipe.case] if recipe.case is not None else MAKERS[recipe.transformation]
+        model, facts = maker(self, recipe)
         entry = self._entry(recipe, model, facts, time.monotonic() - started)
-        _publish(folder, self.digest, entry, lambda tmp: self._save(model, recipe.tokenizer, tmp))
-        if any(r.parent == recipe.name for r in self.recipe.models):
+        _publish(folder, self.digest, entry, lambda tmp: self._save(model, recipe, tmp))
+        if any(recipe.name in (r.parent, r.relative_to) for r in self.recipe.models):
             self._models[recipe.name] = model
         log.info("%s: val ppl %.2f -> %.2f", recipe.name, entry["initial_val_ppl"], entry["final_val_ppl"])
         return entry
 
     def parent(self, recipe: ModelRecipe) -> torch.nn.Module:
         """The parent model: from memory, or from its completed folder when the build was resumed."""
-        if recipe.parent not in self._models:
+        if recipe.parent is None:
+            raise LmsurgeonError(f"{recipe.name} has no parent", self.out)
+        return self.model(recipe.parent)
+
+    def model(self, name: str) -> torch.nn.Module:
+        """An earlier model of this build: from memory, or from its completed folder when the build was resumed."""
+        if name not in self._models:
             from transformers import AutoModelForCausalLM
 
             with quiet_transformers():
                 loaded = AutoModelForCausalLM.from_pretrained(
-                    str(self.out / recipe.parent), dtype=torch.float32, local_files_only=True
+                    str(self.out / name), dtype=torch.float32, local_files_only=True
                 )
-            self._models[recipe.parent] = loaded.to(self.device).eval()
-        return self._models[recipe.parent]
+            self._models[name] = loaded.to(self.device).eval()
+        return self._models[name]
 
     def fresh(self, recipe: ModelRecipe) -> torch.nn.Module:
         """A newly initialised model of the recipe's architecture over its tokenizer's vocabulary."""
@@ -279,18 +307,24 @@ class _Build:
         config = make_config(recipe.arch, tok["vocab_size"], tok["bos_id"], tok["eos_id"])
         return new_model(config, recipe.seed).to(self.device)
 
-    def train(self, recipe: ModelRecipe, model: torch.nn.Module) -> None:
-        """Train in place for the recipe's steps on its split, with a progress bar."""
-        if recipe.steps == 0:
+    def train(
+        self, recipe: ModelRecipe, model: torch.nn.Module, steps: int | None = None, seed_offset: int = 0
+    ) -> None:
+        """Train in place for the recipe's steps (or ``steps``) on its split, with a progress bar; a second phase
+        passes another ``seed_offset`` so it draws other windows."""
+        steps = recipe.steps if steps is None else steps
+        if steps == 0:
             return
-        plan = TrainPlan(recipe.steps, recipe.batch, self.recipe.seq_len, recipe.lr, recipe.seed)
-        with self.bars.task(recipe.name, recipe.steps) as on_step:
-            train(model, self._stream(recipe.tokenizer, recipe.split), plan, on_step=on_step)
+        plan = TrainPlan(steps, recipe.batch, self.recipe.seq_len, recipe.lr, recipe.seed + seed_offset)
+        with self.bars.task(recipe.name, steps) as on_step:
+            train(model, self.stream(recipe, recipe.split), plan, on_step=on_step)
 
-    def check_same_function(self, recipe: ModelRecipe, before, after) -> float:
-        """Relative logit change of a function-preserving transform on validation windows; must be ~0."""
+    def check_same_function(self, recipe: ModelRecipe, before, after, new_ids: torch.Tensor | None = None) -> float:
+        """Relative logit change of a function-preserving transform on validation windows; must be ~0.
+
+        ``new_ids`` maps ``before``'s token ids to ``after``'s when the transform permuted the vocabulary."""
         probe = self._stream(recipe.tokenizer, EVAL_SPLIT)[: 4 * self.recipe.seq_len].view(4, -1).to(self.device)
-        error = logit_discrepancy(before, after, probe)
+        error = logit_discrepancy(before, after, probe, new_ids)
         if error > FUNCTION_TOLERANCE:
             raise LmsurgeonError(
                 f"{recipe.name}: the {recipe.transformation} transform changed the logits "
@@ -299,11 +333,16 @@ class _Build:
             )
         return error
 
-    def _save(self, model: torch.nn.Module, tokenizer: str, folder: Path) -> None:
-        """Model weights and config plus a copy of the tokenizer files, ready for ``from_pretrained``."""
+    def _save(self, model: torch.nn.Module, recipe: ModelRecipe, folder: Path) -> None:
+        """Model weights and config plus a copy of the tokenizer files (or the model's own permuted tokenizer),
+        ready for ``from_pretrained``."""
         with quiet_transformers():
             model.save_pretrained(str(folder))
-        source = self.out / self.tokenizers[tokenizer]["path"]
+        if recipe.name in self._own_vocabulary:
+            tokenizer = self._own_vocabulary[recipe.name][0]
+            save_tokenizer(tokenizer, self.recipe.tokenizer(recipe.tokenizer), folder, MAX_POSITIONS)
+            return
+        source = self.out / self.tokenizers[recipe.tokenizer]["path"]
         for file in sorted(source.iterdir()):
             if file.is_file() and file.name != MARKER:
                 shutil.copy2(file, folder / file.name)
@@ -335,7 +374,7 @@ class _Build:
             "tied_embeddings": bool(config.tie_word_embeddings),
             "params": count_params(model),
             **facts,
-            "final_val_ppl": self.val_ppl(model, recipe.tokenizer),
+            "final_val_ppl": self.val_ppl(model, recipe),
             "build_seconds": round(seconds, 2),
         }
 
@@ -346,7 +385,7 @@ class _Build:
 def _scratch(build: _Build, recipe: ModelRecipe) -> tuple[torch.nn.Module, dict]:
     """Initialise from the recipe's seed and train on its split."""
     model = build.fresh(recipe)
-    initial = build.val_ppl(model, recipe.tokenizer)
+    initial = build.val_ppl(model, recipe)
     build.train(recipe, model)
     return model, {"initial_val_ppl": initial}
 
@@ -355,7 +394,7 @@ def _finetune(build: _Build, recipe: ModelRecipe) -> tuple[torch.nn.Module, dict
     """Copy the parent and train every weight on another split; check that every tensor really moved."""
     parent = build.parent(recipe)
     model = copy.deepcopy(parent)
-    initial = build.val_ppl(model, recipe.tokenizer)
+    initial = build.val_ppl(model, recipe)
     build.train(recipe, model)
     moved = moved_fraction(parent.state_dict(), model.state_dict())
     still = [name for name, fraction in moved.items() if fraction == 0.0]
@@ -373,7 +412,7 @@ def _permute(build: _Build, recipe: ModelRecipe) -> tuple[torch.nn.Module, dict]
     parent = build.parent(recipe)
     model, _ = permute_model(parent, recipe.seed)
     error = build.check_same_function(recipe, parent, model)
-    initial = build.val_ppl(model, recipe.tokenizer)
+    initial = build.val_ppl(model, recipe)
     build.train(recipe, model)
     return model, {
         "initial_val_ppl": initial,
@@ -385,7 +424,7 @@ def _permute(build: _Build, recipe: ModelRecipe) -> tuple[torch.nn.Module, dict]
 def _prune(build: _Build, recipe: ModelRecipe) -> tuple[torch.nn.Module, dict]:
     """Drop the recipe's layers, renumber, then heal with light training."""
     model = prune_model(build.parent(recipe), recipe.drop)
-    initial = build.val_ppl(model, recipe.tokenizer)
+    initial = build.val_ppl(model, recipe)
     build.train(recipe, model)
     return model, {"initial_val_ppl": initial, "dropped_layers": list(recipe.drop)}
 
@@ -395,7 +434,7 @@ def _gammafold(build: _Build, recipe: ModelRecipe) -> tuple[torch.nn.Module, dic
     parent = build.parent(recipe)
     model = fold_model(parent)
     error = build.check_same_function(recipe, parent, model)
-    return model, {"initial_val_ppl": build.val_ppl(model, recipe.tokenizer), "logit_rel_error": error}
+    return model, {"initial_val_ppl": build.val_ppl(model, recipe), "logit_rel_error": error}
 
 
 MAKERS: dict[str, Callable[[_Build, ModelRecipe], tuple[torch.nn.Module, dict]]] = {

@@ -154,13 +154,14 @@ def family_of(model) -> str:
     return FAMILIES[model_type]
 
 
-def _blocks(model) -> list[Any]:  # transformers modules: attributes are dynamic
+def blocks(model) -> list[Any]:  # transformers modules: attributes are dynamic
+    """The transformer blocks in order (GPT-2's ``transformer.h``, Llama's ``model.layers``)."""
     return list(model.transformer.h) if family_of(model) == "gpt2" else list(model.model.layers)
 
 
 def n_layers(model) -> int:
     """Number of transformer blocks."""
-    return len(_blocks(model))
+    return len(blocks(model))
 
 
 def is_tied(model) -> bool:
@@ -187,7 +188,7 @@ def _store(param: nn.Parameter | None, value: torch.Tensor | None) -> None:
 
 def read_attention(model, layer: int) -> AttentionWeights:
     """Layer ``layer``'s attention as :class:`AttentionWeights` (float64 copies)."""
-    block = _blocks(model)[layer]
+    block = blocks(model)[layer]
     if family_of(model) == "gpt2":
         attn = block.attn
         d = attn.embed_dim
@@ -223,8 +224,9 @@ def read_attention(model, layer: int) -> AttentionWeights:
     )
 
 
-def _write_attention(model, layer: int, aw: AttentionWeights) -> None:
-    block = _blocks(model)[layer]
+def write_attention(model, layer: int, aw: AttentionWeights) -> None:
+    """Store ``aw`` into layer ``layer``'s attention (shapes must match the model's)."""
+    block = blocks(model)[layer]
     if family_of(model) == "gpt2":
         attn = block.attn
         _store(attn.c_attn.weight, torch.cat([aw.W_q, aw.W_k, aw.W_v], dim=1))
@@ -242,7 +244,7 @@ def _write_attention(model, layer: int, aw: AttentionWeights) -> None:
 
 def read_mlp(model, layer: int) -> MlpWeights:
     """Layer ``layer``'s MLP as :class:`MlpWeights` (float64 copies)."""
-    block = _blocks(model)[layer]
+    block = blocks(model)[layer]
     if family_of(model) == "gpt2":
         mlp = block.mlp
         return MlpWeights(
@@ -264,8 +266,9 @@ def read_mlp(model, layer: int) -> MlpWeights:
     )
 
 
-def _write_mlp(model, layer: int, mw: MlpWeights) -> None:
-    mlp = _blocks(model)[layer].mlp
+def write_mlp(model, layer: int, mw: MlpWeights) -> None:
+    """Store ``mw`` into layer ``layer``'s MLP (shapes must match the model's)."""
+    mlp = blocks(model)[layer].mlp
     if family_of(model) == "gpt2":
         _store(mlp.c_fc.weight, mw.W_up)
         _store(mlp.c_fc.bias, mw.b_up)
@@ -364,6 +367,15 @@ def _norms(model) -> list[_Norm]:
             )
         )
     return [*norms, _Norm(model.model.norm.weight, None, head, final=True)]
+
+
+def residual_axes(model) -> dict[str, int]:
+    """Parameter name → the axis that runs along the residual stream, for every parameter that has one (norm
+    gains and biases included); a tied head is named once, as the embedding."""
+    axes = {id(p): axis for p, axis in _residual_tensors(model)}
+    for norm in _norms(model):
+        axes.update({id(p): 0 for p in (norm.gain, norm.bias) if p is not None})
+    return {name: axes[id(p)] for name, p in model.named_parameters() if id(p) in axes}
 
 
 def _check_described(model) -> None:
@@ -572,7 +584,7 @@ def map_query_key(model, seed: int) -> tuple[Any, Step]:
             aw.b_q = _map_columns(aw.b_q[None], maps, group)[0]
         if aw.b_k is not None:
             aw.b_k = _map_columns(aw.b_k[None], inverse_t)[0]
-        _write_attention(out, layer, aw)
+        write_attention(out, layer, aw)
         all_maps.append(torch.stack(maps))
     return out, Step("map_query_key", seed, {"M": torch.stack(all_maps)})
 
@@ -596,7 +608,7 @@ def map_value_output(model, seed: int) -> tuple[Any, Step]:
             aw.b_v = _map_columns(aw.b_v[None], maps)[0]
         rows = _head_blocks(aw.W_o, aw.n_heads, 0)
         aw.W_o = torch.cat([torch.linalg.solve(maps[h // group], block) for h, block in enumerate(rows)], dim=0)
-        _write_attention(out, layer, aw)
+        write_attention(out, layer, aw)
         all_maps.append(torch.stack(maps))
     return out, Step("map_value_output", seed, {"N": torch.stack(all_maps)})
 
@@ -626,7 +638,7 @@ def permute_heads(model, seed: int) -> tuple[Any, Step]:
         aw.b_q = None if aw.b_q is None else _take_heads(aw.b_q, q_perm, 0)
         aw.b_k = None if aw.b_k is None else _take_heads(aw.b_k, kv_perm, 0)
         aw.b_v = None if aw.b_v is None else _take_heads(aw.b_v, kv_perm, 0)
-        _write_attention(out, layer, aw)
+        write_attention(out, layer, aw)
         q_perms.append(q_perm)
         kv_perms.append(kv_perm)
     return out, Step("permute_heads", seed, {"q_perm": torch.stack(q_perms), "kv_perm": torch.stack(kv_perms)})
@@ -647,7 +659,7 @@ def permute_mlp_units(model, seed: int) -> tuple[Any, Step]:
         mw.W_gate = None if mw.W_gate is None else mw.W_gate[:, perm]
         mw.b_up = None if mw.b_up is None else mw.b_up[perm]
         mw.b_gate = None if mw.b_gate is None else mw.b_gate[perm]
-        _write_mlp(out, layer, mw)
+        write_mlp(out, layer, mw)
         perms.append(perm)
     return out, Step("permute_mlp_units", seed, {"perm": torch.stack(perms)})
 
@@ -675,7 +687,7 @@ def scale_mlp_units(model, seed: int) -> tuple[Any, Step]:
         c = _log_uniform_scales(mw.W_up.shape[1], generator)
         mw.W_up, mw.W_down = mw.W_up * c, mw.W_down / c[:, None]
         mw.b_up = None if mw.b_up is None else mw.b_up * c
-        _write_mlp(out, layer, mw)
+        write_mlp(out, layer, mw)
         scales.append(c)
     return out, Step("scale_mlp_units", seed, {"scale": torch.stack(scales)})
 

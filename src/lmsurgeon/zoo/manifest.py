@@ -58,7 +58,7 @@ def recompute_perplexity(zoo_dir: str | Path, name: str) -> float:
     manifest = read_manifest(zoo_dir)
     folder = model_dir(zoo_dir, name, manifest)
     entry, settings = manifest["models"][name], manifest["eval"]
-    eos_id = manifest["tokenizers"][entry["tokenizer"]]["eos_id"]
+    eos_id = entry.get("eos_id", manifest["tokenizers"][entry["tokenizer"]]["eos_id"])  # own vocabulary: own id
     stream = encode_stream(load_tokenizer(folder), load_corpus().split(settings["split"]), eos_id)
     if settings["max_tokens"]:
         stream = stream[: settings["max_tokens"]]

@@ -16,6 +16,10 @@ Models (every profile has all of them; ``test`` is smaller and shorter):
 * ``gpt2-code``: GPT-2 (narrower than ``llama-sp``, byte-level BPE) trained only on the training documents
   with doctest code (``>>>``): the donor of the merge's domain scenario, where ``llama-sp`` (trained on all of
   the general text) is the base and :func:`domain_texts` gives the domain's search and held-out text.
+* ``adv-*``: the adversarial family (methods.md §A7–§A11), cases made from ``gpt2-bpe`` and ``llama-sp`` to
+  evade a lineage test (laundered, depth up-scaled, width-pruned, re-embedded, MoE-upcycled; truth derived) or
+  to frame an innocent model (norm gains or the embedding pasted into an independent one; truth independent).
+  Each entry of ``zoo.json`` carries ``kind: "adversarial"``, its case and its ground truth.
 """
 
 from __future__ import annotations
@@ -64,9 +68,12 @@ class ModelRecipe:
     batch: int
     split: str = "train"
     parent: str | None = None
-    transformation: str = "scratch"  # scratch | finetune | permute | prune | gammafold
+    transformation: str = "scratch"  # scratch | finetune | permute | prune | gammafold | adversarial
     drop: tuple[int, ...] = ()
     description: str = ""
+    case: str | None = None  # adversarial family: the case (laundered, upscaled, ...), see zoo.adversarial
+    relative_to: str | None = None  # adversarial family: the zoo model its ground truth is stated against
+    truth: str | None = None  # adversarial family: "derived" or "independent" (relative to ``relative_to``)
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class _Sizes:
     finetune_steps: int
     light_steps: int
     drop: tuple[int, ...]
+    adversarial_steps: int
 
 
 _FULL = _Sizes(
@@ -123,6 +131,7 @@ _FULL = _Sizes(
     finetune_steps=120,
     light_steps=40,
     drop=(2,),
+    adversarial_steps=100,
 )
 _TEST = _Sizes(
     seq_len=64,
@@ -138,6 +147,7 @@ _TEST = _Sizes(
     finetune_steps=50,
     light_steps=20,
     drop=(2,),
+    adversarial_steps=20,
 )
 _SIZES = {"full": _FULL, "test": _TEST}
 _TOKENIZERS = (bytelevel_spec("bpe4k", 4000), sentencepiece_spec("sp3k", 3000), wordpiece_spec("wp3500", 3500))
@@ -209,6 +219,71 @@ def _lineage(s: _Sizes, seed: int) -> list[ModelRecipe]:
     ]
 
 
+#: The adversarial cases made from each base (methods.md §A7–§A11), in build order: derived first, then the
+#: false accusations (truth independent), which start from an independent model of the base's shape.
+ADVERSARIAL_CASES = {
+    "laundered": ("derived", "every function-preserving re-parameterisation of §A1–§A5 (own permuted tokenizer)"),
+    "upscaled": ("derived", "depth up-scaled: two overlapping copies of the layer stack (SOLAR)"),
+    "pruned": ("derived", "width-pruned by activation importance: residual dims, heads, MLP units (Minitron)"),
+    "reembedded": ("derived", "embedding and head re-initialised, retrained with the body frozen, then unfrozen"),
+    "gains-pasted": ("independent", "an independent model of the same shape with the base's norm gains pasted in"),
+    "embed-pasted": ("independent", "an independent model with the base's token embedding pasted in, then trained"),
+}
+
+
+def _adversarial(s: _Sizes, seed: int) -> list[ModelRecipe]:
+    """The adversarial family: every case of ``ADVERSARIAL_CASES`` from ``gpt2-bpe`` (LayerNorm, tied head) and
+    from ``llama-sp`` (RMSNorm, rotary, GQA), plus ``adv-llama-moe`` (MoE-upcycled) and ``adv-llama-indep``, the
+    independent Llama the false accusations start from (``gpt2-code`` plays that part for GPT-2)."""
+    bases = (
+        ("gpt2", "gpt2-bpe", s.gpt2, "bpe4k", "gpt2-code"),
+        ("llama", "llama-sp", s.llama, "sp3k", "adv-llama-indep"),
+    )
+    out = [
+        ModelRecipe(
+            "adv-llama-indep",
+            s.llama,
+            "sp3k",
+            seed + 30,
+            s.pair_steps,
+            2e-3,
+            s.batch,
+            description="independent Llama of llama-sp's shape, tokenizer and data (another seed): the model the "
+            "false-accusation cases start from",
+            case="independent",
+            relative_to="llama-sp",
+            truth="independent",
+        )
+    ]
+    cases = [
+        *ADVERSARIAL_CASES.items(),
+        ("moe", ("derived", "MoE-upcycled: each dense MLP copied into 4 experts, top-2")),
+    ]
+    for k, (case, (truth, what)) in enumerate(cases):
+        for j, (family, base, arch, tokenizer, independent) in enumerate(bases):
+            if case == "moe" and family != "llama":
+                continue
+            out.append(
+                ModelRecipe(
+                    f"adv-{family}-{case}",
+                    arch,
+                    tokenizer,
+                    seed + 40 + 2 * k + j,
+                    s.adversarial_steps,
+                    1e-3 if case == "reembedded" else 5e-4,
+                    s.batch,
+                    split="train_b",
+                    parent=base if truth == "derived" else independent,
+                    transformation="adversarial",
+                    description=f"{what}; relative to {base}",
+                    case=case,
+                    relative_to=base,
+                    truth=truth,
+                )
+            )
+    return out
+
+
 def build_recipe(profile: str, seed: int = 0) -> Recipe:
     """The recipe of ``profile`` (``full`` or ``test``) for base seed ``seed``."""
     if profile not in _SIZES:
@@ -258,6 +333,7 @@ def build_recipe(profile: str, seed: int = 0) -> Recipe:
             description="GPT-2 trained only on the docstrings with doctest code: the donor of the merge's "
             "domain scenario (base llama-sp)",
         ),
+        *_adversarial(s, seed),
     ]
     return Recipe(profile, seed, s.seq_len, s.eval_tokens, _TOKENIZERS, tuple(models))
 

@@ -319,12 +319,19 @@ def prune_model(model, drop: Iterable[int]):
 
 
 @torch.no_grad()
-def logit_discrepancy(model_a, model_b, input_ids: torch.Tensor) -> float:
-    """``max|a - b| / max|a|`` over the logits both models give for ``input_ids``: 0 for identical function."""
+def logit_discrepancy(model_a, model_b, input_ids: torch.Tensor, new_ids: torch.Tensor | None = None) -> float:
+    """``max|a - b| / max|a|`` over the logits both models give for ``input_ids``: 0 for identical function.
+
+    With ``new_ids`` (old token id → id in ``model_b``'s permuted vocabulary, methods.md §A5) ``model_b`` reads
+    ``new_ids[input_ids]`` and its logit for old token t is read at column ``new_ids[t]``.
+    """
     model_a.eval()
     model_b.eval()
     a = model_a(input_ids=input_ids).logits.double()
-    b = model_b(input_ids=input_ids.to(next(model_b.parameters()).device)).logits.double().to(a.device)
+    ids_b = input_ids if new_ids is None else new_ids.to(input_ids.device)[input_ids]
+    b = model_b(input_ids=ids_b.to(next(model_b.parameters()).device)).logits.double().to(a.device)
+    if new_ids is not None:
+        b = b[..., new_ids.to(b.device)]
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
 
 
