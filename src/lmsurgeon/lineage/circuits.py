@@ -258,7 +258,9 @@ def circuits_test(wide, narrow, R, n_layers: int = 8):
     ``n_layers`` layers of the wide model, spread evenly, are compared with every layer of the narrow one. The
     statistic is the mean matched cosine (:func:`cross_fitted_scores`); its null is the pair's own wrong-layer
     values: under independence a matched value is one more draw of them, so the statistic's null mean is theirs
-    and its standard deviation σ_wrong·√(1/n_matched + 1/n_wrong). Needs at least three layers on each side.
+    and its standard deviation σ_wrong·√(1/K + 1/n_wrong), K the compared layers of the wide model (the two
+    matched values of a layer share its row, so K, not 2K, counts as independent). Needs at least three layers on
+    each side.
     """
     from lmsurgeon.lineage.results import Null, TestResult
 
@@ -273,10 +275,11 @@ def circuits_test(wide, narrow, R, n_layers: int = 8):
     comparison = compare_circuits(layout_circuits(wide, layers_a), layout_circuits(narrow, layers_b), R, pairs=[(0, 0)])
     matched, wrong, pairs = cross_fitted_scores(comparison.qk, comparison.ov)
     s, mu, sd = float(matched.mean()), float(wrong.mean()), float(wrong.std(ddof=1))
+    # the two matched values of a row share that row of both matrices: count rows, not values, as independent
     null = Null(
         f"{wrong.size} wrong-layer circuit pairs of the same models",
         mu,
-        sd * float(np.sqrt(1.0 / matched.size + 1.0 / wrong.size)),
+        sd * float(np.sqrt(1.0 / len(layers_a) + 1.0 / wrong.size)),
         int(wrong.size),
     )
     t = TestResult(

@@ -124,7 +124,8 @@ def _alignment_note(p: PairResult) -> str:
         return (
             f"alignment {a.method} (auto: held-out |corr| permutation {_num(ev['held_out_corr_permutation'])}, "
             f"orthogonal {_num(ev['held_out_corr_procrustes'])}, margin z {ev['margin_z']:.1f}, "
-            f"orthogonal needs ≥ {ev['threshold_z']:g})"
+            f"misfit closed {ev['misfit_closed']:.0%}; orthogonal needs z ≥ {ev['threshold_z']:g} and "
+            f"{ev['threshold_closed']:.0%} closed)"
         )
     return f"alignment {a.method}" + (f" ({ev['reason']})" if "reason" in ev else "")
 
