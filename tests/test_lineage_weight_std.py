@@ -189,3 +189,34 @@ def test_independent_zoo_models_score_high_on_the_weight_std_fingerprint(test_zo
     for pair, score in scores.items():
         assert manifest["models"][pair[1]]["parent"] is None, "the pairs must be independent by construction"
         assert score > 0.5, f"{pair}: fingerprint {score:.3f}"
+
+
+def test_sampled_std_reads_only_its_rows_and_matches_the_full_matrix(tmp_path):
+    """σ from 1024 sampled rows of a larger matrix: within 2 % of the full σ (float64 numpy reference), and the
+    bytes read are those rows' bytes, not the matrix's."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmsurgeon.arch import Layout
+    from lmsurgeon.io import open_model
+    from lmsurgeon.lineage.weight_std import SAMPLE_ROWS, sampled_std
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=64,
+        num_key_value_heads=64,
+        head_dim=32,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    layout = Layout(open_model(str(tmp_path)))
+    q = layout.read("q", 0)  # [2048, 64] stored as [out, in]: 2048 rows
+    assert q.shape[0] > SAMPLE_ROWS
+    before = layout.handle.bytes_read
+    sigma = sampled_std(layout, "q", 0)
+    assert layout.handle.bytes_read - before == SAMPLE_ROWS * 64 * 4
+    assert abs(sigma / float(np.std(q.astype(np.float64))) - 1) < 0.02
+    assert sampled_std(layout, "k", 0, max_rows=4096) == pytest.approx(float(np.std(layout.read("k", 0))), rel=1e-6)

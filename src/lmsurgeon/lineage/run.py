@@ -182,12 +182,15 @@ def compare_pair(ma: Model, mb: Model, config: LineageConfig, texts, null_layout
 def weight_std_naive(la, lb) -> dict:
     """The per-layer weight-σ fingerprint of the second dispute (methods.md §L2.1), layers paired by relative
     depth, or why it does not apply. Reported beside the norm cosine; like it, it never decides."""
-    from lmsurgeon.lineage.weight_std import ROLES, compare_weight_std
+    from lmsurgeon.lineage.weight_std import ROLES, compare_std_profiles, sampled_std
 
     pairs = naive.depth_map(la.n_layers, lb.n_layers)
     try:
-        weights = [{r: [lay.read(r, i) for i in lay.layers] for r in ROLES} for lay in (la, lb)]
-        c = compare_weight_std(*weights, pairs=pairs)
+        profiles = []
+        for lay in (la, lb):
+            with lay.handle.counting("weight_std"):
+                profiles.append({r: [sampled_std(lay, r, i) for i in lay.layers] for r in ROLES})
+        c = compare_std_profiles(*profiles, pairs=pairs)
     except (LmsurgeonError, KeyError) as e:
         return {"applies": False, "reason": str(e)}
     return {"applies": True, "fingerprint": c.fingerprint, "per_role": c.per_role, "n_layer_pairs": len(c.pairs)}
