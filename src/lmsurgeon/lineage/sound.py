@@ -23,6 +23,7 @@ from lmsurgeon.lineage.circuits import circuits_test, permutation_map
 from lmsurgeon.lineage.config import LineageConfig
 from lmsurgeon.lineage.phi_u import mlp_kind, phi_u_test
 from lmsurgeon.lineage.results import AlignmentFacts, TestResult
+from lmsurgeon.lineage.stats import sidak_z
 
 WEIGHT_TESTS = ("awm", "phi_u", "circuits")
 ALIGNMENT_FITS = {"permutation": align_residual, "procrustes": align_rotation}  # LineageConfig.align → fit
@@ -136,8 +137,20 @@ def weight_tests(
     swapped = lb.hidden_size > la.hidden_size
     wide, narrow = (lb, la) if swapped else (la, lb)
     al, why, evidence = alignment(wide, narrow, seed, align, config.max_tokens)
+    qk_missing = _roles_missing(wide, ("q", "k")) or _roles_missing(narrow, ("q", "k"))
+
+    def run_awm(a: Alignment) -> TestResult:
+        return awm_test(wide, narrow, a, seed=seed, max_items=config.max_items, permutations=config.permutations)
+
+    awm, looks = None, 1
+    weak = al is None or al.mean_abs_corr < STORED_BASIS_BELOW
+    if align == "auto" and weak and not qk_missing and wide.hidden_size == narrow.hidden_size:
+        al, awm, looks, stored = _with_stored_basis(al, why, wide.hidden_size, run_awm)
+        evidence = {**(evidence or {}), "stored_basis": stored}
+        why = ""
+    method = "stored" if al is not None and al.n_tokens == 0 else (align if al is None else al.method)
     facts = AlignmentFacts(
-        align if al is None else al.method,
+        method,
         swapped,
         None if al is None else al.n_tokens,
         None if al is None else al.mean_abs_corr,
@@ -146,12 +159,13 @@ def weight_tests(
     )
     out = []
     if "awm" in tests or "phi_u" in tests:
-        missing = _roles_missing(wide, ("q", "k")) or _roles_missing(narrow, ("q", "k"))
-        awm = (
-            awm_test(wide, narrow, al, seed=seed, max_items=config.max_items, permutations=config.permutations)
-            if al is not None and not missing
-            else TestResult.not_applicable("awm", why or missing or "")
-        )
+        missing = qk_missing
+        if awm is None:
+            awm = (
+                run_awm(al)
+                if al is not None and not missing
+                else TestResult.not_applicable("awm", why or missing or "")
+            )
         if "awm" in tests:
             out.append(awm)
     if "phi_u" in tests:
@@ -181,4 +195,43 @@ def weight_tests(
             out.append(TestResult.not_applicable("circuits", why or missing or ""))
         else:
             out.append(circuits_test(wide, narrow, residual_map(al, wide.hidden_size), config.circuit_layers))
+    if looks > 1:
+        for t in out:
+            if t.applies and t.z is not None and np.isfinite(t.z):
+                t.set_z(sidak_z(t.z, looks), t.null)
     return [t.turned() if swapped and t.applies else t for t in out], facts
+
+
+STORED_BASIS_BELOW = 0.5  # embedding mean |corr| below which shared tokens do not fix a common residual basis
+
+
+def stored_basis(d: int) -> Alignment:
+    """The identity map: B's residual dimension l is A's dimension l, sign +1 (``n_tokens`` 0: no token fitted it)."""
+    return Alignment(np.arange(d), np.ones(d), float("nan"), 0)
+
+
+def _with_stored_basis(
+    al: Alignment | None, why: str, d: int, run_awm
+) -> tuple[Alignment | None, TestResult, int, dict]:
+    """``--align auto`` when the shared tokens fix no common basis (methods.md §L7.1.4): also try the stored basis.
+
+    A re-embedded model (new embedding and head trained against a frozen body, §A10) keeps the body's residual
+    basis exactly while its embedding rows no longer resemble the original's, so the token-fitted map is noise and
+    every weight test collapses; an unrelated tokenizer does the same to a body copied whole. Both candidates are
+    measured by awm and the one with the larger z is kept. Choosing the larger of ``looks`` z-scores is paid for
+    with Šidák's correction of every weight test's p (applied by the caller), so two independent models, whose
+    z is null in any fixed basis, stay null."""
+    candidates: dict[str, Alignment] = {"stored basis": stored_basis(d)}
+    if al is not None:
+        candidates = {"shared-token fit": al, **candidates}
+    results = {name: run_awm(a) for name, a in candidates.items()}
+    zs = {name: (r.z if r.applies and r.z is not None and np.isfinite(r.z) else -np.inf) for name, r in results.items()}
+    chosen = max(zs, key=zs.__getitem__)
+    evidence = {
+        "tried": list(candidates),
+        "awm_z": {k: (None if not np.isfinite(v) else float(v)) for k, v in zs.items()},
+        "chosen": chosen,
+        "looks": len(candidates),
+        "reason": why or "embedding mean |corr| below " + str(STORED_BASIS_BELOW),
+    }
+    return candidates[chosen], results[chosen], len(candidates), evidence

@@ -91,6 +91,22 @@ def z_from_log_p(log_p: float) -> float:
     return float(-special.ndtri_exp(min(log_p, 0.0)))
 
 
+def sidak_z(z: float, looks: int) -> float:
+    """The z of the best of ``looks`` independent tries whose best scored ``z``: p' = 1 − (1 − p)^looks (Šidák).
+
+    Computed from log(1 − p) while p is not tiny, and as log p + log(looks) (Šidák's limit) when it is, so it
+    stays finite and monotone for any finite z (methods.md §L7.1.4)."""
+    log_p = log_p_from_z(z)
+    if looks <= 1 or not np.isfinite(log_p):
+        return z
+    if log_p < -30.0:
+        return z_from_log_p(log_p + float(np.log(looks)))
+    log_q = float(stats.norm.logcdf(z))  # log(1 − p) = log Φ(z)
+    if z <= 0:  # Φ(z') = (1 − p)^looks, exact in log space however small
+        return float(special.ndtri_exp(looks * log_q))
+    return z_from_log_p(float(np.log(-np.expm1(looks * log_q))))
+
+
 def neg_log10_p(log_p: float) -> float:
     return float(-log_p / np.log(10)) if np.isfinite(log_p) else float("nan")
 

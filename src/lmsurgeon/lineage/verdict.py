@@ -45,6 +45,11 @@ def _suggested(zs: dict[str, float], alignment: AlignmentFacts | None, method: s
             "rotation: activations match but the permutation-aligned weights do not (a rotated residual "
             "basis after folded gains fits this; --align procrustes forces the orthogonal map)"
         )
+    if method == "stored":
+        out.append(
+            "re-embedding or a new tokenizer: the embedding rows of shared tokens fix no common residual basis, "
+            "but the body's weights match in the basis they are stored in"
+        )
     if zs.get("circuits", 0.0) >= T_HI and zs.get("awm", T_HI) < T_LO:
         out.append(
             "per-head maps: the attention circuits (sums over heads of W_Q W_Kᵀ and W_V W_O) match while the "
