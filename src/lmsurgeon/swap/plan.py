@@ -239,8 +239,13 @@ def plan_drops(
     layer_table: list[dict],
     K: int,
     tick: Callable[[], None] | None = None,
+    search: PlanEvaluator | None = None,
 ) -> dict:
     """Every strategy's plan for k = 1…K scored on validation and held-out text, the oracle, and the advice.
+
+    ``search`` is the text the non-oracle greedy search drops layers by (default: the validation text). Given
+    apart from ``validation``, the advice compares every predictor, the greedy search included, on text none of
+    them was fitted to, so a search that overfits its own text cannot win by that (methods.md §S14).
 
     Returns results.json's ``plans`` (a list of {strategy, k, layers, heldout_loss, heldout_bpb,
     validation_loss, validation_bpb}), ``recommended`` (per k: the non-oracle plan with the lowest validation
@@ -248,7 +253,7 @@ def plan_drops(
     """
     L = len(layer_table)
     candidates = predictor_plans(layer_table, validation.angular_by_block(K), K)
-    validation_greedy = greedy(validation, L, K, tick)
+    validation_greedy = greedy(search or validation, L, K, tick)
     candidates[VALIDATION_GREEDY] = [layers for layers, _ in validation_greedy]
     flat = [(name, k + 1, layers) for name, plans in candidates.items() for k, layers in enumerate(plans)]
     orders = [plan_order(L, layers) for _, _, layers in flat]

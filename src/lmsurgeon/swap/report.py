@@ -111,7 +111,7 @@ STRATEGY_LABELS = {
     "bi": "Block Influence",
     "angular": "angular distance (block)",
     "dloss": "single-drop Δloss",
-    "greedy_validation": "greedy on validation",
+    "greedy_validation": "greedy on the search half of the eval text",
     "oracle": "oracle (greedy on held-out)",
 }
 
@@ -296,9 +296,10 @@ def _plans_section(results: dict, figs: dict) -> Section:
     text = (
         plan_verdict(summary) + "\n\nEach strategy proposes which k layers to drop (0-based); every plan is "
         "scored from cached layer inputs on held-out text that no strategy saw. The recommended plan per k is the "
-        "non-oracle plan with the lowest loss on the validation (eval) text; the oracle drops one layer at a time "
-        "by held-out loss itself, so it bounds what a planner can reach and is never recommended. Without any "
-        f"drop: held-out loss {summary['baseline']['heldout_loss']:.4f}, "
+        "non-oracle plan with the lowest loss on the validation half of the eval text (the greedy search drops "
+        "layers by the other half, so no candidate is judged on text it was fitted to); the oracle drops one "
+        "layer at a time by held-out loss itself, so it bounds what a planner can reach and is never recommended. "
+        f"Without any drop: held-out loss {summary['baseline']['heldout_loss']:.4f}, "
         f"{summary['baseline']['heldout_bpb']:.4f} bits per byte."
     )
     return Section("Drop plans", text=text, table=rows, figures=[figs["plans"]] if "plans" in figs else [])

@@ -144,22 +144,27 @@ def analyze(
             if not heldout_rows:
                 raise LmsurgeonError(f"no held-out row has at least {MIN_ROW_TOKENS} tokens", data_desc["heldout"])
             heldout_batches = make_batches(heldout_rows, cfg.batch_tokens, seq_len, pad_id, cfg.device)
+            # the greedy search drops layers by one half of the eval rows, and every plan is compared on the
+            # other half (validation), apart from the held-out text that reports them (methods.md §S14)
+            search_rows, selection_rows = (eval_rows[0::2], eval_rows[1::2]) if len(eval_rows) > 1 else (eval_rows,) * 2
             evaluators = make_evaluators(
                 model,
                 layers,
                 family.modules["layers"],
                 plan_head,
                 tokenizer,
-                (eval_batches, eval_rows),
+                (make_batches(selection_rows, cfg.batch_tokens, seq_len, pad_id, cfg.device), selection_rows),
                 (heldout_batches, heldout_rows),
+                (make_batches(search_rows, cfg.batch_tokens, seq_len, pad_id, cfg.device), search_rows),
             )
             body["tokens"]["heldout"] = sum(len(r) for r in heldout_rows)
             if cfg.plan_drop is not None:
                 stage(f"swap: drop plans up to k = {cfg.plan_drop}")
-                body.update(plan_drops(*evaluators, body["layers"], parse_plan_drop(cfg.plan_drop, L)))
+                k_max = parse_plan_drop(cfg.plan_drop, L)
+                body.update(plan_drops(*evaluators[:2], body["layers"], k_max, search=evaluators[2]))
             if cfg.plan_reorder:
                 stage("swap: reorder plans")
-                body["reorder"] = plan_reorder(*evaluators, body["pairs"], cfg.reorder_tolerance)
+                body["reorder"] = plan_reorder(*evaluators[:2], body["pairs"], cfg.reorder_tolerance)
             timings["plan_seconds"] = time.time() - t1
 
         body["apply"] = None
@@ -217,11 +222,11 @@ def load_for_swap(handle, layout, kind: str, dtype: torch.dtype, cfg: SwapConfig
     return streamed, streamed.layers, streamed
 
 
-def make_evaluators(model, layers, layers_paths, head, tokenizer, validation, heldout):
-    """Plan evaluators over the validation (eval) split and the held-out split: (batches, rows) each."""
+def make_evaluators(model, layers, layers_paths, head, tokenizer, *splits):
+    """Plan evaluators over each split given as (batches, rows): validation, held-out, and the search split."""
     return tuple(
         PlanEvaluator(model, layers, layers_paths, head, batches, predicted_bytes(tokenizer, rows))
-        for batches, rows in (validation, heldout)
+        for batches, rows in splits
     )
 
 
