@@ -57,10 +57,13 @@ def _domain_rows(zoo_dir: Path, trials: int, timed) -> tuple[float, float, float
         str(zoo_dir / "llama-sp"), str(zoo_dir / "gpt2-code"), search, cfg, general_texts=load_texts(None, "test")[:32]
     )
     rng = np.random.default_rng(0)
-    evals, stats = [], []
+    evals, stats, bar = [], [], None
     for _ in range(trials):
         evals.append(timed(lambda: s.evaluator.evaluate(s.model)))
-        stats.append(s.trial(_domain_params(rng)))
+        stats.append(s.trial(_domain_params(rng), search_bar=bar))  # as the study passes its best feasible trial
+        st = stats[-1]
+        if st["general_bpb"] is not None and st["general_excess"] <= 0 and st["r"] <= s.ppl_cap:
+            bar = st["bpb"] if bar is None else min(bar, st["bpb"])
     general = sum(st["general_bpb"] is not None and st["stage_a"]["rows"] > 0 for st in stats)
     t_eval = float(np.median(evals))
     t_trial = float(np.median([st["seconds"] for st in stats]))

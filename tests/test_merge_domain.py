@@ -122,7 +122,7 @@ def test_batches_without_a_moved_token_reuse_the_base_body_outputs_exactly(domai
     before = emb.detach().clone()
     with torch.no_grad():
         emb[only_first[:3]] *= 1.5
-    full = s.evaluator.evaluate(s.model)
+    full = s.evaluator.evaluate(s.model, keep_head_inputs=True)
     part = s.evaluator.evaluate_changed(s.model, s.head_logits, s.base_eval.head_inputs, only_first[:3])
     with torch.no_grad():
         emb.copy_(before)
@@ -130,3 +130,6 @@ def test_batches_without_a_moved_token_reuse_the_base_body_outputs_exactly(domai
     np.testing.assert_allclose(part.nll_sum, full.nll_sum, rtol=1e-6)
     np.testing.assert_allclose(part.logprobs.numpy(), full.logprobs.numpy(), atol=1e-5)
     np.testing.assert_allclose(part.bpb, full.bpb, rtol=1e-6)
+    assert len(part.head_inputs) == len(full.head_inputs) == len(ids_per_batch)
+    for got, want in zip(part.head_inputs, full.head_inputs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

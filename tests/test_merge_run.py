@@ -247,9 +247,12 @@ def test_domain_objective_keeps_general_text_within_tolerance(merge_pair, tmp_pa
     assert len(stats) == 4
     # general text is measured for every trial that lowered the search text's bits per byte (the others cannot win)
     base_search = res["bpb"]["base"]["search"]
-    assert [isinstance(st["general_bpb"], float) for st in stats] == [
-        st["bpb"] < base_search or st["n_evals"] == 0 for st in stats
-    ]
+    # (or than the best feasible trial before it: a trial that does not beat that cannot be chosen)
+    bar = base_search
+    for st in stats:
+        assert isinstance(st["general_bpb"], float) == (st["bpb"] < bar or st["n_evals"] == 0)
+        if st["general_bpb"] is not None and st["general_bpb"] <= base_general * 1.05 and st["r"] <= res["ppl_cap"]:
+            bar = min(bar, st["bpb"])
     feasible = [
         st
         for st in stats

@@ -215,18 +215,21 @@ class PromptEvaluator:
         merge checks once); the other batches run the whole model. Head inputs are kept for every batch."""
         changed = torch.tensor(sorted(set(changed_ids)), dtype=torch.long, device=self.device)
         seen: list[torch.Tensor] = []
+        captured: list[torch.Tensor] = []  # what the head saw in the last call (head_logits may call it too)
         hook = model.get_output_embeddings().register_forward_hook(
-            lambda module, args, output: seen.append(args[0].detach())
+            lambda module, args, output: captured.append(args[0].detach())
         )
 
         def logits():
             for b, h in zip(self.batches, base_head_inputs, strict=True):
+                captured.clear()
                 if changed.numel() and torch.isin(b["ids"][b["mask"].bool()], changed).any():
                     out = model(input_ids=b["ids"], attention_mask=b["mask"]).logits
-                    yield out
+                    seen.append(captured[-1])
                 else:
+                    out = head_logits(h)
                     seen.append(h)
-                    yield head_logits(h)
+                yield out
 
         try:
             ev = self._score(logits())

@@ -273,7 +273,7 @@ class MergeSession:
         k_b = min(int(p["target_head_rows"]), len(self.stage_b.idx))
         return self.stage_b.apply(k_b, p["min_tau_head"], p["alpha_floor_head"], p["alpha_cap_head"], clip, self.gamma)
 
-    def trial(self, params: dict, keep: bool = False) -> dict:
+    def trial(self, params: dict, keep: bool = False, search_bar: float | None = None) -> dict:
         """One merge with `params`; returns the stats; restores B unless `keep` (then the merged model stays).
 
         `params` holding ``gate_frac`` are the domain gate's (§M10: ``gate_frac``, ``alpha_emb``, ``alpha_head``);
@@ -320,17 +320,18 @@ class MergeSession:
             "bpb": current.bpb,
         }
         if self.general is not None:
-            stats.update(self._general(current, a, b))
+            stats.update(self._general(current, a, b, search_bar))
             stats["n_evals"] += stats.pop("general_evals")
         if not keep:
             self.restore()
         return {**stats, "seconds": time.perf_counter() - t0}
 
-    def _general(self, current: Evaluation, a: dict, b: dict) -> dict:
+    def _general(self, current: Evaluation, a: dict, b: dict, search_bar: float | None = None) -> dict:
         """General-text bits per byte of the merge in place, and the domain constraint (≤ 0: feasible).
 
         Unchanged model: the base's numbers. Under ``--objective domain`` a merge that does not lower the search
-        text's bits per byte cannot be chosen, so its general text is not evaluated (``general_bpb`` None) and
+        text's bits per byte (below `search_bar`, the best feasible trial's so far, when given) cannot be chosen,
+        so its general text is not evaluated (``general_bpb`` None) and
         the constraint is the search loss it caused (> 0, infeasible). A merge of the head alone reuses the
         general text's body outputs."""
         assert self.general is not None and self.base_general is not None
@@ -341,8 +342,9 @@ class MergeSession:
                 "general_excess": self.base_general.bpb - limit,
                 "general_evals": 0,
             }
-        if self.config.objective == "domain" and current.bpb >= self.base_eval.bpb:
-            return {"general_bpb": None, "general_excess": current.bpb - self.base_eval.bpb + 1e-12, "general_evals": 0}
+        bar = self.base_eval.bpb if search_bar is None else min(search_bar, self.base_eval.bpb)
+        if self.config.objective == "domain" and current.bpb >= bar:
+            return {"general_bpb": None, "general_excess": current.bpb - bar + 1e-12, "general_evals": 0}
         head_alone = a["rows"] == 0 or a.get("outcome") == "rolled_back"
         if head_alone and self.head_only and self.base_general.head_inputs is not None:
             ev = self.general.evaluate_head(self.head_logits, self.base_general.head_inputs)

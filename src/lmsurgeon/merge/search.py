@@ -179,6 +179,20 @@ def general_constraint(stats: dict, base_general_bpb: float, tolerance: float) -
     return stats["general_bpb"] - base_general_bpb * (1.0 + tolerance)
 
 
+def best_feasible_bpb(study: optuna.Study, ppl_cap: float) -> float | None:
+    """The lowest search-text bits per byte among the study's finished feasible trials: a later trial that does
+    not beat it cannot be the best (§M10), so its general text need not be evaluated."""
+    values = [
+        t.user_attrs["stats"]["bpb"]
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if "stats" in t.user_attrs
+        and t.user_attrs["stats"].get("general_bpb") is not None
+        and float(t.user_attrs["stats"].get("general_excess", 0.0)) <= 0
+        and t.user_attrs["stats"]["r"] <= ppl_cap
+    ]
+    return min(values, default=None)
+
+
 def run_trials(study: optuna.Study, session, space: dict, trials: int, callbacks=(), progress: bool = False) -> None:
     """Run trials until the study holds `trials` COMPLETE ones (shared by every worker of the study)."""
     domain = session.config.objective == "domain"
@@ -187,7 +201,8 @@ def run_trials(study: optuna.Study, session, space: dict, trials: int, callbacks
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         stage(f"merge: trial {trial.number}")
-        stats = session.trial(suggest(trial, space, session.tied))
+        params = suggest(trial, space, session.tied)
+        stats = session.trial(params, search_bar=best_feasible_bpb(study, session.ppl_cap) if domain else None)
         trial.set_user_attr("stats", jsonable(stats))
         if domain:
             trial.set_constraint(
