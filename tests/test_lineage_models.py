@@ -139,12 +139,19 @@ def test_too_few_shared_tokens_makes_weight_tests_not_apply(zoo, tmp_path):
 
     shutil.copytree(zoo["paths"]["indep2"], folder)
     Tokenizer(models.WordLevel({f"x{i}": i for i in range(400)}, unk_token="x0")).save(str(folder / "tokenizer.json"))
-    r = compare([str(zoo["paths"]["base"]), str(folder)], write=False, tests=TESTS)
-    p = r["pairs"][0]
+    sources = [str(zoo["paths"]["base"]), str(folder)]
+    p = compare(sources, write=False, tests=TESTS, align="permutation")["pairs"][0]
     assert p["verdict"] == "inconclusive"
     for t in p["tests"]:
         assert not t["applies"], t["name"]
         assert "shared tokens" in t["reason"], t["name"]
+    # --align auto (the default) falls back on the stored basis (methods.md §L7.1.4): one look, no correction,
+    # and this independent body stays independent
+    p = compare(sources, write=False, tests=TESTS)["pairs"][0]
+    stored = p["alignment"]["evidence"]["stored_basis"]
+    assert p["alignment"]["method"] == "stored" and stored["looks"] == 1
+    assert "shared tokens" in stored["reason"]
+    assert p["verdict"] == "independent", p["tests"]
 
 
 def test_three_sources_compare_the_first_against_each_other_unless_all_pairs(zoo):

@@ -108,7 +108,7 @@ def test_rotated_copy_defeats_weight_alignment_but_not_phi_match(test_zoo, tmp_p
         for p in indeps:
             assert p["verdict"] == "independent", [(t["name"], t["z"]) for t in p["tests"]]
             if align == "auto":  # held-out tokens give the orthogonal map's extra freedom no decisive margin
-                assert p["alignment"]["method"] == "permutation", p["alignment"]
+                assert p["alignment"]["method"] != "procrustes", p["alignment"]
 
 
 def test_null_models_replace_each_decisive_tests_null(test_zoo):
