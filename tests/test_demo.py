@@ -17,7 +17,15 @@ def test_demo_writes_every_run_and_one_report_linking_them(tmp_path, test_zoo, c
     printed = captured.out
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
-    assert set(runs) == {"lineage-zoo", "lineage-minilm", "swap-deep", "swap-minilm", "merge", "generation"}
+    assert set(runs) == {
+        "lineage-zoo",
+        "lineage-adversarial",
+        "lineage-minilm",
+        "swap-deep",
+        "swap-minilm",
+        "merge",
+        "generation",
+    }
     for name, run in runs.items():
         assert is_complete(out / name), name
         assert run["schema"] == json.loads((out / name / "results.json").read_text())["schema"]
@@ -31,6 +39,12 @@ def test_demo_writes_every_run_and_one_report_linking_them(tmp_path, test_zoo, c
     verdicts = runs["lineage-zoo"]["verdicts"]
     assert not [pair for pair, v in verdicts.items() if "indep" in pair and v == "derived"]
     assert set(runs["lineage-zoo"]["naive_raw_cosine"]) == set(verdicts)
+    entries = test_zoo[1]["models"]
+    adversarial = {pair.split(" ~ ")[1]: v for pair, v in runs["lineage-adversarial"]["verdicts"].items()}
+    assert adversarial == {name: entries[name]["truth"] for name in adversarial}, adversarial
+    merge = json.loads((out / "merge" / "results.json").read_text())
+    assert merge["objective"] == "domain"
+    assert merge["bpb"]["best"]["heldout"] <= merge["bpb"]["base"]["heldout"]  # never worse than the base
     assert "naive raw cosine" in html
     # stderr is no terminal under pytest: one plain line per demo step instead of bars
     steps = [line for line in captured.err.splitlines() if "demo: step" in line]

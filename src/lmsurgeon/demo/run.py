@@ -1,9 +1,11 @@
 """``lmsurgeon demo``: the whole offline tour in one command, one top-level report linking each run.
 
 Steps: build (or reuse) the zoo; lineage on the zoo's lineage family (with its independent twins as hard
-negatives) and on the real MiniLM with copies derived from it; layer-swap analysis of the deep decoder and of
-MiniLM; a short cross-tokenizer merge study between the zoo's GPT-2 and Llama decoders, with a deterministic
-generation comparison of base and merged model. Each step writes its own run folder inside the demo's.
+negatives), on its adversarial family (laundered, up-scaled, pruned, re-embedded and upcycled copies, and false
+accusations) and on the real MiniLM with copies derived from it; layer-swap analysis of the deep decoder (with a
+drop plan) and of MiniLM; a short cross-tokenizer merge study in the zoo's domain scenario (the general Llama
+takes embeddings from the GPT-2 trained mostly on code), with a deterministic generation comparison of base and
+recommended model. Each step writes its own run folder inside the demo's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,20 @@ PER_PAIR = ("verdicts", "naive_raw_cosine")
 #: drop plan of the deep decoder: a quarter of its layers, each plan scored on this many held-out tokens
 PLAN_DROP = "25%"
 PLAN_TOKENS = 1_024
+#: documents of each merge text (search, held-out domain, general)
+MERGE_DOCUMENTS = 32
+#: the zoo's adversarial family of the Llama (RMSNorm, rotary, grouped-query) base; truths in zoo.json
+ADVERSARIAL_LLAMA = [
+    "llama-sp",
+    "adv-llama-laundered",
+    "adv-llama-upscaled",
+    "adv-llama-pruned",
+    "adv-llama-reembedded",
+    "adv-llama-moe",
+    "adv-llama-gains-pasted",
+    "adv-llama-embed-pasted",
+    "adv-llama-indep",
+]
 LINEAGE_ZOO = [
     "lin-base",
     "lin-finetune",
@@ -106,22 +122,28 @@ def run_demo(
 def build_steps(
     zoo_model: Callable[[str], str], minilm_copies: dict[str, Path], merge_trials: int, progress: bool
 ) -> list[Step]:
+    from lmsurgeon.data import load_corpus
     from lmsurgeon.lineage import compare
-    from lmsurgeon.merge import compare_generation, run_merge
+    from lmsurgeon.merge import compare_generation, run_domain_merge
     from lmsurgeon.swap import analyze
+    from lmsurgeon.zoo.recipe import domain_texts
 
     minilm = ["minilm", *(str(p) for p in minilm_copies.values())]
+    laundering = [zoo_model(n) for n in ADVERSARIAL_LLAMA]
     zoo_lineage = [zoo_model(n) for n in LINEAGE_ZOO]
     merge_dir: dict[str, Path] = {}
 
     def merge(out: Path) -> dict:
-        res = run_merge(
+        corpus = load_corpus()
+        res = run_domain_merge(
             zoo_model("llama-sp"),
-            zoo_model("gpt2-bpe"),
+            zoo_model("gpt2-code"),
             out,
+            domain_texts(corpus.split("train_b")),
+            domain_texts(corpus.split("validation")),
             trials=merge_trials,
             seed=0,
-            max_prompts=16,
+            max_prompts=MERGE_DOCUMENTS,
             progress=progress,
         )
         merge_dir["out"] = out
@@ -141,6 +163,15 @@ def build_steps(
             "lin-base against its fine-tuned, permuted, pruned and "
             "γ-folded descendants and three independently trained twins (the hard negatives).",
             lambda out: compare(zoo_lineage, out=out, progress=progress),
+            lineage_headline,
+        ),
+        Step(
+            "lineage-adversarial",
+            "Lineage: laundering and false accusations",
+            "llama-sp against copies laundered (folded, rotated, per-head maps, permuted, re-tokenised), depth "
+            "up-scaled, width-pruned, re-embedded and MoE-upcycled, and against independent models with its norm "
+            "gains or its embedding pasted in (the false accusations), all with default options.",
+            lambda out: compare(laundering, out=out, progress=progress),
             lineage_headline,
         ),
         Step(
@@ -175,10 +206,11 @@ def build_steps(
         ),
         Step(
             "merge",
-            "Merge: Llama ← GPT-2 embeddings",
-            f"A {merge_trials}-trial Optuna study blending the "
-            "GPT-2's embeddings (byte-level BPE against SentencePiece, another width) into the Llama's "
-            "input embeddings and untied lm_head.",
+            "Merge: Llama ← code GPT-2 embeddings",
+            f"The domain scenario: a {merge_trials}-trial Optuna study (--objective domain) blending the embeddings "
+            "of the GPT-2 trained mostly on code (byte-level BPE against SentencePiece, another width) into the "
+            "general Llama's input embeddings and untied lm_head, searched on code documents, scored on held-out "
+            "code documents and on general text, beside the baselines.",
             merge,
             merge_headline,
         ),
