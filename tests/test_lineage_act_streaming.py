@@ -4,6 +4,7 @@ model's weights still runs, holding one block at a time."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,21 @@ def test_a_model_larger_than_its_memory_budget_runs_the_activation_tests_one_blo
         assert s.applies and p.applies, (s.reason, p.reason)
         assert s.z == pytest.approx(p.z, abs=1e-6), s.name
         assert s.statistic == pytest.approx(p.statistic, abs=1e-6), s.name
+
+
+def test_lineage_max_memory_option_streams_the_activation_tests_with_the_same_z(test_zoo, tmp_path):
+    """``lmsurgeon lineage --max-memory`` reaches the activation tests: a budget of a few kilobytes (far below
+    one block) streams both models and gives the z of the default (in-memory) run."""
+    from lmsurgeon.cli import main
+    from lmsurgeon.zoo import model_dir
+
+    zoo_dir, manifest = test_zoo
+    sources = [str(model_dir(zoo_dir, n, manifest)) for n in ("lin-base", "lin-finetune")]
+    z = {}
+    for label, extra in (("plain", []), ("streamed", ["--max-memory", "4KB"])):
+        out = tmp_path / label
+        assert main(["lineage", *sources, "--tests", "phi_match", "--out", str(out), *extra]) == 0
+        body = json.loads((out / "results.json").read_text())
+        assert body["config"]["max_memory"] == (None if label == "plain" else "4KB")
+        z[label] = body["pairs"][0]["tests"][0]["z"]
+    assert z["streamed"] == pytest.approx(z["plain"], abs=1e-6) and z["plain"] > 12

@@ -37,6 +37,8 @@ def config_options(f):
             kw["multiple"] = True
         elif meta["kind"] == "path":
             kw |= {"type": click.Path(exists=True, dir_okay=False), "default": fld.default}
+        elif meta["kind"] == "text":
+            kw |= {"type": str, "default": fld.default}
         elif meta["choices"]:
             kw |= {"type": click.Choice(meta["choices"]), "default": fld.default, "show_default": True}
         else:

@@ -20,8 +20,8 @@ BUDGET_MINIMA = {"max_tokens": 2, "max_items": 4, "permutations": 2, "max_units"
 
 
 def _cli(help: str, *, kind: str = "value", choices: tuple[str, ...] | None = None) -> dict:
-    """Field metadata for the CLI: ``kind`` is value, flag, list (comma-separated), multiple (repeatable) or
-    path (an existing file)."""
+    """Field metadata for the CLI: ``kind`` is value (an integer), text, flag, list (comma-separated), multiple
+    (repeatable) or path (an existing file)."""
     return {"help": help, "kind": kind, "choices": choices}
 
 
@@ -83,6 +83,14 @@ class LineageConfig:
     max_units: int = field(default=4096, metadata=_cli("phi_u: MLP units of B sampled per layer or expert (at most)."))
     best_experts: int = field(
         default=2, metadata=_cli("phi_u: expert pairs compared per MoE layer, the best matched by router rows.")
+    )
+    max_memory: str | None = field(
+        default=None,
+        metadata=_cli(
+            "Memory the activation tests' weights may use, e.g. 6GiB [default: memory available now]; a larger "
+            "model runs one block at a time (methods.md §L7.4.4).",
+            kind="text",
+        ),
     )
 
     def __post_init__(self) -> None:

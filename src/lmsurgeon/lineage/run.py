@@ -207,20 +207,24 @@ def sound_tests(la, lb, config: LineageConfig, texts, null_layouts) -> tuple[lis
         )
     wanted = [t for t in ACTIVATION_TESTS if t in config.tests]
     if wanted:
-        acts = _activation_tests(la, lb, texts(), wanted, seed)
+        acts = _activation_tests(la, lb, texts(), wanted, seed, config.max_memory)
         decisive = [t for t in acts if t.name == "phi_match"]  # act_cka never decides: its own null stays
         if null_layouts and decisive:
             measure_against_null_models(
-                decisive, la, lb, null_layouts, lambda x, nl: _activation_tests(x, nl, texts(), ("phi_match",), seed)
+                decisive,
+                la,
+                lb,
+                null_layouts,
+                lambda x, nl: _activation_tests(x, nl, texts(), ("phi_match",), seed, config.max_memory),
             )
         out += acts
     return out, facts
 
 
-def _activation_tests(la, lb, texts, wanted, seed) -> list[TestResult]:
+def _activation_tests(la, lb, texts, wanted, seed, max_memory: str | None = None) -> list[TestResult]:
     try:
         with la.handle.counting("activations"), lb.handle.counting("activations"):
-            return activation_tests(la, lb, texts, wanted, seed)
+            return activation_tests(la, lb, texts, wanted, seed, max_memory=max_memory)
     except (LmsurgeonError, MemoryError, OSError, ValueError) as e:
         return [TestResult.not_applicable(t, f"cannot run the models: {e}") for t in wanted]
 
