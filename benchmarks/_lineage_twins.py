@@ -12,14 +12,12 @@ tokens are the first 151,552 words.
 
 from __future__ import annotations
 
-import json
 import re
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
-from _shapes import Glm4MoeShape, apparent_bytes, disk_bytes, write_sparse_checkpoint
+from _shapes import Glm4MoeShape, build_once
 
 ROW_BLOCK = 8192
 _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
@@ -104,19 +102,7 @@ def word_tokenizer(folder: Path, vocab: int) -> None:
 
 def build_twin(folder: Path, shape: Glm4MoeShape, fill, stamp: dict) -> Path:
     """Write one twin unless ``folder`` already holds it (same stamp)."""
-    marker = folder / "bench-scale.json"
-    if marker.exists() and json.loads(marker.read_text()) == stamp:
-        return folder
-    started = time.perf_counter()
-    write_sparse_checkpoint(folder, shape, shape.shards_by_size(), fill)
-    word_tokenizer(folder, shape.vocab)
-    marker.write_text(json.dumps(stamp))
-    print(
-        f"built {folder.name}: {apparent_bytes(folder) / 1e9:.1f} GB apparent, {disk_bytes(folder) / 1e9:.2f} GB "
-        f"on disk, {time.perf_counter() - started:.0f} s",
-        flush=True,
-    )
-    return folder
+    return build_once(folder, shape, fill, stamp, after=lambda f: word_tokenizer(f, shape.vocab))
 
 
 def build_twins(root: Path, glm: Glm4MoeShape, solar: Glm4MoeShape, experts_filled: int) -> dict[str, Path]:

@@ -11,11 +11,12 @@ Per statistic — naive raw cosine, naive Pearson, the weight-σ fingerprint, ea
 verdict's decisive z — ROC AUC over the pairs where it applies, the weakest positive and the strongest negative.
 Calibration: the one-sided p-values of every independent pair's z, per test, against the uniform distribution
 (Kolmogorov–Smirnov; a z that is standard normal under independence gives uniform p). Verdict accuracy over all
-pairs and over the adversarial cases. Per pair: seconds and bytes read. The peer baseline, PyPI ``weightscope``
-(its lineage = fraction of unchanged weights), runs on the same pairs from a throwaway venv given by
-``--ws-python``.
+pairs and over the adversarial cases. Per pair: seconds and bytes read. The peers, PyPI ``weightscope`` (its
+lineage = fraction of unchanged weights) and ``cisco-ai-provenance-kit`` (``provenancekit compare``: its decision
+and weight identity score), run on the same pairs from throwaway venvs given by ``--ws-python`` / ``--pk-python``.
 
     python benchmarks/bench_lineage.py [--profile test] [--weights-only] [--ws-python PATH/TO/ws_venv/bin/python]
+        [--pk-python PATH/TO/pk_venv/bin/python]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -163,6 +165,37 @@ def weightscope(py: str | None, a: str, b: str) -> dict:
         return {"verdict": "failed", "sparsity": None, "seconds": None, "error": str(e)[:200]}
 
 
+def provenancekit(py: str | None, a: str, b: str) -> dict:
+    """The PyPI ``cisco-ai-provenance-kit`` peer: ``provenancekit compare A B --json`` from the venv of ``py`` (its
+    wheel asks for Python 3.12 but runs on 3.11 when installed with ``--no-deps --ignore-requires-python`` beside
+    its listed dependencies). Its decision, and its weight-level ``identity_score`` as the peer's statistic."""
+    if py is None:
+        return {"decision": "not run", "identity": None, "seconds": None}
+    from lmsurgeon.io import minilm_path
+
+    a, b = (str(minilm_path()) if x == "minilm" else x for x in (a, b))
+    exe = str(Path(py).parent / "provenancekit")
+    t0 = time.time()
+    try:
+        out = subprocess.run(
+            [exe, "compare", a, b, "--json", "--no-cache"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        body = json.loads(out.stdout[out.stdout.index("{") :])
+        scores = body["scores"]
+        return {
+            "decision": scores.get("provenance_decision"),
+            "identity": scores.get("identity_score"),
+            "seconds": time.time() - t0,
+        }
+    except (subprocess.SubprocessError, json.JSONDecodeError, ValueError, KeyError) as e:
+        return {"decision": "failed", "identity": None, "seconds": None, "error": str(e)[:200]}
+
+
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -228,7 +261,15 @@ def main() -> None:
     )
     ap.add_argument("--no-minilm", action="store_true", help="leave out MiniLM and its copies")
     ap.add_argument(
+        "--adversarial-only", action="store_true", help="only the adversarial cases (not every pair of the zoo)"
+    )
+    ap.add_argument(
         "--ws-python", default=None, help="python of a throwaway venv with `pip install weightscope` (peer column)"
+    )
+    ap.add_argument(
+        "--pk-python",
+        default=None,
+        help="python of a throwaway venv with cisco-ai-provenance-kit installed --no-deps (peer column)",
     )
     ap.add_argument("--json", default=None, help="write all rows to this file")
     args = ap.parse_args()
@@ -244,6 +285,9 @@ def main() -> None:
             "weightscope: not installed in --ws-python (pip install weightscope into a throwaway venv); "
             "peer column skipped"
         )
+    pk_py = args.pk_python if args.pk_python and (Path(args.pk_python).parent / "provenancekit").exists() else None
+    if pk_py is None:
+        print("provenancekit: no --pk-python venv with cisco-ai-provenance-kit; peer column skipped")
     paths, roots = models(args.profile)
     if args.no_minilm:
         paths = {n: p for n, p in paths.items() if roots[n] != "minilm"}
@@ -254,6 +298,8 @@ def main() -> None:
     pairs = [
         (a, b, paths[a], paths[b], roots[a] == roots[b], "zoo") for a, b in itertools.combinations(sorted(paths), 2)
     ]
+    if args.adversarial_only:
+        pairs = []
     adversarial = zoo_adversarial(args.profile) + built_adversarial(args.profile, Path(scratch.name))
     pairs += [
         (name, Path(other).name, path, other, derived, "adversarial") for name, path, other, derived in adversarial
@@ -263,6 +309,9 @@ def main() -> None:
         ws = weightscope(ws_py, pa, pb)
         row["weightscope"] = ws.get("sparsity") if ws.get("verdict") not in ("failed", "not run") else None
         row["weightscope_verdict"], row["weightscope_seconds"] = ws.get("verdict"), ws.get("seconds")
+        pk = provenancekit(pk_py, pa, pb)
+        row["provenancekit"], row["provenancekit_decision"] = pk.get("identity"), pk.get("decision")
+        row["provenancekit_seconds"] = pk.get("seconds")
         rows.append(row)
         print(
             f"{a:>16} {b:>16} truth={'derived' if derived else 'indep':7} -> {row['verdict']:12} "
@@ -274,7 +323,7 @@ def main() -> None:
         )
     scratch.cleanup()
     print()
-    stats = ("raw_cosine", "pearson", "weight_std", *tests, "decisive", "weightscope")
+    stats = ("raw_cosine", "pearson", "weight_std", *tests, "decisive", "weightscope", "provenancekit")
     print(f"{'statistic':>12} | {'AUC':>6} | {'applies':>8} | {'weakest +':>10} | {'strongest -':>11}")
     for k in stats:
         pos = [r[k] for r in rows if r["derived"] and r.get(k) is not None and np.isfinite(r[k])]
@@ -312,6 +361,19 @@ def main() -> None:
         print(
             f"seconds per pair: lmsurgeon median {np.median([r['seconds'] for r in rows]):.2f}, "
             f"weightscope median {np.median(ws_t) if ws_t else float('nan'):.2f}"
+        )
+    if pk_py:
+        pos = [r for r in rows if r["derived"]]
+        neg = [r for r in rows if not r["derived"]]
+
+        def match(r: dict) -> bool:
+            return "Match" in str(r["provenancekit_decision"])
+
+        pk_t = [r["provenancekit_seconds"] for r in rows if r["provenancekit_seconds"]]
+        print(
+            f"provenancekit: {sum(map(match, pos))}/{len(pos)} derived pairs called a match, "
+            f"{sum(map(match, neg))}/{len(neg)} independent pairs called a match; seconds per pair median "
+            f"{np.median(pk_t) if pk_t else float('nan'):.2f}"
         )
     print(
         f"seconds per pair (lmsurgeon): median {np.median([r['seconds'] for r in rows]):.2f}, "

@@ -44,8 +44,7 @@ from _shapes import (  # noqa: E402
     SOLAR_OPEN_100B,
     Glm4MoeShape,
     apparent_bytes,
-    disk_bytes,
-    write_sparse_checkpoint,
+    build_once,
 )
 
 SEED = 0
@@ -84,18 +83,7 @@ def filler(shape: Glm4MoeShape, experts_filled: int, vocab_filled: int, seed: in
 def build(folder: Path, shape: Glm4MoeShape, experts_filled: int, vocab_filled: int) -> Path:
     """Write the checkpoint unless ``folder`` already holds this exact one (same config and fill)."""
     stamp = {"config": shape.config(), "experts_filled": experts_filled, "vocab_filled": vocab_filled, "seed": SEED}
-    marker = folder / "bench-scale.json"
-    if marker.exists() and json.loads(marker.read_text()) == stamp:
-        return folder
-    started = time.perf_counter()
-    write_sparse_checkpoint(folder, shape, shape.shards_by_size(), filler(shape, experts_filled, vocab_filled))
-    marker.write_text(json.dumps(stamp))
-    print(
-        f"built {folder.name}: {apparent_bytes(folder) / 1e9:.1f} GB apparent, {disk_bytes(folder) / 1e9:.2f} GB "
-        f"on disk, {time.perf_counter() - started:.0f} s",
-        flush=True,
-    )
-    return folder
+    return build_once(folder, shape, filler(shape, experts_filled, vocab_filled), stamp)
 
 
 def _status_bytes(key: str) -> int:

@@ -17,19 +17,10 @@ from lmsurgeon.lineage.checks import CheckedLayout
 from lmsurgeon.lineage.sound import weight_tests
 from lmsurgeon.zoo import launder
 from tests.lineage_models import VOCAB, word_tokenizer
-from tests.test_zoo_launder import randomise
+from tests.test_zoo_launder import one_thread, randomise  # noqa: F401 (one_thread: an autouse fixture)
 
 TESTS = ("awm", "phi_u", "circuits")
 SAME = 2e-3  # statistics of float32 checkpoints after a float64 rewrite
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread costs more than it saves on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_model(kind: str):
