@@ -83,9 +83,9 @@ def zoo_adversarial(profile: str) -> list[tuple[str, str, str, bool]]:
     for name, e in entries.items():
         if e.get("kind") != "adversarial":
             continue
-        other = next((e[k] for k in ("against", "reference", "parent") if e.get(k) in entries), None)
+        other = e.get("truth_relative_to")  # the truth is stated against this model (not its parent)
         truth = e.get("truth")
-        if other is None or truth not in ("derived", "independent"):
+        if other not in entries or truth not in ("derived", "independent"):
             continue
         out.append(
             (name, str(Path(zoo_dir) / e["path"]), str(Path(zoo_dir) / entries[other]["path"]), truth == "derived")
