@@ -41,10 +41,12 @@ def test_every_adversarial_case_gets_its_truth_with_default_options(test_zoo):
     assert max(independent) <= 3, seen
 
 
-def test_a_re_embedded_model_is_found_in_the_stored_basis_and_the_choice_is_reported(test_zoo):
+def test_a_re_embedded_model_is_found_in_the_stored_basis_and_the_choice_is_reported(test_zoo, tmp_path):
     zoo_dir, manifest = test_zoo
     paths = [str(model_dir(zoo_dir, n, manifest)) for n in ("llama-sp", "adv-llama-reembedded", "adv-llama-indep")]
-    r = compare(paths, write=False, tests=("awm", "phi_u"))
+    r = compare(paths, out=tmp_path / "run", tests=("awm", "phi_u"))
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "stored basis tried" in html and "Šidák over 2 looks" in html
     reembedded, indep = r["pairs"]
     assert reembedded["alignment"]["method"] == "stored"
     stored = reembedded["alignment"]["evidence"]["stored_basis"]

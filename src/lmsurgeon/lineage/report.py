@@ -19,7 +19,9 @@ The decisive z is the second largest (two tests must agree): derived needs it �
 no test ≥ 5; anything else is inconclusive. A derived pair lists the tests it evaded and what the data suggests \
 (rotation, per-head maps, vocabulary permutation). act_cka (hidden-state CKA) is shown for its layer map and \
 never decides. The residual alignment (--align auto) is a signed permutation unless an orthogonal map fits \
-held-out shared tokens decisively better; the line under each pair gives the evidence.
+held-out shared tokens decisively better; when the shared tokens fix no common basis (a re-embedded body, an \
+unrelated tokenizer) and the widths agree, the stored basis is tried too and the weight tests' p-values pay for \
+the choice (Šidák); the line under each pair gives the evidence.
 
 What each test is invariant to (a function-preserving rewrite it cannot be fooled by; methods.md §L7.7.1): \
 awm: residual permutation and sign flips, folded gains, head order and orthogonal per-head maps, vocabulary \
@@ -126,8 +128,17 @@ def _alignment_note(p: PairResult) -> str:
             f"orthogonal {_num(ev['held_out_corr_procrustes'])}, margin z {ev['margin_z']:.1f}, "
             f"misfit closed {ev['misfit_closed']:.0%}; orthogonal needs z ≥ {ev['threshold_z']:g} and "
             f"{ev['threshold_closed']:.0%} closed)"
-        )
-    return f"alignment {a.method}" + (f" ({ev['reason']})" if "reason" in ev else "")
+        ) + _stored_basis_note(ev.get("stored_basis"))
+    note = f"alignment {a.method}" + (f" ({ev['reason']})" if "reason" in ev else "")
+    return note + _stored_basis_note(ev.get("stored_basis"))
+
+
+def _stored_basis_note(st: dict | None) -> str:
+    """The stored-basis look of --align auto (methods.md §L7.1.4): the candidates' awm z and the correction."""
+    if not st:
+        return ""
+    zs = ", ".join(f"{k} {_num(v)}" for k, v in st["awm_z"].items())
+    return f"; stored basis tried ({st['reason']}): awm z {zs}; kept {st['chosen']}, Šidák over {st['looks']} looks"
 
 
 def _verdict_note(p: PairResult) -> str:
