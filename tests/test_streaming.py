@@ -335,3 +335,17 @@ def test_a_model_larger_than_its_memory_budget_streams_within_it(tmp_path, monke
     assert facts["read"] >= sum(info.nbytes for info in open_model(folder).header().values())
     growth = facts["after"] - facts["before"]
     assert growth < budget, f"peak RSS grew {growth / 2**20:.0f} MiB running weights of {weights / 2**20:.0f} MiB"
+
+
+def test_one_streaming_mode_rule_for_every_command():
+    """``stream`` and ``plain`` decide without looking at the model; an unknown mode is one clear error (the rule
+    swap, merge, compare-generation and StreamedModel share)."""
+    import torch
+
+    from lmsurgeon.errors import LmsurgeonError
+    from lmsurgeon.streaming import wants_streaming
+
+    assert wants_streaming(None, torch.float32, "stream") is True
+    assert wants_streaming(None, torch.float32, "plain") is False
+    with pytest.raises(LmsurgeonError, match="--streaming 'sometimes' is not one of auto, stream, plain"):
+        wants_streaming(None, torch.float32, "sometimes")

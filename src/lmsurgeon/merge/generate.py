@@ -143,7 +143,8 @@ def compare_generation(
     texts = read_prompts(prompts)
     hb, hm = open_model(base), open_model(merged)
     tok = open_model(tokenizer).load_tokenizer(trust_remote_code) if tokenizer else hb.load_tokenizer(trust_remote_code)
-    from lmsurgeon.merge.streamed import StreamedLM, wants_streaming
+    from lmsurgeon.merge.streamed import StreamedLM
+    from lmsurgeon.streaming import wants_streaming
 
     records = []
     models: dict = {}

@@ -17,23 +17,12 @@ import torch
 
 from lmsurgeon.errors import LmsurgeonError
 
-MODES = ("auto", "stream", "plain")
-
-
-def wants_streaming(handle, dtype: torch.dtype, mode: str, max_memory: int | str | None, device: str) -> bool:
-    """Whether `mode` streams this model: ``stream`` always, ``plain`` never, ``auto`` when it does not fit."""
-    from lmsurgeon.streaming import plan_memory
-
-    if mode not in MODES:
-        raise LmsurgeonError(f"--streaming {mode!r}: one of {', '.join(MODES)}")
-    if mode != "auto":
-        return mode == "stream"
-    return plan_memory(handle, dtype, max_memory, device).stream
-
 
 def load_lm(handle, cfg, dtype: torch.dtype):
     """The model in memory, or layer-streamed (:class:`StreamedLM`) when ``cfg.streaming`` asks or it does not fit
     ``cfg.max_memory`` (methods.md §M11)."""
+    from lmsurgeon.streaming import wants_streaming
+
     if wants_streaming(handle, dtype, cfg.streaming, cfg.max_memory, cfg.device):
         if cfg.trust_remote_code:
             raise LmsurgeonError("layer streaming runs only the transformers library's own models", handle.name)

@@ -5,17 +5,29 @@ blocks, final norm and head are) and ``transformers``/``accelerate`` (the modell
 utilities), and no capability.
 """
 
-from lmsurgeon.streaming.budget import MemoryPlan, available_memory, parse_size, plan_memory, weight_bytes
+from lmsurgeon.streaming.budget import (
+    STREAMING_MODES,
+    MemoryPlan,
+    available_memory,
+    check_streaming_mode,
+    parse_size,
+    plan_memory,
+    wants_streaming,
+    weight_bytes,
+)
 from lmsurgeon.streaming.model import Batch, LayerCall, Residual, StreamedModel
 
 __all__ = [
+    "STREAMING_MODES",
     "Batch",
     "LayerCall",
     "MemoryPlan",
     "Residual",
     "StreamedModel",
     "available_memory",
+    "check_streaming_mode",
     "parse_size",
     "plan_memory",
+    "wants_streaming",
     "weight_bytes",
 ]

@@ -94,6 +94,27 @@ def weight_bytes(handle, dtype: torch.dtype) -> dict[str, int]:
     return out
 
 
+#: --streaming: ``auto`` streams only a model that does not fit, ``stream`` and ``plain`` force a path
+STREAMING_MODES = ("auto", "stream", "plain")
+
+
+def check_streaming_mode(mode: str) -> None:
+    """One clear error for an unknown ``--streaming`` value, whichever command was given it."""
+    if mode not in STREAMING_MODES:
+        raise LmsurgeonError(f"--streaming {mode!r} is not one of {', '.join(STREAMING_MODES)}")
+
+
+def wants_streaming(
+    handle, dtype: torch.dtype, mode: str, budget: int | str | None = None, device: str | torch.device = "cpu"
+) -> bool:
+    """Whether ``mode`` streams ``handle``: ``stream`` always, ``plain`` never, ``auto`` when its weights do not fit
+    ``budget`` (:func:`plan_memory`)."""
+    check_streaming_mode(mode)
+    if mode != "auto":
+        return mode == "stream"
+    return plan_memory(handle, dtype, budget, device).stream
+
+
 def plan_memory(
     handle, dtype: torch.dtype, budget: int | str | None = None, device: str | torch.device = "cpu"
 ) -> MemoryPlan:

@@ -33,11 +33,10 @@ from lmsurgeon.arch import Layout, find_module
 from lmsurgeon.errors import LmsurgeonError, MissingTensor
 from lmsurgeon.io import ModelHandle, open_model
 from lmsurgeon.streaming import skeleton
-from lmsurgeon.streaming.budget import MemoryPlan, plan_memory
+from lmsurgeon.streaming.budget import MemoryPlan, check_streaming_mode, plan_memory
 
 #: default size of one chunk of head logits (rows × vocabulary × 4 bytes)
 HEAD_CHUNK_BYTES = 256 * 2**20
-MODES = ("auto", "stream", "plain")
 
 
 @dataclass
@@ -141,8 +140,7 @@ class StreamedModel:
         batch_size: int = 8,
         head_chunk_bytes: int = HEAD_CHUNK_BYTES,
     ):
-        if mode not in MODES:
-            raise LmsurgeonError(f"unknown streaming mode {mode!r} (one of {list(MODES)})")
+        check_streaming_mode(mode)
         if batch_size < 1:
             raise LmsurgeonError(f"batch_size must be at least 1, got {batch_size}")
         self.handle = source if isinstance(source, ModelHandle) else open_model(source)

@@ -206,15 +206,10 @@ def load_for_swap(handle, layout, kind: str, dtype: torch.dtype, cfg: SwapConfig
     """(model, its blocks, the StreamedSwapModel or None): the model in memory where it fits (``--streaming
     auto`` within ``--max-memory``, or ``plain``), else a skeleton whose blocks stream from the checkpoint
     (methods.md §S15). Both give the engine the same captures and block calls."""
-    from lmsurgeon.streaming import plan_memory
-    from lmsurgeon.swap.streamed import STREAMING_MODES, StreamedSwapModel
+    from lmsurgeon.streaming import wants_streaming
+    from lmsurgeon.swap.streamed import StreamedSwapModel
 
-    if cfg.streaming not in STREAMING_MODES:
-        raise LmsurgeonError(f"--streaming {cfg.streaming!r} is not one of {', '.join(STREAMING_MODES)}")
-    stream = cfg.streaming == "stream" or (
-        cfg.streaming == "auto" and plan_memory(handle, dtype, cfg.max_memory, cfg.device).stream
-    )
-    if not stream:
+    if not wants_streaming(handle, dtype, cfg.streaming, cfg.max_memory, cfg.device):
         model = handle.load_model(kind, dtype=dtype, device=cfg.device)
         return model, find_module(model, layout.family.modules["layers"]), None
     streamed = StreamedSwapModel(handle, kind, dtype, cfg.device, max_memory=cfg.max_memory, mode="stream")

@@ -25,8 +25,6 @@ from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.streaming import StreamedModel
 from lmsurgeon.swap.capture import Capture
 
-STREAMING_MODES = ("auto", "stream", "plain")
-
 
 class BlockCache:
     """The model's blocks as a sequence; ``cache[j]`` is block j, loaded on first use, least recently used freed."""
@@ -78,8 +76,6 @@ class StreamedSwapModel:
         mode: str = "auto",
         capacity: int | None = None,
     ):
-        if mode not in STREAMING_MODES:
-            raise LmsurgeonError(f"--streaming {mode!r} is not one of {', '.join(STREAMING_MODES)}")
         self.sm = StreamedModel(
             handle, kind=kind, dtype=dtype, device=device, max_memory=max_memory, mode=mode, batch_size=1 << 30
         )
