@@ -293,3 +293,15 @@ def test_rotation_is_suggested_from_the_automatic_alignment_evidence():
     assert v.suggested[0].startswith("rotation") and "40.0" in v.suggested[0]
     unrotated = AlignmentFacts("permutation", False, 4000, 0.99, "auto", {"chosen": "permutation", "margin_z": -9})
     assert verdict([_applies("awm", 30.0), _applies("circuits", 30.0)], unrotated).suggested == []
+
+
+def test_paired_column_cosines_is_the_diagonal_of_the_full_matrix():
+    """Against float64 numpy: Pearson of each column pair, computed directly."""
+    from lmsurgeon.lineage.align import column_cosines, paired_column_cosines
+
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((300, 24)) + 5.0
+    B = 0.7 * A + rng.standard_normal((300, 24))
+    expected = [np.corrcoef(A[:, j], B[:, j])[0, 1] for j in range(24)]
+    np.testing.assert_allclose(paired_column_cosines(A, B), expected, rtol=1e-12)
+    np.testing.assert_allclose(paired_column_cosines(A, B), np.diag(column_cosines(A, B)), rtol=1e-12)

@@ -14,7 +14,7 @@ from lmsurgeon.lineage.align import (
     Alignment,
     align_residual,
     align_rotation,
-    column_cosines,
+    paired_column_cosines,
     shared_tokens,
 )
 from lmsurgeon.lineage.awm import awm_test
@@ -51,7 +51,7 @@ AUTO_CLOSED = 0.5  # ... and the share of the permutation's held-out misfit (1 â
 def held_out_corr(al: Alignment, E_A: np.ndarray, E_B: np.ndarray) -> np.ndarray:
     """Per B dimension, the correlation over held-out rows of A's mapped embedding column with B's (signs applied)."""
     mapped = E_A @ al.rotation if al.rotation is not None else E_A[:, al.perm] * al.sign[None, :]
-    return np.diag(column_cosines(mapped, E_B)).copy()
+    return paired_column_cosines(mapped, E_B)
 
 
 def choose_alignment(E_A: np.ndarray, E_B: np.ndarray, seed: int = 0) -> tuple[str, dict]:
