@@ -455,3 +455,13 @@ def test_step_manifest_is_json_with_permutations_in_full_and_maps_by_hash(launde
     assert by_name["rotate_residual"]["Q"]["shape"] == [64, 64]
     assert len(by_name["rotate_residual"]["Q"]["sha256"]) == 64
     assert by_name["rotate_residual"]["seed"] == launder.child_seed(11, "rotate_residual")
+
+
+def test_step_manifest_digest_ignores_last_bit_rounding_but_not_a_real_change():
+    """The build and a later re-run may get a map that differs in its last float64 bits (BLAS/LAPACK rounding that
+    depends on memory alignment): the recorded digest must be the same, and differ for any change that matters."""
+    Q = launder.centring_orthogonal(64, seed=5)
+    ulp = torch.nextafter(Q, torch.full_like(Q, 2.0))  # every entry moved by one float64 unit in the last place
+    record = launder.Step("rotate_residual", 5, {"Q": Q}).manifest()
+    assert launder.Step("rotate_residual", 5, {"Q": ulp}).manifest() == record
+    assert launder.Step("rotate_residual", 5, {"Q": Q * (1 + 1e-6)}).manifest() != record

@@ -66,9 +66,16 @@ class Step:
 
 
 def _json_value(value: Any) -> Any:
+    """Tensors of indices as lists; float tensors as their shape and a digest of their values rounded to float32.
+
+    Why float32: the same seed gives the same float64 matrix only up to the last bits, since LAPACK and BLAS
+    (MKL without conditional numerical reproducibility) may round differently with the memory alignment of their
+    inputs. A digest of the float64 bits made a re-run's record differ from the build's; rounded to float32, two
+    results that agree to ~1e-15 give the same digest except with negligible probability.
+    """
     if isinstance(value, torch.Tensor):
         if value.is_floating_point():
-            raw = value.detach().to(torch.float64).contiguous().cpu().numpy().tobytes()
+            raw = value.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
             return {"shape": list(value.shape), "sha256": hashlib.sha256(raw).hexdigest()}
         return value.tolist()
     if isinstance(value, dict):

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 
 from lmsurgeon.zoo.tokenizers import TokenizerSpec, bytelevel_spec, sentencepiece_spec, wordpiece_spec
 
-ZOO_CODE_VERSION = 1  # bump whenever a code change would change the weights a recipe produces
+ZOO_CODE_VERSION = 2  # bump whenever a code change would change the weights a recipe produces or what it records
 PROFILES = ("full", "test")
 MAX_POSITIONS = 128  # context length of every zoo model (GPT-2's learned positions stop here)
 DOMAIN_SPLIT = "domain"  # a model recipe's split: the train split's documents of the domain
