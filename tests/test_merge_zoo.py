@@ -1,5 +1,7 @@
 """The zoo pairs: cross-tokenizer, cross-width merges, and the domain scenario (a code-trained donor)."""
 
+import json
+
 from lmsurgeon.data import load_corpus
 from lmsurgeon.merge import run_domain_merge, run_merge
 from lmsurgeon.zoo.recipe import domain_texts
@@ -41,5 +43,10 @@ def test_zoo_domain_scenario_recommends_nothing_worse_than_the_base(test_zoo, tm
     assert bpb["best"]["heldout"] <= bpb["base"]["heldout"]
     assert bpb["best"]["general"] <= bpb["base"]["general"] * (1 + res["tolerance"])
     assert res["texts"]["heldout"]["documents"] == min(32, len(domain_texts(corpus.split("validation"))))
+    # the documents given in memory are kept inside the run folder, nothing is written beside it
+    kept = (tmp_path / "domain" / "texts" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["text"] for line in kept] == domain_texts(corpus.split("validation"))[:32]
+    assert "run folder" in res["texts"]["search"]["source"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["domain"]
     if bpb["recommended"] == "base":  # when no trial beats the base, results and report say so
         assert "no trial" in bpb["reason"] or "costs general text" in bpb["reason"]

@@ -32,20 +32,43 @@ class MergeTexts:
     heldout: list[str]
     general: list[str]
     sources: dict[str, str]
+    in_memory: tuple[str, ...] = ()  # texts given as documents, not files: the run folder keeps a copy
 
     def summary(self) -> dict:
         return {name: {"source": self.sources[name], "documents": len(getattr(self, name))} for name in TEXTS}
 
 
-def merge_texts(cfg: MergeConfig) -> MergeTexts:
+def in_memory_source(name: str) -> str:
+    """Where a text given in memory is kept: inside the run folder, so the run can be read and redone later."""
+    return f"texts/{name}.jsonl in the run folder (given in memory)"
+
+
+def merge_texts(cfg: MergeConfig, documents: dict[str, list[str]] | None = None) -> MergeTexts:
     """Search text (`prompts_file` or the corpus validation split), held-out text (`eval_file`, else the next
     documents of the same source, else every fourth document of it taken out of the search text) and general
-    text (`general_file` or the corpus test split); each at most `max_prompts` documents (0 = all)."""
+    text (`general_file` or the corpus test split); each at most `max_prompts` documents (0 = all).
+
+    `documents` ({"search": [...], "heldout": [...]}) gives those two texts in memory instead of from files."""
     from lmsurgeon.data import load_texts
 
     def first(docs: list[str]) -> list[str]:
         return docs[: cfg.max_prompts] if cfg.max_prompts else docs
 
+    if documents is not None:
+        if set(documents) != {"search", "heldout"} or not all(documents.values()):
+            raise LmsurgeonError("documents in memory must give non-empty 'search' and 'heldout' lists")
+        general = first(load_texts(cfg.general_file, "test"))
+        return MergeTexts(
+            first(list(documents["search"])),
+            first(list(documents["heldout"])),
+            general,
+            {
+                "search": in_memory_source("search"),
+                "heldout": in_memory_source("heldout"),
+                "general": str(cfg.general_file or "corpus:test"),
+            },
+            in_memory=("search", "heldout"),
+        )
     docs = load_texts(cfg.prompts_file, "validation")
     source = cfg.prompts_file or "corpus:validation"
     search = first(docs)

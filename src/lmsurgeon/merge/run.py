@@ -8,6 +8,7 @@ for bit, so no trial ever reloads B. `run_merge` is the API: texts, session, sea
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -461,6 +462,7 @@ def run_merge(
     *,
     callbacks=(),
     progress: bool = False,
+    documents: dict[str, list[str]] | None = None,
     **overrides: Any,
 ) -> dict:
     """Merge `donor`'s embedding (and head) rows into `base`; returns the results.json dict plus ``out``, the
@@ -471,6 +473,8 @@ def run_merge(
     study (journal next to `out`, or `storage`); trials 0: one merge with `params` (default: the cautious end of
     every range). `worker=True` only runs trials of a shared study and writes nothing; it returns
     {"worker": True, "trials_run": n}. `callbacks` are Optuna trial callbacks; `progress` shows a progress bar.
+    `documents` ({"search": [...], "heldout": [...]}) gives the search and held-out text in memory instead of
+    `prompts_file`/`eval_file`; the run folder keeps them under ``texts/``.
     """
     from lmsurgeon.merge import search
     from lmsurgeon.report.runfolder import default_out_dir
@@ -479,7 +483,7 @@ def run_merge(
     out = Path(out) if out is not None else default_out_dir("merge")
     journal = _prepare_output(out, cfg)
     space = search.load_space(cfg.space, cfg.objective)
-    texts = merge_texts(cfg)
+    texts = merge_texts(cfg, documents)
     general = texts.general if cfg.objective == "domain" else None
     stage("merge: fitting the donor map and evaluating the base")
     session = MergeSession(base, donor, texts.search, cfg, general_texts=general)
@@ -659,6 +663,10 @@ def _write_run_folder(
         for t in records:
             run.write_json(f"stats/trial_{t['number']:04d}.json", {"number": t["number"], **t["stats"]})
         (run.path / "trials.csv").write_text(trials_csv(records))
+        for name in texts.in_memory:  # one document a line, so blank lines inside a document survive
+            lines = (json.dumps({"text": d}, ensure_ascii=False) for d in getattr(texts, name))
+            (run.path / "texts").mkdir(exist_ok=True)
+            (run.path / "texts" / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         _save_models(session, cfg, run.path, best if bpb["recommended"] == "trial" else None, front)
         brief = [{"number": t["number"], "r": t["r"], "sym_kl": t["sym_kl"], "params": t["params"]} for t in front]
         run.write_json("pareto.json", brief)
@@ -731,24 +739,13 @@ def run_domain_merge(
     max_prompts: int = 32,
     **overrides: Any,
 ) -> dict:
-    """`--objective domain` on documents given in memory: the search and held-out documents are written as
-    JSON lines next to `out` (``<out>.texts/``, one document a line, so blank lines inside a document survive)
-    and :func:`run_merge` runs on them; general text stays the corpus test split unless `general_file` is given.
+    """`--objective domain` on documents given in memory (kept in the run folder under ``texts/``); general text
+    stays the corpus test split unless `general_file` is given.
 
     The demo's domain scenario is ``run_domain_merge(zoo("llama-sp"), zoo("gpt2-code"), out,
     domain_texts(corpus.split("train_b")), domain_texts(corpus.split("validation")))``
     (``lmsurgeon.zoo.recipe.domain_texts``, ``lmsurgeon.data.load_corpus``).
     """
-    import json
-
-    out = Path(out)
-    folder = out.with_name(out.name + ".texts")
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for name, docs in (("search", search_docs), ("heldout", heldout_docs)):
-        files[name] = folder / f"{name}.jsonl"
-        lines = (json.dumps({"text": d}, ensure_ascii=False) for d in docs)
-        files[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return run_merge(
         base,
         donor,
@@ -756,8 +753,7 @@ def run_domain_merge(
         trials=trials,
         seed=seed,
         max_prompts=max_prompts,
-        prompts_file=str(files["search"]),
-        eval_file=str(files["heldout"]),
+        documents={"search": search_docs, "heldout": heldout_docs},
         objective="domain",
         **overrides,
     )
