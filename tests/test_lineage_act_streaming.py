@@ -135,3 +135,83 @@ def test_lineage_max_memory_option_streams_the_activation_tests_with_the_same_z(
         assert body["config"]["max_memory"] == (None if label == "plain" else "4KB")
         z[label] = body["pairs"][0]["tests"][0]["z"]
     assert z["streamed"] == pytest.approx(z["plain"], abs=1e-6) and z["plain"] > 12
+
+
+def test_act_layers_rule_and_its_errors():
+    from lmsurgeon.errors import LmsurgeonError
+    from lmsurgeon.lineage import LineageConfig
+    from lmsurgeon.lineage.activations import STREAMED_ACT_LAYERS, act_blocks
+
+    assert act_blocks("auto", (16, 12), (False, False)) == 16  # both in memory: every block
+    assert act_blocks("auto", (16, 12), (False, True)) == STREAMED_ACT_LAYERS  # one streams: the leading blocks
+    assert act_blocks("auto", (3, 2), (True, True)) == 3  # never more than the deeper model has
+    assert act_blocks("all", (16, 12), (True, True)) == 16
+    assert act_blocks(5, (16, 12), (True, True)) == act_blocks("5", (16, 12), (False, False)) == 5
+    for bad in ("0", "-1", "half", "2.5"):
+        with pytest.raises(LmsurgeonError, match="--act-layers"):
+            LineageConfig(act_layers=bad)
+    assert LineageConfig(act_layers=3).act_layers == "3"
+
+
+def test_a_streamed_model_runs_only_the_leading_blocks_with_the_numbers_of_those_blocks(test_zoo, texts, monkeypatch):
+    """Under a memory budget the default ``auto`` runs the first STREAMED_ACT_LAYERS blocks of a 16-block model:
+    only those blocks are read, each capture equals the first blocks of the whole model's, and the tests give
+    the numbers of ``--act-layers 4`` on the plain path."""
+    from lmsurgeon.lineage.activations import STREAMED_ACT_LAYERS
+
+    folder = Path(test_zoo[0]) / "deep-llama"
+    layout = Layout(open_model(folder))
+    assert layout.n_layers > STREAMED_ACT_LAYERS
+    enc, keep = _items(layout, texts)
+    whole = act_capture.capture(layout, enc, keep, mode="plain")
+    first = act_capture.capture(layout, enc, keep, mode="stream", blocks=STREAMED_ACT_LAYERS)
+    assert len(first.hidden) == STREAMED_ACT_LAYERS
+    for w, f in zip(whole.hidden, first.hidden, strict=False):
+        _close(f, w)
+
+    loaded: list[int | str] = []
+
+    class Spy(streaming.StreamedModel):
+        def load(self, stages):
+            loaded.extend(stages)
+            return super().load(stages)
+
+    monkeypatch.setattr(streaming, "StreamedModel", Spy)
+    budget = sum(weight_bytes(layout.handle, torch.float32).values()) // 3
+    streamed = activation_tests(layout, layout, texts, max_memory=budget)
+    monkeypatch.undo()
+    assert sorted({s for s in loaded if isinstance(s, int)}) == list(range(STREAMED_ACT_LAYERS))
+    plain = activation_tests(layout, layout, texts, mode="plain", act_layers=STREAMED_ACT_LAYERS)
+    for s, p in zip(streamed, plain, strict=True):
+        assert s.applies and p.applies, (s.reason, p.reason)
+        assert s.run == {
+            "blocks": [STREAMED_ACT_LAYERS] * 2,
+            "of": [layout.n_layers] * 2,
+            "streamed": [True, True],
+            "dtype": ["float32", "float32"],
+            "act_layers": "auto",
+        }
+        assert p.run["streamed"] == [False, False] and p.run["blocks"] == [STREAMED_ACT_LAYERS] * 2
+        assert s.z == pytest.approx(p.z, abs=1e-6), s.name
+    assert all(max(a, b) < STREAMED_ACT_LAYERS for a, b in streamed[0].layer_map)
+    from lmsurgeon.lineage.report import _blocks_note
+
+    n = STREAMED_ACT_LAYERS
+    assert _blocks_note(streamed[0]) == f"first {n}/16 and {n}/16 blocks (float32 streamed, float32 streamed)"
+    assert _blocks_note(activation_tests(layout, layout, texts, mode="plain")[0]) == ""
+
+
+def test_a_block_too_large_for_the_budget_in_float32_is_computed_in_the_checkpoint_dtype(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmsurgeon.streaming import compute_dtype, stored_float_dtype
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, vocab_size=256)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    handle = open_model(tmp_path)
+    assert stored_float_dtype(handle) == torch.bfloat16
+    plan = streaming.plan_memory(handle, torch.float32, "1GB")
+    assert compute_dtype(handle, "1GB") == torch.float32
+    tight = int(plan.largest_block * 0.9)  # the float32 stage does not fit with its reserve; bf16 (half) does
+    assert compute_dtype(handle, tight) == torch.bfloat16

@@ -62,18 +62,22 @@ def capture(
     mode: str = "auto",
     batch_size: int = 8,
     with_mlp: bool = True,
+    blocks: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Activations:
     """Run the model on the texts that have items and record, at the items, what the module doc lists.
 
     ``max_memory`` and ``mode`` are :class:`~lmsurgeon.streaming.StreamedModel`'s: with ``auto`` a model that
-    does not fit ``max_memory`` streams one block at a time.
+    does not fit ``max_memory`` streams one block at a time. ``blocks`` runs only the first that many blocks (all
+    when None): what is recorded at block i depends on blocks 0…i alone, so nothing after them is read.
+    ``dtype`` is the compute dtype (:func:`lmsurgeon.streaming.compute_dtype` picks one that fits the budget).
     """
     from lmsurgeon.streaming import StreamedModel
 
     sequences = [e["ids"] for e, k in zip(enc, keep, strict=True) if k]
     positions = [[e["ends"][c] for c in k] for e, k in zip(enc, keep, strict=True) if k]
     model = StreamedModel(
-        layout.handle, kind="base", dtype=torch.float32, max_memory=max_memory, mode=mode, batch_size=batch_size
+        layout.handle, kind="base", dtype=dtype, max_memory=max_memory, mode=mode, batch_size=batch_size
     )
     # per micro-batch, (row in the batch, token position) of each item, in item order
     where = []
@@ -86,7 +90,7 @@ def capture(
 
     acts = Activations()
     residual = model.embed(sequences)
-    for index, block in model.blocks():
+    for index, block in model.blocks(0, None if blocks is None else min(blocks, model.n_layers)):
         kind = mlp_kind(layout, index) if with_mlp else None
         role = {"dense": "down", "moe": "mlp_norm"}.get(kind or "")
         path = _module_path(layout, role, index) if role else None

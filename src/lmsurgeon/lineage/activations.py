@@ -19,9 +19,11 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import torch
 
 from lmsurgeon.lineage.act_capture import Activations, MlpCapture, capture, expert_views, router_logits
 from lmsurgeon.lineage.cka import Grams, cka_matrix, item_permutation_null, layer_map, matched_mean
+from lmsurgeon.lineage.config import parse_act_layers
 from lmsurgeon.lineage.phi_u import (
     ANALYTIC_NULL,
     BEST_EXPERTS,
@@ -39,6 +41,27 @@ MAX_TOKENS = 128
 MIN_ITEMS = 16
 N_PERMUTATIONS = 20
 ACTIVATION_TESTS = ("act_cka", "phi_match")
+#: blocks the activation tests run under ``--act-layers auto`` when a model streams (does not fit the memory
+#: budget): a derived model's early blocks carry its parent's units and hidden states as its late ones do, and
+#: each streamed MoE block of a 100B-class checkpoint is ~4.4 GB read and ~30 s on two cores
+STREAMED_ACT_LAYERS = 4
+
+
+def act_blocks(spec: str | int, n_layers: tuple[int, int], streams: tuple[bool, ...]) -> int:
+    """How many leading blocks the activation tests run; each model runs at most its own depth (methods.md
+    §L7.4.4).
+
+    ``all``: every block; ``N``: the first N; ``auto``: every block when both models run whole in memory, else
+    the first :data:`STREAMED_ACT_LAYERS`, so the default run on two 100B-class checkpoints reads a few blocks of
+    each instead of both whole checkpoints.
+    """
+    limit = parse_act_layers(spec)
+    deepest = max(n_layers)
+    if limit is None:
+        return deepest
+    if limit == 0:
+        return min(STREAMED_ACT_LAYERS, deepest) if any(streams) else deepest
+    return min(limit, deepest)
 
 
 def word_ends(text: str) -> list[int]:
@@ -217,9 +240,12 @@ def activation_tests(
     seed: int = 0,
     max_memory: int | str | None = None,
     mode: str = "auto",
+    act_layers: str | int = "auto",
 ) -> list[TestResult]:
-    """Run both models (streamed block by block when one does not fit ``max_memory``) on ``texts`` once and
-    compute the requested activation tests."""
+    """Run both models (streamed block by block when one does not fit ``max_memory``) on ``texts`` once, through
+    the leading blocks ``act_layers`` gives (:func:`act_blocks`), and compute the requested activation tests."""
+    from lmsurgeon.streaming import compute_dtype, wants_streaming
+
     tests = [t for t in ACTIVATION_TESTS if t in tests]
     if layout_a.handle.tokenizer is None or layout_b.handle.tokenizer is None:
         return [TestResult.not_applicable(t, "a model has no tokenizer.json") for t in tests]
@@ -229,9 +255,26 @@ def activation_tests(
     if n < MIN_ITEMS:
         return [TestResult.not_applicable(t, f"only {n} shared word items in the text") for t in tests]
     with_mlp = "phi_match" in tests
-    A = capture(layout_a, enc_a, keep, max_memory=max_memory, mode=mode, with_mlp=with_mlp)
-    B = capture(layout_b, enc_b, keep, max_memory=max_memory, mode=mode, with_mlp=with_mlp)
+    layouts = (layout_a, layout_b)
+    streams = tuple(wants_streaming(lay.handle, torch.float32, mode, max_memory) for lay in layouts)
+    dtypes = tuple(
+        compute_dtype(lay.handle, max_memory) if streamed else torch.float32
+        for lay, streamed in zip(layouts, streams, strict=True)
+    )
+    k = act_blocks(act_layers, (layout_a.n_layers, layout_b.n_layers), streams)
+    A, B = (
+        capture(lay, e, keep, max_memory=max_memory, mode=mode, with_mlp=with_mlp, blocks=k, dtype=dt)
+        for lay, e, dt in zip(layouts, (enc_a, enc_b), dtypes, strict=True)
+    )
+    run = {
+        "blocks": [len(A.hidden), len(B.hidden)],
+        "of": [layout_a.n_layers, layout_b.n_layers],
+        "streamed": list(streams),
+        "dtype": [str(dt).removeprefix("torch.") for dt in dtypes],
+        "act_layers": str(act_layers),
+    }
     cka = act_cka(A.hidden, B.hidden, seed, with_null="act_cka" in tests)
+    cka.run = run
     out = [cka] if "act_cka" in tests else []
     if with_mlp:
         t = phi_match(A, B, cka.layer_map, layout_a, layout_b, seed)
@@ -239,5 +282,6 @@ def activation_tests(
             out.append(TestResult.not_applicable("phi_match", "no matched layer pair has an MLP on both sides"))
         else:
             t.layer_map_from = "act_cka"
+            t.run = run
             out.append(t)
     return out

@@ -25,6 +25,18 @@ def _cli(help: str, *, kind: str = "value", choices: tuple[str, ...] | None = No
     return {"help": help, "kind": kind, "choices": choices}
 
 
+def parse_act_layers(spec: str | int) -> int | None:
+    """``--act-layers``: ``auto`` → 0 (decided per pair from the memory budget), ``all`` → None, ``N`` ≥ 1 → N."""
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return 0
+    if text == "all":
+        return None
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise LmsurgeonError(f"{spec!r} is not auto, all or a number of blocks ≥ 1", "--act-layers")
+
+
 @dataclass(frozen=True)
 class LineageConfig:
     """How ``compare`` analyses its sources. Sequences are stored as tuples; unknown names fail at once."""
@@ -84,6 +96,14 @@ class LineageConfig:
     best_experts: int = field(
         default=2, metadata=_cli("phi_u: expert pairs compared per MoE layer, the best matched by router rows.")
     )
+    act_layers: str = field(
+        default="auto",
+        metadata=_cli(
+            "Leading blocks the activation tests run: auto (all when both models fit in memory, else the first 4), "
+            "all, or a number N (methods.md §L7.4.4).",
+            kind="text",
+        ),
+    )
     max_memory: str | None = field(
         default=None,
         metadata=_cli(
@@ -104,6 +124,8 @@ class LineageConfig:
             raise LmsurgeonError(f"unknown alignment {self.align!r} (known: {', '.join(ALIGN_METHODS)})", "--align")
         if self.circuit_layers < 3:
             raise LmsurgeonError(f"needs at least 3 layers, got {self.circuit_layers}", "--circuit-layers")
+        parse_act_layers(self.act_layers)  # one clear error for a bad --act-layers before anything is read
+        object.__setattr__(self, "act_layers", str(self.act_layers))
         if self.depth not in DEPTHS:
             raise LmsurgeonError(f"unknown depth pairing {self.depth!r} (known: {', '.join(DEPTHS)})", "--depth")
         for name, least in BUDGET_MINIMA.items():

@@ -99,10 +99,19 @@ def _tests_table(p: PairResult) -> list[dict]:
             "z": t.z,
             "-log10 p": t.neg_log10_p,
             "null": None if t.null is None else f"{t.null.source}: {t.null.mean:.3g} ± {t.null.std:.3g}",
-            "reason": t.reason,
+            "reason": "; ".join(r for r in (t.reason, _blocks_note(t)) if r),
         }
         for t in p.tests
     ]
+
+
+def _blocks_note(t) -> str:
+    """Which blocks an activation test ran, when not every block of both models (``--act-layers``, §L7.4.4)."""
+    run = t.run
+    if not run or run["blocks"] == run["of"]:
+        return ""
+    how = ", ".join(f"{dt}{' streamed' if s else ''}" for dt, s in zip(run["dtype"], run["streamed"], strict=True))
+    return f"first {run['blocks'][0]}/{run['of'][0]} and {run['blocks'][1]}/{run['of'][1]} blocks ({how})"
 
 
 def _weight_std_note(p: PairResult) -> str:

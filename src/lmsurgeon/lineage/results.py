@@ -160,6 +160,7 @@ class TestResult:
     decisive: bool | None = None  # act_cka: False (it never decides)
     n_items: int | None = None  # act_cka: shared word items read
     layer_map_from: str | None = None  # phi_match: the test whose layer map it used
+    run: dict | None = None  # activation tests: blocks run of each model's depth, streamed, compute dtype
     nulls: OtherNulls | None = None
 
     @classmethod
@@ -191,6 +192,7 @@ class TestResult:
             per_layer=[p.turned() for p in self.per_layer],
             layer_map=None if self.layer_map is None else [(b, a) for a, b in self.layer_map],
             matrix=None if self.matrix is None else np.asarray(self.matrix).T,
+            run=None if self.run is None else {k: v[::-1] if isinstance(v, list) else v for k, v in self.run.items()},
         )
 
     def to_json(self) -> dict:
@@ -215,6 +217,8 @@ class TestResult:
             out["matrix"] = np.asarray(self.matrix).tolist()
         if self.layer_map_from is not None:
             out["layer_map_from"] = self.layer_map_from
+        if self.run is not None:
+            out["run"] = self.run
         return out
 
 

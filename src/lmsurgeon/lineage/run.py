@@ -207,7 +207,7 @@ def sound_tests(la, lb, config: LineageConfig, texts, null_layouts) -> tuple[lis
         )
     wanted = [t for t in ACTIVATION_TESTS if t in config.tests]
     if wanted:
-        acts = _activation_tests(la, lb, texts(), wanted, seed, config.max_memory)
+        acts = _activation_tests(la, lb, texts(), wanted, seed, config)
         decisive = [t for t in acts if t.name == "phi_match"]  # act_cka never decides: its own null stays
         if null_layouts and decisive:
             measure_against_null_models(
@@ -215,16 +215,18 @@ def sound_tests(la, lb, config: LineageConfig, texts, null_layouts) -> tuple[lis
                 la,
                 lb,
                 null_layouts,
-                lambda x, nl: _activation_tests(x, nl, texts(), ("phi_match",), seed, config.max_memory),
+                lambda x, nl: _activation_tests(x, nl, texts(), ("phi_match",), seed, config),
             )
         out += acts
     return out, facts
 
 
-def _activation_tests(la, lb, texts, wanted, seed, max_memory: str | None = None) -> list[TestResult]:
+def _activation_tests(la, lb, texts, wanted, seed, config: LineageConfig) -> list[TestResult]:
     try:
         with la.handle.counting("activations"), lb.handle.counting("activations"):
-            return activation_tests(la, lb, texts, wanted, seed, max_memory=max_memory)
+            return activation_tests(
+                la, lb, texts, wanted, seed, max_memory=config.max_memory, act_layers=config.act_layers
+            )
     except (LmsurgeonError, MemoryError, OSError, ValueError) as e:
         return [TestResult.not_applicable(t, f"cannot run the models: {e}") for t in wanted]
 

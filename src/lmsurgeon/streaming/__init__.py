@@ -10,8 +10,10 @@ from lmsurgeon.streaming.budget import (
     MemoryPlan,
     available_memory,
     check_streaming_mode,
+    compute_dtype,
     parse_size,
     plan_memory,
+    stored_float_dtype,
     wants_streaming,
     weight_bytes,
 )
@@ -26,8 +28,10 @@ __all__ = [
     "StreamedModel",
     "available_memory",
     "check_streaming_mode",
+    "compute_dtype",
     "parse_size",
     "plan_memory",
+    "stored_float_dtype",
     "wants_streaming",
     "weight_bytes",
 ]

@@ -128,3 +128,29 @@ def plan_memory(
     total = sum(sizes.values())
     largest = max(sizes.values(), default=0)
     return MemoryPlan(total=total, largest_block=largest, budget=limit, stream=total > limit * (1 - ACTIVATION_RESERVE))
+
+
+_TORCH_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_float_dtype(handle) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's bytes (bf16 for the hub's large models)."""
+    by_dtype: dict[str, int] = {}
+    for info in handle.header().values():
+        if info.dtype in _TORCH_FLOATS:
+            by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+    return _TORCH_FLOATS[max(by_dtype, key=by_dtype.__getitem__)] if by_dtype else torch.float32
+
+
+def compute_dtype(handle, budget: int | str | None = None, device: str | torch.device = "cpu") -> torch.dtype:
+    """float32 when its largest stage (one block, or the embedding) fits ``budget`` after
+    :data:`ACTIVATION_RESERVE`; otherwise the checkpoint's own floating dtype.
+
+    Why: a 100B-class MoE block is 4.4 GB in bf16 and 8.9 GB cast to float32, so a 6 GiB budget can stream the
+    model only in the dtype it was stored in. Statistics over activations lose nothing that matters at bf16's
+    8 significant bits; where float32 fits it is used, so small models keep their exact numbers.
+    """
+    plan = plan_memory(handle, torch.float32, budget, device)
+    if plan.largest_block <= plan.budget * (1 - ACTIVATION_RESERVE):
+        return torch.float32
+    return stored_float_dtype(handle)
