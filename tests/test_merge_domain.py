@@ -112,7 +112,7 @@ def test_domain_objective_searches_the_gate():
 
 
 def test_batches_without_a_moved_token_reuse_the_base_body_outputs_exactly(domain_session):
-    """evaluate_changed equals a full evaluation when one batch holds a moved embedding row and the others not."""
+    """evaluate_incremental equals a full evaluation when one batch holds a moved embedding row and the others not."""
     s = domain_session
     ids_per_batch = [set(b["ids"][b["mask"].bool()].tolist()) for b in s.evaluator.batches]
     assert len(ids_per_batch) > 1
@@ -123,7 +123,7 @@ def test_batches_without_a_moved_token_reuse_the_base_body_outputs_exactly(domai
     with torch.no_grad():
         emb[only_first[:3]] *= 1.5
     full = s.evaluator.evaluate(s.model, keep_head_inputs=True)
-    part = s.evaluator.evaluate_changed(s.model, s.head_logits, s.base_eval.head_inputs, only_first[:3])
+    part = s.evaluator.evaluate_incremental(s.model, s.head_logits, s.base_eval, changed_ids=only_first[:3])
     with torch.no_grad():
         emb.copy_(before)
     assert full.nll_sum != s.base_eval.nll_sum

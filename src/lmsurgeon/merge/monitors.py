@@ -60,6 +60,9 @@ class Evaluation:
     class_bytes: torch.Tensor | None = None  # int64 [len(TOKEN_CLASSES)]: bytes those tokens spell
     head_inputs: list[torch.Tensor] | None = None  # per batch, what the LM head saw (kept for Stage B)
     token_nll: list[torch.Tensor] | None = None  # per batch, [B, T−1] NLL (nats) of each target (domain gate)
+    targets: list[torch.Tensor] = field(default_factory=list)  # per batch, [B, T−1] log-prob of each target
+    head_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per batch, float64 (log-normaliser
+    # [B, T], target logit [B, T−1]) of the head this evaluation saw: what a head-row change updates (§M8.3)
     top_k: dict[int, tuple] = field(default_factory=dict)  # cached top_k_set(logprobs, K) per K
 
     @property
@@ -81,6 +84,40 @@ class Evaluation:
             c: bits_per_byte(float(self.class_nll[i]), int(self.class_bytes[i])) if self.class_bytes[i] else None
             for i, c in enumerate(TOKEN_CLASSES)
         }
+
+
+HEAD_DELTA_MAX_FRACTION = 1 / 3  # more moved head rows than this share of V: the full head is cheaper
+CANCELLATION = 1e-6  # a position whose moved rows held more than 1 − this of its mass: full head (§M8.3)
+
+
+class HeadDelta:
+    """Head rows a merge moved, relative to the head a base evaluation saw (methods.md §M8.3).
+
+    ``ids`` the base ids, ``old`` and ``new`` their weights (float64), ``weight`` and ``bias`` the live head (for
+    positions that fall back to the full head), ``column`` each id's column in ``new`` (−1: not moved)."""
+
+    def __init__(self, ids: torch.Tensor, old: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.ids = ids
+        self.old = old.double()
+        self.new = weight.detach().index_select(0, ids).double()
+        self.weight, self.bias = weight, bias
+        self.row_bias = None if bias is None else bias.detach().index_select(0, ids).double()
+        self.column = torch.full((weight.shape[0],), -1, dtype=torch.long, device=ids.device)
+        self.column[ids] = torch.arange(ids.numel(), device=ids.device)
+
+    def logits(self, h64: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """float64 logits of the head rows `rows` (float64, [R, d]) at hidden states `h64`."""
+        z = h64 @ rows.T
+        return z if self.row_bias is None else z + self.row_bias
+
+
+def head_normaliser(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor) -> tuple:
+    """float64 log-normaliser over every head row [B, T] and the target logits [B, T−1] (targets ``ids[:, 1:]``)
+    of hidden states `h`: what :meth:`PromptEvaluator.evaluate_incremental` updates when head rows move."""
+    z = h.double() @ weight.detach().double().T
+    if bias is not None:
+        z += bias.detach().double()
+    return torch.logsumexp(z, dim=-1), z[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
 
 
 def top_k_set(logP: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,56 +243,129 @@ class PromptEvaluator:
         return ev
 
     @torch.no_grad()
-    def evaluate_changed(
-        self, model, head_logits, base_head_inputs: list[torch.Tensor], changed_ids: list[int]
+    def evaluate_incremental(
+        self,
+        model,
+        head_logits,
+        base: Evaluation,
+        *,
+        inputs: list[torch.Tensor] | None = None,
+        changed_ids: list[int] | tuple = (),
+        delta: HeadDelta | None = None,
     ) -> Evaluation:
-        """:meth:`evaluate` after a change to the embedding rows `changed_ids` (and any change to the head):
-        a batch none of whose tokens is changed feeds the body the same inputs as the base did, so its kept body
-        outputs are reused and only the head runs (exact when ``head_logits`` reproduces the model, which the
-        merge checks once); the other batches run the whole model. Head inputs are kept for every batch."""
+        """:meth:`evaluate` of the model in place, redoing only what a merge changed since `base` (methods.md
+        §M8.3); exact up to float rounding when ``head_logits`` reproduces the model, which the merge checks once.
+
+        `inputs`: per batch, the head inputs to score (default: the base's); a batch holding one of the moved
+        embedding rows `changed_ids` runs the whole model. `delta`: every head row moved since `base`
+        (None: the head is the base's). A batch whose head input is the base's own tensor is then not recomputed:
+        unchanged head → the base's numbers; moved head rows → each position's log-normaliser updated from the
+        base's (``base.head_cache``) over the moved rows only. Head inputs are kept for every batch."""
+        assert base.head_inputs is not None, "the base evaluation kept no head inputs"
+        inputs = base.head_inputs if inputs is None else inputs
         changed = torch.tensor(sorted(set(changed_ids)), dtype=torch.long, device=self.device)
+        use_delta = (
+            delta is not None
+            and base.head_cache is not None
+            and delta.ids.numel() <= HEAD_DELTA_MAX_FRACTION * delta.weight.shape[0]
+        )
+        base_picked = torch.split(base.logprobs, [len(b["pick"][0]) for b in self.batches])
         seen: list[torch.Tensor] = []
         captured: list[torch.Tensor] = []  # what the head saw in the last call (head_logits may call it too)
-        hook = model.get_output_embeddings().register_forward_hook(
-            lambda module, args, output: captured.append(args[0].detach())
-        )
+        hook = None
+        if changed.numel():
+            hook = model.get_output_embeddings().register_forward_hook(
+                lambda module, args, output: captured.append(args[0].detach())
+            )
 
-        def logits():
-            for b, h in zip(self.batches, base_head_inputs, strict=True):
-                captured.clear()
+        def scores():
+            for i, (b, h) in enumerate(zip(self.batches, inputs, strict=True)):
                 if changed.numel() and torch.isin(b["ids"][b["mask"].bool()], changed).any():
+                    captured.clear()
                     out = model(input_ids=b["ids"], attention_mask=b["mask"]).logits
                     seen.append(captured[-1])
+                    yield self._batch_scores(b, out)
+                    continue
+                seen.append(h)
+                if h is not base.head_inputs[i]:
+                    yield self._batch_scores(b, head_logits(h))
+                elif delta is None or not delta.ids.numel():
+                    yield base.targets[i], base_picked[i]
+                elif use_delta:
+                    assert base.head_cache is not None and delta is not None
+                    yield self._delta_scores(b, h, base.head_cache[i], delta, head_logits)
                 else:
-                    out = head_logits(h)
-                    seen.append(h)
-                yield out
+                    yield self._batch_scores(b, head_logits(h))
 
         try:
-            ev = self._score(logits())
+            ev = self._collect(scores())
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
         ev.head_inputs = seen
         return ev
+
+    def _delta_scores(
+        self, b: dict, h: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], delta: HeadDelta, head_logits
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target log-probs (float64) and KL-position log-probs of one batch whose head input is unchanged and
+        whose head moved only the rows R of `delta`: L′ = L + log(1 − Σ_R e^{z_r − L} + Σ_R e^{z′_r − L}).
+
+        Where the moved rows held nearly all of a position's mass (1 − Σ_R e^{z_r − L} < ``CANCELLATION``) the
+        difference would cancel; those positions take the full head. The KL positions take the full head too
+        (their whole distribution is needed), a few per prompt."""
+        lse, target_logit = cache
+        h64 = h.double()
+        z_old, z_new = delta.logits(h64, delta.old), delta.logits(h64, delta.new)
+        rest = 1.0 - (z_old - lse[..., None]).exp().sum(-1)
+        lse_new = lse + torch.log(rest.clamp_min(0.0) + (z_new - lse[..., None]).exp().sum(-1))
+        cancel = rest < CANCELLATION
+        if cancel.any():
+            z = h64[cancel] @ delta.weight.detach().double().T
+            lse_new[cancel] = torch.logsumexp(z if delta.bias is None else z + delta.bias.detach().double(), -1)
+        column = delta.column[b["ids"][:, 1:]]
+        moved = z_new[:, :-1].gather(-1, column.clamp_min(0)[..., None])[..., 0]
+        target = torch.where(column >= 0, moved, target_logit) - lse_new[:, :-1]
+        picked = torch.log_softmax(head_logits(h[b["pick"]]).float(), dim=-1).cpu()
+        return target, picked
+
+    def keep_head_cache(self, ev: Evaluation, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Keep on `ev` (an evaluation with head inputs) what :meth:`evaluate_incremental` needs to update it
+        after head rows move: per batch, the float64 log-normaliser and target logits of the head `weight`."""
+        assert ev.head_inputs is not None
+        ev.head_cache = [
+            head_normaliser(h, weight, bias, b["ids"]) for b, h in zip(self.batches, ev.head_inputs, strict=True)
+        ]
 
     @torch.no_grad()
     def evaluate_head(self, head_logits, head_inputs: list[torch.Tensor]) -> Evaluation:
         """The same numbers with the body's outputs reused: logits = ``head_logits(h)`` per batch."""
         return self._score(head_logits(h) for h in head_inputs)
 
+    def _batch_scores(self, b: dict, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch's target log-probs [B, T−1] (float32) and its log-probs at the KL positions."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        target = logp[:, :-1].gather(-1, b["ids"][:, 1:, None])[..., 0]
+        return target, logp[b["pick"]].cpu()
+
     def _score(self, logits_per_batch, keep_token_nll: bool = False) -> Evaluation:
         """Consume one batch's logits at a time (a [B, T, V] tensor per batch, never all batches at once)."""
-        nll_sum, picked, token_nll = 0.0, [], []
+        return self._collect(
+            (self._batch_scores(b, logits) for b, logits in zip(self.batches, logits_per_batch, strict=True)),
+            keep_token_nll,
+        )
+
+    def _collect(self, scores_per_batch, keep_token_nll: bool = False) -> Evaluation:
+        """Sum per-batch (target log-probs, KL-position log-probs) into an evaluation, in float64."""
+        nll_sum, picked, token_nll, targets = 0.0, [], [], []
         class_nll = torch.zeros(SPECIAL + 1, dtype=torch.float64, device=self.device)
-        for b, logits in zip(self.batches, logits_per_batch, strict=True):
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            target = logp[:, :-1].gather(-1, b["ids"][:, 1:, None])[..., 0]  # float32, [B, T−1]
+        for b, (target, pick) in zip(self.batches, scores_per_batch, strict=True):
             nll_sum -= float(torch.where(b["valid"], target, 0.0).sum(dtype=torch.float64))
             class_nll.index_add_(0, b["classes"], -target.flatten().double())
-            picked.append(logp[b["pick"]].cpu())
+            picked.append(pick)
+            targets.append(target)
             if keep_token_nll:
                 token_nll.append(torch.where(b["valid"], -target, 0.0).cpu())
-            del logp, logits, target
         return Evaluation(
             nll_sum,
             self.n_tokens,
@@ -264,6 +374,7 @@ class PromptEvaluator:
             class_nll=class_nll[:-1].cpu(),
             class_bytes=self.class_bytes,
             token_nll=token_nll if keep_token_nll else None,
+            targets=targets,
         )
 
 

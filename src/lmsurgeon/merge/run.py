@@ -25,7 +25,7 @@ from lmsurgeon.merge import quality
 from lmsurgeon.merge.align import Alignment, fit_alignment, norm_quantile, soft_clip
 from lmsurgeon.merge.blend import alpha_schedule, blend_rows, centred_cosine
 from lmsurgeon.merge.config import MergeConfig, study_fingerprint
-from lmsurgeon.merge.monitors import Evaluation, PromptEvaluator, relative_ppl, sym_kl
+from lmsurgeon.merge.monitors import Evaluation, HeadDelta, PromptEvaluator, relative_ppl, sym_kl
 from lmsurgeon.merge.quality import MergeTexts, merge_texts
 from lmsurgeon.merge.streamed import StreamedLM, load_lm
 from lmsurgeon.merge.vocab import SharedVocab, canonical_vocab, shared_vocab
@@ -60,6 +60,7 @@ class StagePlan:
     cos: dict[bool, np.ndarray]
     alignment: Alignment
     last_ids: list[int] = field(default_factory=list)  # base ids the last `apply` wrote
+    written: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # pool rows now blended
 
     def apply(self, k: int, min_tau: float, alpha_floor: float, alpha_cap: float, clip: bool, gamma: float) -> dict:
         sched = alpha_schedule(self.cos[clip], k, min_tau, alpha_floor, alpha_cap, gamma)
@@ -82,6 +83,7 @@ class StagePlan:
             with torch.no_grad():
                 self.weight.index_copy_(0, self.idx[rows_t], new_t)
         self.last_ids = self.idx[torch.from_numpy(rows)].tolist()
+        self.written = np.asarray(rows, dtype=np.int64)
         return {"rows": int(rows.size), "alpha_mean": float(alpha.mean()) if alpha.size else 0.0}
 
     def restore(self) -> None:
@@ -90,6 +92,12 @@ class StagePlan:
             self.weight.index_copy_(0, self.idx, self.original)
         if not torch.equal(self.weight.index_select(0, self.idx), self.original):
             raise LmsurgeonError(f"stage {self.name}: restore did not give the original rows back")
+        self.written = np.zeros(0, dtype=np.int64)
+
+    def moved(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Base ids of the rows now blended and their original values."""
+        rows = torch.from_numpy(self.written)
+        return self.idx[rows], self.original[rows]
 
 
 def _tokenizer_json(handle) -> str:
@@ -225,6 +233,11 @@ class MergeSession:
         if general_texts is not None:
             self.general = self.prompt_evaluator(general_texts)
             self.base_general = self.general.evaluate(self.model, keep_head_inputs=self.head_only)
+        if self._head_rows_update_exactly():
+            head = self.model.get_output_embeddings()
+            self.evaluator.keep_head_cache(self.base_eval, head.weight, head.bias)
+            if self.general is not None and self.base_general is not None:
+                self.general.keep_head_cache(self.base_general, head.weight, head.bias)
 
     def prompt_evaluator(self, texts: list[str]) -> PromptEvaluator:
         """An evaluator of `texts` with the base's tokenizer and this session's batching and KL positions."""
@@ -348,7 +361,9 @@ class MergeSession:
             return {"general_bpb": None, "general_excess": current.bpb - bar + 1e-12, "general_evals": 0}
         head_alone = a["rows"] == 0 or a.get("outcome") == "rolled_back"
         if head_alone and self.head_only and self.base_general.head_inputs is not None:
-            ev = self.general.evaluate_head(self.head_logits, self.base_general.head_inputs)
+            ev = self.general.evaluate_incremental(
+                self.model, self.head_logits, self.base_general, delta=self._head_delta()
+            )
             evals = 0
         else:
             ev, evals = self._evaluate_body(self.general, self.base_general), 1
@@ -358,8 +373,28 @@ class MergeSession:
         """An evaluation after Stage A moved embedding rows: batches without a moved token reuse the base's body
         outputs when the head alone reproduces the model (in memory); otherwise the whole model runs."""
         if self.head_only and base.head_inputs is not None and not self.streamed:
-            return evaluator.evaluate_changed(self.model, self.head_logits, base.head_inputs, self.stage_a.last_ids)
+            return evaluator.evaluate_incremental(
+                self.model, self.head_logits, base, changed_ids=self.stage_a.last_ids, delta=self._head_delta()
+            )
         return evaluator.evaluate(self.model, self.head_only)
+
+    def _head_delta(self) -> HeadDelta | None:
+        """The head rows Stage B has blended now (None: the head is the base's)."""
+        if self.stage_b is None or not self.stage_b.written.size:
+            return None
+        ids, old = self.stage_b.moved()
+        head = self.model.get_output_embeddings()
+        return HeadDelta(ids, old, head.weight, head.bias)
+
+    def _head_rows_update_exactly(self) -> bool:
+        """Whether moved head rows may update the base's log-normalisers (§M8.3) instead of the full head
+        running: the head alone gives the model's numbers, with no final soft-capping (which bends each logit
+        through tanh) and in float32 or float64 (a lower-precision head's own rounding is not reproduced)."""
+        if not self.head_only or self.streamed:
+            return False
+        cfg = getattr(self.model.config, "get_text_config", lambda: self.model.config)()
+        weight = self.model.get_output_embeddings().weight
+        return not getattr(cfg, "final_logit_softcapping", None) and weight.dtype in (torch.float32, torch.float64)
 
     def changed_rows(self) -> list[int]:
         """Base token ids whose embedding row the current (kept) merge moved."""
@@ -381,7 +416,9 @@ class MergeSession:
     def _evaluate_stage_b(self, before: Evaluation) -> Evaluation:
         """Stage B changes only the head: reuse the body's outputs from Stage A's (or B's own) evaluation."""
         if self.head_only and before.head_inputs is not None:
-            return self.evaluator.evaluate_head(self.head_logits, before.head_inputs)
+            return self.evaluator.evaluate_incremental(
+                self.model, self.head_logits, self.base_eval, inputs=before.head_inputs, delta=self._head_delta()
+            )
         return self.evaluator.evaluate(self.model)
 
     def restore(self) -> None:
