@@ -61,6 +61,7 @@ class Evaluation:
     head_inputs: list[torch.Tensor] | None = None  # per batch, what the LM head saw (kept for Stage B)
     token_nll: list[torch.Tensor] | None = None  # per batch, [B, T−1] NLL (nats) of each target (domain gate)
     targets: list[torch.Tensor] = field(default_factory=list)  # per batch, [B, T−1] log-prob of each target
+    logits: list[torch.Tensor | None] | None = None  # per batch, logits of a body re-run under the base's head
     head_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per batch, float64 (log-normaliser
     # [B, T], target logit [B, T−1]) of the head this evaluation saw: what a head-row change updates (§M8.3)
     top_k: dict[int, tuple] = field(default_factory=dict)  # cached top_k_set(logprobs, K) per K
@@ -87,6 +88,7 @@ class Evaluation:
 
 
 HEAD_DELTA_MAX_FRACTION = 1 / 3  # more moved head rows than this share of V: the full head is cheaper
+KEEP_LOGITS_BYTES = 1 << 28  # logits of re-run batches kept for the head-row change that follows, at most
 CANCELLATION = 1e-6  # a position whose moved rows held more than 1 − this of its mass: full head (§M8.3)
 
 
@@ -99,7 +101,8 @@ class HeadDelta:
     def __init__(self, ids: torch.Tensor, old: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         self.ids = ids
         self.old = old.double()
-        self.new = weight.detach().index_select(0, ids).double()
+        self.new_rows = weight.detach().index_select(0, ids)
+        self.new = self.new_rows.double()
         self.weight, self.bias = weight, bias
         self.row_bias = None if bias is None else bias.detach().index_select(0, ids).double()
         self.column = torch.full((weight.shape[0],), -1, dtype=torch.long, device=ids.device)
@@ -109,6 +112,16 @@ class HeadDelta:
         """float64 logits of the head rows `rows` (float64, [R, d]) at hidden states `h64`."""
         z = h64 @ rows.T
         return z if self.row_bias is None else z + self.row_bias
+
+    def replace_columns(self, logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """`logits` of the unmoved head at `h` with the moved rows' columns recomputed, as the head computes
+        them (its dtype, its bias)."""
+        bias = None if self.bias is None else self.bias.detach().index_select(0, self.ids)
+        z = torch.nn.functional.linear(h, self.new_rows, bias).to(logits.dtype)
+        out = logits.clone()
+        flat = out.view(-1, out.shape[-1])
+        flat.scatter_(1, self.ids.expand(flat.shape[0], -1), z.reshape(flat.shape[0], -1))
+        return out
 
 
 def head_normaliser(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor) -> tuple:
@@ -249,20 +262,27 @@ class PromptEvaluator:
         head_logits,
         base: Evaluation,
         *,
-        inputs: list[torch.Tensor] | None = None,
+        before: Evaluation | None = None,
         changed_ids: list[int] | tuple = (),
         delta: HeadDelta | None = None,
     ) -> Evaluation:
         """:meth:`evaluate` of the model in place, redoing only what a merge changed since `base` (methods.md
         §M8.3); exact up to float rounding when ``head_logits`` reproduces the model, which the merge checks once.
 
-        `inputs`: per batch, the head inputs to score (default: the base's); a batch holding one of the moved
-        embedding rows `changed_ids` runs the whole model. `delta`: every head row moved since `base`
-        (None: the head is the base's). A batch whose head input is the base's own tensor is then not recomputed:
-        unchanged head → the base's numbers; moved head rows → each position's log-normaliser updated from the
-        base's (``base.head_cache``) over the moved rows only. Head inputs are kept for every batch."""
+        `delta`: every head row moved since `base` (None: the head is the base's). `before`: an evaluation of
+        the model before those head rows moved, whose head inputs are scored (default: the base's). Per batch:
+        - one holding a moved embedding row (`changed_ids`) runs the whole model; under the base's head its
+          logits are kept on the result (within ``KEEP_LOGITS_BYTES``);
+        - one whose body `before` re-ran takes `before`'s kept logits with the moved rows' columns recomputed,
+          else the full head;
+        - one whose head input is the base's own tensor: unchanged head → the base's numbers; moved head rows →
+          each position's log-normaliser updated from the base's (``base.head_cache``) over those rows only.
+        Head inputs are kept for every batch."""
         assert base.head_inputs is not None, "the base evaluation kept no head inputs"
-        inputs = base.head_inputs if inputs is None else inputs
+        inputs = base.head_inputs if before is None or before.head_inputs is None else before.head_inputs
+        kept_logits = [None] * len(self.batches) if before is None or before.logits is None else before.logits
+        keep: list[torch.Tensor | None] = []
+        budget = KEEP_LOGITS_BYTES if delta is None and base.head_cache is not None else 0
         changed = torch.tensor(sorted(set(changed_ids)), dtype=torch.long, device=self.device)
         use_delta = (
             delta is not None
@@ -284,11 +304,18 @@ class PromptEvaluator:
                     captured.clear()
                     out = model(input_ids=b["ids"], attention_mask=b["mask"]).logits
                     seen.append(captured[-1])
+                    kept_bytes = sum(k.numel() * k.element_size() for k in keep if k is not None)
+                    keep.append(out if kept_bytes + out.numel() * out.element_size() <= budget else None)
                     yield self._batch_scores(b, out)
                     continue
                 seen.append(h)
+                keep.append(None)
                 if h is not base.head_inputs[i]:
-                    yield self._batch_scores(b, head_logits(h))
+                    kept = kept_logits[i]
+                    if kept is not None and delta is not None and base.head_cache is not None:
+                        yield self._batch_scores(b, delta.replace_columns(kept, h))
+                    else:
+                        yield self._batch_scores(b, head_logits(h))
                 elif delta is None or not delta.ids.numel():
                     yield base.targets[i], base_picked[i]
                 elif use_delta:
@@ -303,6 +330,7 @@ class PromptEvaluator:
             if hook is not None:
                 hook.remove()
         ev.head_inputs = seen
+        ev.logits = keep if any(k is not None for k in keep) else None
         return ev
 
     def _delta_scores(

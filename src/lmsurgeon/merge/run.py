@@ -417,7 +417,7 @@ class MergeSession:
         """Stage B changes only the head: reuse the body's outputs from Stage A's (or B's own) evaluation."""
         if self.head_only and before.head_inputs is not None:
             return self.evaluator.evaluate_incremental(
-                self.model, self.head_logits, self.base_eval, inputs=before.head_inputs, delta=self._head_delta()
+                self.model, self.head_logits, self.base_eval, before=before, delta=self._head_delta()
             )
         return self.evaluator.evaluate(self.model)
 
