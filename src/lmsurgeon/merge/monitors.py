@@ -61,7 +61,8 @@ class Evaluation:
     head_inputs: list[torch.Tensor] | None = None  # per batch, what the LM head saw (kept for Stage B)
     token_nll: list[torch.Tensor] | None = None  # per batch, [B, T−1] NLL (nats) of each target (domain gate)
     targets: list[torch.Tensor] = field(default_factory=list)  # per batch, [B, T−1] log-prob of each target
-    logits: list[torch.Tensor | None] | None = None  # per batch, logits of a body re-run under the base's head
+    body_rows: list[torch.Tensor] | None = None  # per batch, [B] rows whose head input is not the base's
+    logits: list[torch.Tensor | None] | None = None  # per batch, logits of those rows under the base's head
     head_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per batch, float64 (log-normaliser
     # [B, T], target logit [B, T−1]) of the head this evaluation saw: what a head-row change updates (§M8.3)
     top_k: dict[int, tuple] = field(default_factory=dict)  # cached top_k_set(logprobs, K) per K
@@ -269,28 +270,33 @@ class PromptEvaluator:
         """:meth:`evaluate` of the model in place, redoing only what a merge changed since `base` (methods.md
         §M8.3); exact up to float rounding when ``head_logits`` reproduces the model, which the merge checks once.
 
-        `delta`: every head row moved since `base` (None: the head is the base's). `before`: an evaluation of
-        the model before those head rows moved, whose head inputs are scored (default: the base's). Per batch:
-        - one holding a moved embedding row (`changed_ids`) runs the whole model; under the base's head its
-          logits are kept on the result (within ``KEEP_LOGITS_BYTES``);
-        - one whose body `before` re-ran takes `before`'s kept logits with the moved rows' columns recomputed,
-          else the full head;
-        - one whose head input is the base's own tensor: unchanged head → the base's numbers; moved head rows →
-          each position's log-normaliser updated from the base's (``base.head_cache``) over those rows only.
-        Head inputs are kept for every batch."""
+        `changed_ids`: embedding rows moved since `base`; `delta`: every head row moved since `base` (None: the
+        head is the base's); `before`: an evaluation of the model before those head rows moved (made by this
+        method; default: the base). Per prompt (row of a batch):
+        - one holding a moved embedding row runs the whole model (the rows of a batch that do, together); under
+          the base's head its logits are kept on the result (within ``KEEP_LOGITS_BYTES``);
+        - one whose body `before` re-ran takes `before`'s kept logits with the moved head rows' columns
+          recomputed, else the full head on `before`'s head inputs;
+        - any other sees the base's head inputs: unchanged head → the base's numbers; moved head rows → each
+          position's log-normaliser updated from the base's (``base.head_cache``) over those rows only.
+        Head inputs are kept for every batch, and which rows differ from the base's."""
         assert base.head_inputs is not None, "the base evaluation kept no head inputs"
-        inputs = base.head_inputs if before is None or before.head_inputs is None else before.head_inputs
-        kept_logits = [None] * len(self.batches) if before is None or before.logits is None else before.logits
-        keep: list[torch.Tensor | None] = []
+        if before is base:
+            before = None
+        if before is not None and before.body_rows is None:
+            raise LmsurgeonError("`before` must come from evaluate_incremental")
         budget = KEEP_LOGITS_BYTES if delta is None and base.head_cache is not None else 0
         changed = torch.tensor(sorted(set(changed_ids)), dtype=torch.long, device=self.device)
+        moved_head = delta is not None and delta.ids.numel() > 0
         use_delta = (
-            delta is not None
+            moved_head
             and base.head_cache is not None
             and delta.ids.numel() <= HEAD_DELTA_MAX_FRACTION * delta.weight.shape[0]
         )
         base_picked = torch.split(base.logprobs, [len(b["pick"][0]) for b in self.batches])
         seen: list[torch.Tensor] = []
+        body_rows: list[torch.Tensor] = []
+        keep: list[torch.Tensor | None] = []
         captured: list[torch.Tensor] = []  # what the head saw in the last call (head_logits may call it too)
         hook = None
         if changed.numel():
@@ -298,38 +304,69 @@ class PromptEvaluator:
                 lambda module, args, output: captured.append(args[0].detach())
             )
 
-        def scores():
-            for i, (b, h) in enumerate(zip(self.batches, inputs, strict=True)):
-                if changed.numel() and torch.isin(b["ids"][b["mask"].bool()], changed).any():
-                    captured.clear()
-                    out = model(input_ids=b["ids"], attention_mask=b["mask"]).logits
-                    seen.append(captured[-1])
-                    kept_bytes = sum(k.numel() * k.element_size() for k in keep if k is not None)
-                    keep.append(out if kept_bytes + out.numel() * out.element_size() <= budget else None)
-                    yield self._batch_scores(b, out)
-                    continue
-                seen.append(h)
+        def batch(i: int, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            h_base = base.head_inputs[i]
+            n_rows = b["ids"].shape[0]
+            run = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+            if changed.numel():
+                run = (torch.isin(b["ids"], changed) & b["mask"].bool()).any(-1)
+            prev = before.body_rows[i] & ~run if before is not None else torch.zeros_like(run)
+            rest = ~(run | prev)
+            parts, h = [], h_base if before is None else before.head_inputs[i]
+            if run.any():
+                h = h.clone()
+                sub, picks = _sub_batch(b, run)
+                captured.clear()
+                out = model(input_ids=sub["ids"], attention_mask=sub["mask"]).logits
+                h[run] = captured[-1]
+                kept_bytes = sum(k.numel() * k.element_size() for k in keep if k is not None)
+                fits = kept_bytes + out.numel() * out.element_size() <= budget
+                keep.append(out if fits and not prev.any() else None)
+                parts.append((run, picks, self._batch_scores(sub, out)))
+            else:
                 keep.append(None)
-                if h is not base.head_inputs[i]:
-                    kept = kept_logits[i]
-                    if kept is not None and delta is not None and base.head_cache is not None:
-                        yield self._batch_scores(b, delta.replace_columns(kept, h))
-                    else:
-                        yield self._batch_scores(b, head_logits(h))
-                elif delta is None or not delta.ids.numel():
-                    yield base.targets[i], base_picked[i]
+            if prev.any():
+                assert before is not None
+                sub, picks = _sub_batch(b, prev)
+                kept = before.logits[i] if before.logits is not None else None
+                if (
+                    kept is not None
+                    and moved_head
+                    and base.head_cache is not None
+                    and torch.equal(prev, before.body_rows[i])
+                ):
+                    assert delta is not None
+                    parts.append((prev, picks, self._batch_scores(sub, delta.replace_columns(kept, h[prev]))))
+                else:
+                    parts.append((prev, picks, self._batch_scores(sub, head_logits(h[prev]))))
+            if rest.any():
+                sub, picks = _sub_batch(b, rest)
+                if not moved_head:
+                    scores = base.targets[i][rest], base_picked[i][picks]
                 elif use_delta:
                     assert base.head_cache is not None and delta is not None
-                    yield self._delta_scores(b, h, base.head_cache[i], delta, head_logits)
+                    lse, target_logit = base.head_cache[i]
+                    scores = self._delta_scores(sub, h_base[rest], (lse[rest], target_logit[rest]), delta, head_logits)
                 else:
-                    yield self._batch_scores(b, head_logits(h))
+                    scores = self._batch_scores(sub, head_logits(h_base[rest]))
+                parts.append((rest, picks, scores))
+            seen.append(h)
+            body_rows.append(run | prev)
+            if len(parts) == 1:
+                return parts[0][2]
+            target = torch.empty(b["ids"][:, 1:].shape, dtype=torch.float64, device=self.device)
+            picked = torch.empty(len(b["pick"][0]), base.logprobs.shape[-1], dtype=base.logprobs.dtype)
+            for rows, picks, (t, p) in parts:
+                target[rows] = t.double()
+                picked[picks] = p
+            return target, picked
 
         try:
-            ev = self._collect(scores())
+            ev = self._collect(batch(i, b) for i, b in enumerate(self.batches))
         finally:
             if hook is not None:
                 hook.remove()
-        ev.head_inputs = seen
+        ev.head_inputs, ev.body_rows = seen, body_rows
         ev.logits = keep if any(k is not None for k in keep) else None
         return ev
 
@@ -404,6 +441,16 @@ class PromptEvaluator:
             token_nll=token_nll if keep_token_nll else None,
             targets=targets,
         )
+
+
+def _sub_batch(b: dict, rows: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """The prompts `rows` (bool [B]) of a batch as a batch of their own, and which of the batch's KL positions
+    are theirs."""
+    pick_rows, pick_cols = b["pick"]
+    mine = rows[pick_rows]
+    renumber = torch.cumsum(rows.long(), 0) - 1
+    sub = {"ids": b["ids"][rows], "mask": b["mask"][rows], "pick": (renumber[pick_rows[mine]], pick_cols[mine])}
+    return sub, mine
 
 
 def _spelled_bytes(text: str, offsets: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
