@@ -272,7 +272,7 @@ class PromptEvaluator:
 
         `changed_ids`: embedding rows moved since `base`; `delta`: every head row moved since `base` (None: the
         head is the base's); `before`: an evaluation of the model before those head rows moved (made by this
-        method; default: the base). Per prompt (row of a batch):
+        method, or any other evaluation of the model in place; default: the base). Per prompt (row of a batch):
         - one holding a moved embedding row runs the whole model (the rows of a batch that do, together); under
           the base's head its logits are kept on the result (within ``KEEP_LOGITS_BYTES``);
         - one whose body `before` re-ran takes `before`'s kept logits with the moved head rows' columns
@@ -283,8 +283,6 @@ class PromptEvaluator:
         assert base.head_inputs is not None, "the base evaluation kept no head inputs"
         if before is base:
             before = None
-        if before is not None and before.body_rows is None:
-            raise LmsurgeonError("`before` must come from evaluate_incremental")
         budget = KEEP_LOGITS_BYTES if delta is None and base.head_cache is not None else 0
         changed = torch.tensor(sorted(set(changed_ids)), dtype=torch.long, device=self.device)
         moved_head = delta is not None and delta.ids.numel() > 0
@@ -310,7 +308,9 @@ class PromptEvaluator:
             run = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
             if changed.numel():
                 run = (torch.isin(b["ids"], changed) & b["mask"].bool()).any(-1)
-            prev = before.body_rows[i] & ~run if before is not None else torch.zeros_like(run)
+            prev = torch.zeros_like(run)
+            if before is not None:  # an evaluation not made here (a full one) differs from the base everywhere
+                prev = (before.body_rows[i] if before.body_rows is not None else torch.ones_like(run)) & ~run
             rest = ~(run | prev)
             parts, h = [], h_base if before is None else before.head_inputs[i]
             if run.any():
@@ -333,6 +333,7 @@ class PromptEvaluator:
                     kept is not None
                     and moved_head
                     and base.head_cache is not None
+                    and before.body_rows is not None
                     and torch.equal(prev, before.body_rows[i])
                 ):
                     assert delta is not None
