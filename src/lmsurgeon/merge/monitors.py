@@ -114,15 +114,14 @@ class HeadDelta:
         z = h64 @ rows.T
         return z if self.row_bias is None else z + self.row_bias
 
-    def replace_columns(self, logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """`logits` of the unmoved head at `h` with the moved rows' columns recomputed, as the head computes
-        them (its dtype, its bias)."""
+    def replace_columns_(self, logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """`logits` (contiguous) of the unmoved head at `h`, the moved rows' columns recomputed in place as the
+        head computes them (its dtype, its bias)."""
         bias = None if self.bias is None else self.bias.detach().index_select(0, self.ids)
         z = torch.nn.functional.linear(h, self.new_rows, bias).to(logits.dtype)
-        out = logits.clone()
-        flat = out.view(-1, out.shape[-1])
+        flat = logits.view(-1, logits.shape[-1])
         flat.scatter_(1, self.ids.expand(flat.shape[0], -1), z.reshape(flat.shape[0], -1))
-        return out
+        return logits
 
 
 def head_normaliser(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor) -> tuple:
@@ -276,7 +275,7 @@ class PromptEvaluator:
         - one holding a moved embedding row runs the whole model (the rows of a batch that do, together); under
           the base's head its logits are kept on the result (within ``KEEP_LOGITS_BYTES``);
         - one whose body `before` re-ran takes `before`'s kept logits with the moved head rows' columns
-          recomputed, else the full head on `before`'s head inputs;
+          recomputed (in place: they serve once), else the full head on `before`'s head inputs;
         - any other sees the base's head inputs: unchanged head → the base's numbers; moved head rows → each
           position's log-normaliser updated from the base's (``base.head_cache``) over those rows only.
         Head inputs are kept for every batch, and which rows differ from the base's."""
@@ -321,7 +320,7 @@ class PromptEvaluator:
                 h[run] = captured[-1]
                 kept_bytes = sum(k.numel() * k.element_size() for k in keep if k is not None)
                 fits = kept_bytes + out.numel() * out.element_size() <= budget
-                keep.append(out if fits and not prev.any() else None)
+                keep.append(out.contiguous() if fits and not prev.any() else None)
                 parts.append((run, picks, self._batch_scores(sub, out)))
             else:
                 keep.append(None)
@@ -336,8 +335,9 @@ class PromptEvaluator:
                     and before.body_rows is not None
                     and torch.equal(prev, before.body_rows[i])
                 ):
-                    assert delta is not None
-                    parts.append((prev, picks, self._batch_scores(sub, delta.replace_columns(kept, h[prev]))))
+                    assert delta is not None and before.logits is not None
+                    before.logits[i] = None  # used up: its columns are overwritten
+                    parts.append((prev, picks, self._batch_scores(sub, delta.replace_columns_(kept, h[prev]))))
                 else:
                     parts.append((prev, picks, self._batch_scores(sub, head_logits(h[prev]))))
             if rest.any():
