@@ -100,8 +100,9 @@ class HeadDelta:
     positions that fall back to the full head), ``column`` each id's column in ``new`` (−1: not moved)."""
 
     def __init__(self, ids: torch.Tensor, old: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ids = ids.to(weight.device)
         self.ids = ids
-        self.old = old.double()
+        self.old = old.to(weight.device).double()
         self.new_rows = weight.detach().index_select(0, ids)
         self.new = self.new_rows.double()
         self.weight, self.bias = weight, bias
@@ -446,12 +447,12 @@ class PromptEvaluator:
 
 def _sub_batch(b: dict, rows: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """The prompts `rows` (bool [B]) of a batch as a batch of their own, and which of the batch's KL positions
-    are theirs."""
+    are theirs (a mask on the CPU, where the KL positions' log-probs are kept)."""
     pick_rows, pick_cols = b["pick"]
     mine = rows[pick_rows]
     renumber = torch.cumsum(rows.long(), 0) - 1
     sub = {"ids": b["ids"][rows], "mask": b["mask"][rows], "pick": (renumber[pick_rows[mine]], pick_cols[mine])}
-    return sub, mine
+    return sub, mine.cpu()
 
 
 def _spelled_bytes(text: str, offsets: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
