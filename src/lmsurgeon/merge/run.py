@@ -60,7 +60,7 @@ class StagePlan:
     cos: dict[bool, np.ndarray]
     alignment: Alignment
     last_ids: list[int] = field(default_factory=list)  # base ids the last `apply` wrote
-    written: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # pool rows now blended
+    written: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # pool rows not original
 
     def apply(self, k: int, min_tau: float, alpha_floor: float, alpha_cap: float, clip: bool, gamma: float) -> dict:
         sched = alpha_schedule(self.cos[clip], k, min_tau, alpha_floor, alpha_cap, gamma)
@@ -83,7 +83,7 @@ class StagePlan:
             with torch.no_grad():
                 self.weight.index_copy_(0, self.idx[rows_t], new_t)
         self.last_ids = self.idx[torch.from_numpy(rows)].tolist()
-        self.written = np.asarray(rows, dtype=np.int64)
+        self.written = np.union1d(self.written, rows).astype(np.int64)  # a kept merge may be merged again
         return {"rows": int(rows.size), "alpha_mean": float(alpha.mean()) if alpha.size else 0.0}
 
     def restore(self) -> None:
@@ -370,8 +370,8 @@ class MergeSession:
         return {"general_bpb": ev.bpb, "general_excess": ev.bpb - limit, "general_evals": evals}
 
     def _evaluate_body(self, evaluator: PromptEvaluator, base: Evaluation) -> Evaluation:
-        """An evaluation after Stage A moved embedding rows: batches without a moved token reuse the base's body
-        outputs when the head alone reproduces the model (in memory); otherwise the whole model runs."""
+        """An evaluation after Stage A moved embedding rows: prompts without a moved token reuse the base's body
+        outputs when the head alone reproduces the model (in memory, §M8.3); otherwise the whole model runs."""
         if self.head_only and base.head_inputs is not None and not self.streamed:
             return evaluator.evaluate_incremental(
                 self.model, self.head_logits, base, changed_ids=self.stage_a.last_ids, delta=self._head_delta()
