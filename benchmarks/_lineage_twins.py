@@ -36,14 +36,20 @@ def _rng(seed: int, name: str, block: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode()), block])
 
 
-def base_values(shape: Glm4MoeShape, seed: int, experts_filled: int):
-    """fill(name, dims) for an independent model: seeded data where lineage reads, holes elsewhere."""
+#: what a forward pass reads besides READ_SUFFIXES: the activation tests run the blocks
+FORWARD_SUFFIXES = ("v_proj.weight", "o_proj.weight", "gate_proj.weight")
+
+
+def base_values(shape: Glm4MoeShape, seed: int, experts_filled: int, forward: bool = False):
+    """fill(name, dims) for an independent model: seeded data where lineage reads, holes elsewhere. ``forward``
+    also fills what running the blocks reads (values, outputs, gates), for the activation tests."""
+    suffixes = READ_SUFFIXES + (FORWARD_SUFFIXES if forward else ())
 
     def fill(name: str, dims: tuple[int, ...]):
         m = _EXPERT.search(name)
         if m and int(m.group(1)) >= experts_filled:
             return None
-        if not name.endswith(READ_SUFFIXES) or "gate_proj" in name:
+        if not name.endswith(suffixes) or ("gate_proj" in name and not forward):
             return None
         if len(dims) == 1:
             return 1 + 0.1 * _rng(seed, name).standard_normal(dims, dtype=np.float32)
@@ -60,10 +66,10 @@ def base_values(shape: Glm4MoeShape, seed: int, experts_filled: int):
     return fill
 
 
-def derived_values(shape: Glm4MoeShape, seed: int, experts_filled: int, noise: float = 0.01):
+def derived_values(shape: Glm4MoeShape, seed: int, experts_filled: int, noise: float = 0.01, forward: bool = False):
     """fill for a derivation of ``base_values(shape, seed)``: residual permutation and signs, filled experts
     reordered with their router rows, ``noise`` × std added. Function-preserving apart from the noise."""
-    base = base_values(shape, seed, experts_filled)
+    base = base_values(shape, seed, experts_filled, forward)
     g = np.random.default_rng([seed, 99])
     perm, sign = g.permutation(shape.hidden), np.where(g.random(shape.hidden) < 0.5, -1.0, 1.0).astype(np.float32)
     experts = g.permutation(experts_filled)  # B's expert e is A's expert experts[e]
@@ -83,7 +89,7 @@ def derived_values(shape: Glm4MoeShape, seed: int, experts_filled: int, noise: f
             return (noisy(blk[:, perm] * sign, name, b) for b, blk in enumerate(w))
         if len(dims) == 1:  # norm gains: permuted (RMSNorm commutes with a signed permutation)
             return w[perm]
-        if name.endswith("down_proj.weight"):  # writes the residual: rows
+        if name.endswith(("down_proj.weight", "o_proj.weight")):  # writes the residual: rows
             return noisy(w[perm] * sign[:, None], name)
         if name.endswith("mlp.gate.weight"):
             w = np.concatenate([w[:experts_filled][experts], w[experts_filled:]])
@@ -105,13 +111,17 @@ def build_twin(folder: Path, shape: Glm4MoeShape, fill, stamp: dict) -> Path:
     return build_once(folder, shape, fill, stamp, after=lambda f: word_tokenizer(f, shape.vocab))
 
 
-def build_twins(root: Path, glm: Glm4MoeShape, solar: Glm4MoeShape, experts_filled: int) -> dict[str, Path]:
+def build_twins(
+    root: Path, glm: Glm4MoeShape, solar: Glm4MoeShape, experts_filled: int, forward: bool = False
+) -> dict[str, Path]:
     out = {}
     for name, shape, fill in (
-        ("glm-a", glm, base_values(glm, 0, experts_filled)),
-        ("glm-derived", glm, derived_values(glm, 0, experts_filled)),
-        ("solar-indep", solar, base_values(solar, 7, experts_filled)),
+        ("glm-a", glm, base_values(glm, 0, experts_filled, forward)),
+        ("glm-derived", glm, derived_values(glm, 0, experts_filled, forward=forward)),
+        ("solar-indep", solar, base_values(solar, 7, experts_filled, forward)),
     ):
         stamp = {"config": shape.config(), "experts_filled": experts_filled, "kind": name, "version": 1}
+        if forward:
+            stamp["forward"] = True
         out[name] = build_twin(root / name, shape, fill, stamp)
     return out

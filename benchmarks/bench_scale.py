@@ -26,6 +26,12 @@ prints the verdicts, the bytes read per model (and as a fraction of the checkpoi
 VmHWM.
 
     python benchmarks/bench_scale.py lineage [--layers 3] [--full] [--experts-filled 8] [--tests awm,phi_u]
+                                             [--max-memory 6GiB]
+
+With an activation test in ``--tests`` (``phi_match``, ``act_cka``; both are in the default test list) the twins
+also get data in what running a block reads (values, outputs, gates; built once more, in a ``-forward`` folder)
+and the text is documents of random words of the twins' word-level vocabulary. ``--max-memory 6GiB`` makes a
+slice stream block by block as the full checkpoints would on a 24 GiB machine.
 """
 
 from __future__ import annotations
@@ -186,7 +192,21 @@ def fits_in_memory(folder: Path, dtype: str) -> tuple[bool, str]:
 
 
 # -- lineage over range reads -------------------------------------------------------------------------------
-def lineage_worker(repos: list[str], tests: str, out: Path) -> dict:
+ACTIVATION_TESTS = ("phi_match", "act_cka")
+
+
+def word_text(path: Path, vocab: int, documents: int = 48, words: int = 120, seed: int = SEED) -> Path:
+    """Documents of random words ``w<i>`` of the twins' word-level vocabulary (what their tokenizers know), one
+    blank line between documents, for the activation tests."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    docs = [" ".join(f"w{i}" for i in g.integers(1, vocab, words)) for _ in range(documents)]
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def lineage_worker(repos: list[str], tests: str, out: Path, max_memory: str | None, text: str | None) -> dict:
     """``compare`` of the hub ids ``repos`` in this (fresh) process; what results.json says, plus time and VmHWM."""
     import torch
 
@@ -194,12 +214,14 @@ def lineage_worker(repos: list[str], tests: str, out: Path) -> dict:
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     start = time.perf_counter()
-    r = compare(repos, out=out, tests=tuple(tests.split(",")), overwrite=True)
+    r = compare(repos, out=out, tests=tuple(tests.split(",")), overwrite=True, max_memory=max_memory, text=text)
     return {
         "seconds": time.perf_counter() - start,
         "peak_rss": _status_bytes("VmHWM"),
         "verdicts": {f"{p['a']} vs {p['b']}": p["verdict"] for p in r["pairs"]},
         "z": {f"{p['a']} vs {p['b']}": {t["name"]: t.get("z") for t in p["tests"]} for p in r["pairs"]},
+        "runs": {f"{p['a']} vs {p['b']}": {t["name"]: t["run"] for t in p["tests"] if "run" in t} for p in r["pairs"]},
+        "timings": r.get("timings"),
         "models": [
             {"name": m["name"], "bytes_read": m["bytes_read"], "tensor_bytes": m["tensor_bytes"]} for m in r["models"]
         ],
@@ -219,7 +241,9 @@ def lineage_bench(args) -> None:
     layers = "full" if args.full else args.layers[0]
     glm = GLM45_AIR if args.full else GLM45_AIR.with_layers(layers, mtp_layers=0)
     solar = SOLAR_OPEN_100B if args.full else SOLAR_OPEN_100B.with_layers(layers)
-    folders = build_twins(args.dir / f"lineage-{layers}l", glm, solar, args.experts_filled)
+    forward = any(t in ACTIVATION_TESTS for t in args.tests.split(","))  # the blocks run: fill what they read
+    root = args.dir / f"lineage-{layers}l{'-forward' if forward else ''}"
+    folders = build_twins(root, glm, solar, args.experts_filled, forward)
     repos = {f"bench/{k}": v for k, v in folders.items()}
     cache = Path(tempfile.mkdtemp(prefix="bench-scale-ranges-"))
     try:
@@ -227,6 +251,10 @@ def lineage_bench(args) -> None:
             env = {**os.environ, "HF_ENDPOINT": server.endpoint, "HF_HUB_OFFLINE": "0", "LMSURGEON_CACHE": str(cache)}
             cmd = [sys.executable, __file__, "--lineage-worker", ",".join(repos), "--tests", args.tests]
             cmd += ["--dir", str(cache / "run")]
+            if args.max_memory:
+                cmd += ["--max-memory", args.max_memory]
+            if forward:
+                cmd += ["--text", str(word_text(cache / "words.txt", min(glm.vocab, solar.vocab)))]
             p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode != 0:
             raise SystemExit(f"lineage run failed:\n{p.stderr[-3000:]}")
@@ -240,12 +268,15 @@ def lineage_bench(args) -> None:
     )
     for pair, label in row["verdicts"].items():
         print(f"{pair:<45} {label:<12} z: {row['z'][pair]}")
+        for test, run in row["runs"][pair].items():
+            print(f"{'':<45} {test}: {run}")
     print(f"\n{'model':<22}{'apparent GB':>12}{'read GB':>9}{'fraction':>10}  per test (MB)")
     for m in row["models"]:
         size = sizes[m["name"]] if m["name"] in sizes else sizes[f"bench/{m['name']}"]
         per = ", ".join(f"{k} {v / 1e6:.0f}" for k, v in m["tensor_bytes"].items())
         print(f"{m['name']:<22}{size / 1e9:>12.1f}{m['bytes_read'] / 1e9:>9.2f}{m['bytes_read'] / size:>10.2%}  {per}")
     print(f"\nwall {row['seconds'] / 60:.1f} min, VmHWM {row['peak_rss'] / 2**30:.2f} GiB")
+    print(f"stage timings: {row['timings']}")
 
 
 def main() -> None:
@@ -253,6 +284,8 @@ def main() -> None:
     ap.add_argument("mode", nargs="?", default="stream", choices=["stream", "lineage"])
     ap.add_argument("--tests", default="awm,phi_u", help="lineage mode: the tests to run")
     ap.add_argument("--lineage-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--max-memory", help="lineage mode: the activation tests' memory budget (e.g. 6GiB)")
+    ap.add_argument("--text", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, default=Path(".bench-cache/scale"))
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 8], help="slices of the real depth to measure")
     ap.add_argument("--full", action="store_true", help="also the full 46-layer model (+ MTP layer), streamed")
@@ -266,7 +299,9 @@ def main() -> None:
     ap.add_argument("--worker", choices=["stream", "plain"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.lineage_worker:
-        print(json.dumps(lineage_worker(args.lineage_worker.split(","), args.tests, args.dir)))
+        print(
+            json.dumps(lineage_worker(args.lineage_worker.split(","), args.tests, args.dir, args.max_memory, args.text))
+        )
         return
     if args.mode == "lineage":
         lineage_bench(args)
