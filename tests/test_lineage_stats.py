@@ -295,6 +295,15 @@ def test_rotation_is_suggested_from_the_automatic_alignment_evidence():
     assert verdict([_applies("awm", 30.0), _applies("circuits", 30.0)], unrotated).suggested == []
 
 
+def test_rotation_is_suggested_only_when_the_weights_were_compared_and_failed():
+    from lmsurgeon.lineage.results import AlignmentFacts
+
+    facts = AlignmentFacts("permutation", False, 4000, 0.99, "auto", {"chosen": "permutation", "margin_z": -9})
+    rotated = verdict([_applies("phi_match", 20.0), _applies("awm", 0.5), _applies("phi_u", 1.0)], facts)
+    assert rotated.suggested and rotated.suggested[0].startswith("rotation")
+    assert verdict([_applies("phi_match", 20.0)], facts).suggested == []  # no weight test run: nothing evaded
+
+
 def test_paired_column_cosines_is_the_diagonal_of_the_full_matrix():
     """Against float64 numpy: Pearson of each column pair, computed directly."""
     from lmsurgeon.lineage.align import column_cosines, paired_column_cosines

@@ -39,7 +39,8 @@ def _suggested(zs: dict[str, float], alignment: AlignmentFacts | None, method: s
     elif (
         method == "permutation"
         and zs.get("phi_match", 0.0) >= T_HI
-        and max(zs.get("awm", 0.0), zs.get("phi_u", 0.0)) < T_LO
+        and any(w in zs for w in ("awm", "phi_u"))  # weights not compared are not weights that failed to match
+        and max(zs.get("awm", -np.inf), zs.get("phi_u", -np.inf)) < T_LO
     ):
         out.append(
             "rotation: activations match but the permutation-aligned weights do not (a rotated residual "
