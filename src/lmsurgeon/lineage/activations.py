@@ -262,9 +262,10 @@ def activation_tests(
         for lay, streamed in zip(layouts, streams, strict=True)
     )
     k = act_blocks(act_layers, (layout_a.n_layers, layout_b.n_layers), streams)
+    paths = tuple("stream" if st else "plain" for st in streams)  # the decision above, not a second in dtype
     A, B = (
-        capture(lay, e, keep, max_memory=max_memory, mode=mode, with_mlp=with_mlp, blocks=k, dtype=dt)
-        for lay, e, dt in zip(layouts, (enc_a, enc_b), dtypes, strict=True)
+        capture(lay, e, keep, max_memory=max_memory, mode=path, with_mlp=with_mlp, blocks=k, dtype=dt)
+        for lay, e, dt, path in zip(layouts, (enc_a, enc_b), dtypes, paths, strict=True)
     )
     run = {
         "blocks": [len(A.hidden), len(B.hidden)],

@@ -125,12 +125,16 @@ class HeadDelta:
         return logits
 
 
+def head_logits64(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Every head row's logit at hidden states `h`, in float64 (the reference the incremental update keeps)."""
+    z = h.double() @ weight.detach().double().T
+    return z if bias is None else z + bias.detach().double()
+
+
 def head_normaliser(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor) -> tuple:
     """float64 log-normaliser over every head row [B, T] and the target logits [B, T−1] (targets ``ids[:, 1:]``)
     of hidden states `h`: what :meth:`PromptEvaluator.evaluate_incremental` updates when head rows move."""
-    z = h.double() @ weight.detach().double().T
-    if bias is not None:
-        z += bias.detach().double()
+    z = head_logits64(h, weight, bias)
     return torch.logsumexp(z, dim=-1), z[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
 
 
@@ -388,8 +392,7 @@ class PromptEvaluator:
         lse_new = lse + torch.log(rest.clamp_min(0.0) + (z_new - lse[..., None]).exp().sum(-1))
         cancel = rest < CANCELLATION
         if cancel.any():
-            z = h64[cancel] @ delta.weight.detach().double().T
-            lse_new[cancel] = torch.logsumexp(z if delta.bias is None else z + delta.bias.detach().double(), -1)
+            lse_new[cancel] = torch.logsumexp(head_logits64(h64[cancel], delta.weight, delta.bias), -1)
         column = delta.column[b["ids"][:, 1:]]
         moved = z_new[:, :-1].gather(-1, column.clamp_min(0)[..., None])[..., 0]
         target = torch.where(column >= 0, moved, target_logit) - lse_new[:, :-1]
