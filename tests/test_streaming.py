@@ -190,6 +190,59 @@ def test_moe_block_is_loaded_into_the_fused_expert_parameters_transformers_uses(
             torch.testing.assert_close(fused[e], torch.from_numpy(stored), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("name", ["qwen2-moe", "glm4-moe-mtp"])
+def test_routed_experts_run_a_group_at_a_time_give_the_whole_models_numbers(tiny_folders, name, group):
+    """Experts read and applied a group at a time (1 and 3 of 4: groups of one, and a full and a partial group)
+    give the per-token NLL of the whole model's own forward."""
+    folder = tiny_folders[name]
+    streamed = StreamedModel(folder, mode="stream", batch_size=2, expert_group=group)
+    sequences = random_sequences(streamed.model.config.vocab_size, (11, 20, 5, 20), seed=4)
+    reference = reference_nll(open_model(folder).load_model(dtype=torch.float32), sequences)
+    assert_nll_matches(streamed.nll(sequences), sequences, reference)
+
+
+def test_a_block_with_experts_in_groups_holds_no_routed_expert_and_reads_only_those_routed_to(tiny_folders):
+    """One token goes to its top-k experts in each MoE layer: exactly k experts per layer are read, and while the
+    block is loaded its fused expert parameters stay on the meta device."""
+    from lmsurgeon.streaming.experts import PER_EXPERT
+
+    handle = open_model(tiny_folders["qwen2-moe"])
+    read: list[str] = []
+    tensor = handle.tensor
+    handle.tensor = lambda name, *args, **kw: (read.append(name), tensor(name, *args, **kw))[1]
+    streamed = StreamedModel(handle, mode="stream", expert_group=1)
+    k, n = streamed.model.config.num_experts_per_tok, streamed.model.config.num_experts
+    assert k < n
+    streamed.run_layers(streamed.embed([[7]]))
+    for j in range(streamed.n_layers):
+        experts = {int(m.group(1)) for name in read if f"layers.{j}." in name and (m := PER_EXPERT.search(name))}
+        assert len(experts) == k, f"layer {j}: read experts {sorted(experts)}, routed to {k}"
+    streamed.load([1])
+    fused = streamed.layers[1].mlp.experts
+    assert fused.gate_up_proj.device.type == fused.down_proj.device.type == "meta"
+    whole = StreamedModel(tiny_folders["qwen2-moe"], mode="stream", expert_group=0)
+    whole.load([1])
+    expert_bytes = sum(p.numel() * p.element_size() for p in whole.layers[1].mlp.experts.parameters())
+    assert streamed.resident_bytes() == whole.resident_bytes() - expert_bytes
+
+
+def test_a_budget_smaller_than_four_moe_blocks_runs_experts_in_groups_by_itself(tiny_folders):
+    """Without ``expert_group``, a block larger than a quarter of the budget is loaded without its routed experts
+    (the footprint :meth:`resident_block_bytes` reports shrinks), with the whole model's numbers."""
+    folder = tiny_folders["qwen2-moe"]
+    sizes = weight_bytes(open_model(folder), torch.float32)
+    block = max(v for k, v in sizes.items() if k.startswith("layer."))
+    streamed = StreamedModel(folder, max_memory=3 * block, batch_size=2)
+    assert streamed.streaming
+    assert streamed.resident_block_bytes() < block
+    sequences = random_sequences(101, (9, 16), seed=5)
+    reference = reference_nll(open_model(folder).load_model(dtype=torch.float32), sequences)
+    assert_nll_matches(streamed.nll(sequences), sequences, reference)
+    roomy = StreamedModel(folder, max_memory=5 * block, mode="stream")
+    assert roomy.resident_block_bytes() == block  # a quarter of this budget holds the block: loaded whole
+
+
 def test_encoder_final_hidden_states_equal_whole_model_with_padding(tiny_folders):
     folder = tiny_folders["bert"]
     streamed = StreamedModel(folder, kind="base", mode="stream")
