@@ -155,8 +155,8 @@ def test_streamed_nll_equals_whole_model_forward_on_gqa_and_moe_checkpoints(tiny
 def test_a_streamed_run_reads_every_tensor_of_its_layers_and_none_of_the_extra_mtp_layer(tiny_folders):
     handle = open_model(tiny_folders["glm4-moe-mtp"])
     read: list[str] = []
-    tensor = handle.tensor
-    handle.tensor = lambda name, *args, **kw: (read.append(name), tensor(name, *args, **kw))[1]
+    tensor = handle.stored_tensor  # every whole-tensor read, decoded to numpy or kept in its stored dtype
+    handle.stored_tensor = lambda name: (read.append(name), tensor(name))[1]
     StreamedModel(handle, mode="stream").nll([[5, 6, 7, 8]])
     mtp = {n for n in handle.names() if n.startswith("model.layers.3.")}
     assert mtp, "the fixture must hold an MTP layer"
@@ -209,8 +209,8 @@ def test_a_block_with_experts_in_groups_holds_no_routed_expert_and_reads_only_th
 
     handle = open_model(tiny_folders["qwen2-moe"])
     read: list[str] = []
-    tensor = handle.tensor
-    handle.tensor = lambda name, *args, **kw: (read.append(name), tensor(name, *args, **kw))[1]
+    tensor = handle.stored_tensor  # every whole-tensor read, decoded to numpy or kept in its stored dtype
+    handle.stored_tensor = lambda name: (read.append(name), tensor(name))[1]
     streamed = StreamedModel(handle, mode="stream", expert_group=1)
     k, n = streamed.model.config.num_experts_per_tok, streamed.model.config.num_experts
     assert k < n
