@@ -227,6 +227,32 @@ def test_a_block_with_experts_in_groups_holds_no_routed_expert_and_reads_only_th
     assert streamed.resident_bytes() == whole.resident_bytes() - expert_bytes
 
 
+def test_experts_in_groups_are_read_once_per_block_for_all_batches_and_hooks_fire_in_batch_order(tiny_folders):
+    """Several micro-batches through a block whose experts run in groups: each expert tensor is read once per pass
+    (not once per batch), the NLL is the whole model's, and hooks inside the block see the batches in order."""
+    from lmsurgeon.streaming.experts import PER_EXPERT
+
+    folder = tiny_folders["glm4-moe-mtp"]
+    handle = open_model(folder)
+    read: list[str] = []
+    tensor = handle.stored_tensor
+    handle.stored_tensor = lambda name: (read.append(name), tensor(name))[1]
+    streamed = StreamedModel(handle, mode="stream", batch_size=3, expert_group=2)
+    sequences = random_sequences(streamed.model.config.vocab_size, (12, 7, 12, 9, 4), seed=6)  # batches of 3, 2
+    seen: list[int] = []
+    norms = [layer.post_attention_layernorm for layer in streamed.layers]
+    hooks = [m.register_forward_hook(lambda _m, _a, out: seen.append(out.shape[0])) for m in norms]
+    try:
+        nll = streamed.nll(sequences)
+    finally:
+        for h in hooks:
+            h.remove()
+    experts = [name for name in read if PER_EXPERT.search(name)]
+    assert experts and len(experts) == len(set(experts)), "an expert tensor was read more than once"
+    assert seen == [3, 2] * streamed.n_layers
+    assert_nll_matches(nll, sequences, reference_nll(open_model(folder).load_model(dtype=torch.float32), sequences))
+
+
 def test_a_budget_smaller_than_four_moe_blocks_runs_experts_in_groups_by_itself(tiny_folders):
     """Without ``expert_group``, a block larger than a quarter of the budget is loaded without its routed experts
     (the footprint :meth:`resident_block_bytes` reports shrinks), with the whole model's numbers."""

@@ -12,17 +12,20 @@ for each group its fused parameters are set to the group's experts only, ``num_e
 the routing indices are renumbered into the group, with every slot routed outside the group given the index
 ``num_experts`` and weight 0: the expert-parallel sentinel that every transformers experts implementation skips
 (eager) or masks (batched and grouped matmuls). The groups' outputs are added. The result equals the whole
-block's to float rounding (the per-expert terms are added in a different grouping), tested to 1e-5 in float32.
-Experts no token is routed to are not read at all.
+block's to float rounding (the per-expert terms are added group by group), tested to 1e-5 in float32. Experts
+no token is routed to are not read at all.
 
-Cost: the experts are read again on every call of the block (local pages or the range cache, not the network,
-after the first), so streaming experts is chosen only for blocks that do not fit: see :func:`streams_experts`.
+A layer-streamed pass applies a block to every micro-batch while it is loaded; :meth:`GroupedExperts.run_batches`
+lets all of them meet at the experts so that each group is read once per pass, not once per batch. A block
+called again later (swap's replays) reads its experts again, from local pages or the range cache rather than
+the network, so streaming experts is chosen only for blocks that do not fit: see :func:`streams_experts`.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +98,11 @@ class GroupedExperts:
         self.n_experts: int = experts.num_experts
         self.calls = 0
         self.experts_read = 0
+        self._collective = threading.local()  # .slot: which item of run_batches this thread runs
+        self._requests: list[Any] = []
+        self._results: list[Any] = []
+        self._arrived: list[threading.Event] = []
+        self._go: list[threading.Event] = []
         self.module.forward = self.forward
 
     def remove(self) -> None:
@@ -102,34 +110,115 @@ class GroupedExperts:
             del self.module.forward
 
     def forward(self, *given, **kwargs) -> torch.Tensor:
-        args = list(given)
-        index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[self.index_at]
-        weights = kwargs["top_k_weights"] if "top_k_weights" in kwargs else args[self.weight_at]
-        hit = [e for e in torch.unique(index).tolist() if 0 <= e < self.n_experts]
-        self.calls += 1
-        total: torch.Tensor | None = None
-        for a in range(0, len(hit), self.size):
-            group = hit[a : a + self.size]
-            lookup = torch.full((self.n_experts + 1,), len(group), dtype=index.dtype, device=index.device)
-            lookup[torch.tensor(group, device=index.device)] = torch.arange(len(group), device=index.device)
-            local = lookup[index.clamp(0, self.n_experts)]
-            local_weights = weights.masked_fill(local == len(group), 0)
-            part = self._run(group, args, kwargs, local, local_weights)
-            total = part if total is None else total.add_(part)
-            self.experts_read += len(group)
-        if total is None:  # no token routed to any expert: the module's sum over nothing
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            return torch.zeros_like(hidden)
-        return total
+        slot = getattr(self._collective, "slot", None)
+        if slot is not None and self._requests[slot] is None:  # a batch of run_batches: wait for the others
+            self._requests[slot] = (list(given), dict(kwargs))
+            self._arrived[slot].set()
+            self._go[slot].wait()
+            result = self._results[slot]
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        return self._sum([(list(given), dict(kwargs))])[0]
 
-    def _run(self, group: list[int], args: list, kwargs: dict, index: torch.Tensor, weights: torch.Tensor):
-        """The experts module's own forward with its parameters and ``num_experts`` narrowed to ``group``."""
+    def run_batches(self, fn: Callable[[Any], torch.Tensor], items: list) -> list[torch.Tensor]:
+        """``[fn(item) for item in items]``, where ``fn`` runs the block this module belongs to, with each group
+        of experts read once for all items instead of once per item.
+
+        Each item's block runs in its own thread up to this module's call, one item after another (so forward
+        hooks fire in item order), and waits there; the experts' sums are then computed group by group for every
+        waiting item, and the items finish their blocks, again one after another. The numbers are those of
+        calling ``fn`` on each item in turn (the same operations on the same inputs; the experts' terms grouped
+        by the union of the items' experts).
+        """
+        n = len(items)
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        outputs: list[Any] = [None] * n
+        errors: list[BaseException | None] = [None] * n
+        self._requests = [None] * n
+        self._results = [None] * n
+        self._arrived = [threading.Event() for _ in range(n)]
+        self._go = [threading.Event() for _ in range(n)]
+        done = [threading.Event() for _ in range(n)]
+
+        def work(i: int) -> None:
+            self._collective.slot = i
+            try:
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad and not inference):
+                    outputs[i] = fn(items[i])
+            except BaseException as e:  # re-raised in the caller's thread below
+                errors[i] = e
+            finally:
+                self._collective.slot = None
+                self._arrived[i].set()  # also when it finished or failed without reaching the experts
+                done[i].set()
+
+        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(n)]
+        try:
+            for i, thread in enumerate(threads):
+                thread.start()
+                self._arrived[i].wait()
+            waiting = [i for i in range(n) if self._requests[i] is not None and not done[i].is_set()]
+            try:
+                sums = self._sum([self._requests[i] for i in waiting])  # type: ignore[misc]
+                for i, total in zip(waiting, sums, strict=True):
+                    self._results[i] = total
+            except BaseException as e:
+                for i in waiting:
+                    self._results[i] = e
+            for i in range(n):
+                self._go[i].set()
+                done[i].wait()
+        finally:
+            for event in self._go:
+                event.set()
+            for thread in threads:
+                thread.join()
+            self._requests, self._results = [], []
+        for e in errors:
+            if e is not None:
+                raise e
+        return outputs
+
+    def _sum(self, requests: list[tuple[list, dict]]) -> list[torch.Tensor]:
+        """The experts module's output for each request (its forward's arguments), each group of the experts
+        that any request routes to read once."""
+        routes = []
+        for args, kwargs in requests:
+            index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[self.index_at]
+            weights = kwargs["top_k_weights"] if "top_k_weights" in kwargs else args[self.weight_at]
+            routes.append((index, weights, {e for e in torch.unique(index).tolist() if 0 <= e < self.n_experts}))
+        hits = sorted(set().union(*(hit for _, _, hit in routes)))
+        self.calls += len(requests)
+        totals: list[torch.Tensor | None] = [None] * len(requests)
+        for a in range(0, len(hits), self.size):
+            group = hits[a : a + self.size]
+            params = {name: self.read(source, group) for name, source in self.sources.items()}
+            self.experts_read += len(group)
+            for r, ((args, kwargs), (index, weights, hit)) in enumerate(zip(requests, routes, strict=True)):
+                if hit.isdisjoint(group):
+                    continue
+                lookup = torch.full((self.n_experts + 1,), len(group), dtype=index.dtype, device=index.device)
+                lookup[torch.tensor(group, device=index.device)] = torch.arange(len(group), device=index.device)
+                local = lookup[index.clamp(0, self.n_experts)]
+                part = self._run(params, args, kwargs, local, weights.masked_fill(local == len(group), 0))
+                totals[r] = part if totals[r] is None else totals[r].add_(part)  # type: ignore[union-attr]
+            del params
+        out = []
+        for (args, kwargs), total in zip(requests, totals, strict=True):
+            if total is None:  # no token routed to any expert: the module's sum over nothing
+                total = torch.zeros_like(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+            out.append(total)
+        return out
+
+    def _run(self, params: dict[str, torch.Tensor], args: list, kwargs: dict, index, weights) -> torch.Tensor:
+        """The experts module's own forward with its parameters narrowed to one group's (``params``) and
+        ``num_experts`` to the group's size."""
         module: Any = self.module
-        names = list(self.sources)
-        saved = {name: module._parameters[name] for name in names}
-        for name in names:
-            module._parameters[name] = torch.nn.Parameter(self.read(self.sources[name], group), requires_grad=False)
-        module.num_experts = len(group)
+        saved = {name: module._parameters[name] for name in params}
+        for name, value in params.items():
+            module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+        module.num_experts = next(iter(params.values())).shape[0]
         args, kwargs = list(args), dict(kwargs)
         for key, at, value in (("top_k_index", self.index_at, index), ("top_k_weights", self.weight_at, weights)):
             if key in kwargs:

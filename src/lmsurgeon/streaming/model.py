@@ -463,8 +463,15 @@ class StreamedModel:
 
     @torch.no_grad()
     def apply_block(self, index: int, block: torch.nn.Module, residual: Residual) -> Residual:
-        """``residual`` after ``block`` (called as block ``index`` is called by the model) for every batch."""
-        hidden = [b.calls[index](block, b.hidden) for b in residual.batches]
+        """``residual`` after ``block`` (called as block ``index`` is called by the model) for every batch.
+
+        A block whose routed experts run in groups reads each group once for all batches
+        (:meth:`GroupedExperts.run_batches`), not once per batch."""
+        grouped = self._grouped.get(index, [])
+        if len(grouped) == 1 and len(residual.batches) > 1:
+            hidden = grouped[0].run_batches(lambda b: b.calls[index](block, b.hidden), residual.batches)
+        else:
+            hidden = [b.calls[index](block, b.hidden) for b in residual.batches]
         return residual.with_hidden(hidden, residual.depth + 1)
 
     def run_layers(
