@@ -221,6 +221,10 @@ def lineage_worker(repos: list[str], tests: str, out: Path, max_memory: str | No
         "verdicts": {f"{p['a']} vs {p['b']}": p["verdict"] for p in r["pairs"]},
         "z": {f"{p['a']} vs {p['b']}": {t["name"]: t.get("z") for t in p["tests"]} for p in r["pairs"]},
         "runs": {f"{p['a']} vs {p['b']}": {t["name"]: t["run"] for t in p["tests"] if "run" in t} for p in r["pairs"]},
+        "no_z": {
+            f"{p['a']} vs {p['b']}": {t["name"]: t.get("reason") for t in p["tests"] if t.get("z") is None}
+            for p in r["pairs"]
+        },
         "timings": r.get("timings"),
         "models": [
             {"name": m["name"], "bytes_read": m["bytes_read"], "tensor_bytes": m["tensor_bytes"]} for m in r["models"]
@@ -270,6 +274,8 @@ def lineage_bench(args) -> None:
         print(f"{pair:<45} {label:<12} z: {row['z'][pair]}")
         for test, run in row["runs"][pair].items():
             print(f"{'':<45} {test}: {run}")
+        for test, reason in row["no_z"][pair].items():
+            print(f"{'':<45} {test}: no z ({reason})")
     print(f"\n{'model':<22}{'apparent GB':>12}{'read GB':>9}{'fraction':>10}  per test (MB)")
     for m in row["models"]:
         size = sizes[m["name"]] if m["name"] in sizes else sizes[f"bench/{m['name']}"]
