@@ -63,8 +63,9 @@ class Evaluation:
     token_nll: list[torch.Tensor] | None = None  # per batch, [B, T−1] NLL (nats) of each target (domain gate)
     targets: list[torch.Tensor] = field(default_factory=list)  # per batch, [B, T−1] log-prob of each target
     fresh: list[torch.Tensor] | None = None  # per batch, [B, T] positions whose head input is not the base's
-    fresh_cache: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # per batch, float64 (log-normaliser
-    # [B, T], target logit [B, T−1]) at those positions under the base's head, from its float32 logits (§M8.3)
+    fresh_cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None  # per batch, float64
+    # (log-normaliser [B, T], target logit [B, T−1]) under the base's head where it ran on new head inputs (that
+    # [B, T] mask third), read off its float32 log-softmax: what a head-row change updates there (§M8.3)
     head_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per batch, float64 (log-normaliser
     # [B, T], target logit [B, T−1]) of the head this evaluation saw: what a head-row change updates (§M8.3)
     top_k: dict[int, tuple] = field(default_factory=dict)  # cached top_k_set(logprobs, K) per K
@@ -289,7 +290,8 @@ class PromptEvaluator:
         those head rows moved (made by this method, or a full one; default: the base). Per position:
         - from the first moved embedding row of a prompt on, the head input is new: the prompts holding one run
           the body (those of a batch together, the head left out) and the head runs at those positions only;
-          under the base's head their float64 log-normalisers and target logits are kept on the result;
+          under the base's head their log-normalisers (read off the float32 log-softmax) and target logits are
+          kept on the result;
         - one whose head input `before` renewed keeps it: moved head rows update the normaliser `before` kept
           (else the full head runs there); an unchanged head keeps `before`'s numbers;
         - any other sees the base's head input: unchanged head → the base's numbers; moved head rows → each
@@ -311,7 +313,7 @@ class PromptEvaluator:
         before_picked = torch.split(before.logprobs, counts) if before is not None else None
         seen: list[torch.Tensor] = []
         fresh_masks: list[torch.Tensor] = []
-        caches: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        caches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
 
         def batch(i: int, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
             positions = b["mask"].bool()
@@ -343,9 +345,9 @@ class PromptEvaluator:
                 kept = before.fresh_cache[i] if before.fresh_cache is not None else None
                 if not moved_head:
                     scores.copy(prev, before.targets[i], before_picked[i])
-                elif use_delta and kept is not None:
+                elif use_delta and kept is not None and not (prev & ~kept[2]).any():
                     assert delta is not None
-                    scores.update(prev, h, kept, delta, exact=False)
+                    scores.update(prev, h, kept[:2], delta, exact=False)
                 else:
                     scores.full(prev, h)
             if rest.any():
@@ -457,24 +459,25 @@ class _Scores:
 
     def full(
         self, where: torch.Tensor, h: torch.Tensor, keep: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The head at `where`, scored as :meth:`PromptEvaluator.evaluate` scores it; with `keep`, each
-        position's log-normaliser and target logit ([B, T] and [B, T−1], float64) for a later head-row change,
-        the normaliser read off the float32 log-softmax at the target (z_y − log p_y)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The head at `where`: each target's log-probability z_y − L with L = m + log Σ_v e^{z_v − m} summed over
+        the float32 logits in place (no second [positions, V] tensor), the KL positions' log-softmax; with `keep`,
+        each position's log-normaliser and target logit ([B, T] and [B, T−1], float64) for a later head-row
+        change, and `where`."""
         z = self.head_logits(h[where]).float()
-        logp = torch.log_softmax(z, dim=-1)
         next_ids = self.next_ids[where][:, None]
-        target = logp.gather(1, next_ids)[:, 0].double()
-        self.target[where] = target
+        y_logit = z.gather(1, next_ids)[:, 0].double()
         inside, k = self._picks(where)
         if inside.any():
-            self.picked[inside] = logp[k].cpu()
+            self.picked[inside] = torch.log_softmax(z[k], dim=-1).cpu()
+        top = z.amax(-1, keepdim=True)
+        lse = top[:, 0].double() + z.sub_(top).exp_().sum(-1).double().log()
+        self.target[where] = y_logit - lse
         if not keep:
             return None
-        y_logit = z.gather(1, next_ids)[:, 0].double()
         lse_all, y_all = torch.zeros_like(self.target), torch.zeros_like(self.target)
-        lse_all[where], y_all[where] = y_logit - target, y_logit
-        return lse_all, y_all[:, :-1]
+        lse_all[where], y_all[where] = lse, y_logit
+        return lse_all, y_all[:, :-1], where
 
     def update(
         self,

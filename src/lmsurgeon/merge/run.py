@@ -73,7 +73,9 @@ class StagePlan:
         return self._write(rows, np.full(rows.size, alpha), clip)
 
     def _write(self, rows: np.ndarray, alpha: np.ndarray, clip: bool) -> dict:
-        """Blend pool positions `rows` at rates `alpha` into the live weight; remember which base ids moved."""
+        """Blend pool positions `rows` at rates `alpha` into the live weight; remember which base ids moved (a row
+        written with its own value, α = 0, did not)."""
+        moved = rows
         if rows.size:
             new = blend_rows(self.Y[rows], self.E_tilde[clip][rows], alpha)
             new_t = torch.from_numpy(new).to(self.weight.dtype)
@@ -82,8 +84,9 @@ class StagePlan:
             rows_t = torch.from_numpy(rows)
             with torch.no_grad():
                 self.weight.index_copy_(0, self.idx[rows_t], new_t)
-        self.last_ids = self.idx[torch.from_numpy(rows)].tolist()
-        self.written = np.union1d(self.written, rows).astype(np.int64)  # a kept merge may be merged again
+            moved = rows[(new_t != self.original[rows_t]).any(-1).numpy()]
+        self.last_ids = self.idx[torch.from_numpy(moved)].tolist()
+        self.written = np.union1d(self.written, moved).astype(np.int64)  # a kept merge may be merged again
         return {"rows": int(rows.size), "alpha_mean": float(alpha.mean()) if alpha.size else 0.0}
 
     def restore(self) -> None:
