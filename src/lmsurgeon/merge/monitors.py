@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +50,16 @@ def kl_positions(L: int, spec: str) -> list[int]:
     raise LmsurgeonError(f"--kl-positions {spec!r}: expected tail:N or all")
 
 
+class FreshCache(NamedTuple):
+    """One batch's numbers where an evaluation ran the base's head on new head inputs (methods.md §M8.3)."""
+
+    lse: torch.Tensor  # [B, T] float64 log-normaliser, summed over the float32 logits
+    target_logit: torch.Tensor  # [B, T−1] float64
+    where: torch.Tensor  # [B, T] those positions
+    share: torch.Tensor | None = None  # [B, T] float64 Σ_R e^{z_r − L} of the head rows `share_ids` (R)
+    share_ids: torch.Tensor | None = None
+
+
 @dataclass
 class Evaluation:
     """Result of one pass: perplexity and the log-probabilities at the KL positions ([n_pos, V], float32)."""
@@ -63,9 +74,8 @@ class Evaluation:
     token_nll: list[torch.Tensor] | None = None  # per batch, [B, T−1] NLL (nats) of each target (domain gate)
     targets: list[torch.Tensor] = field(default_factory=list)  # per batch, [B, T−1] log-prob of each target
     fresh: list[torch.Tensor] | None = None  # per batch, [B, T] positions whose head input is not the base's
-    fresh_cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None  # per batch, float64
-    # (log-normaliser [B, T], target logit [B, T−1]) under the base's head where it ran on new head inputs (that
-    # [B, T] mask third), read off its float32 log-softmax: what a head-row change updates there (§M8.3)
+    fresh_cache: list[FreshCache | None] | None = None  # per batch, what a head-row change updates where the
+    # base's head ran on new head inputs (§M8.3)
     head_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per batch, float64 (log-normaliser
     # [B, T], target logit [B, T−1]) of the head this evaluation saw: what a head-row change updates (§M8.3)
     top_k: dict[int, tuple] = field(default_factory=dict)  # cached top_k_set(logprobs, K) per K
@@ -281,6 +291,7 @@ class PromptEvaluator:
         before: Evaluation | None = None,
         changed_ids: list[int] | tuple = (),
         delta: HeadDelta | None = None,
+        share_of: torch.Tensor | None = None,
     ) -> Evaluation:
         """:meth:`evaluate` of the model in place, redoing only what a merge changed since `base` (methods.md
         §M8.3); exact up to float rounding when ``head_logits`` reproduces the model, which the merge checks once.
@@ -296,7 +307,9 @@ class PromptEvaluator:
           (else the full head runs there); an unchanged head keeps `before`'s numbers;
         - any other sees the base's head input: unchanged head → the base's numbers; moved head rows → each
           position's log-normaliser updated from the base's (``base.head_cache``) over those rows only.
-        Head inputs are kept for every batch, and which positions differ from the base's."""
+        Head inputs are kept for every batch, and which positions differ from the base's. `share_of`: head rows
+        about to move; the kept numbers of the re-run positions include their share of the mass, so the update
+        needs no logits of those rows' old values."""
         assert base.head_inputs is not None, "the base evaluation kept no head inputs"
         if before is base:
             before = None
@@ -313,7 +326,12 @@ class PromptEvaluator:
         before_picked = torch.split(before.logprobs, counts) if before is not None else None
         seen: list[torch.Tensor] = []
         fresh_masks: list[torch.Tensor] = []
-        caches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+        caches: list[FreshCache | None] = []
+        share = (
+            None if share_of is None or not keep_cache else torch.zeros(base.logprobs.shape[-1], 1, device=self.device)
+        )
+        if share is not None:
+            share[share_of.to(self.device)] = 1.0
 
         def batch(i: int, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
             positions = b["mask"].bool()
@@ -339,15 +357,17 @@ class PromptEvaluator:
                 return base.targets[i], base_picked[i]
             scores = _Scores(b, base_picked[i], head_logits)
             if fresh.any():
-                cache = scores.full(fresh, h, keep=keep_cache)
+                cache = scores.full(fresh, h, keep=keep_cache, share_of=share)
+                if cache is not None and share is not None:
+                    cache = cache._replace(share_ids=share_of)
             if prev.any():
                 assert before is not None and before_picked is not None
                 kept = before.fresh_cache[i] if before.fresh_cache is not None else None
                 if not moved_head:
                     scores.copy(prev, before.targets[i], before_picked[i])
-                elif use_delta and kept is not None and not (prev & ~kept[2]).any():
+                elif use_delta and kept is not None and not (prev & ~kept.where).any():
                     assert delta is not None
-                    scores.update(prev, h, kept[:2], delta, exact=False)
+                    scores.update(prev, h, kept, delta, exact=False)
                 else:
                     scores.full(prev, h)
             if rest.any():
@@ -458,12 +478,12 @@ class _Scores:
         self.picked[inside] = picked[inside]
 
     def full(
-        self, where: torch.Tensor, h: torch.Tensor, keep: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        self, where: torch.Tensor, h: torch.Tensor, keep: bool = False, share_of: torch.Tensor | None = None
+    ) -> FreshCache | None:
         """The head at `where`: each target's log-probability z_y − L with L = m + log Σ_v e^{z_v − m} summed over
         the float32 logits in place (no second [positions, V] tensor), the KL positions' log-softmax; with `keep`,
-        each position's log-normaliser and target logit ([B, T] and [B, T−1], float64) for a later head-row
-        change, and `where`."""
+        what a later head-row change updates (log-normaliser, target logit), and with `share_of` (a [V, 1]
+        indicator of head rows R) Σ_R e^{z_r − L} from the same pass."""
         z = self.head_logits(h[where]).float()
         next_ids = self.next_ids[where][:, None]
         y_logit = z.gather(1, next_ids)[:, 0].double()
@@ -471,19 +491,25 @@ class _Scores:
         if inside.any():
             self.picked[inside] = torch.log_softmax(z[k], dim=-1).cpu()
         top = z.amax(-1, keepdim=True)
-        lse = top[:, 0].double() + z.sub_(top).exp_().sum(-1).double().log()
+        e = z.sub_(top).exp_()
+        total = e.sum(-1).double()
+        lse = top[:, 0].double() + total.log()
         self.target[where] = y_logit - lse
         if not keep:
             return None
         lse_all, y_all = torch.zeros_like(self.target), torch.zeros_like(self.target)
         lse_all[where], y_all[where] = lse, y_logit
-        return lse_all, y_all[:, :-1], where
+        share_all = None
+        if share_of is not None:
+            share_all = torch.zeros_like(self.target)
+            share_all[where] = (e @ share_of)[:, 0].double() / total
+        return FreshCache(lse_all, y_all[:, :-1], where, share_all)
 
     def update(
         self,
         where: torch.Tensor,
         h: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor],
+        cache: tuple[torch.Tensor, torch.Tensor] | FreshCache,
         delta: HeadDelta,
         exact: bool,
     ) -> None:
@@ -492,16 +518,19 @@ class _Scores:
         the cancellation limit (the difference would cancel). `exact`: a float64 cache (the base's), updated in
         float64; otherwise one read off float32 logits, updated as precisely as it is (in the head's dtype). The
         KL positions take the full head (their whole distribution is needed), a few per prompt."""
-        lse_all, y_all = cache
+        lse_all, y_all = cache[0], cache[1]
         h_at = h[where]
         lse = lse_all[where]
         if exact:
             h64 = h_at.double()
-            z_old, z_new, shift = delta.logits(h64, delta.old), delta.logits(h64, delta.new), lse[:, None]
+            z_new, shift = delta.logits(h64, delta.new), lse[:, None]
+            rest = 1.0 - (delta.logits(h64, delta.old) - shift).exp_().sum(-1)
         else:
-            z_old, z_new = delta.rows_as_head(h_at, delta.old_rows), delta.rows_as_head(h_at, delta.new_rows)
-            shift = lse.float()[:, None]
-        rest = 1.0 - (z_old - shift).exp_().sum(-1).double()
+            z_new, shift = delta.rows_as_head(h_at, delta.new_rows), lse.float()[:, None]
+            if isinstance(cache, FreshCache) and cache.share is not None and _same_rows(cache.share_ids, delta.ids):
+                rest = 1.0 - cache.share[where]  # the old rows' share, summed when the cache was made
+            else:
+                rest = 1.0 - (delta.rows_as_head(h_at, delta.old_rows) - shift).exp_().sum(-1).double()
         lse_new = lse + torch.log(rest.clamp_min(0.0) + (z_new - shift).exp_().sum(-1).double())
         cancel = rest < (CANCELLATION if exact else CANCELLATION_FLOAT32)
         if cancel.any():
@@ -516,6 +545,10 @@ class _Scores:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.target[:, :-1], self.picked
+
+
+def _same_rows(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return a is not None and a.numel() == b.numel() and torch.equal(a.to(b.device).sort().values, b.sort().values)
 
 
 def _sub_batch(b: dict, rows: torch.Tensor) -> tuple[dict, torch.Tensor]:
