@@ -154,9 +154,10 @@ def top_k_indices(logP: torch.Tensor, k: int) -> torch.Tensor:
     """The indices of each row's K largest entries, in no order (ties at the K-th value: any of them). On the CPU
     by a partial sort (numpy's introselect, several times faster than ``torch.topk`` there)."""
     k = min(k, logP.shape[-1])
-    if logP.device.type != "cpu" or k == logP.shape[-1]:
+    if logP.device.type != "cpu" or k == logP.shape[-1] or logP.dtype not in (torch.float32, torch.float64):
         return logP.topk(k, dim=-1, sorted=False).indices
-    order = np.argpartition(-logP.detach().numpy(), k - 1, axis=-1)[..., :k]
+    V = logP.shape[-1]
+    order = np.argpartition(logP.detach().numpy(), V - k, axis=-1)[..., V - k :]
     return torch.from_numpy(np.ascontiguousarray(order))
 
 
