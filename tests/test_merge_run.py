@@ -360,3 +360,16 @@ def test_bad_settings_name_the_option():
         MergeConfig(ppl_cap=1.0)
     with pytest.raises(LmsurgeonError, match="--dtype 'fp8'"):
         MergeConfig(dtype="fp8")
+
+
+def test_the_donor_is_read_by_the_rows_the_merge_uses_not_whole(merge_pair):
+    """A capped shared vocabulary reads a few donor rows: the donor's table is never loaded whole (a 100B-class
+    donor's is 3.2 GB), and the rows read are the stored rows, in the order asked for, repeats included."""
+    from lmsurgeon.io import open_model
+
+    s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:8], max_shared=16)
+    donor = open_model(merge_pair["gpt2"])
+    table = s.E_D.name
+    assert s.donor_handle.bytes_read < donor.info(table).nbytes / 4
+    ids = np.array([5, 3, 3, 200, 0, 5])
+    np.testing.assert_array_equal(s.E_D[ids], donor.tensor(table, np.float32)[ids])

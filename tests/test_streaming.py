@@ -155,8 +155,8 @@ def test_streamed_nll_equals_whole_model_forward_on_gqa_and_moe_checkpoints(tiny
 def test_a_streamed_run_reads_every_tensor_of_its_layers_and_none_of_the_extra_mtp_layer(tiny_folders):
     handle = open_model(tiny_folders["glm4-moe-mtp"])
     read: list[str] = []
-    tensor = handle.tensor
-    handle.tensor = lambda name, *args, **kw: (read.append(name), tensor(name, *args, **kw))[1]
+    tensor = handle.stored_tensor  # every whole-tensor read, decoded to numpy or kept in its stored dtype
+    handle.stored_tensor = lambda name: (read.append(name), tensor(name))[1]
     StreamedModel(handle, mode="stream").nll([[5, 6, 7, 8]])
     mtp = {n for n in handle.names() if n.startswith("model.layers.3.")}
     assert mtp, "the fixture must hold an MTP layer"
@@ -188,6 +188,85 @@ def test_moe_block_is_loaded_into_the_fused_expert_parameters_transformers_uses(
         for e in range(fused.shape[0]):
             stored = handle.tensor(f"model.layers.{index}.mlp.experts.{e}.down_proj.weight")
             torch.testing.assert_close(fused[e], torch.from_numpy(stored), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("name", ["qwen2-moe", "glm4-moe-mtp"])
+def test_routed_experts_run_a_group_at_a_time_give_the_whole_models_numbers(tiny_folders, name, group):
+    """Experts read and applied a group at a time (1 and 3 of 4: groups of one, and a full and a partial group)
+    give the per-token NLL of the whole model's own forward."""
+    folder = tiny_folders[name]
+    streamed = StreamedModel(folder, mode="stream", batch_size=2, expert_group=group)
+    sequences = random_sequences(streamed.model.config.vocab_size, (11, 20, 5, 20), seed=4)
+    reference = reference_nll(open_model(folder).load_model(dtype=torch.float32), sequences)
+    assert_nll_matches(streamed.nll(sequences), sequences, reference)
+
+
+def test_a_block_with_experts_in_groups_holds_no_routed_expert_and_reads_only_those_routed_to(tiny_folders):
+    """One token goes to its top-k experts in each MoE layer: exactly k experts per layer are read, and while the
+    block is loaded its fused expert parameters stay on the meta device."""
+    from lmsurgeon.streaming.experts import PER_EXPERT
+
+    handle = open_model(tiny_folders["qwen2-moe"])
+    read: list[str] = []
+    tensor = handle.stored_tensor  # every whole-tensor read, decoded to numpy or kept in its stored dtype
+    handle.stored_tensor = lambda name: (read.append(name), tensor(name))[1]
+    streamed = StreamedModel(handle, mode="stream", expert_group=1)
+    k, n = streamed.model.config.num_experts_per_tok, streamed.model.config.num_experts
+    assert k < n
+    streamed.run_layers(streamed.embed([[7]]))
+    for j in range(streamed.n_layers):
+        experts = {int(m.group(1)) for name in read if f"layers.{j}." in name and (m := PER_EXPERT.search(name))}
+        assert len(experts) == k, f"layer {j}: read experts {sorted(experts)}, routed to {k}"
+    streamed.load([1])
+    fused = streamed.layers[1].mlp.experts
+    assert fused.gate_up_proj.device.type == fused.down_proj.device.type == "meta"
+    whole = StreamedModel(tiny_folders["qwen2-moe"], mode="stream", expert_group=0)
+    whole.load([1])
+    expert_bytes = sum(p.numel() * p.element_size() for p in whole.layers[1].mlp.experts.parameters())
+    assert streamed.resident_bytes() == whole.resident_bytes() - expert_bytes
+
+
+def test_experts_in_groups_are_read_once_per_block_for_all_batches_and_hooks_fire_in_batch_order(tiny_folders):
+    """Several micro-batches through a block whose experts run in groups: each expert tensor is read once per pass
+    (not once per batch), the NLL is the whole model's, and hooks inside the block see the batches in order."""
+    from lmsurgeon.streaming.experts import PER_EXPERT
+
+    folder = tiny_folders["glm4-moe-mtp"]
+    handle = open_model(folder)
+    read: list[str] = []
+    tensor = handle.stored_tensor
+    handle.stored_tensor = lambda name: (read.append(name), tensor(name))[1]
+    streamed = StreamedModel(handle, mode="stream", batch_size=3, expert_group=2)
+    sequences = random_sequences(streamed.model.config.vocab_size, (12, 7, 12, 9, 4), seed=6)  # batches of 3, 2
+    seen: list[int] = []
+    norms = [layer.post_attention_layernorm for layer in streamed.layers]
+    hooks = [m.register_forward_hook(lambda _m, _a, out: seen.append(out.shape[0])) for m in norms]
+    try:
+        nll = streamed.nll(sequences)
+    finally:
+        for h in hooks:
+            h.remove()
+    experts = [name for name in read if PER_EXPERT.search(name)]
+    assert experts and len(experts) == len(set(experts)), "an expert tensor was read more than once"
+    assert seen == [3, 2] * streamed.n_layers
+    assert_nll_matches(nll, sequences, reference_nll(open_model(folder).load_model(dtype=torch.float32), sequences))
+
+
+def test_a_budget_smaller_than_four_moe_blocks_runs_experts_in_groups_by_itself(tiny_folders):
+    """Without ``expert_group``, a block larger than a quarter of the budget is loaded without its routed experts
+    (the footprint :meth:`resident_block_bytes` reports shrinks), with the whole model's numbers."""
+    folder = tiny_folders["qwen2-moe"]
+    sizes = weight_bytes(open_model(folder), torch.float32)
+    block = max(v for k, v in sizes.items() if k.startswith("layer."))
+    streamed = StreamedModel(folder, max_memory=3 * block, batch_size=2)
+    assert streamed.streaming
+    assert streamed.resident_block_bytes() < block
+    sequences = random_sequences(101, (9, 16), seed=5)
+    reference = reference_nll(open_model(folder).load_model(dtype=torch.float32), sequences)
+    assert_nll_matches(streamed.nll(sequences), sequences, reference)
+    roomy = StreamedModel(folder, max_memory=5 * block, mode="stream")
+    assert roomy.resident_block_bytes() == block  # a quarter of this budget holds the block: loaded whole
 
 
 def test_encoder_final_hidden_states_equal_whole_model_with_padding(tiny_folders):

@@ -188,9 +188,15 @@ class ModelHandle:
     def tensor(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """One tensor as a numpy array of ``dtype`` (floats are decoded from BF16/F16/F8 via torch), read as
         exactly its byte range."""
+        return _to_numpy(self.stored_tensor(name), dtype)
+
+    def stored_tensor(self, name: str) -> torch.Tensor:
+        """One tensor as a torch tensor in its stored dtype (bf16 stays bf16), read as exactly its byte range.
+
+        Why beside :meth:`tensor`: a streamed model computed in the checkpoint's own dtype needs no float32
+        detour, which for a 100B-class MoE block would decode 4.4 GB of bf16 into 8.8 GB and back."""
         info = self.info(name)
-        t = self._decode(self._read_ranges(info.file, [(info.begin, info.end)]), info, info.shape)
-        return _to_numpy(t, dtype)
+        return self._decode(self._read_ranges(info.file, [(info.begin, info.end)]), info, info.shape)
 
     def rows(self, name: str, idx: npt.ArrayLike, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Rows ``idx`` (any order, repeats allowed) of a tensor, reading one range per run of consecutive rows

@@ -35,9 +35,9 @@ def fit_alignment(X: np.ndarray, Y: np.ndarray, proper_rotation: bool = False) -
     return Alignment(**{f.name: getattr(fit, f.name) for f in fields(fit)})
 
 
-def norm_quantile(W: np.ndarray, q: float = 0.99) -> float:
-    """K_q: the q-quantile of the base matrix's row norms."""
-    return float(np.quantile(np.linalg.norm(W, axis=1), q))
+def norm_quantile(norms: np.ndarray, q: float = 0.99) -> float:
+    """K_q: the q-quantile of the base matrix's row norms (given as the vector of norms)."""
+    return float(np.quantile(norms, q))
 
 
 def soft_clip(E_tilde: np.ndarray, Y: np.ndarray, K_q: float, ratio: float = 1.25) -> np.ndarray:

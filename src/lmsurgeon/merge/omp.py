@@ -44,13 +44,23 @@ def omp_rows(X: np.ndarray, Y: np.ndarray, V: np.ndarray, k: int = 64) -> np.nda
     return out
 
 
-def donor_vectors(texts: list[str], donor_tokenizer, E_D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """v = mean donor row of each text's donor tokenisation; returns (vectors, mask of decodable ones)."""
+def donor_vectors(texts: list[str], donor_tokenizer, E_D, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """v = mean donor row of each text's donor tokenisation; returns (vectors, mask of decodable ones).
+
+    ``E_D`` is anything indexed by an id array (an array, or the merge's row-reading ``DonorMatrix``): the rows
+    of ``chunk`` texts are read at once, so a donor table is read by the rows its texts use, in few reads.
+    """
     V = np.zeros((len(texts), E_D.shape[1]), dtype=np.float64)
     ok = np.zeros(len(texts), dtype=bool)
-    for i, enc in enumerate(donor_tokenizer.encode_batch(texts, add_special_tokens=False)):
-        ids = [j for j in enc.ids if j < E_D.shape[0]]
-        if ids:
-            V[i] = E_D[ids].mean(axis=0)
-            ok[i] = True
+    encodings = donor_tokenizer.encode_batch(texts, add_special_tokens=False)
+    for a in range(0, len(texts), chunk):
+        part = [[j for j in enc.ids if j < E_D.shape[0]] for enc in encodings[a : a + chunk]]
+        need = np.unique(np.fromiter((j for ids in part for j in ids), dtype=np.int64))
+        if not need.size:
+            continue
+        rows = E_D[need]
+        for i, ids in enumerate(part, start=a):
+            if ids:
+                V[i] = rows[np.searchsorted(need, ids)].mean(axis=0)
+                ok[i] = True
     return V, ok

@@ -1,6 +1,6 @@
 """The in-memory merge session: fits once, then patches rows in place, evaluates and restores (methods.md §M2.5, §M8.3).
 
-Base B is loaded once as a transformers model; the donor is only read for E_D (and H_D), always on CPU float32
+Base B is loaded once as a transformers model; the donor is only read for rows of E_D (and H_D), on CPU in float32
 (after the search, `quality.donor_bpb` loads it once more, whole, to measure its own bits per byte). A trial
 writes its blended rows with `index_copy_`, evaluates, and puts the kept original rows back, verifying them bit
 for bit, so no trial ever reloads B. `run_merge` is the API: texts, session, search, quality, run folder.
@@ -115,6 +115,13 @@ def _head_is_tied(model) -> bool:
     return out is None or out.weight is model.get_input_embeddings().weight
 
 
+def _row_norms(weight: torch.Tensor, rows: int = 8192) -> np.ndarray:
+    """Row norms of the base matrix in float32, a block of rows at a time: the soft clip's K_q needs only these,
+    and a float32 copy of a 151,552 × 4,096 bf16 embedding would be 2.5 GB."""
+    w = weight.detach()
+    return np.concatenate([np.linalg.norm(w[a : a + rows].float().numpy(), axis=1) for a in range(0, w.shape[0], rows)])
+
+
 def _build_stage(
     name: str,
     weight: torch.Tensor,
@@ -126,9 +133,9 @@ def _build_stage(
 ) -> StagePlan:
     """Fit on S; with `omp_init` = (base ids, donor vectors) the OMP candidates join the pool P."""
     idx = torch.tensor(shared.base_ids, dtype=torch.long)
-    W = weight.detach().float().numpy()
+    norms = _row_norms(weight)
     X = D[np.asarray(shared.donor_ids)]
-    if not (np.isfinite(X).all() and np.isfinite(W).all()):
+    if not (np.isfinite(X).all() and np.isfinite(norms).all()):
         raise BadNumbers(f"stage {name}: non-finite values in embeddings")
     Y_S = weight.detach().index_select(0, idx).float().numpy()
     ali = fit_alignment(X.astype(np.float64), Y_S.astype(np.float64))  # float64: donor == base maps exactly
@@ -141,7 +148,7 @@ def _build_stage(
         idx = torch.cat([idx, torch.tensor(extra_ids, dtype=torch.long)])
     original = weight.detach().index_select(0, idx).clone()
     Y = original.float().numpy()
-    clipped = soft_clip(mapped, Y.astype(np.float64), norm_quantile(W, q))
+    clipped = soft_clip(mapped, Y.astype(np.float64), norm_quantile(norms, q))
     E = {False: mapped.astype(np.float32), True: clipped.astype(np.float32)}
     cos = {c: centred_cosine(E[c], Y, ali.mu_Y) for c in (False, True)}
     return StagePlan(name, weight, idx, original, Y, E, cos, ali)
@@ -153,6 +160,24 @@ def _finite(values: np.ndarray, tensor: str, where: str) -> np.ndarray:
     if bad:
         raise BadNumbers(f"{tensor} holds {bad} NaN/Inf values; it cannot be a donor", where)
     return values
+
+
+class DonorMatrix:
+    """The donor's embedding or head, read by rows when the merge indexes it (``D[ids]``), never whole.
+
+    Why: the merge uses the donor rows of the shared tokens (at most ``--max-shared``) and of the texts the
+    baselines and OMP tokenise; a 100B-class donor's table is 3.2 GB in float32 (Solar-Open-100B: 196,608 × 4,096),
+    which a merge under a few GiB cannot hold twice (embedding and head). Rows come through ``ModelHandle.rows``
+    (one range per run of consecutive rows, locally or over HTTP) in float32, checked for NaN/Inf as they are read.
+    """
+
+    def __init__(self, handle, name: str):
+        self.handle, self.name = handle, name
+        self.shape = tuple(handle.info(name).shape)
+
+    def __getitem__(self, ids) -> np.ndarray:
+        rows = np.asarray(ids, dtype=np.int64)
+        return _finite(self.handle.rows(self.name, rows, np.float32), self.name, self.handle.name)
 
 
 class MergeSession:
@@ -191,9 +216,7 @@ class MergeSession:
         emb = self.model.get_input_embeddings().weight
         self.shared = shared_vocab(cb, cd, cfg.max_shared)
         dl = Layout(self.donor_handle)
-        E_D = self.E_D = _finite(
-            self.donor_handle.tensor(dl.require("embed"), dtype=np.float32), dl.require("embed"), self.donor_handle.name
-        )
+        E_D = self.E_D = DonorMatrix(self.donor_handle, dl.require("embed"))
         self.shared = _drop_out_of_range(self.shared, emb.shape[0], E_D.shape[0])
         self.omp = None
         if cfg.init_nonshared == "omp":
@@ -205,15 +228,7 @@ class MergeSession:
         self.stage_b = None
         self.H_D = E_D
         if not self.tied:
-            H_D = (
-                _finite(
-                    self.donor_handle.tensor(dl.name("lm_head"), dtype=np.float32),
-                    dl.name("lm_head"),
-                    self.donor_handle.name,
-                )
-                if dl.has("lm_head") and not dl.tied
-                else E_D
-            )
+            H_D = DonorMatrix(self.donor_handle, dl.name("lm_head")) if dl.has("lm_head") and not dl.tied else E_D
             self.H_D = H_D
             omp_b = None
             if self.omp is not None:
@@ -486,7 +501,7 @@ class MergeSession:
         return out
 
 
-def _omp_targets(cb, shared: SharedVocab, donor_tokenizer, E_D: np.ndarray, V_B: int) -> dict:
+def _omp_targets(cb, shared: SharedVocab, donor_tokenizer, E_D: DonorMatrix, V_B: int) -> dict:
     """Base tokens outside S, their text, and their donor vectors (mean row of the donor tokenisation)."""
     from lmsurgeon.merge.omp import donor_vectors
 

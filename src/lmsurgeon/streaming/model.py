@@ -33,7 +33,8 @@ from lmsurgeon.arch import Layout, find_module
 from lmsurgeon.errors import LmsurgeonError, MissingTensor
 from lmsurgeon.io import ModelHandle, open_model
 from lmsurgeon.streaming import skeleton
-from lmsurgeon.streaming.budget import MemoryPlan, check_streaming_mode, plan_memory
+from lmsurgeon.streaming.budget import MemoryPlan, check_streaming_mode, plan_memory, weight_bytes
+from lmsurgeon.streaming.experts import PER_EXPERT, GroupedExperts, experts_modules, group_size, streams_experts
 
 #: default size of one chunk of head logits (rows × vocabulary × 4 bytes)
 HEAD_CHUNK_BYTES = 256 * 2**20
@@ -125,7 +126,9 @@ class StreamedModel:
     ``base`` (encoders, or a decoder's trunk). Weights are cast to ``dtype`` as they load and computation runs on
     ``device``. ``mode``: ``auto`` streams only when the weights do not fit ``max_memory`` (default: the memory
     available on ``device``; a byte count or a string such as ``"6GiB"``), ``stream`` and ``plain`` force a path.
-    Items are processed in micro-batches of ``batch_size``.
+    Items are processed in micro-batches of ``batch_size``. While streaming, a mixture-of-experts block too large
+    for the budget runs its routed experts a group at a time (:mod:`lmsurgeon.streaming.experts`);
+    ``expert_group`` forces that with groups of this many experts (0: never).
     """
 
     def __init__(
@@ -139,6 +142,7 @@ class StreamedModel:
         mode: str = "auto",
         batch_size: int = 8,
         head_chunk_bytes: int = HEAD_CHUNK_BYTES,
+        expert_group: int | None = None,
     ):
         check_streaming_mode(mode)
         if batch_size < 1:
@@ -165,6 +169,10 @@ class StreamedModel:
         self._layers_path = skeleton.module_path(self.model, self.layers)
         self._stages = self._partition_names()
         self._resident: set[str | int] = set()
+        self._layer_bytes = weight_bytes(self.handle, dtype)
+        self._expert_bytes = self._per_expert_bytes()
+        self.expert_group = expert_group
+        self._grouped: dict[int, list[GroupedExperts]] = {}
         if not self.streaming:
             self.load(["embed", "final_norm", "lm_head", *range(self.n_layers)])
 
@@ -250,8 +258,11 @@ class StreamedModel:
         todo = [s for s in stages if s not in self._resident]
         if not todo:
             return
-        names = sorted({n for s in todo for n in self._stages[s]})
+        grouped = [s for s in todo if isinstance(s, int) and self._experts_in_groups(s)]
+        names = sorted({n for s in todo if s not in grouped for n in self._stages[s]})
         skeleton.load_tensors(self.model, self.handle, names, self.dtype, self.device)
+        for index in grouped:
+            self._load_grouped(index)
         if self._tied and "lm_head" in todo:
             self.head.weight = self.model.get_input_embeddings().weight
         self._resident.update(todo)
@@ -262,8 +273,76 @@ class StreamedModel:
         if not self.streaming:
             return
         for stage in stages:
+            for grouped in self._grouped.pop(stage, []) if isinstance(stage, int) else []:
+                grouped.remove()
             skeleton.empty(self.model, self._module_paths(stage))
             self._resident.discard(stage)
+
+    # -- mixture-of-experts blocks larger than the budget ---------------------------------------------------------
+    def _per_expert_bytes(self) -> dict[int, int]:
+        """Per block, the bytes (compute dtype) of its per-expert checkpoint tensors, from the headers alone."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        out: dict[int, int] = {}
+        for stage, names in self._stages.items():
+            if isinstance(stage, int):
+                infos = [self.handle.info(n) for n in names if PER_EXPERT.search(n)]
+                out[stage] = sum(int(torch.Size(i.shape).numel()) * itemsize for i in infos)
+        return out
+
+    def _experts_in_groups(self, index: int) -> bool:
+        """Whether block ``index`` is loaded without its routed experts, which then run a group at a time."""
+        if not self.streaming or not self._expert_bytes.get(index) or self.expert_group == 0:
+            return False
+        if self.expert_group is not None:
+            return True
+        return streams_experts(self._layer_bytes.get(f"layer.{index}", 0), self.plan.budget)
+
+    def _load_grouped(self, index: int) -> None:
+        """Load block ``index`` except its routed experts and install :class:`GroupedExperts` on its experts
+        modules; an experts module that cannot be driven that way is loaded whole after all."""
+        deferred = skeleton.load_tensors(
+            self.model, self.handle, self._stages[index], self.dtype, self.device, defer_experts=True
+        )
+        block = self.layers[index]
+        modules = experts_modules(block, f"{self._layers_path}.{index}", deferred)
+        installed = []
+        for path, module in modules.items():
+            sources = {name: deferred.pop(f"{path}.{name}") for name, _ in module.named_parameters(recurse=False)}
+            one = sum(s.expert_bytes(self.dtype) for s in sources.values())
+            size = self.expert_group or group_size(one, self.plan.budget)
+            installed.append(GroupedExperts(module, sources, self._read_experts, size))
+        self._grouped[index] = installed
+        if deferred:  # fused experts of a module that is not an experts module of the kind driven above
+            from accelerate.utils import set_module_tensor_to_device  # type: ignore[import-untyped,unused-ignore]
+
+            for target, stacked in deferred.items():
+                value = stacked.read(self.handle, self.dtype, self.device)
+                set_module_tensor_to_device(self.model, target, self.device, value=value)
+
+    def _read_experts(self, stacked, experts: list[int]) -> torch.Tensor:
+        return stacked.read(self.handle, self.dtype, self.device, experts)
+
+    def resident_block_bytes(self) -> int:
+        """The largest weight footprint one block has while it runs: the whole block, or for a block whose experts
+        run in groups, the block without its routed experts plus one group."""
+        largest = 0
+        for index in range(self.n_layers):
+            size = self._layer_bytes.get(f"layer.{index}", 0)
+            experts = self._expert_bytes.get(index, 0)
+            if experts and self._experts_in_groups(index):
+                n = self._n_experts(index)
+                one = experts // max(n, 1)
+                size = size - experts + one * (self.expert_group or group_size(one, self.plan.budget))
+            largest = max(largest, size)
+        return largest
+
+    def outside_bytes(self) -> int:
+        """Bytes (compute dtype) of everything outside the blocks: embeddings, final norm, head."""
+        return self._layer_bytes.get("outside", 0)
+
+    def _n_experts(self, index: int) -> int:
+        found = {int(m.group(1)) for n in self._stages[index] if (m := PER_EXPERT.search(n))}
+        return len(found)
 
     @contextmanager
     def loaded(self, *stages: str | int) -> Iterator[None]:
@@ -384,8 +463,15 @@ class StreamedModel:
 
     @torch.no_grad()
     def apply_block(self, index: int, block: torch.nn.Module, residual: Residual) -> Residual:
-        """``residual`` after ``block`` (called as block ``index`` is called by the model) for every batch."""
-        hidden = [b.calls[index](block, b.hidden) for b in residual.batches]
+        """``residual`` after ``block`` (called as block ``index`` is called by the model) for every batch.
+
+        A block whose routed experts run in groups reads each group once for all batches
+        (:meth:`GroupedExperts.run_batches`), not once per batch."""
+        grouped = self._grouped.get(index, [])
+        if len(grouped) == 1 and len(residual.batches) > 1:
+            hidden = grouped[0].run_batches(lambda b: b.calls[index](block, b.hidden), residual.batches)
+        else:
+            hidden = [b.calls[index](block, b.hidden) for b in residual.batches]
         return residual.with_hidden(hidden, residual.depth + 1)
 
     def run_layers(

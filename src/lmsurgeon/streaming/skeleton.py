@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,9 @@ class _DeferredTensor:
             return torch.from_numpy(self.handle.tensor(self.name, np.int64))[index]
         if info.dtype == "BOOL":
             return torch.from_numpy(self.handle.tensor(self.name, np.bool_))[index]
+        if TORCH_DTYPES.get(info.dtype) == self.compute_dtype and info.nbytes <= CHUNK_BYTES:
+            # stored as computed (an expert's matrix, a block's): no decoding through float32, the same values
+            return self.handle.stored_tensor(self.name)[index]
         wide = info.dtype in _WIDE
         if info.nbytes <= CHUNK_BYTES or len(info.shape) < 2 or wide:
             return torch.from_numpy(self.handle.tensor(self.name, np.float64 if wide else np.float32))[index]
@@ -125,13 +129,17 @@ def _sequential_loading():
             os.environ[key] = before
 
 
-def load_tensors(model: Any, handle, names: Iterable[str], dtype: torch.dtype, device: torch.device) -> None:
+def load_tensors(
+    model: Any, handle, names: Iterable[str], dtype: torch.dtype, device: torch.device, *, defer_experts: bool = False
+) -> dict[str, StackedExperts]:
     """Read the checkpoint tensors ``names`` from ``handle`` into ``model`` as transformers' loader would.
 
     Per-expert MoE tensors that transformers stacks into one fused parameter are copied into that parameter
-    expert by expert (:func:`_fill_stacked_experts`); everything else goes through transformers' loader. Raises
-    when a tensor does not fit the parameter it maps to (a shape mismatch means the config and the checkpoint
-    disagree, and a silently half-loaded block would compute garbage).
+    expert by expert (:meth:`StackedExperts.read`); everything else goes through transformers' loader. With
+    ``defer_experts`` those fused parameters are left on the meta device and returned instead, keyed by parameter
+    name, so that a caller can read a few experts at a time (:mod:`lmsurgeon.streaming.experts`). Raises when a
+    tensor does not fit the parameter it maps to (a shape mismatch means the config and the checkpoint disagree,
+    and a silently half-loaded block would compute garbage).
     """
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -140,29 +148,34 @@ def load_tensors(model: Any, handle, names: Iterable[str], dtype: torch.dtype, d
     except ImportError:  # pragma: no cover - depends on the installed transformers
         raise LmsurgeonError("layer streaming needs transformers >= 5 (its checkpoint conversion loader)") from None
 
+    from accelerate.utils import set_module_tensor_to_device  # type: ignore[import-untyped]
+
     from lmsurgeon.io.model import quiet_transformers
 
     names = sorted(names, key=dot_natural_key)  # the order transformers stacks experts in
     if not names:
-        return
+        return {}
     mapping = get_model_conversion_mapping(model)
     stacked, rest = _stacked_expert_groups(model, mapping, names)
-    for target, (converter, parts) in stacked.items():
-        _fill_stacked_experts(model, handle, target, converter.source_patterns, parts, dtype, device)
-    if not rest:
-        return
-    state = {name: _DeferredTensor(handle, name, dtype) for name in rest}
-    config = LoadStateDictConfig(device_map={"": device}, dtype=dtype, weight_mapping=mapping)  # type: ignore[arg-type]
-    with _sequential_loading(), quiet_transformers():
-        info, _ = convert_and_load_state_dict_in_model(model, state, config)
-    if info.mismatched_keys:
-        key, got, want = sorted(info.mismatched_keys)[0]
-        raise LmsurgeonError(f"tensor for {key} has shape {tuple(got)}, the config implies {tuple(want)}", handle.name)
-    if info.conversion_errors:
-        key, error = next(iter(info.conversion_errors.items()))
-        raise LmsurgeonError(
-            f"transformers could not convert the tensors of {key}: {error.strip().splitlines()[-1]}", handle.name
-        )
+    if not defer_experts:
+        for target, experts in stacked.items():
+            set_module_tensor_to_device(model, target, device, value=experts.read(handle, dtype, device))
+    if rest:
+        state = {name: _DeferredTensor(handle, name, dtype) for name in rest}
+        config = LoadStateDictConfig(device_map={"": device}, dtype=dtype, weight_mapping=mapping)  # type: ignore[arg-type]
+        with _sequential_loading(), quiet_transformers():
+            info, _ = convert_and_load_state_dict_in_model(model, state, config)
+        if info.mismatched_keys:
+            key, got, want = sorted(info.mismatched_keys)[0]
+            raise LmsurgeonError(
+                f"tensor for {key} has shape {tuple(got)}, the config implies {tuple(want)}", handle.name
+            )
+        if info.conversion_errors:
+            key, error = next(iter(info.conversion_errors.items()))
+            raise LmsurgeonError(
+                f"transformers could not convert the tensors of {key}: {error.strip().splitlines()[-1]}", handle.name
+            )
+    return stacked if defer_experts else {}
 
 
 def _is_expert_stacking(converter) -> bool:
@@ -178,9 +191,9 @@ def _is_expert_stacking(converter) -> bool:
     return len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1
 
 
-def _stacked_expert_groups(model: Any, mapping: list, names: list[str]) -> tuple[dict, list[str]]:
-    """Split ``names`` into fused-expert targets (``target → (converter, {source pattern: names})``, with every
-    expert present) and the rest, naming targets as transformers' own ``rename_source_key`` does."""
+def _stacked_expert_groups(model: Any, mapping: list, names: list[str]) -> tuple[dict[str, StackedExperts], list[str]]:
+    """Split ``names`` into fused-expert targets (``target →`` :class:`StackedExperts`, with every expert present)
+    and the rest, naming targets as transformers' own ``rename_source_key`` does."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
@@ -200,45 +213,62 @@ def _stacked_expert_groups(model: Any, mapping: list, names: list[str]) -> tuple
     for target, (converter, parts) in groups.items():
         n_experts = meta[target].shape[0]
         if all(len(parts.get(p, [])) == n_experts for p in converter.source_patterns):
-            complete[target] = (converter, parts)
+            sources = [parts[p] for p in converter.source_patterns]
+            complete[target] = StackedExperts(target, tuple(meta[target].shape), sources)
         else:  # let transformers report what is missing
             rest += [n for names_of in parts.values() for n in names_of]
     return complete, sorted(rest)
 
 
-def _fill_stacked_experts(
-    model: Any,
-    handle,
-    target: str,
-    patterns: list[str],
-    parts: dict[str, list[str]],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> None:
-    """Build the fused ``[experts, rows, cols]`` parameter in place, one expert tensor at a time: the result of
-    ``cat([stack(sources[0]), stack(sources[1]), ...], dim=1)`` without holding the per-expert list, the stacks
-    and the concatenation at once (for a GLM-4.5-Air layer that is 3 GB of transient copies)."""
-    from accelerate.utils import set_module_tensor_to_device  # type: ignore[import-untyped]
+@dataclass(frozen=True)
+class StackedExperts:
+    """A fused ``[experts, rows, cols]`` MoE parameter and the per-expert checkpoint tensors it is stacked from.
 
-    shape = model.state_dict()[target].shape
-    out = torch.empty(shape, dtype=dtype, device=device)
-    offset = 0
-    for pattern in patterns:
-        rows = 0
-        for expert, name in enumerate(parts[pattern]):
-            tensor = _DeferredTensor(handle, name, dtype)[...]
-            rows = tensor.shape[0]
-            if offset + rows > shape[1] or tuple(tensor.shape[1:]) != tuple(shape[2:]):
-                raise LmsurgeonError(
-                    f"expert tensor {name} has shape {tuple(tensor.shape)}, which does not fit "
-                    f"{target} of shape {tuple(shape)}",
-                    handle.name,
-                )
-            out[expert, offset : offset + rows] = tensor
-        offset += rows
-    if offset != shape[1]:
-        raise LmsurgeonError(f"expert tensors fill {offset} of the {shape[1]} rows of {target}", handle.name)
-    set_module_tensor_to_device(model, target, device, value=out)
+    ``sources[k][e]`` is expert ``e``'s tensor of the k-th source (gate, then up, for a fused ``gate_up_proj``);
+    the parameter is ``cat([stack(sources[0]), stack(sources[1]), ...], dim=1)``, as transformers' conversion
+    builds it.
+    """
+
+    target: str
+    shape: tuple[int, ...]
+    sources: list[list[str]]
+
+    @property
+    def n_experts(self) -> int:
+        return self.shape[0]
+
+    def expert_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one expert's slice in ``dtype``."""
+        return int(np.prod(self.shape[1:])) * torch.empty((), dtype=dtype).element_size()
+
+    def read(
+        self, handle, dtype: torch.dtype, device: torch.device, experts: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """The fused parameter, or its rows for ``experts`` only (in that order), filled one expert tensor at a
+        time: without holding the per-expert list, the stacks and the concatenation at once (for a GLM-4.5-Air
+        layer that is 3 GB of transient copies)."""
+        chosen = list(range(self.n_experts)) if experts is None else list(experts)
+        out = torch.empty((len(chosen), *self.shape[1:]), dtype=dtype, device=device)
+        offset = 0
+        for names in self.sources:
+            rows = 0
+            for slot, expert in enumerate(chosen):
+                name = names[expert]
+                tensor = _DeferredTensor(handle, name, dtype)[...]
+                rows = tensor.shape[0]
+                if offset + rows > self.shape[1] or tuple(tensor.shape[1:]) != tuple(self.shape[2:]):
+                    raise LmsurgeonError(
+                        f"expert tensor {name} has shape {tuple(tensor.shape)}, which does not fit "
+                        f"{self.target} of shape {self.shape}",
+                        handle.name,
+                    )
+                out[slot, offset : offset + rows] = tensor
+            offset += rows
+        if chosen and offset != self.shape[1]:
+            raise LmsurgeonError(
+                f"expert tensors fill {offset} of the {self.shape[1]} rows of {self.target}", handle.name
+            )
+        return out
 
 
 def empty(model: torch.nn.Module, selects: Callable[[str], bool]) -> None:

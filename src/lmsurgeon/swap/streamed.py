@@ -82,10 +82,10 @@ class StreamedSwapModel:
         self.streaming = self.sm.streaming
         self.model: Any = self.sm.model  # the skeleton: config, final norm and head modules for find_head
         self.config = self.model.config
-        if capacity is None:
-            plan = self.sm.plan
-            spare = plan.budget - 2 * plan.largest_block  # embedding/head and activations, roughly
-            capacity = max(2, int(spare // max(plan.largest_block, 1)))
+        if capacity is None:  # the budget left after the embedding and head, in blocks as they run
+            block = self.sm.resident_block_bytes()
+            spare = self.sm.plan.budget - self.sm.outside_bytes() - block  # one block's worth for activations
+            capacity = max(2, int(spare // max(block, 1)))
         self.layers = BlockCache(self.sm, min(capacity, max(2, self.sm.n_layers)))
         # the embedding (read by every capture) and the head (every Δloss and plan score) stay loaded
         self.sm.load(["embed", "final_norm", "lm_head"] if kind == "causal-lm" else ["embed"])
