@@ -127,3 +127,49 @@ def test_trial_equals_the_straightforward_evaluation(session, params, monkeypatc
         assert stats["general_bpb"] == pytest.approx(s.general.evaluate(s.model).bpb, rel=1e-6)
     finally:
         s.restore()
+
+
+def test_stage_b_updates_the_normalisers_of_re_run_positions(session):
+    """Positions whose body Stage A re-ran take Stage B's moved head rows as an update of the normaliser Stage A's
+    float32 log-softmax gave them, the full head where the moved rows held more than 90 % of the mass (here a
+    head row made to take most positions' mass, then moved back): equal to a full evaluation of the model."""
+    from lmsurgeon.merge.monitors import CANCELLATION_FLOAT32
+
+    s = session
+    head, emb = s.model.get_output_embeddings(), s.model.get_input_embeddings()
+    head_before, emb_before = head.weight.detach().clone(), emb.weight.detach().clone()
+    h = torch.cat([x.reshape(-1, x.shape[-1]) for x in s.base_eval.head_inputs])
+    r = int(s.evaluator.batches[0]["ids"][0, 3])
+    first = s.evaluator.batches[0]
+    n = int(first["mask"][0].sum())
+    late = first["ids"][0, n // 2 : n // 2 + 2].tolist()  # moved embedding rows: positions before them are kept
+    try:
+        with torch.no_grad():
+            head.weight[r] = 8.0 * h.mean(0) / h.mean(0).norm()
+        base = s.evaluator.evaluate(s.model, keep_head_inputs=True)
+        s.evaluator.keep_head_cache(base, head.weight, head.bias)
+        with torch.no_grad():
+            emb.weight[late] *= 1.5
+        stage_a = s.evaluator.evaluate_incremental(s.model, s.head_logits, base, changed_ids=late)
+        assert stage_a.fresh_cache is not None
+        fresh = torch.cat(
+            [(m & b["mask"].bool()).flatten() for m, b in zip(stage_a.fresh, s.evaluator.batches, strict=True)]
+        )
+        assert 0 < int(fresh.sum()) < fresh.numel()  # some positions re-ran, some kept the base's inputs
+        h_a = torch.cat([x.reshape(-1, x.shape[-1]) for x in stage_a.head_inputs])[fresh]
+        share = torch.softmax(s.head_logits(h_a).double(), -1)[:, r]
+        assert (1.0 - share < CANCELLATION_FLOAT32).any() and (1.0 - share >= CANCELLATION_FLOAT32).any()
+        delta = _move_rows(s, torch.tensor([r]), head_before[r : r + 1])
+        fast = s.evaluator.evaluate_incremental(s.model, s.head_logits, base, before=stage_a, delta=delta)
+        full = s.evaluator.evaluate(s.model)
+        assert fast.nll_sum == pytest.approx(full.nll_sum, rel=1e-6)
+        assert fast.bpb == pytest.approx(full.bpb, rel=1e-6)
+        np.testing.assert_allclose(fast.logprobs.numpy(), full.logprobs.numpy(), atol=1e-5)
+        _, targets = _reference(s.evaluator, fast.head_inputs, head.weight.detach().double().numpy())
+        for got, want, b in zip(fast.targets, targets, s.evaluator.batches, strict=True):
+            valid = b["valid"].numpy()
+            np.testing.assert_allclose(got.double().numpy()[valid], want[valid], rtol=1e-5, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            head.weight.copy_(head_before)
+            emb.weight.copy_(emb_before)

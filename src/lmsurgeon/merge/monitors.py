@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from lmsurgeon.data.bits import bits_per_byte
@@ -48,6 +50,16 @@ def kl_positions(L: int, spec: str) -> list[int]:
     raise LmsurgeonError(f"--kl-positions {spec!r}: expected tail:N or all")
 
 
+class FreshCache(NamedTuple):
+    """One batch's numbers where an evaluation ran the base's head on new head inputs (methods.md §M8.3)."""
+
+    lse: torch.Tensor  # [B, T] float64 log-normaliser, summed over the float32 logits
+    target_logit: torch.Tensor  # [B, T−1] float64
+    where: torch.Tensor  # [B, T] those positions
+    share: torch.Tensor | None = None  # [B, T] float64 Σ_R e^{z_r − L} of the head rows `share_ids` (R)
+    share_ids: torch.Tensor | None = None
+
+
 @dataclass
 class Evaluation:
     """Result of one pass: perplexity and the log-probabilities at the KL positions ([n_pos, V], float32)."""
@@ -61,8 +73,9 @@ class Evaluation:
     head_inputs: list[torch.Tensor] | None = None  # per batch, what the LM head saw (kept for Stage B)
     token_nll: list[torch.Tensor] | None = None  # per batch, [B, T−1] NLL (nats) of each target (domain gate)
     targets: list[torch.Tensor] = field(default_factory=list)  # per batch, [B, T−1] log-prob of each target
-    body_rows: list[torch.Tensor] | None = None  # per batch, [B] rows whose head input is not the base's
-    logits: list[torch.Tensor | None] | None = None  # per batch, logits of those rows under the base's head
+    fresh: list[torch.Tensor] | None = None  # per batch, [B, T] positions whose head input is not the base's
+    fresh_cache: list[FreshCache | None] | None = None  # per batch, what a head-row change updates where the
+    # base's head ran on new head inputs (§M8.3)
     head_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per batch, float64 (log-normaliser
     # [B, T], target logit [B, T−1]) of the head this evaluation saw: what a head-row change updates (§M8.3)
     top_k: dict[int, tuple] = field(default_factory=dict)  # cached top_k_set(logprobs, K) per K
@@ -89,24 +102,28 @@ class Evaluation:
 
 
 HEAD_DELTA_MAX_FRACTION = 1 / 3  # more moved head rows than this share of V: the full head is cheaper
-KEEP_LOGITS_BYTES = 1 << 28  # logits of re-run batches kept for the head-row change that follows, at most
 CANCELLATION = 1e-6  # a position whose moved rows held more than 1 − this of its mass: full head (§M8.3)
+# The same for a log-normaliser taken from float32 logits (a re-run position): its rounding δ grows to δ / (1 − Σ),
+# so below 1 − Σ = 0.1 the full head runs (the update stays within 10 δ of the float32 head's own numbers)
+CANCELLATION_FLOAT32 = 0.1
 
 
 class HeadDelta:
     """Head rows a merge moved, relative to the head a base evaluation saw (methods.md §M8.3).
 
-    ``ids`` the base ids, ``old`` and ``new`` their weights (float64), ``weight`` and ``bias`` the live head (for
-    positions that fall back to the full head), ``column`` each id's column in ``new`` (−1: not moved)."""
+    ``ids`` the base ids, ``old`` and ``new`` their weights (float64; ``old_rows`` and ``new_rows`` in the head's
+    dtype), ``weight`` and ``bias`` the live head (for positions that fall back to the full head), ``column``
+    each id's column in ``new`` (−1: not moved)."""
 
     def __init__(self, ids: torch.Tensor, old: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         ids = ids.to(weight.device)
         self.ids = ids
-        self.old = old.to(weight.device).double()
+        self.old_rows = old.to(weight.device)
         self.new_rows = weight.detach().index_select(0, ids)
-        self.new = self.new_rows.double()
+        self.old, self.new = self.old_rows.double(), self.new_rows.double()
         self.weight, self.bias = weight, bias
-        self.row_bias = None if bias is None else bias.detach().index_select(0, ids).double()
+        self.bias_rows = None if bias is None else bias.detach().index_select(0, ids)
+        self.row_bias = None if self.bias_rows is None else self.bias_rows.double()
         self.column = torch.full((weight.shape[0],), -1, dtype=torch.long, device=ids.device)
         self.column[ids] = torch.arange(ids.numel(), device=ids.device)
 
@@ -115,14 +132,9 @@ class HeadDelta:
         z = h64 @ rows.T
         return z if self.row_bias is None else z + self.row_bias
 
-    def replace_columns_(self, logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """`logits` (contiguous) of the unmoved head at `h`, the moved rows' columns recomputed in place as the
-        head computes them (its dtype, its bias)."""
-        bias = None if self.bias is None else self.bias.detach().index_select(0, self.ids)
-        z = torch.nn.functional.linear(h, self.new_rows, bias).to(logits.dtype)
-        flat = logits.view(-1, logits.shape[-1])
-        flat.scatter_(1, self.ids.expand(flat.shape[0], -1), z.reshape(flat.shape[0], -1))
-        return logits
+    def rows_as_head(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits of the head rows `rows` (``old_rows`` or ``new_rows``) as the head computes them (its dtype)."""
+        return torch.nn.functional.linear(h, rows, self.bias_rows).float()
 
 
 def head_logits64(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -138,9 +150,20 @@ def head_normaliser(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return torch.logsumexp(z, dim=-1), z[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
 
 
+def top_k_indices(logP: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of each row's K largest entries, in no order (ties at the K-th value: any of them). On the CPU
+    by a partial sort (numpy's introselect, several times faster than ``torch.topk`` there)."""
+    k = min(k, logP.shape[-1])
+    if logP.device.type != "cpu" or k == logP.shape[-1] or logP.dtype not in (torch.float32, torch.float64):
+        return logP.topk(k, dim=-1, sorted=False).indices
+    V = logP.shape[-1]
+    order = np.argpartition(logP.detach().numpy(), V - k, axis=-1)[..., V - k :]
+    return torch.from_numpy(np.ascontiguousarray(order))
+
+
 def top_k_set(logP: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """P's top-K indices per row and the same set as a [rows, V] membership mask."""
-    top = logP.topk(min(k, logP.shape[-1]), dim=-1, sorted=False).indices
+    top = top_k_indices(logP, k)
     return top, torch.zeros_like(logP, dtype=torch.bool).scatter_(-1, top, True)
 
 
@@ -155,21 +178,20 @@ def sym_kl_topk(
 
     Works on the ≤ 2K gathered entries per row, never on [rows, V] in float64 (V is 150k for current models);
     U is topK(P) followed by the entries of topK(Q) that P's set lacks. ``p_set``: :func:`top_k_set` of P when
-    the caller has it already (the base's is fixed for a whole study).
+    the caller has it already (the base's is fixed for a whole study). The two KLs are summed as one:
+    Σ_U (P − Q)(log P − log Q) + (P_rest − Q_rest)(log P_rest − log Q_rest).
     """
     k = min(k, logP.shape[-1])
     top_p, in_p = p_set if p_set is not None else top_k_set(logP, k)
-    top_q = logQ.topk(k, dim=-1, sorted=False).indices
+    top_q = top_k_indices(logQ, k)
     idx = torch.cat([top_p, top_q], dim=-1)
     once = torch.cat([torch.ones_like(top_p, dtype=torch.bool), ~in_p.gather(-1, top_q)], dim=-1)
     lp, lq = logP.gather(-1, idx).double(), logQ.gather(-1, idx).double()
-    P, Q = lp.exp() * once, lq.exp() * once
+    P, Q = lp.exp().mul_(once), lq.exp().mul_(once)
     P_rest = (1.0 - P.sum(-1)).clamp_min(rest_floor)
     Q_rest = (1.0 - Q.sum(-1)).clamp_min(rest_floor)
-    diff = (lp - lq) * once
-    kl_pq = (P * diff).sum(-1) + P_rest * (P_rest.log() - Q_rest.log())
-    kl_qp = (-Q * diff).sum(-1) + Q_rest * (Q_rest.log() - P_rest.log())
-    return 0.5 * (kl_pq + kl_qp)
+    inside = (P.sub_(Q)).mul_(lp.sub_(lq)).sum(-1)
+    return 0.5 * (inside + (P_rest - Q_rest) * (P_rest.log() - Q_rest.log()))
 
 
 class PromptEvaluator:
@@ -270,24 +292,28 @@ class PromptEvaluator:
         before: Evaluation | None = None,
         changed_ids: list[int] | tuple = (),
         delta: HeadDelta | None = None,
+        share_of: torch.Tensor | None = None,
     ) -> Evaluation:
         """:meth:`evaluate` of the model in place, redoing only what a merge changed since `base` (methods.md
         §M8.3); exact up to float rounding when ``head_logits`` reproduces the model, which the merge checks once.
 
-        `changed_ids`: embedding rows moved since `base`; `delta`: every head row moved since `base` (None: the
-        head is the base's); `before`: an evaluation of the model before those head rows moved (made by this
-        method, or any other evaluation of the model in place; default: the base). Per prompt (row of a batch):
-        - one holding a moved embedding row runs the whole model (the rows of a batch that do, together); under
-          the base's head its logits are kept on the result (within ``KEEP_LOGITS_BYTES``);
-        - one whose body `before` re-ran takes `before`'s kept logits with the moved head rows' columns
-          recomputed (in place: they serve once), else the full head on `before`'s head inputs;
-        - any other sees the base's head inputs: unchanged head → the base's numbers; moved head rows → each
+        `changed_ids`: embedding rows moved since `base` (since `before`, when given); `delta`: every head row
+        moved since `base` (None: the head is the base's); `before`: an evaluation of the model in place before
+        those head rows moved (made by this method, or a full one; default: the base). Per position:
+        - from the first moved embedding row of a prompt on, the head input is new: the prompts holding one run
+          the body (those of a batch together, the head left out) and the head runs at those positions only;
+          under the base's head their log-normalisers (read off the float32 log-softmax) and target logits are
+          kept on the result;
+        - one whose head input `before` renewed keeps it: moved head rows update the normaliser `before` kept
+          (else the full head runs there); an unchanged head keeps `before`'s numbers;
+        - any other sees the base's head input: unchanged head → the base's numbers; moved head rows → each
           position's log-normaliser updated from the base's (``base.head_cache``) over those rows only.
-        Head inputs are kept for every batch, and which rows differ from the base's."""
+        Head inputs are kept for every batch, and which positions differ from the base's. `share_of`: head rows
+        about to move; the kept numbers of the re-run positions include their share of the mass, so the update
+        needs no logits of those rows' old values."""
         assert base.head_inputs is not None, "the base evaluation kept no head inputs"
         if before is base:
             before = None
-        budget = KEEP_LOGITS_BYTES if delta is None and base.head_cache is not None else 0
         changed = torch.tensor(sorted(set(changed_ids)), dtype=torch.long, device=self.device)
         moved_head = delta is not None and delta.ids.numel() > 0
         use_delta = (
@@ -295,109 +321,71 @@ class PromptEvaluator:
             and base.head_cache is not None
             and delta.ids.numel() <= HEAD_DELTA_MAX_FRACTION * delta.weight.shape[0]
         )
-        base_picked = torch.split(base.logprobs, [len(b["pick"][0]) for b in self.batches])
+        keep_cache = not moved_head and base.head_cache is not None
+        counts = [len(b["pick"][0]) for b in self.batches]
+        base_picked = torch.split(base.logprobs, counts)
+        before_picked = torch.split(before.logprobs, counts) if before is not None else None
         seen: list[torch.Tensor] = []
-        body_rows: list[torch.Tensor] = []
-        keep: list[torch.Tensor | None] = []
-        captured: list[torch.Tensor] = []  # what the head saw in the last call (head_logits may call it too)
-        hook = None
-        if changed.numel():
-            hook = model.get_output_embeddings().register_forward_hook(
-                lambda module, args, output: captured.append(args[0].detach())
-            )
+        fresh_masks: list[torch.Tensor] = []
+        caches: list[FreshCache | None] = []
+        share = (
+            None if share_of is None or not keep_cache else torch.zeros(base.logprobs.shape[-1], 1, device=self.device)
+        )
+        if share is not None:
+            share[share_of.to(self.device)] = 1.0
 
         def batch(i: int, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            positions = b["mask"].bool()
             h_base = base.head_inputs[i]
-            n_rows = b["ids"].shape[0]
-            run = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
-            if changed.numel():
-                run = (torch.isin(b["ids"], changed) & b["mask"].bool()).any(-1)
-            prev = torch.zeros_like(run)
-            if before is not None:  # an evaluation not made here (a full one) differs from the base everywhere
-                prev = (before.body_rows[i] if before.body_rows is not None else torch.ones_like(run)) & ~run
-            rest = ~(run | prev)
-            parts, h = [], h_base if before is None else before.head_inputs[i]
-            if run.any():
+            h = h_base if before is None else before.head_inputs[i]
+            renewed = torch.zeros_like(positions)
+            if changed.numel():  # causal: a head input changes from the prompt's first moved row on (padding too)
+                renewed = (torch.isin(b["ids"], changed) & positions).cumsum(-1).bool()
+            earlier = torch.zeros_like(positions)
+            if before is not None:  # a full evaluation (no mask) differs from the base everywhere
+                earlier = (before.fresh[i] if before.fresh is not None else torch.ones_like(positions)) & ~renewed
+            fresh, prev = renewed & positions, earlier & positions
+            rest = positions & ~(fresh | prev)
+            cache = None
+            if renewed.any():
+                run = renewed.any(-1)
                 h = h.clone()
-                sub, picks = _sub_batch(b, run)
-                captured.clear()
-                out = model(input_ids=sub["ids"], attention_mask=sub["mask"]).logits
-                h[run] = captured[-1]
-                kept_bytes = sum(k.numel() * k.element_size() for k in keep if k is not None)
-                fits = kept_bytes + out.numel() * out.element_size() <= budget
-                keep.append(out.contiguous() if fits and not prev.any() else None)
-                parts.append((run, picks, self._batch_scores(sub, out)))
-            else:
-                keep.append(None)
+                h[renewed] = _body_outputs(model, _sub_batch(b, run)[0])[renewed[run]]
+            seen.append(h)
+            fresh_masks.append(renewed | earlier)
+            if not (fresh.any() or prev.any() or moved_head):
+                caches.append(None)
+                return base.targets[i], base_picked[i]
+            scores = _Scores(b, base_picked[i], head_logits)
+            if fresh.any():
+                cache = scores.full(fresh, h, keep=keep_cache, share_of=share)
+                if cache is not None and share is not None:
+                    cache = cache._replace(share_ids=share_of)
             if prev.any():
-                assert before is not None
-                sub, picks = _sub_batch(b, prev)
-                kept = before.logits[i] if before.logits is not None else None
-                if (
-                    kept is not None
-                    and moved_head
-                    and base.head_cache is not None
-                    and before.body_rows is not None
-                    and torch.equal(prev, before.body_rows[i])
-                ):
-                    assert delta is not None and before.logits is not None
-                    before.logits[i] = None  # used up: its columns are overwritten
-                    parts.append((prev, picks, self._batch_scores(sub, delta.replace_columns_(kept, h[prev]))))
-                else:
-                    parts.append((prev, picks, self._batch_scores(sub, head_logits(h[prev]))))
-            if rest.any():
-                sub, picks = _sub_batch(b, rest)
+                assert before is not None and before_picked is not None
+                kept = before.fresh_cache[i] if before.fresh_cache is not None else None
                 if not moved_head:
-                    scores = base.targets[i][rest], base_picked[i][picks]
+                    scores.copy(prev, before.targets[i], before_picked[i])
+                elif use_delta and kept is not None and not (prev & ~kept.where).any():
+                    assert delta is not None
+                    scores.update(prev, h, kept, delta, exact=False)
+                else:
+                    scores.full(prev, h)
+            if rest.any():
+                if not moved_head:
+                    scores.copy(rest, base.targets[i], base_picked[i])
                 elif use_delta:
                     assert base.head_cache is not None and delta is not None
-                    lse, target_logit = base.head_cache[i]
-                    scores = self._delta_scores(sub, h_base[rest], (lse[rest], target_logit[rest]), delta, head_logits)
+                    scores.update(rest, h_base, base.head_cache[i], delta, exact=True)
                 else:
-                    scores = self._batch_scores(sub, head_logits(h_base[rest]))
-                parts.append((rest, picks, scores))
-            seen.append(h)
-            body_rows.append(run | prev)
-            if len(parts) == 1:
-                return parts[0][2]
-            target = torch.empty(b["ids"][:, 1:].shape, dtype=torch.float64, device=self.device)
-            picked = torch.empty(len(b["pick"][0]), base.logprobs.shape[-1], dtype=base.logprobs.dtype)
-            for rows, picks, (t, p) in parts:
-                target[rows] = t.double()
-                picked[picks] = p
-            return target, picked
+                    scores.full(rest, h_base)
+            caches.append(cache)
+            return scores.result()
 
-        try:
-            ev = self._collect(batch(i, b) for i, b in enumerate(self.batches))
-        finally:
-            if hook is not None:
-                hook.remove()
-        ev.head_inputs, ev.body_rows = seen, body_rows
-        ev.logits = keep if any(k is not None for k in keep) else None
+        ev = self._collect(batch(i, b) for i, b in enumerate(self.batches))
+        ev.head_inputs, ev.fresh = seen, fresh_masks
+        ev.fresh_cache = caches if any(c is not None for c in caches) else None
         return ev
-
-    def _delta_scores(
-        self, b: dict, h: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], delta: HeadDelta, head_logits
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target log-probs (float64) and KL-position log-probs of one batch whose head input is unchanged and
-        whose head moved only the rows R of `delta`: L′ = L + log(1 − Σ_R e^{z_r − L} + Σ_R e^{z′_r − L}).
-
-        Where the moved rows held nearly all of a position's mass (1 − Σ_R e^{z_r − L} < ``CANCELLATION``) the
-        difference would cancel; those positions take the full head. The KL positions take the full head too
-        (their whole distribution is needed), a few per prompt."""
-        lse, target_logit = cache
-        h64 = h.double()
-        z_old, z_new = delta.logits(h64, delta.old), delta.logits(h64, delta.new)
-        rest = 1.0 - (z_old - lse[..., None]).exp().sum(-1)
-        lse_new = lse + torch.log(rest.clamp_min(0.0) + (z_new - lse[..., None]).exp().sum(-1))
-        cancel = rest < CANCELLATION
-        if cancel.any():
-            lse_new[cancel] = torch.logsumexp(head_logits64(h64[cancel], delta.weight, delta.bias), -1)
-        column = delta.column[b["ids"][:, 1:]]
-        moved = z_new[:, :-1].gather(-1, column.clamp_min(0)[..., None])[..., 0]
-        target = torch.where(column >= 0, moved, target_logit) - lse_new[:, :-1]
-        picked = torch.log_softmax(head_logits(h[b["pick"]]).float(), dim=-1).cpu()
-        return target, picked
 
     def keep_head_cache(self, ev: Evaluation, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Keep on `ev` (an evaluation with head inputs) what :meth:`evaluate_incremental` needs to update it
@@ -446,6 +434,122 @@ class PromptEvaluator:
             token_nll=token_nll if keep_token_nll else None,
             targets=targets,
         )
+
+
+def _body_outputs(model, batch: dict) -> torch.Tensor:
+    """The LM head's input at every position of `batch`, the body run alone: a forward pre-hook keeps what the
+    head is given and hands it an empty slice, so the head's logits are computed afterwards only where needed."""
+    seen: list[torch.Tensor] = []
+
+    def keep_and_skip(module, args):
+        seen.append(args[0].detach())
+        return (args[0][..., :0, :], *args[1:])
+
+    hook = model.get_output_embeddings().register_forward_pre_hook(keep_and_skip)
+    try:
+        model(input_ids=batch["ids"], attention_mask=batch["mask"])
+    finally:
+        hook.remove()
+    return seen[-1]
+
+
+class _Scores:
+    """One batch's target log-probs (float64, [B, T−1]) and KL-position log-probs, filled one set of positions
+    ([B, T] mask) at a time, each by the cheapest exact way (methods.md §M8.3)."""
+
+    def __init__(self, b: dict, picked_like: torch.Tensor, head_logits):
+        ids = b["ids"]
+        self.head_logits = head_logits
+        self.target = torch.zeros(ids.shape, dtype=torch.float64, device=ids.device)  # last column: no target
+        self.next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # each position's target (last: a stand-in)
+        self.picked = torch.empty_like(picked_like)
+        self.pick_rows, self.pick_cols = b["pick"]
+
+    def _picks(self, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which KL positions lie in `where` (a mask on the CPU) and their index among its positions."""
+        inside = where[self.pick_rows, self.pick_cols]
+        rank = where.flatten().cumsum(0).view(where.shape) - 1
+        return inside.cpu(), rank[self.pick_rows[inside], self.pick_cols[inside]]
+
+    def copy(self, where: torch.Tensor, targets: torch.Tensor, picked: torch.Tensor) -> None:
+        """An evaluation's numbers at positions whose head input and head it shares."""
+        t = where[:, :-1]
+        self.target[:, :-1][t] = targets[t].double()
+        inside = where[self.pick_rows, self.pick_cols].cpu()
+        self.picked[inside] = picked[inside]
+
+    def full(
+        self, where: torch.Tensor, h: torch.Tensor, keep: bool = False, share_of: torch.Tensor | None = None
+    ) -> FreshCache | None:
+        """The head at `where`: each target's log-probability z_y − L with L = m + log Σ_v e^{z_v − m} summed over
+        the float32 logits in place (no second [positions, V] tensor), the KL positions' log-softmax; with `keep`,
+        what a later head-row change updates (log-normaliser, target logit), and with `share_of` (a [V, 1]
+        indicator of head rows R) Σ_R e^{z_r − L} from the same pass."""
+        z = self.head_logits(h[where]).float()
+        next_ids = self.next_ids[where][:, None]
+        y_logit = z.gather(1, next_ids)[:, 0].double()
+        inside, k = self._picks(where)
+        if inside.any():
+            self.picked[inside] = torch.log_softmax(z[k], dim=-1).cpu()
+        top = z.amax(-1, keepdim=True)
+        e = z.sub_(top).exp_()
+        total = e.sum(-1).double()
+        lse = top[:, 0].double() + total.log()
+        self.target[where] = y_logit - lse
+        if not keep:
+            return None
+        lse_all, y_all = torch.zeros_like(self.target), torch.zeros_like(self.target)
+        lse_all[where], y_all[where] = lse, y_logit
+        share_all = None
+        if share_of is not None:
+            share_all = torch.zeros_like(self.target)
+            share_all[where] = (e @ share_of)[:, 0].double() / total
+        return FreshCache(lse_all, y_all[:, :-1], where, share_all)
+
+    def update(
+        self,
+        where: torch.Tensor,
+        h: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | FreshCache,
+        delta: HeadDelta,
+        exact: bool,
+    ) -> None:
+        """Head input unchanged since `cache` (log-normaliser L, target logits), head rows R moved since:
+        L′ = L + log(1 − Σ_R e^{z_r − L} + Σ_R e^{z′_r − L}), the full head where 1 − Σ_R e^{z_r − L} falls below
+        the cancellation limit (the difference would cancel). `exact`: a float64 cache (the base's), updated in
+        float64; otherwise one read off float32 logits, updated as precisely as it is (in the head's dtype). The
+        KL positions take the full head (their whole distribution is needed), a few per prompt."""
+        lse_all, y_all = cache[0], cache[1]
+        h_at = h[where]
+        lse = lse_all[where]
+        if exact:
+            h64 = h_at.double()
+            z_new, shift = delta.logits(h64, delta.new), lse[:, None]
+            rest = 1.0 - (delta.logits(h64, delta.old) - shift).exp_().sum(-1)
+        else:
+            z_new, shift = delta.rows_as_head(h_at, delta.new_rows), lse.float()[:, None]
+            if isinstance(cache, FreshCache) and cache.share is not None and _same_rows(cache.share_ids, delta.ids):
+                rest = 1.0 - cache.share[where]  # the old rows' share, summed when the cache was made
+            else:
+                rest = 1.0 - (delta.rows_as_head(h_at, delta.old_rows) - shift).exp_().sum(-1).double()
+        lse_new = lse + torch.log(rest.clamp_min(0.0) + (z_new - shift).exp_().sum(-1).double())
+        cancel = rest < (CANCELLATION if exact else CANCELLATION_FLOAT32)
+        if cancel.any():
+            lse_new[cancel] = torch.logsumexp(head_logits64(h_at[cancel], delta.weight, delta.bias), -1)
+        column = delta.column[self.next_ids[where]]
+        moved = z_new.gather(1, column.clamp_min(0)[:, None])[:, 0].double()
+        kept = torch.nn.functional.pad(y_all, (0, 1))[where]
+        self.target[where] = torch.where(column >= 0, moved, kept) - lse_new
+        inside, k = self._picks(where)
+        if inside.any():
+            self.picked[inside] = torch.log_softmax(self.head_logits(h_at[k]).float(), dim=-1).cpu()
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.target[:, :-1], self.picked
+
+
+def _same_rows(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return a is not None and a.numel() == b.numel() and torch.equal(a.to(b.device).sort().values, b.sort().values)
 
 
 def _sub_batch(b: dict, rows: torch.Tensor) -> tuple[dict, torch.Tensor]:

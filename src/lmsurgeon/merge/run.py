@@ -73,7 +73,9 @@ class StagePlan:
         return self._write(rows, np.full(rows.size, alpha), clip)
 
     def _write(self, rows: np.ndarray, alpha: np.ndarray, clip: bool) -> dict:
-        """Blend pool positions `rows` at rates `alpha` into the live weight; remember which base ids moved."""
+        """Blend pool positions `rows` at rates `alpha` into the live weight; remember which base ids moved (a row
+        written with its own value, α = 0, did not)."""
+        moved = rows
         if rows.size:
             new = blend_rows(self.Y[rows], self.E_tilde[clip][rows], alpha)
             new_t = torch.from_numpy(new).to(self.weight.dtype)
@@ -82,8 +84,9 @@ class StagePlan:
             rows_t = torch.from_numpy(rows)
             with torch.no_grad():
                 self.weight.index_copy_(0, self.idx[rows_t], new_t)
-        self.last_ids = self.idx[torch.from_numpy(rows)].tolist()
-        self.written = np.union1d(self.written, rows).astype(np.int64)  # a kept merge may be merged again
+            moved = rows[(new_t != self.original[rows_t]).any(-1).numpy()]
+        self.last_ids = self.idx[torch.from_numpy(moved)].tolist()
+        self.written = np.union1d(self.written, moved).astype(np.int64)  # a kept merge may be merged again
         return {"rows": int(rows.size), "alpha_mean": float(alpha.mean()) if alpha.size else 0.0}
 
     def restore(self) -> None:
@@ -298,9 +301,30 @@ class MergeSession:
     def _apply_b(self, p: dict, clip: bool) -> dict:
         assert self.stage_b is not None
         if "gate_frac" in p:
-            return self.stage_b.apply_gated(self.gate(self.stage_b, "head", p["gate_frac"]), p["alpha_head"], clip)
+            return self.stage_b.apply_gated(self._head_gate(p), p["alpha_head"], clip)
+        return self.stage_b.apply(*self._head_schedule(p), clip, self.gamma)
+
+    def _head_gate(self, p: dict) -> np.ndarray:
+        assert self.stage_b is not None
+        return self.gate(self.stage_b, "head", p["gate_frac"])
+
+    def _head_schedule(self, p: dict) -> tuple[int, float, float, float]:
+        assert self.stage_b is not None
         k_b = min(int(p["target_head_rows"]), len(self.stage_b.idx))
-        return self.stage_b.apply(k_b, p["min_tau_head"], p["alpha_floor_head"], p["alpha_cap_head"], clip, self.gamma)
+        return k_b, p["min_tau_head"], p["alpha_floor_head"], p["alpha_cap_head"]
+
+    def _planned_head_ids(self, p: dict, clip: bool) -> torch.Tensor | None:
+        """The base ids Stage B will blend if Stage A passes its guard (a fresh trial on the base's head; None
+        otherwise): Stage A's evaluation keeps their share of each re-run position's mass, so Stage B's update
+        there needs no logits of the old rows (§M8.3)."""
+        if self.stage_b is None or self.stage_b.written.size or not self.head_only:
+            return None
+        if "gate_frac" in p:
+            rows = np.flatnonzero(self._head_gate(p)) if p["alpha_head"] > 0 else np.zeros(0, dtype=np.int64)
+        else:
+            k, min_tau, floor, cap = self._head_schedule(p)
+            rows = alpha_schedule(self.stage_b.cos[clip], k, min_tau, floor, cap, self.gamma).rows
+        return self.stage_b.idx[torch.from_numpy(rows)] if rows.size else None
 
     def trial(self, params: dict, keep: bool = False, search_bar: float | None = None) -> dict:
         """One merge with `params`; returns the stats; restores B unless `keep` (then the merged model stays).
@@ -311,7 +335,8 @@ class MergeSession:
         t0 = time.perf_counter()
         clip = bool(p["use_soft_clip"])
         a = self._apply_a(p, clip)
-        ev_a = self._evaluate_body(self.evaluator, self.base_eval) if a["rows"] else self.base_eval
+        planned = self._planned_head_ids(p, clip) if a["rows"] else None
+        ev_a = self._evaluate_body(self.evaluator, self.base_eval, planned) if a["rows"] else self.base_eval
         a.update(ppl=ev_a.ppl, r=relative_ppl(ev_a, self.base_eval))
         current, n_evals = ev_a, 1 if a["rows"] else 0
         b = {"rows": 0, "outcome": "skipped_tied"}
@@ -384,12 +409,20 @@ class MergeSession:
             ev, evals = self._evaluate_body(self.general, self.base_general), 1
         return {"general_bpb": ev.bpb, "general_excess": ev.bpb - limit, "general_evals": evals}
 
-    def _evaluate_body(self, evaluator: PromptEvaluator, base: Evaluation) -> Evaluation:
+    def _evaluate_body(
+        self, evaluator: PromptEvaluator, base: Evaluation, head_ids: torch.Tensor | None = None
+    ) -> Evaluation:
         """An evaluation after Stage A moved embedding rows: prompts without a moved token reuse the base's body
-        outputs when the head alone reproduces the model (in memory, §M8.3); otherwise the whole model runs."""
+        outputs when the head alone reproduces the model (in memory, §M8.3); otherwise the whole model runs.
+        `head_ids`: the head rows Stage B will move (their share of each re-run position's mass is kept)."""
         if self.head_only and base.head_inputs is not None and not self.streamed:
             return evaluator.evaluate_incremental(
-                self.model, self.head_logits, base, changed_ids=self.stage_a.last_ids, delta=self._head_delta()
+                self.model,
+                self.head_logits,
+                base,
+                changed_ids=self.stage_a.last_ids,
+                delta=self._head_delta(),
+                share_of=head_ids,
             )
         return evaluator.evaluate(self.model, self.head_only)
 
