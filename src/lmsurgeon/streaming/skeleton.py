@@ -98,9 +98,6 @@ class _DeferredTensor:
             return torch.from_numpy(self.handle.tensor(self.name, np.int64))[index]
         if info.dtype == "BOOL":
             return torch.from_numpy(self.handle.tensor(self.name, np.bool_))[index]
-        if TORCH_DTYPES.get(info.dtype) == self.compute_dtype and info.nbytes <= CHUNK_BYTES:
-            # stored as computed (an expert's matrix, a block's): no decoding through float32, the same values
-            return self.handle.stored_tensor(self.name)[index]
         wide = info.dtype in _WIDE
         if info.nbytes <= CHUNK_BYTES or len(info.shape) < 2 or wide:
             return torch.from_numpy(self.handle.tensor(self.name, np.float64 if wide else np.float32))[index]
