@@ -328,13 +328,21 @@ def forward_model(args, name: str, layers: int) -> Path:
     return build_forward_model(args.dir / "forward-1l-donor" / "solar-v32k", MERGE_DONOR, 7, args.experts_filled)
 
 
+#: RSS at which a worker's stack is first written to its log, and past which the worker stops itself
+DUMP_FROM, RSS_CAP = 6 * 2**30, 18 * 2**30
+
+
 class Timeline:
     """Resident memory (VmRSS) sampled every 0.1 s, with the run's stage lines and every block load, so a peak is
     placed in the stage that made it; and the largest weight set a streamed model held."""
 
-    def __init__(self):
+    def __init__(self, log: Path):
+        import faulthandler
+        import signal
         import threading
 
+        self.log = log.open("w", buffering=1)  # the stage lines as they come, to follow a run that takes minutes
+        faulthandler.register(signal.SIGUSR1, file=self.log, all_threads=True)  # kill -USR1: where it is now
         self.start = time.perf_counter()
         self.events: list[tuple[float, str]] = [(0.0, "start")]
         self.samples: list[tuple[float, int]] = []
@@ -344,11 +352,24 @@ class Timeline:
         self._thread.start()
 
     def _sample(self) -> None:
+        import faulthandler
+        import os
+
+        dump_at = DUMP_FROM
         while not self._done.wait(0.1):
-            self.samples.append((time.perf_counter() - self.start, _status_bytes("VmRSS")))
+            rss = _status_bytes("VmRSS")
+            self.samples.append((time.perf_counter() - self.start, rss))
+            if rss >= dump_at or rss >= RSS_CAP:  # where the memory goes: the stack at each new 2 GiB of RSS
+                self.log.write(f"{self.samples[-1][0]:8.1f} s  RSS {rss / 2**30:.2f} GiB reached here:\n")
+                faulthandler.dump_traceback(self.log, all_threads=True)
+                dump_at = rss + 2 * 2**30
+            if rss >= RSS_CAP:  # the machine is shared: stop before the kernel's OOM killer picks a process
+                self.log.write(f"stopped: RSS over {RSS_CAP / 2**30:.0f} GiB\n")
+                os._exit(3)
 
     def event(self, label: str) -> None:
         self.events.append((time.perf_counter() - self.start, label))
+        self.log.write(f"{self.events[-1][0]:8.1f} s  {_status_bytes('VmRSS') / 2**30:6.2f} GiB  {label}\n")
 
     def stop(self) -> list[dict]:
         """Per event: its time, label and the peak RSS until the next event (consecutive block loads merged)."""
@@ -386,6 +407,8 @@ def instrument(timeline: Timeline) -> list:
 
     def traced_load(self, stages) -> None:
         load(self, stages)
+        if not stages:
+            return
         resident = self.resident_bytes()
         timeline.most_resident = max(timeline.most_resident, resident)
         what = "block " if all(isinstance(s, int) for s in stages) else ""
@@ -410,7 +433,7 @@ def swap_worker(folder: str, text: str, streaming: str, max_memory: str | None, 
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    timeline = Timeline()
+    timeline = Timeline(Path(f"{out}.log"))
     handles = instrument(timeline)
     from lmsurgeon.swap import analyze
 
@@ -451,7 +474,7 @@ def merge_worker(base: str, donor: str, texts: str, streaming: str, max_memory: 
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    timeline = Timeline()
+    timeline = Timeline(Path(f"{out}.log"))
     handles = instrument(timeline)
     from lmsurgeon.merge import run as merge_run
 
@@ -504,7 +527,9 @@ def fresh(flag: str, payload: list[str], env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, flag, *payload]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
-        raise SystemExit(f"{flag} run failed:\n{p.stderr[-3000:]}")
+        log = Path(f"{payload[payload.index('--dir') + 1]}.log")
+        tail = log.read_text()[-6000:] if log.exists() else ""
+        raise SystemExit(f"{flag} run failed (exit {p.returncode}):\n{p.stderr[-3000:]}\nits log:\n{tail}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
