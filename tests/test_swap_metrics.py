@@ -67,6 +67,9 @@ def test_trans_dep_r_match_numpy_definitions():
     assert abs(dep(Aj, Ai) - ref_dep(Aj, Ai)) < 1e-10
     expected_r = ref_trans(Ai) * ref_trans(Aj) * (ref_dep(Ai, Aj) + ref_dep(Aj, Ai))
     assert abs(r_metric(Ai, Aj) - expected_r) < 1e-10
+    norms = (float(np.linalg.norm(Ai, 2)), float(np.linalg.norm(Aj, 2)))  # given by the caller: the same Dep
+    assert abs(dep(Ai, Aj, 0.0, norms) - ref_dep(Ai, Aj)) < 1e-10
+    assert abs(dep(Aj, Ai, 0.0, norms[::-1]) - ref_dep(Aj, Ai)) < 1e-10
 
 
 def test_zero_update_has_zero_trans_and_zero_r():
