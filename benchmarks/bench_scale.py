@@ -42,18 +42,22 @@ Then the same run on the 2-layer twin (7.7 GB, which fits) streamed and in memor
 their numbers.
 
     python benchmarks/bench_scale.py swap [--layers 8] [--max-memory 6GiB] [--swap-tokens 480]
-    python benchmarks/bench_scale.py merge [--layers 8] [--max-memory 6GiB]
+    python benchmarks/bench_scale.py merge [--layers 2] [--max-memory 6GiB]
 
 ``swap``: ``analyze`` in bf16, forced ``--streaming stream`` within ``--max-memory`` (default 6GiB), on
 ``--swap-tokens`` fit and as many eval tokens of random words (rows of 128); prints δ, r and Δloss per pair.
 At width 4096 the per-layer float64 d × d work (normal equations, A_i, Trans/Dep) costs as much as the blocks.
 ``merge``: a 2-trial ``run_merge`` into the twin (bf16, streamed) from a donor with Solar-Open-100B's width,
 heads and expert width but one layer of 8 experts and a 32,768-word vocabulary, on 8 documents of 120 words per
-text and at most 4,096 shared tokens; prints bits per byte of the base, donor, baselines and best trial and each
-trial's relative perplexity and symmetric KL. The donor is small because the merge reads only its embedding and
-head, which with the real vocabulary are 2 × 3.2 GB in float32 (see docs/scale.md), and its own bits-per-byte
-pass runs it in float32. The merged checkpoint is not written (``_save_models`` is stubbed in the worker): with a
-streamed base that writes every shard, 36 GB at 8 layers.
+text and at most 4,096 shared tokens. Default 2 layers: a merge streams the whole base for each of its ~20
+evaluations, ~12 min at 2 layers and about an hour at 8 on 2 shared cores. It prints bits per byte of the base,
+donor, baselines and best trial and each trial's relative perplexity and symmetric KL. The donor is small
+because the merge reads only its embedding and head, which with the real vocabulary are 2 × 3.2 GB in float32
+(see docs/scale.md), and its own bits-per-byte pass runs it in float32. The merged checkpoint is not written
+(``_save_models`` is stubbed in the worker): with a streamed base that writes every shard, 36 GB at 8 layers.
+
+The swap and merge workers log their stage lines and loads with RSS as they come (``<run>.log``), write the
+Python stack there at every new 2 GiB of RSS from 6 GiB, and stop themselves past 18 GiB (a shared machine).
 """
 
 from __future__ import annotations
@@ -610,7 +614,7 @@ def merge_bench(args) -> None:
     import shutil
     import tempfile
 
-    layers = args.layers[0] if args.layers else 8
+    layers = args.layers[0] if args.layers else 2  # ~20 streamed evaluations: ~1 h at 8 layers on 2 cores
     big, small = forward_model(args, "glm-a", layers), forward_model(args, "glm-a", 2)
     donor = forward_model(args, "donor", 1)
     work = Path(tempfile.mkdtemp(prefix="bench-scale-merge-"))
@@ -662,7 +666,7 @@ def main() -> None:
     ap.add_argument("--text", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, default=Path(".bench-cache/scale"))
     ap.add_argument(
-        "--layers", type=int, nargs="+", help="slices of the real depth to measure [stream: 1 8; swap, merge: 8]"
+        "--layers", type=int, nargs="+", help="slices of the real depth to measure [stream: 1 8; swap: 8; merge: 2]"
     )
     ap.add_argument("--full", action="store_true", help="also the full 46-layer model (+ MTP layer), streamed")
     ap.add_argument("--items", type=int, default=4)
