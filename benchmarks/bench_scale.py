@@ -46,7 +46,9 @@ their numbers.
 
 ``swap``: ``analyze`` in bf16, forced ``--streaming stream`` within ``--max-memory`` (default 6GiB), on
 ``--swap-tokens`` fit and as many eval tokens of random words (rows of 128); prints δ, r and Δloss per pair.
-At width 4096 the per-layer float64 d × d work (normal equations, A_i, Trans/Dep) costs as much as the blocks.
+At width 4096 the per-layer float64 d × d work (normal equations, A_i, Trans/Dep) costs as much as the blocks:
+at 8 layers the eval pass ended after 14 min (30 block loads) and the tables' full SVDs took over 5 min more,
+so the 8-layer default takes over 20 min on 2 shared cores; ``--layers 4`` halves it.
 ``merge``: a 2-trial ``run_merge`` into the twin (bf16, streamed) from a donor with Solar-Open-100B's width,
 heads and expert width but one layer of 8 experts and a 32,768-word vocabulary, on 8 documents of 120 words per
 text and at most 4,096 shared tokens. Default 2 layers: a merge streams the whole base for each of its ~20
