@@ -52,7 +52,8 @@ so the 8-layer default takes over 20 min on 2 shared cores; ``--layers 4`` halve
 ``merge``: a 2-trial ``run_merge`` into the twin (bf16, streamed) from a donor with Solar-Open-100B's width,
 heads and expert width but one layer of 8 experts and a 32,768-word vocabulary, on 8 documents of 120 words per
 text and at most 4,096 shared tokens. Default 2 layers: a merge streams the whole base for each of its ~20
-evaluations, ~12 min at 2 layers and about an hour at 8 on 2 shared cores. It prints bits per byte of the base,
+evaluations: measured 18 min streamed (8 of them in the OMP baseline, since made cheaper) and 10 min in
+memory at 2 layers, about an hour streamed at 8, on 2 shared cores. It prints bits per byte of the base,
 donor, baselines and best trial and each trial's relative perplexity and symmetric KL. The donor is small
 because the merge reads only its embedding and head, which with the real vocabulary are 2 × 3.2 GB in float32
 (see docs/scale.md), and its own bits-per-byte pass runs it in float32. The merged checkpoint is not written
