@@ -40,10 +40,12 @@ def _rng(seed: int, name: str, block: int = 0) -> np.random.Generator:
 FORWARD_SUFFIXES = ("v_proj.weight", "o_proj.weight", "gate_proj.weight")
 
 
-def base_values(shape: Glm4MoeShape, seed: int, experts_filled: int, forward: bool = False):
+def base_values(shape: Glm4MoeShape, seed: int, experts_filled: int, forward: bool = False, head: bool = False):
     """fill(name, dims) for an independent model: seeded data where lineage reads, holes elsewhere. ``forward``
-    also fills what running the blocks reads (values, outputs, gates), for the activation tests."""
-    suffixes = READ_SUFFIXES + (FORWARD_SUFFIXES if forward else ())
+    also fills what running the blocks reads (values, outputs, gates), for the activation tests; ``head`` the
+    untied LM head, which swap's Δloss and the merge's guard score tokens through (a hole would give every
+    token the same probability)."""
+    suffixes = READ_SUFFIXES + (FORWARD_SUFFIXES if forward else ()) + (("lm_head.weight",) if head else ())
 
     def fill(name: str, dims: tuple[int, ...]):
         m = _EXPERT.search(name)
@@ -53,7 +55,7 @@ def base_values(shape: Glm4MoeShape, seed: int, experts_filled: int, forward: bo
             return None
         if len(dims) == 1:
             return 1 + 0.1 * _rng(seed, name).standard_normal(dims, dtype=np.float32)
-        if name.endswith("embed_tokens.weight"):
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
             return (
                 0.02 * _rng(seed, name, b).standard_normal((min(ROW_BLOCK, dims[0] - a), dims[1]), dtype=np.float32)
                 for b, a in enumerate(range(0, dims[0], ROW_BLOCK))
@@ -125,3 +127,10 @@ def build_twins(
             stamp["forward"] = True
         out[name] = build_twin(root / name, shape, fill, stamp)
     return out
+
+
+def build_forward_model(folder: Path, shape: Glm4MoeShape, seed: int, experts_filled: int) -> Path:
+    """One independent twin with data in everything a forward pass reads, LM head included, for the swap and merge
+    benchmarks (which need one model each, not the three lineage compares)."""
+    stamp = {"config": shape.config(), "experts_filled": experts_filled, "seed": seed, "forward": True, "head": True}
+    return build_twin(folder, shape, base_values(shape, seed, experts_filled, forward=True, head=True), stamp)

@@ -32,6 +32,35 @@ With an activation test in ``--tests`` (``phi_match``, ``act_cka``; both are in 
 also get data in what running a block reads (values, outputs, gates; built once more, in a ``-forward`` folder)
 and the text is documents of random words of the twins' word-level vocabulary. ``--max-memory 6GiB`` makes a
 slice stream block by block as the full checkpoints would on a 24 GiB machine.
+
+``swap`` and ``merge`` modes: the capabilities that run a model, on a GLM-4.5-Air-shaped twin cut to ``--layers``
+(default 8: the dense layer and 7 MoE layers, 36 GB apparent) with data in everything a forward pass reads, the
+LM head included (``_lineage_twins.build_forward_model``; built once, ~5 min, 6.7 GB of disk), read from the local
+folder. Each run is a fresh process that prints wall time, VmHWM, the bytes read per model and the peak RSS of
+each stage of the run (stage lines and streamed loads, sampled every 0.1 s), so the place of the peak is known.
+Then the same run on the 2-layer twin (7.7 GB, which fits) streamed and in memory, and the largest difference of
+their numbers.
+
+    python benchmarks/bench_scale.py swap [--layers 8] [--max-memory 6GiB] [--swap-tokens 480]
+    python benchmarks/bench_scale.py merge [--layers 2] [--max-memory 6GiB]
+
+``swap``: ``analyze`` in bf16, forced ``--streaming stream`` within ``--max-memory`` (default 6GiB), on
+``--swap-tokens`` fit and as many eval tokens of random words (rows of 128); prints δ, r and Δloss per pair.
+At width 4096 the per-layer float64 d × d work (normal equations, A_i, Trans/Dep) costs as much as the blocks:
+at 8 layers the eval pass ended after 14 min (30 block loads) and the tables' full SVDs took over 5 min more,
+so the 8-layer default takes over 20 min on 2 shared cores; ``--layers 4`` halves it.
+``merge``: a 2-trial ``run_merge`` into the twin (bf16, streamed) from a donor with Solar-Open-100B's width,
+heads and expert width but one layer of 8 experts and a 32,768-word vocabulary, on 8 documents of 120 words per
+text and at most 4,096 shared tokens. Default 2 layers: a merge streams the whole base for each of its ~20
+evaluations: measured 18 min streamed (8 of them in the OMP baseline, since made cheaper) and 10 min in
+memory at 2 layers, about an hour streamed at 8, on 2 shared cores. It prints bits per byte of the base,
+donor, baselines and best trial and each trial's relative perplexity and symmetric KL. The donor is small
+because the merge reads only its embedding and head, which with the real vocabulary are 2 × 3.2 GB in float32
+(see docs/scale.md), and its own bits-per-byte pass runs it in float32. The merged checkpoint is not written
+(``_save_models`` is stubbed in the worker): with a streamed base that writes every shard, 36 GB at 8 layers.
+
+The swap and merge workers log their stage lines and loads with RSS as they come (``<run>.log``), write the
+Python stack there at every new 2 GiB of RSS from 6 GiB, and stop themselves past 18 GiB (a shared machine).
 """
 
 from __future__ import annotations
@@ -42,6 +71,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -285,15 +315,368 @@ def lineage_bench(args) -> None:
     print(f"stage timings: {row['timings']}")
 
 
+# -- swap and merge on a model larger than the memory budget ---------------------------------------------------
+#: the merge's donor: Solar-Open-100B's width, heads and expert width, one layer of 8 experts and a 32,768-word
+#: vocabulary (see merge_bench for why not the real 196,608)
+MERGE_DONOR = replace(SOLAR_OPEN_100B.with_layers(1), experts=8, vocab=32768)
+
+
+#: shared tokens the merge aligns on (--max-shared): at width 4096 its float64 Procrustes fits cost n·d² each,
+#: minutes for the default 50,000 on 2 shared cores and seconds for this many
+MERGE_SHARED = 4096
+
+
+def forward_model(args, name: str, layers: int) -> Path:
+    """``glm-a`` (GLM-4.5-Air's shapes, seed 0) cut to ``layers``, or the merge's donor, with data in everything a
+    forward pass reads, LM head included (built once, cached under ``--dir``)."""
+    from _lineage_twins import build_forward_model
+
+    if name == "glm-a":
+        return build_forward_model(
+            args.dir / f"forward-{layers}l" / name,
+            GLM45_AIR.with_layers(layers, mtp_layers=0),
+            0,
+            args.experts_filled,
+        )
+    return build_forward_model(args.dir / "forward-1l-donor" / "solar-v32k", MERGE_DONOR, 7, args.experts_filled)
+
+
+#: RSS at which a worker's stack is first written to its log, and past which the worker stops itself
+DUMP_FROM, RSS_CAP = 6 * 2**30, 18 * 2**30
+
+
+class Timeline:
+    """Resident memory (VmRSS) sampled every 0.1 s, with the run's stage lines and every block load, so a peak is
+    placed in the stage that made it; and the largest weight set a streamed model held."""
+
+    def __init__(self, log: Path):
+        import faulthandler
+        import signal
+        import threading
+
+        self.log = log.open("w", buffering=1)  # the stage lines as they come, to follow a run that takes minutes
+        faulthandler.register(signal.SIGUSR1, file=self.log, all_threads=True)  # kill -USR1: where it is now
+        self.start = time.perf_counter()
+        self.events: list[tuple[float, str]] = [(0.0, "start")]
+        self.samples: list[tuple[float, int]] = []
+        self.most_resident = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import faulthandler
+        import os
+
+        dump_at = DUMP_FROM
+        while not self._done.wait(0.1):
+            rss = _status_bytes("VmRSS")
+            self.samples.append((time.perf_counter() - self.start, rss))
+            if rss >= dump_at or rss >= RSS_CAP:  # where the memory goes: the stack at each new 2 GiB of RSS
+                self.log.write(f"{self.samples[-1][0]:8.1f} s  RSS {rss / 2**30:.2f} GiB reached here:\n")
+                faulthandler.dump_traceback(self.log, all_threads=True)
+                dump_at = rss + 2 * 2**30
+            if rss >= RSS_CAP:  # the machine is shared: stop before the kernel's OOM killer picks a process
+                self.log.write(f"stopped: RSS over {RSS_CAP / 2**30:.0f} GiB\n")
+                os._exit(3)
+
+    def event(self, label: str) -> None:
+        self.events.append((time.perf_counter() - self.start, label))
+        self.log.write(f"{self.events[-1][0]:8.1f} s  {_status_bytes('VmRSS') / 2**30:6.2f} GiB  {label}\n")
+
+    def stop(self) -> list[dict]:
+        """Per event: its time, label and the peak RSS until the next event (consecutive block loads merged)."""
+        self._done.set()
+        self._thread.join()
+        ends = [t for t, _ in self.events[1:]] + [float("inf")]
+        rows: list[dict] = []
+        for (t, label), end in zip(self.events, ends, strict=True):
+            peak = max((r for s, r in self.samples if t <= s < end), default=0)
+            if rows and label.startswith("block ") and rows[-1]["label"].startswith("block "):
+                rows[-1]["peak"] = max(rows[-1]["peak"], peak)
+                rows[-1]["n"] += 1
+                continue
+            rows.append({"t": t, "label": label, "peak": peak, "n": 1})
+        return rows
+
+
+def instrument(timeline: Timeline) -> list:
+    """Hook the run before the capability is imported: stage lines and streamed loads go to ``timeline``; every
+    opened model handle is collected (its ``bytes_read`` counts what the run read). Benchmark-only patches."""
+    from lmsurgeon.io import model as io_model
+    from lmsurgeon.report import progress
+    from lmsurgeon.streaming import model as streamed
+
+    handles: list = []
+    stage, init, load = progress.stage, io_model.ModelHandle.__init__, streamed.StreamedModel.load
+
+    def traced_stage(message: str) -> None:
+        timeline.event(message)
+        stage(message)
+
+    def traced_init(self, store) -> None:
+        init(self, store)
+        handles.append(self)
+
+    def traced_load(self, stages) -> None:
+        load(self, stages)
+        if not stages:
+            return
+        resident = self.resident_bytes()
+        timeline.most_resident = max(timeline.most_resident, resident)
+        what = "block " if all(isinstance(s, int) for s in stages) else ""
+        timeline.event(f"{what}load {list(stages)} of {self.handle.name}: weights resident {resident / 2**30:.2f} GiB")
+
+    progress.stage, io_model.ModelHandle.__init__, streamed.StreamedModel.load = traced_stage, traced_init, traced_load
+    return handles
+
+
+def run_row(timeline: Timeline, handles: list, start: float) -> dict:
+    return {
+        "seconds": time.perf_counter() - start,
+        "peak_rss": _status_bytes("VmHWM"),
+        "bytes_read": {h.name: h.bytes_read for h in handles},
+        "most_resident": timeline.most_resident,
+        "timeline": timeline.stop(),
+    }
+
+
+def swap_worker(folder: str, text: str, streaming: str, max_memory: str | None, tokens: int, out: Path) -> dict:
+    """``swap`` of ``folder`` in this (fresh) process; the numbers the in-memory comparison needs, time, memory."""
+    import torch
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    timeline = Timeline(Path(f"{out}.log"))
+    handles = instrument(timeline)
+    from lmsurgeon.swap import analyze
+
+    start = time.perf_counter()
+    r = analyze(
+        folder,
+        out=out,
+        overwrite=True,
+        data=text,
+        tokens=tokens,
+        fit_tokens=tokens,
+        seq_len=128,
+        dtype="bfloat16",
+        streaming=streaming,
+        max_memory=max_memory,
+        bootstrap=200,
+    )
+    row = run_row(timeline, handles, start)
+    keys = ("delta", "delta_linear", "r", "trans_i", "dep_ij", "dep_ji", "dloss", "kl")
+    row.update(
+        {
+            "streamed": r["model"]["streaming"]["streamed"],
+            "block_loads": r["model"]["streaming"].get("block_loads"),
+            "memory": r["model"]["streaming"]["memory"],
+            "timings": r["timings"],
+            "pairs": [{k: p[k] for k in keys} for p in r["pairs"]],
+            "layers": [{k: x[k] for k in ("trans", "r2_fit", "bi", "dloss_drop", "kl_drop")} for x in r["layers"]],
+            "loss": r["loss"],
+            "spearman": {k: v.get("rho") if isinstance(v, dict) else v for k, v in r["spearman"].items()},
+        }
+    )
+    return row
+
+
+def merge_worker(base: str, donor: str, texts: str, streaming: str, max_memory: str | None, out: Path) -> dict:
+    """A 2-trial ``merge`` in this (fresh) process: the guard's numbers (bits per byte, relative perplexity and
+    symmetric KL of each trial), time, memory. The merged checkpoint is not written (see merge_bench)."""
+    import torch
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    timeline = Timeline(Path(f"{out}.log"))
+    handles = instrument(timeline)
+    from lmsurgeon.merge import run as merge_run
+
+    merge_run._save_models = lambda *a, **k: None  # writing a 36 GB checkpoint is not what is measured here
+    search, heldout, general = texts.split(",")
+    start = time.perf_counter()
+    r = merge_run.run_merge(
+        base,
+        donor,
+        out,
+        trials=2,
+        dtype="bf16",
+        streaming=streaming,
+        max_memory=max_memory,
+        prompts_file=search,
+        eval_file=heldout,
+        general_file=general,
+        max_prompts=8,
+        max_length=128,
+        max_shared=MERGE_SHARED,
+    )
+    row = run_row(timeline, handles, start)
+    trials = [json.loads(f.read_text()) for f in sorted((Path(out) / "stats").glob("trial_*.json"))]
+    bpb = r["bpb"]
+    row.update(
+        {
+            "streamed": r["streamed"],
+            "base_ppl": r["base_ppl"],
+            "bpb": {
+                "base": {k: bpb["base"][k] for k in ("search", "heldout", "general")},
+                "donor": {k: bpb["donor"][k] for k in ("search", "heldout", "general")},
+                **{b["name"]: {k: b[k] for k in ("search", "heldout", "general")} for b in bpb["baselines"][1:]},
+                **(
+                    {"best trial": {k: bpb["best_trial"][k] for k in ("search", "heldout", "general", "heldout_r")}}
+                    if bpb["best_trial"]
+                    else {}
+                ),
+            },
+            "trials": [
+                {"number": t["number"], **{k: t.get(k) for k in ("r", "sym_kl", "ppl", "a_r", "b_r")}} for t in trials
+            ],
+            "trial_stats": trials,
+        }
+    )
+    return row
+
+
+def fresh(flag: str, payload: list[str], env: dict | None = None) -> dict:
+    """Run this file's ``flag`` worker in a fresh process (its own VmHWM); its last stdout line is the JSON row."""
+    cmd = [sys.executable, __file__, flag, *payload]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        log = Path(f"{payload[payload.index('--dir') + 1]}.log")
+        tail = log.read_text()[-6000:] if log.exists() else ""
+        raise SystemExit(f"{flag} run failed (exit {p.returncode}):\n{p.stderr[-3000:]}\nits log:\n{tail}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def largest_difference(a, b, path: str = "") -> tuple[float, float, str]:
+    """(largest |a − b|, largest |a − b| / max(|a|, |b|), where) over every number of two equal-shaped records."""
+    if isinstance(a, dict):
+        rows = [largest_difference(a[k], b[k], f"{path}.{k}") for k in a if k in b]
+    elif isinstance(a, list):
+        rows = [largest_difference(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True))]
+    elif isinstance(a, int | float) and not isinstance(a, bool) and b is not None:
+        gap = abs(a - b)
+        return gap, gap / max(abs(a), abs(b), 1e-300), path
+    else:
+        rows = []
+    rows = [r for r in rows if r[0] == r[0]]  # NaN (no Spearman over one pair) is equal to itself
+    if not rows:
+        return 0.0, 0.0, path
+    return max(r[0] for r in rows), max(r[1] for r in rows), max(rows, key=lambda r: r[1])[2]
+
+
+def print_memory(row: dict) -> None:
+    """Wall time, VmHWM, bytes read, and the peak RSS of each stage of the run."""
+    read = ", ".join(f"{Path(k).name} {v / 1e9:.2f} GB" for k, v in row["bytes_read"].items())
+    print(
+        f"wall {row['seconds'] / 60:.1f} min, VmHWM {row['peak_rss'] / 2**30:.2f} GiB, read: {read}; "
+        f"largest weight set resident at once {row['most_resident'] / 2**30:.2f} GiB"
+    )
+    print("  peak RSS by stage (GiB):")
+    for e in row["timeline"]:
+        times = f" ×{e['n']}" if e["n"] > 1 else ""
+        print(f"  {e['t']:7.1f} s  {e['peak'] / 2**30:6.2f}  {e['label'][:110]}{times}")
+
+
+def swap_bench(args) -> None:
+    """Swap on the ``--layers``-layer GLM twin streamed under ``--max-memory``; then streamed vs in memory on the
+    2-layer twin, which fits."""
+    import shutil
+    import tempfile
+
+    layers = args.layers[0] if args.layers else 8
+    big, small = forward_model(args, "glm-a", layers), forward_model(args, "glm-a", 2)
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-swap-"))
+    try:
+        text = word_text(work / "words.txt", GLM45_AIR.vocab, documents=2 * (args.swap_tokens // 120 + 1))
+        common = [str(text), "--tokens", str(args.swap_tokens), "--dir"]
+
+        def run(folder: Path, mode: str, budget: str | None) -> dict:
+            payload = [str(folder), mode, *common, str(work / f"{folder.parent.name}-{mode}")]
+            return fresh("--swap-worker", payload + (["--max-memory", budget] if budget else []))
+
+        print(
+            f"swap of the GLM-4.5-Air-shaped twin (local folder, bf16 compute), {args.swap_tokens} fit and "
+            f"{args.swap_tokens} eval tokens of random words, 128 per row\n",
+            flush=True,
+        )
+        row = run(big, "stream", args.max_memory)
+        print(f"{layers} layers ({apparent_bytes(big) / 1e9:.1f} GB apparent), streamed within {args.max_memory}")
+        print(f"  {row['memory']}; block loads {row['block_loads']}; stage seconds {row['timings']}")
+        print_memory(row)
+        print(f"  per pair (δ, r, Δloss): {[(p['delta'], p['r'], p['dloss']) for p in row['pairs']]}")
+        print(f"  Spearman ρ: {row['spearman']}\n", flush=True)
+        stream = row if layers == 2 else run(small, "stream", args.max_memory)
+        plain = run(small, "plain", None)
+        for label, r in (("streamed", stream), ("in memory", plain)):
+            print(f"2 layers, {label}: wall {r['seconds'] / 60:.1f} min, VmHWM {r['peak_rss'] / 2**30:.2f} GiB")
+        numbers = ("pairs", "layers", "loss")
+        gap, rel, where = largest_difference({k: stream[k] for k in numbers}, {k: plain[k] for k in numbers})
+        print(f"  largest difference streamed vs in memory: {gap:.3g} absolute, {rel:.3g} relative (at {where})")
+        print(f"  δ, r, Δloss streamed {[(p['delta'], p['r'], p['dloss']) for p in stream['pairs']]}")
+        print(f"  δ, r, Δloss in memory {[(p['delta'], p['r'], p['dloss']) for p in plain['pairs']]}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def merge_bench(args) -> None:
+    """A 2-trial merge into the ``--layers``-layer GLM twin streamed under ``--max-memory``, then the same on the
+    2-layer twin streamed and in memory."""
+    import shutil
+    import tempfile
+
+    layers = args.layers[0] if args.layers else 2  # ~20 streamed evaluations: ~1 h at 8 layers on 2 cores
+    big, small = forward_model(args, "glm-a", layers), forward_model(args, "glm-a", 2)
+    donor = forward_model(args, "donor", 1)
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-merge-"))
+    try:
+        texts = ",".join(
+            str(word_text(work / f"{name}.txt", MERGE_DONOR.vocab, documents=8, seed=SEED + 1 + k))
+            for k, name in enumerate(("search", "heldout", "general"))
+        )
+
+        def run(folder: Path, mode: str, budget: str | None) -> dict:
+            payload = [str(folder), str(donor), texts, mode, "--dir", str(work / f"{folder.parent.name}-{mode}")]
+            return fresh("--merge-worker", payload + (["--max-memory", budget] if budget else []))
+
+        print(
+            "2-trial merge: base the GLM-4.5-Air-shaped twin (local folder, bf16), donor Solar-Open-100B's width "
+            f"with {MERGE_DONOR.vocab} words, 1 layer of {MERGE_DONOR.experts} experts; 8 documents of 120 random "
+            "words per text\n",
+            flush=True,
+        )
+        row = run(big, "stream", args.max_memory)
+        print(f"{layers} layers ({apparent_bytes(big) / 1e9:.1f} GB apparent), streamed within {args.max_memory}")
+        print_memory(row)
+        print(f"  bits per byte: {json.dumps(row['bpb'])}")
+        print(f"  trials: {row['trials']}\n", flush=True)
+        stream = row if layers == 2 else run(small, "stream", args.max_memory)
+        plain = run(small, "plain", None)
+        for label, r in (("streamed", stream), ("in memory", plain)):
+            print(f"2 layers, {label}: wall {r['seconds'] / 60:.1f} min, VmHWM {r['peak_rss'] / 2**30:.2f} GiB")
+        numbers = ("bpb", "trials", "base_ppl")
+        gap, rel, where = largest_difference({k: stream[k] for k in numbers}, {k: plain[k] for k in numbers})
+        print(f"  largest difference of the guard's numbers: {gap:.3g} absolute, {rel:.3g} relative (at {where})")
+        print(f"  bits per byte streamed {json.dumps(stream['bpb'])}")
+        print(f"  bits per byte in memory {json.dumps(plain['bpb'])}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="stream", choices=["stream", "lineage"])
+    ap.add_argument("mode", nargs="?", default="stream", choices=["stream", "lineage", "swap", "merge"])
     ap.add_argument("--tests", default="awm,phi_u", help="lineage mode: the tests to run")
     ap.add_argument("--lineage-worker", help=argparse.SUPPRESS)
-    ap.add_argument("--max-memory", help="lineage mode: the activation tests' memory budget (e.g. 6GiB)")
+    ap.add_argument("--swap-worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--merge-worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--swap-tokens", type=int, default=480, help="swap mode: fit and eval tokens each")
+    ap.add_argument(
+        "--max-memory", help="lineage, swap, merge: the memory budget (e.g. 6GiB; swap and merge default 6GiB)"
+    )
     ap.add_argument("--text", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, default=Path(".bench-cache/scale"))
-    ap.add_argument("--layers", type=int, nargs="+", default=[1, 8], help="slices of the real depth to measure")
+    ap.add_argument(
+        "--layers", type=int, nargs="+", help="slices of the real depth to measure [stream: 1 8; swap: 8; merge: 2]"
+    )
     ap.add_argument("--full", action="store_true", help="also the full 46-layer model (+ MTP layer), streamed")
     ap.add_argument("--items", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64)
@@ -304,6 +687,19 @@ def main() -> None:
     )
     ap.add_argument("--worker", choices=["stream", "plain"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.swap_worker:
+        folder, mode, text = args.swap_worker
+        print(json.dumps(swap_worker(folder, text, mode, args.max_memory, args.tokens, args.dir)))
+        return
+    if args.merge_worker:
+        base, donor, texts, mode = args.merge_worker
+        print(json.dumps(merge_worker(base, donor, texts, mode, args.max_memory, args.dir)))
+        return
+    if args.mode in ("swap", "merge"):
+        args.max_memory = args.max_memory or "6GiB"
+        (swap_bench if args.mode == "swap" else merge_bench)(args)
+        return
+    args.layers = args.layers or [1, 8]
     if args.lineage_worker:
         print(
             json.dumps(lineage_worker(args.lineage_worker.split(","), args.tests, args.dir, args.max_memory, args.text))

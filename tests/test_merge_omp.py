@@ -55,3 +55,15 @@ def test_omp_rows_join_the_pool_of_a_real_merge(merge_pair):
     assert len(s.stage_b.idx) == len(s.stage_a.idx)
     st = s.trial({"target_emb_frac": 1.0, "min_tau_emb": -1.0})
     assert st["stage_a"]["rows"] == len(s.stage_a.idx)
+
+
+def test_omp_rows_equal_one_omp_per_row_with_float32_targets():
+    """omp_rows codes every row over the same atoms (norms and float64 targets computed once): each row must be
+    the single-vector OMP's combination of the targets, in float64."""
+    rng = np.random.default_rng(5)
+    X, Y = rng.normal(size=(60, 12)), rng.normal(size=(60, 20)).astype(np.float32)
+    V = rng.normal(size=(7, 12))
+    out = omp_rows(X, Y, V, k=5)
+    for v, row in zip(V, out, strict=True):
+        support, w = omp(X.T, v, 5)
+        np.testing.assert_allclose(row, w @ Y.astype(np.float64)[support], rtol=1e-12, atol=1e-12)

@@ -230,6 +230,34 @@ def test_baselines_change_rows_and_give_the_base_back_bit_for_bit(merge_pair):
             assert torch.equal(v, before[k]), (name, k)
 
 
+def test_mean_of_subtokens_taken_in_chunks_gives_every_row_the_float64_mean_mapped_and_blended(merge_pair):
+    """The baseline maps the vocabulary a chunk at a time (its whole float64 copies do not fit at 150k × 4096);
+    each row must still be y + ½(s (mean of the donor rows of its donor tokens − μ_X) R + μ_Y − y), computed
+    here in float64 numpy for every row, whatever the chunk size."""
+    from lmsurgeon.merge.quality import _vocab_rows, mean_of_subtokens
+
+    s = MergeSession(str(merge_pair["llama"]), str(merge_pair["gpt2"]), merge_pair["texts"][:8])
+    ids, texts = _vocab_rows(s)
+    tok = s.donor_handle.tokenizer
+    for stage, donor in ((s.stage_a, s.E_D), (s.stage_b, s.H_D)):
+        ali, original = stage.alignment, stage.weight.detach().float().numpy().copy()
+        patches = mean_of_subtokens(s, chunk=7)
+        got = stage.weight.detach().float().numpy()
+        want, checked = original.copy(), 0
+        for i, text in zip(ids, texts, strict=True):
+            donor_ids = [j for j in tok.encode(text, add_special_tokens=False).ids if j < donor.shape[0]]
+            if donor_ids:
+                v = donor[donor_ids].astype(np.float64).mean(0)
+                mapped = ali.s * (v - ali.mu_X) @ ali.R + ali.mu_Y
+                want[i] = original[i] + 0.5 * (mapped - original[i])
+                checked += 1
+        assert checked > 100
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        for patch in reversed(patches):
+            patch.restore()
+        assert np.array_equal(stage.weight.detach().float().numpy(), original)
+
+
 def test_domain_objective_keeps_general_text_within_tolerance(merge_pair, tmp_path):
     res = run_merge(
         str(merge_pair["llama"]),

@@ -67,6 +67,9 @@ def test_trans_dep_r_match_numpy_definitions():
     assert abs(dep(Aj, Ai) - ref_dep(Aj, Ai)) < 1e-10
     expected_r = ref_trans(Ai) * ref_trans(Aj) * (ref_dep(Ai, Aj) + ref_dep(Aj, Ai))
     assert abs(r_metric(Ai, Aj) - expected_r) < 1e-10
+    norms = (float(np.linalg.norm(Ai, 2)), float(np.linalg.norm(Aj, 2)))  # given by the caller: the same Dep
+    assert abs(dep(Ai, Aj, 0.0, norms) - ref_dep(Ai, Aj)) < 1e-10
+    assert abs(dep(Aj, Ai, 0.0, norms[::-1]) - ref_dep(Aj, Ai)) < 1e-10
 
 
 def test_zero_update_has_zero_trans_and_zero_r():
@@ -202,6 +205,28 @@ def test_normal_equations_with_small_ridge_match_lstsq_and_r2_from_sums_matches_
     assert np.allclose(A, np.linalg.lstsq(X, Y, rcond=None)[0], atol=1e-7)
     direct = 1 - ((X @ A - Y) ** 2).sum() / ((Y - Y.mean(0)) ** 2).sum()
     assert abs(r_squared(fit_residual(A, G, C, (Y * Y).sum()), (Y * Y).sum(), Y.sum(0), 300) - direct) < 1e-10
+
+
+def test_the_fit_keeps_no_normal_sums_once_solved():
+    """The d × d float64 sums (2 per layer: 11.5 GiB at 46 layers of width 4096) are freed after the solve;
+    the fit keeps A_i, which still solves them."""
+    import gc
+    import weakref
+
+    from lmsurgeon.swap.linear import accumulate, new_sums, solve
+
+    rng = np.random.default_rng(3)
+    h = [torch.from_numpy(rng.normal(size=(2, 9, 5))) for _ in range(4)]
+    sums = new_sums(3, 5, "cpu")
+    accumulate(sums, h, torch.ones(2, 9, dtype=torch.bool), window=2)
+    expected = [fit_A(s.G.numpy(), s.C.numpy(), 1e-6) for s in sums]
+    refs = [weakref.ref(m) for s in sums for m in (s.G, s.C)]
+    fit = solve(sums, 1e-6, 2)
+    del sums
+    gc.collect()
+    assert all(r() is None for r in refs)
+    for got, want in zip(fit.A, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_spearman_bootstrap_matches_scipy_per_resample_and_counts_degenerate():

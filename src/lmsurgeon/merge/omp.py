@@ -10,15 +10,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def omp(D: np.ndarray, v: np.ndarray, k: int = 64, tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+def omp(
+    D: np.ndarray, v: np.ndarray, k: int = 64, tol: float = 1e-10, norms: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Orthogonal matching pursuit: columns `D[:, j]` are the atoms (d × n); returns (support, weights).
 
     Each step adds the atom most correlated with the residual, then refits all weights by least squares.
+    ``norms``: the atoms' norms, when the caller codes many vectors over the same atoms.
     """
     D = np.asarray(D, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
-    norms = np.linalg.norm(D, axis=0)
-    norms[norms == 0] = 1.0
+    if norms is None:
+        norms = _atom_norms(D)
     support: list[int] = []
     r = v.copy()
     w = np.zeros(0)
@@ -37,11 +40,19 @@ def omp_rows(X: np.ndarray, Y: np.ndarray, V: np.ndarray, k: int = 64) -> np.nda
     """Candidates ẽ (m × d_B) for donor vectors V (m × d_D) over anchors X (n × d_D) → Y (n × d_B)."""
     out = np.zeros((V.shape[0], Y.shape[1]), dtype=np.float64)
     Xt = np.asarray(X, dtype=np.float64).T
+    Y64 = np.asarray(Y, dtype=np.float64)  # once, not per row: at 4,096 anchors × 4,096 wide, 128 MB a copy
+    norms = _atom_norms(Xt)
     for i, v in enumerate(V):
-        support, w = omp(Xt, v, k)
+        support, w = omp(Xt, v, k, norms=norms)
         if support.size:
-            out[i] = w @ np.asarray(Y, dtype=np.float64)[support]
+            out[i] = w @ Y64[support]
     return out
+
+
+def _atom_norms(D: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(D, axis=0)
+    norms[norms == 0] = 1.0
+    return norms
 
 
 def donor_vectors(texts: list[str], donor_tokenizer, E_D, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ TEXTS = ("search", "heldout", "general")
 BASELINE_ALPHA = 0.5  # the fixed blend rate of the linear, mean-of-subtokens and OMP baselines
 OMP_BASELINE_ROWS = 2000  # OMP baseline: at most this many non-shared rows (lowest ids ≈ most frequent)
 OMP_BASELINE_K = 8  # OMP baseline: anchors per row (a cheap baseline; --omp-k sets --init-nonshared's OMP)
+MEAN_CHUNK_ROWS = 8192  # mean-of-subtokens baseline: base tokens mapped at a time (bounds its float64 copies)
 
 
 @dataclass(frozen=True)
@@ -186,19 +187,26 @@ def linear_blend(session) -> list[RowPatch]:
     return patches
 
 
-def mean_of_subtokens(session) -> list[RowPatch]:
+def mean_of_subtokens(session, chunk: int = MEAN_CHUNK_ROWS) -> list[RowPatch]:
     """tokensurgeon's mean initialisation: each base token's donor vector is the mean donor row of the donor's
-    tokenisation of its text, mapped by the stage's Procrustes fit; every such row blended at the fixed rate."""
+    tokenisation of its text, mapped by the stage's Procrustes fit; every such row blended at the fixed rate.
+
+    Every base token is a row, so the vocabulary is taken ``chunk`` tokens at a time (one patch each): whole, its
+    float64 donor vectors and their mapped copies are several vocabulary × width matrices at once (over 18 GiB
+    at GLM-4.5-Air's 151,552 × 4,096). Each row's numbers do not depend on the chunking."""
     from lmsurgeon.merge.omp import donor_vectors
 
     ids, texts = _vocab_rows(session)
     patches = []
     for stage, donor in _stages(session):
-        V, ok = donor_vectors(texts, session.donor_handle.tokenizer, donor)
-        rows = ids[ok]
-        Y = stage.weight.detach().index_select(0, torch.from_numpy(rows)).float().numpy()
-        mapped = stage.alignment.map(V[ok]).astype(np.float32)
-        patches.append(RowPatch(stage.weight, rows, blend_rows(Y, mapped, np.full(rows.size, BASELINE_ALPHA))))
+        for a in range(0, len(texts), chunk):
+            V, ok = donor_vectors(texts[a : a + chunk], session.donor_handle.tokenizer, donor)
+            rows = ids[a : a + chunk][ok]
+            if not rows.size:
+                continue
+            Y = stage.weight.detach().index_select(0, torch.from_numpy(rows)).float().numpy()
+            mapped = stage.alignment.map(V[ok]).astype(np.float32)
+            patches.append(RowPatch(stage.weight, rows, blend_rows(Y, mapped, np.full(rows.size, BASELINE_ALPHA))))
     return patches
 
 

@@ -6,7 +6,7 @@ through in batches and is then discarded; R² on the fit split follows from the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,14 +27,16 @@ class NormalSums:
 
 @dataclass
 class LinearFit:
-    """The fitted A_i of every layer with its fit-split R²."""
+    """The fitted A_i of every layer with its fit-split R².
+
+    The normal-equation sums are not kept: two d × d float64 matrices per layer (256 MiB per layer at width
+    4096, 11.5 GiB at 46 layers) that nothing reads after the solve would stay alive through the eval pass."""
 
     A: list[np.ndarray]
     r2_fit: list[float]
     n_fit: int
     ridge: float
     window: int
-    sums: list[NormalSums] = field(default_factory=list, repr=False)
 
 
 def new_sums(n_layers: int, d: int, device) -> list[NormalSums]:
@@ -75,4 +77,4 @@ def solve(sums: list[NormalSums], ridge: float, window: int) -> LinearFit:
         A_i = fit_A(G, C, ridge)
         A.append(A_i)
         r2.append(r_squared(fit_residual(A_i, G, C, s.y_sq), s.y_sq, s.y_sum.cpu().numpy(), s.n))
-    return LinearFit(A=A, r2_fit=r2, n_fit=sums[0].n if sums else 0, ridge=ridge, window=window, sums=sums)
+    return LinearFit(A=A, r2_fit=r2, n_fit=sums[0].n if sums else 0, ridge=ridge, window=window)

@@ -58,9 +58,12 @@ def trans(A: np.ndarray) -> float:
     return float(np.linalg.norm(A, "fro") / np.sqrt(A.shape[0]))
 
 
-def dep(Ai: np.ndarray, Aj: np.ndarray, floor: float = 0.0) -> float:
-    """Dep(i, j) = ‖A_i A_j‖₂ / (‖A_i‖₂ ‖A_j‖₂) (eq. 14); 0 when either spectral norm is below floor."""
-    ni, nj = np.linalg.norm(Ai, 2), np.linalg.norm(Aj, 2)
+def dep(Ai: np.ndarray, Aj: np.ndarray, floor: float = 0.0, norms: tuple[float, float] | None = None) -> float:
+    """Dep(i, j) = ‖A_i A_j‖₂ / (‖A_i‖₂ ‖A_j‖₂) (eq. 14); 0 when either spectral norm is below floor.
+
+    ``norms``: (‖A_i‖₂, ‖A_j‖₂) when the caller has them. Each is a full SVD (minutes for a few dozen at width
+    4096), and a model's table needs every layer's norm once, not four times per pair."""
+    ni, nj = norms if norms is not None else (np.linalg.norm(Ai, 2), np.linalg.norm(Aj, 2))
     if ni <= floor or nj <= floor or ni == 0 or nj == 0:
         return 0.0
     return float(np.linalg.norm(Ai @ Aj, 2) / (ni * nj))

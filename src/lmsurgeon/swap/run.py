@@ -396,7 +396,9 @@ def assemble(fit, ev: dict, L: int, d: int, has_head: bool, bootstrap: int, seed
     ]
     pairs = []
     for i in range(L - 1):
-        d_ij, d_ji = dep(A[i], A[i + 1], floor), dep(A[i + 1], A[i], floor)
+        pair_norms = (snorm[i], snorm[i + 1])
+        d_ij = dep(A[i], A[i + 1], floor, pair_norms)
+        d_ji = dep(A[i + 1], A[i], floor, pair_norms[::-1])
         dl = ev["dloss_swap"][i] if has_head else None
         pairs.append(
             {
