@@ -202,6 +202,34 @@ def test_routed_experts_run_a_group_at_a_time_give_the_whole_models_numbers(tiny
     assert_nll_matches(streamed.nll(sequences), sequences, reference)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+def test_experts_in_groups_give_the_whole_models_numbers_with_every_experts_implementation(
+    tiny_folders, implementation
+):
+    """The sentinel slots of a group must be skipped or masked by each transformers experts implementation; with
+    uninitialised memory filled with NaN (deterministic mode), an unmasked sentinel row would show as NaN."""
+    import torch.utils.deterministic
+
+    folder = tiny_folders["glm4-moe-mtp"]
+    vocab = open_model(folder).config["vocab_size"]
+    sequences = random_sequences(vocab, (11, 20, 5), seed=8)
+    reference = reference_nll(open_model(folder).load_model(dtype=torch.float32), sequences)
+    fill, deterministic = (
+        torch.utils.deterministic.fill_uninitialized_memory,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        streamed = StreamedModel(folder, mode="stream", batch_size=2, expert_group=2)
+        streamed.model.config._experts_implementation = implementation
+        nll = streamed.nll(sequences)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    assert_nll_matches(nll, sequences, reference)
+
+
 def test_a_block_with_experts_in_groups_holds_no_routed_expert_and_reads_only_those_routed_to(tiny_folders):
     """One token goes to its top-k experts in each MoE layer: exactly k experts per layer are read, and while the
     block is loaded its fused expert parameters stay on the meta device."""

@@ -10,8 +10,9 @@ and shared expert plus one group.
 The sum is computed by the family's own experts module (transformers' ``@use_experts_implementation`` classes):
 for each group its fused parameters are set to the group's experts only, ``num_experts`` to the group's size, and
 the routing indices are renumbered into the group, with every slot routed outside the group given the index
-``num_experts`` and weight 0: the expert-parallel sentinel that every transformers experts implementation skips
-(eager) or masks (batched and grouped matmuls). The groups' outputs are added. The result equals the whole
+``num_experts`` and weight 0: the expert-parallel sentinel, which every transformers experts implementation skips
+(eager) or masks (batched and grouped matmuls) when the module is in expert-parallel mode, as it is for the
+call. The groups' outputs are added. The result equals the whole
 block's to float rounding (the per-expert terms are added group by group), tested to 1e-5 in float32. Experts
 no token is routed to are not read at all.
 
@@ -219,6 +220,10 @@ class GroupedExperts:
         for name, value in params.items():
             module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
         module.num_experts = next(iter(params.values())).shape[0]
+        # the sentinel is skipped or masked only in expert-parallel mode: the batched and grouped matmuls leave
+        # its rows uninitialised otherwise, and 0 × NaN there would reach the sum
+        parallel = getattr(module, "_is_expert_parallel", None)
+        module._is_expert_parallel = True
         args, kwargs = list(args), dict(kwargs)
         for key, at, value in (("top_k_index", self.index_at, index), ("top_k_weights", self.weight_at, weights)):
             if key in kwargs:
@@ -229,5 +234,6 @@ class GroupedExperts:
             return type(module).forward(module, *args, **kwargs)
         finally:
             module.num_experts = self.n_experts
+            module._is_expert_parallel = parallel
             for name, param in saved.items():
                 module._parameters[name] = param
