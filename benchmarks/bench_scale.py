@@ -604,6 +604,8 @@ def swap_bench(args) -> None:
         print_memory(row)
         print(f"  per pair (δ, r, Δloss): {[(p['delta'], p['r'], p['dloss']) for p in row['pairs']]}")
         print(f"  Spearman ρ: {row['spearman']}\n", flush=True)
+        if args.no_compare:
+            return
         stream, plain = streamed_vs_plain(run, row, layers, small, args.max_memory, ("pairs", "layers", "loss"))
         print(f"  δ, r, Δloss streamed {[(p['delta'], p['r'], p['dloss']) for p in stream['pairs']]}")
         print(f"  δ, r, Δloss in memory {[(p['delta'], p['r'], p['dloss']) for p in plain['pairs']]}")
@@ -654,6 +656,8 @@ def merge_bench(args) -> None:
         print_memory(row)
         print(f"  bits per byte: {json.dumps(row['bpb'])}")
         print(f"  trials: {row['trials']}\n", flush=True)
+        if args.no_compare:
+            return
         stream, plain = streamed_vs_plain(run, row, layers, small, args.max_memory, ("bpb", "trials", "base_ppl"))
         print(f"  bits per byte streamed {json.dumps(stream['bpb'])}")
         print(f"  bits per byte in memory {json.dumps(plain['bpb'])}")
@@ -668,6 +672,9 @@ def main() -> None:
     ap.add_argument("--lineage-worker", help=argparse.SUPPRESS)
     ap.add_argument("--swap-worker", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--merge-worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--no-compare", action="store_true", help="swap/merge: skip the 2-layer streamed vs in-memory comparison"
+    )
     ap.add_argument("--swap-tokens", type=int, default=480, help="swap mode: fit and eval tokens each")
     ap.add_argument(
         "--max-memory", help="lineage, swap, merge: the memory budget (e.g. 6GiB; swap and merge default 6GiB)"

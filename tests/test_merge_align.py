@@ -93,3 +93,42 @@ def test_blend_with_alpha_zero_or_identical_rows_changes_nothing():
     Y = np.random.default_rng(2).normal(size=(5, 4)).astype(np.float32)
     np.testing.assert_array_equal(blend_rows(Y, Y, np.full(5, 0.7)), Y)
     np.testing.assert_array_equal(blend_rows(Y, Y * 3, np.zeros(5)), Y)
+
+
+def test_a_stage_built_a_block_of_rows_at_a_time_keeps_one_mapped_copy_and_gives_the_direct_numbers():
+    """The pool keeps the mapped rows (float32) and one soft-clip factor per row; blocks of 3 rows give what
+    the float64 formulas give on the whole pool, for the clipped and unclipped rows and both cosines."""
+    import torch
+
+    from lmsurgeon.merge.run import _build_stage
+    from lmsurgeon.merge.vocab import SharedVocab
+
+    rng = np.random.default_rng(5)
+    W = torch.from_numpy(rng.normal(size=(40, 12)).astype(np.float32))
+    D = rng.normal(size=(30, 8))
+    D[5:25] = W.numpy()[3:23] @ rng.normal(size=(12, 8)) * 0.5 + 0.1 * D[5:25]  # donor rows of the shared tokens
+    D[[7, 10, 16]] *= 6.0  # outliers: mapped beyond the base's norms, so the clip acts on them
+    D = D.astype(np.float32)
+    shared = SharedVocab(list(range(3, 23)), list(range(5, 25)), {})
+    omp = ([30, 31, 33], rng.normal(size=(3, 8)))
+    st = _build_stage("A", W, D, shared, 0.99, omp, omp_k=4, chunk_rows=3)
+    whole = _build_stage("A", W, D, shared, 0.99, omp, omp_k=4, chunk_rows=10**6)
+    assert not hasattr(st, "E_tilde") and st.mapped.dtype == np.float32 and st.mapped.shape == (23, 12)
+    rows = np.arange(23)
+    for clip in (False, True):
+        np.testing.assert_array_equal(st.E_rows(clip, rows), whole.E_rows(clip, rows))
+        np.testing.assert_array_equal(st.cos[clip], whole.cos[clip])
+    # the float64 reference: map, clip and compare the whole pool at once
+    from lmsurgeon.merge.omp import omp_rows
+
+    X, Y = D[5:25].astype(np.float64), W.numpy()[3:23].astype(np.float64)
+    ali = fit_alignment(X, Y)
+    pool = np.concatenate([ali.map(X), omp_rows(X, Y, omp[1], 4)])
+    base = W.numpy()[st.idx.numpy()].astype(np.float64)
+    K_q = float(np.quantile(np.linalg.norm(W.numpy().astype(np.float64), axis=1), 0.99))
+    clipped = soft_clip(pool, base, K_q)
+    assert (np.linalg.norm(clipped, axis=1) < np.linalg.norm(pool, axis=1) - 1e-9).any()
+    np.testing.assert_allclose(st.E_rows(False, rows), pool, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(st.E_rows(True, rows), clipped, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(st.cos[True], centred_cosine(clipped, base, ali.mu_Y), atol=1e-5)
+    np.testing.assert_array_equal(st.Y_rows(rows), base.astype(np.float32))

@@ -65,7 +65,8 @@ def test_gate_blends_exactly_the_hard_rows_at_one_rate(domain_session):
     moved = (after != before).any(1).numpy()
     assert set(np.flatnonzero(moved)) == set(pool[hard].tolist())
     assert stats["stage_a"]["rows"] == int(hard.sum()) and stats["stage_b"]["rows"] == 0
-    Y, E = s.stage_a.Y[hard].astype(np.float64), s.stage_a.E_tilde[False][hard].astype(np.float64)
+    rows = np.flatnonzero(hard)
+    Y, E = s.stage_a.Y_rows(rows).astype(np.float64), s.stage_a.E_rows(False, rows).astype(np.float64)
     np.testing.assert_allclose(after[pool[hard]].numpy(), (1 - alpha) * Y + alpha * E, rtol=1e-5, atol=1e-6)
 
 

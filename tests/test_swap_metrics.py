@@ -3,6 +3,7 @@ float64 numpy references written independently here; and the eval pass's streame
 references computed on all tokens at once."""
 
 import numpy as np
+import pytest
 import torch
 
 from lmsurgeon.swap.engine import Batch, eval_pass, finish
@@ -11,7 +12,6 @@ from lmsurgeon.swap.metrics import (
     angle_per_row,
     angular_distance,
     block_influence,
-    commutator,
     context_mix_batch,
     cosine_per_token,
     delta_linear,
@@ -54,7 +54,7 @@ def test_delta_linear_equals_explicit_composition_of_the_linear_layers():
     X, Ai, Aj = rng.normal(size=(20, 6)), rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
     L = lambda x, A: x + x @ A  # noqa: E731  L'(x) = x + xA (eq. 15)
     per_token = np.linalg.norm(L(L(X, Ai), Aj) - L(L(X, Aj), Ai), axis=1) / np.linalg.norm(X, axis=1)
-    got = delta_linear_per_token(_t(X), commutator(_t(Ai), _t(Aj))).numpy()
+    got = delta_linear_per_token(_t(X), _t(Ai), _t(Aj)).numpy()
     assert np.allclose(got, per_token, rtol=1e-10, atol=0)
     assert abs(delta_linear(_t(X), _t(Ai), _t(Aj)) - per_token.mean()) < 1e-10
 
@@ -290,3 +290,20 @@ def test_eval_pass_streamed_bi_angular_and_delta_linear_equal_the_reference_on_a
         diff = Lp(Lp(Xhat, A[i]), A[i + 1]) - Lp(Lp(Xhat, A[i + 1]), A[i])
         ref = np.mean(np.linalg.norm(diff, axis=1) / np.linalg.norm(Xhat, axis=1))
         assert abs(ev["delta_linear"][i] - ref) < 1e-10 * ref
+
+
+def test_the_spectral_norm_of_wide_layers_and_of_their_product_matches_the_full_svd():
+    """Past EXACT_NORM_WIDTH the norm comes from ARPACK's top singular value and ‖A B‖₂ from A(Bx): the same
+    number as numpy's full SVD of the formed product, to 1e-10, including a pair with a near-tie at the top."""
+    from lmsurgeon.swap.metrics import EXACT_NORM_WIDTH, spectral_norm
+
+    d = EXACT_NORM_WIDTH + 88
+    rng = np.random.default_rng(3)
+    A, B = rng.normal(size=(d, d)) / np.sqrt(d), rng.normal(size=(d, d)) / np.sqrt(d)
+    U, _, Vt = np.linalg.svd(rng.normal(size=(d, d)))
+    tie = U @ np.diag(np.r_[2.0, 2.0 - 1e-6, np.linspace(1.0, 0.1, d - 2)]) @ Vt
+    for M, N in ((A, None), (A, B), (tie, None), (tie, A)):
+        want = np.linalg.norm(M if N is None else M @ N, 2)
+        assert spectral_norm(M, N) == pytest.approx(want, rel=1e-10)
+    exact = np.linalg.norm(A @ B, 2) / (np.linalg.norm(A, 2) * np.linalg.norm(B, 2))
+    assert dep(A, B) == pytest.approx(exact, rel=1e-10)

@@ -57,6 +57,9 @@ def test_a_model_larger_than_its_memory_limit_runs_with_few_blocks_resident(tiny
     model = StreamedSwapModel(handle, "causal-lm", torch.float32, "cpu", max_memory=weights // 2, mode="stream")
     layers = model.layers
     assert 2 <= layers.capacity < len(layers)
+    assert model.sm.resident == {"embed"}  # the head waits for the first Δloss: the fit pass never reads it
+    model.load_head()
+    assert model.sm.resident == {"embed", "final_norm", "lm_head"}
     resident = []
     for j in range(len(layers)):  # every block call records how many blocks are loaded at that moment
         model.sm.layers[j].register_forward_pre_hook(

@@ -370,3 +370,26 @@ def test_similarity_map_centres_and_maps_a_known_transform_exactly(d_X, d_Y):
     assert fit.s == pytest.approx(0.4, rel=1e-10)
     np.testing.assert_allclose(fit.map(X), Y, atol=1e-9)
     assert fit.residual < 1e-10
+
+
+@pytest.mark.parametrize("d_X,d_Y", [(16, 16), (10, 16), (16, 10)])
+def test_a_fit_taken_a_block_of_rows_at_a_time_equals_the_whole_fit(d_X, d_Y):
+    """The merge fits 50,000 × 4,096 rows in blocks: the moments summed per block give the same map, and float32
+    rows fitted in float64 give what their float64 copies give."""
+    rng = np.random.default_rng(31)
+    X = (_correlated_rows(301, d_X, seed=32) + 2.0).astype(np.float32)
+    Y = (X.astype(np.float64) @ rng.standard_normal((d_X, d_Y)) + rng.standard_normal((301, d_Y))).astype(np.float32)
+    whole = fit_similarity(X.astype(np.float64), Y.astype(np.float64), chunk_rows=10**6)
+    blocks = fit_similarity(X, Y, dtype=np.float64, chunk_rows=7)
+    assert blocks.R.dtype == np.float64 and blocks.n == 301
+    np.testing.assert_allclose(blocks.R, whole.R, atol=1e-10)
+    np.testing.assert_allclose(blocks.mu_X, whole.mu_X, atol=1e-12)
+    for field in ("s", "residual", "retained_energy"):
+        assert getattr(blocks, field) == pytest.approx(getattr(whole, field), rel=1e-10)
+    # and the whole fit is the direct one: R from the rows themselves, Umeyama's s, the residual as defined
+    X_c, Y_c = X.astype(np.float64) - whole.mu_X, Y.astype(np.float64) - whole.mu_Y
+    R = orthogonal_map(X_c, Y_c)
+    np.testing.assert_allclose(whole.R, R, atol=1e-9)
+    s = umeyama_scale(X_c, Y_c, R)
+    assert whole.s == pytest.approx(s, rel=1e-10)
+    assert whole.residual == pytest.approx(np.linalg.norm(s * X_c @ R - Y_c) / np.linalg.norm(Y_c), rel=1e-10)

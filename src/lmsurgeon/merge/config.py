@@ -13,10 +13,13 @@ import json
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any
 
+import torch
+
 from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.report.results import jsonable
 
-DTYPE_NAMES = ("bf16", "fp16", "fp32")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = tuple(DTYPES)
 
 # `study` values: ALWAYS fields enter the fingerprint in declaration order (the order studies were fingerprinted
 # in before this class existed, so they still resume); WHEN_CHANGED fields were added later and enter it only

@@ -137,7 +137,7 @@ def compare_generation(
     ``stream``/``plain`` force a path; the answers are the same (methods.md §M11)."""
     make_deterministic(seed)
     from lmsurgeon.io import open_model
-    from lmsurgeon.merge.run import DTYPES
+    from lmsurgeon.merge.config import DTYPES
     from lmsurgeon.report import Report, RunFolder, Section
 
     texts = read_prompts(prompts)

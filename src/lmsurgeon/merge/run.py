@@ -1,7 +1,8 @@
 """The in-memory merge session: fits once, then patches rows in place, evaluates and restores (methods.md §M2.5, §M8.3).
 
 Base B is loaded once as a transformers model; the donor is only read for rows of E_D (and H_D), on CPU in float32
-(after the search, `quality.donor_bpb` loads it once more, whole, to measure its own bits per byte). A trial
+(after the search, `quality.donor_bpb` loads it as a model, in `--dtype` and layer-streamed when it does not fit,
+to measure its own bits per byte). A trial
 writes its blended rows with `index_copy_`, evaluates, and puts the kept original rows back, verifying them bit
 for bit, so no trial ever reloads B. `run_merge` is the API: texts, session, search, quality, run folder.
 """
@@ -22,16 +23,16 @@ import torch
 from lmsurgeon.arch import Layout
 from lmsurgeon.errors import BadNumbers, LmsurgeonError, OutputExists
 from lmsurgeon.merge import quality
-from lmsurgeon.merge.align import Alignment, fit_alignment, norm_quantile, soft_clip
+from lmsurgeon.merge.align import Alignment, fit_alignment, norm_quantile, soft_clip_scale
 from lmsurgeon.merge.blend import alpha_schedule, blend_rows, centred_cosine
-from lmsurgeon.merge.config import MergeConfig, study_fingerprint
+from lmsurgeon.merge.config import DTYPES, MergeConfig, study_fingerprint
 from lmsurgeon.merge.monitors import Evaluation, HeadDelta, PromptEvaluator, relative_ppl, sym_kl
 from lmsurgeon.merge.quality import MergeTexts, merge_texts
 from lmsurgeon.merge.streamed import StreamedLM, load_lm
 from lmsurgeon.merge.vocab import SharedVocab, canonical_vocab, shared_vocab
 from lmsurgeon.report.progress import stage
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STAGE_CHUNK_ROWS = 8192  # pool rows mapped, clipped and compared at a time
 CLIP_QUANTILE = 0.99  # soft clip: mapped rows keep at most the base's 99th-percentile row norm
 
 CAUTIOUS = {
@@ -55,12 +56,26 @@ class StagePlan:
     weight: torch.Tensor  # the live parameter (V_B × d_B)
     idx: torch.Tensor  # base row ids of the pool, int64
     original: torch.Tensor  # kept original rows, B's dtype
-    Y: np.ndarray  # float32 original rows
-    E_tilde: dict[bool, np.ndarray]  # use_soft_clip → mapped donor rows (float32)
-    cos: dict[bool, np.ndarray]
+    mapped: np.ndarray  # the mapped donor rows ẽ_i, float32
+    clip_scale: np.ndarray  # the soft clip's factor per row (1 where it does not shrink), float64
+    cos: dict[bool, np.ndarray]  # use_soft_clip → centred cosine per pool row
     alignment: Alignment
     last_ids: list[int] = field(default_factory=list)  # base ids the last `apply` wrote
     written: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # pool rows not original
+
+    def Y_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The original base rows at pool positions ``rows`` in float32 (taken from ``original``, not kept twice)."""
+        return self.original[torch.from_numpy(np.asarray(rows, dtype=np.int64))].float().numpy()
+
+    def E_rows(self, clip: bool, rows: np.ndarray) -> np.ndarray:
+        """The mapped donor rows at pool positions ``rows``, soft-clipped when ``clip``, in float32.
+
+        Only the unclipped rows and one factor per row are kept: at 50,000 shared rows of a 4,096-wide model a
+        second float32 copy (and the float32 copy of the originals) would each be 0.8 GB per stage."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not clip:
+            return self.mapped[rows]
+        return (self.mapped[rows] * self.clip_scale[rows, None]).astype(np.float32)
 
     def apply(self, k: int, min_tau: float, alpha_floor: float, alpha_cap: float, clip: bool, gamma: float) -> dict:
         sched = alpha_schedule(self.cos[clip], k, min_tau, alpha_floor, alpha_cap, gamma)
@@ -77,7 +92,7 @@ class StagePlan:
         written with its own value, α = 0, did not)."""
         moved = rows
         if rows.size:
-            new = blend_rows(self.Y[rows], self.E_tilde[clip][rows], alpha)
+            new = blend_rows(self.Y_rows(rows), self.E_rows(clip, rows), alpha)
             new_t = torch.from_numpy(new).to(self.weight.dtype)
             if not torch.isfinite(new_t).all():
                 raise BadNumbers(f"stage {self.name}: blended rows overflow {self.weight.dtype}")
@@ -130,28 +145,45 @@ def _build_stage(
     q: float,
     omp_init: tuple[list[int], np.ndarray] | None = None,
     omp_k: int = 64,
+    chunk_rows: int = STAGE_CHUNK_ROWS,
 ) -> StagePlan:
-    """Fit on S; with `omp_init` = (base ids, donor vectors) the OMP candidates join the pool P."""
+    """Fit on S; with `omp_init` = (base ids, donor vectors) the OMP candidates join the pool P.
+
+    The fit runs in float64 a block of rows at a time (``fit_similarity``), and the pool's mapped rows, soft-clip
+    factors and cosines are computed ``chunk_rows`` rows at a time, so no float64 copy of the pool exists: at
+    50,000 shared rows of 4,096 wide each such copy is 1.6 GB."""
     idx = torch.tensor(shared.base_ids, dtype=torch.long)
     norms = _row_norms(weight)
     X = D[np.asarray(shared.donor_ids)]
     if not (np.isfinite(X).all() and np.isfinite(norms).all()):
         raise BadNumbers(f"stage {name}: non-finite values in embeddings")
     Y_S = weight.detach().index_select(0, idx).float().numpy()
-    ali = fit_alignment(X.astype(np.float64), Y_S.astype(np.float64))  # float64: donor == base maps exactly
-    mapped = ali.map(X.astype(np.float64))
+    ali = fit_alignment(X, Y_S, dtype=np.float64)  # float64: donor == base maps exactly
+    extra = None
     if omp_init is not None and omp_init[0]:
         from lmsurgeon.merge.omp import omp_rows
 
         extra_ids, V = omp_init
-        mapped = np.concatenate([mapped, omp_rows(X, Y_S, V, omp_k)])
+        extra = omp_rows(X, Y_S, V, omp_k)
         idx = torch.cat([idx, torch.tensor(extra_ids, dtype=torch.long)])
+    del Y_S
     original = weight.detach().index_select(0, idx).clone()
-    Y = original.float().numpy()
-    clipped = soft_clip(mapped, Y.astype(np.float64), norm_quantile(norms, q))
-    E = {False: mapped.astype(np.float32), True: clipped.astype(np.float32)}
-    cos = {c: centred_cosine(E[c], Y, ali.mu_Y) for c in (False, True)}
-    return StagePlan(name, weight, idx, original, Y, E, cos, ali)
+    K_q, n_shared, n = norm_quantile(norms, q), X.shape[0], int(idx.numel())
+    mapped = np.empty((n, weight.shape[1]), dtype=np.float32)
+    clip_scale = np.empty(n, dtype=np.float64)
+    cos = {False: np.empty(n), True: np.empty(n)}
+    for a in range(0, n, chunk_rows):
+        b = slice(a, min(a + chunk_rows, n))
+        parts = [ali.map(X[a : min(b.stop, n_shared)])] if a < n_shared else []
+        if b.stop > n_shared and extra is not None:
+            parts.append(extra[max(a - n_shared, 0) : b.stop - n_shared])
+        block = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        Y = original[b].float().numpy()
+        scale = soft_clip_scale(np.linalg.norm(block, axis=1), np.linalg.norm(Y.astype(np.float64), axis=1), K_q)
+        mapped[b], clip_scale[b] = block, scale
+        cos[False][b] = centred_cosine(mapped[b], Y, ali.mu_Y)
+        cos[True][b] = centred_cosine((block * scale[:, None]).astype(np.float32), Y, ali.mu_Y)
+    return StagePlan(name, weight, idx, original, mapped, clip_scale, cos, ali)
 
 
 def _finite(values: np.ndarray, tensor: str, where: str) -> np.ndarray:

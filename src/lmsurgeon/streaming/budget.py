@@ -154,3 +154,35 @@ def compute_dtype(handle, budget: int | str | None = None, device: str | torch.d
     if plan.largest_block <= plan.budget * (1 - ACTIVATION_RESERVE):
         return torch.float32
     return stored_float_dtype(handle)
+
+
+def return_freed_memory() -> None:
+    """Hand memory that the C allocator keeps after frees back to the system (glibc's ``malloc_trim``; a no-op
+    elsewhere).
+
+    Why: a streamed run frees a block's weights, its expert groups and their activations many times over, from
+    several threads (the micro-batches that meet at the experts). glibc serves tensors below its mmap threshold
+    (which grows to 32 MB after large frees) from per-thread arenas and keeps their freed pages, so the process's
+    resident size climbs with every block although the live tensors do not. Called when a streamed stage is
+    released; ``benchmarks/bench_scale.py swap`` shows the peak it saves (docs/scale.md)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once (None where the C library has none)."""
+    global _TRIM
+    if _TRIM is False:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _TRIM = libc.malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = None
+    return _TRIM
+
+
+_TRIM = False  # not looked up yet; None: not glibc

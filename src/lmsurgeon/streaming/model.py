@@ -33,7 +33,13 @@ from lmsurgeon.arch import Layout, find_module
 from lmsurgeon.errors import LmsurgeonError, MissingTensor
 from lmsurgeon.io import ModelHandle, open_model
 from lmsurgeon.streaming import skeleton
-from lmsurgeon.streaming.budget import MemoryPlan, check_streaming_mode, plan_memory, weight_bytes
+from lmsurgeon.streaming.budget import (
+    MemoryPlan,
+    check_streaming_mode,
+    plan_memory,
+    return_freed_memory,
+    weight_bytes,
+)
 from lmsurgeon.streaming.experts import PER_EXPERT, GroupedExperts, experts_modules, group_size, streams_experts
 
 #: default size of one chunk of head logits (rows × vocabulary × 4 bytes)
@@ -277,6 +283,7 @@ class StreamedModel:
                 grouped.remove()
             skeleton.empty(self.model, self._module_paths(stage))
             self._resident.discard(stage)
+        return_freed_memory()
 
     # -- mixture-of-experts blocks larger than the budget ---------------------------------------------------------
     def _per_expert_bytes(self) -> dict[int, int]:
@@ -308,18 +315,19 @@ class StreamedModel:
         installed = []
         for path, module in modules.items():
             sources = {name: deferred.pop(f"{path}.{name}") for name, _ in module.named_parameters(recurse=False)}
-            one = sum(s.expert_bytes(self.dtype) for s in sources.values())
-            size = self.expert_group or group_size(one, self.plan.budget)
+            size = self._experts_per_group(sum(s.expert_bytes(self.dtype) for s in sources.values()))
             installed.append(GroupedExperts(module, sources, self._read_experts, size))
         self._grouped[index] = installed
-        if deferred:  # fused experts of a module that is not an experts module of the kind driven above
-            from accelerate.utils import set_module_tensor_to_device  # type: ignore[import-untyped,unused-ignore]
+        # fused experts of a module that is not an experts module of the kind driven above: loaded whole after all
+        skeleton.place_stacked(self.model, deferred, self.handle, self.dtype, self.device)
 
-            for target, stacked in deferred.items():
-                value = stacked.read(self.handle, self.dtype, self.device)
-                set_module_tensor_to_device(self.model, target, self.device, value=value)
+    def _experts_per_group(self, expert_bytes: int) -> int:
+        """Experts read at once for one expert of ``expert_bytes``: the caller's ``expert_group``, or what the
+        budget allows (:func:`group_size`). The one rule for the loader and for :meth:`resident_block_bytes`."""
+        return self.expert_group or group_size(expert_bytes, self.plan.budget)
 
     def _read_experts(self, stacked, experts: list[int]) -> torch.Tensor:
+        """What :class:`GroupedExperts` calls for a group: those experts' rows, from this model's checkpoint."""
         return stacked.read(self.handle, self.dtype, self.device, experts)
 
     def resident_block_bytes(self) -> int:
@@ -332,7 +340,7 @@ class StreamedModel:
             if experts and self._experts_in_groups(index):
                 n = self._n_experts(index)
                 one = experts // max(n, 1)
-                size = size - experts + one * (self.expert_group or group_size(one, self.plan.budget))
+                size = size - experts + one * self._experts_per_group(one)
             largest = max(largest, size)
         return largest
 

@@ -145,8 +145,6 @@ def load_tensors(
     except ImportError:  # pragma: no cover - depends on the installed transformers
         raise LmsurgeonError("layer streaming needs transformers >= 5 (its checkpoint conversion loader)") from None
 
-    from accelerate.utils import set_module_tensor_to_device  # type: ignore[import-untyped]
-
     from lmsurgeon.io.model import quiet_transformers
 
     names = sorted(names, key=dot_natural_key)  # the order transformers stacks experts in
@@ -155,8 +153,7 @@ def load_tensors(
     mapping = get_model_conversion_mapping(model)
     stacked, rest = _stacked_expert_groups(model, mapping, names)
     if not defer_experts:
-        for target, experts in stacked.items():
-            set_module_tensor_to_device(model, target, device, value=experts.read(handle, dtype, device))
+        place_stacked(model, stacked, handle, dtype, device)
     if rest:
         state = {name: _DeferredTensor(handle, name, dtype) for name in rest}
         config = LoadStateDictConfig(device_map={"": device}, dtype=dtype, weight_mapping=mapping)  # type: ignore[arg-type]
@@ -173,6 +170,16 @@ def load_tensors(
                 f"transformers could not convert the tensors of {key}: {error.strip().splitlines()[-1]}", handle.name
             )
     return stacked if defer_experts else {}
+
+
+def place_stacked(
+    model: Any, stacked: dict[str, StackedExperts], handle, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Read each fused expert parameter whole (:meth:`StackedExperts.read`) and put it into ``model``."""
+    from accelerate.utils import set_module_tensor_to_device  # type: ignore[import-untyped]
+
+    for target, experts in stacked.items():
+        set_module_tensor_to_device(model, target, device, value=experts.read(handle, dtype, device))
 
 
 def _is_expert_stacking(converter) -> bool:

@@ -20,7 +20,7 @@ import torch
 from lmsurgeon.swap.capture import Capture, call_block, capture, swapped_output, token_delta
 from lmsurgeon.swap.e2e import Head, reference_logp, token_losses
 from lmsurgeon.swap.linear import LinearFit, accumulate, new_sums, pair_inputs, solve
-from lmsurgeon.swap.metrics import angle_per_row, commutator, cosine_per_token, delta_linear_per_token, r_squared
+from lmsurgeon.swap.metrics import angle_per_row, cosine_per_token, delta_linear_per_token, r_squared
 
 
 @dataclass
@@ -122,29 +122,29 @@ def eval_pass(
     L = len(layers)
     S = EvalSums(L)
     A = [torch.from_numpy(a).to(device) for a in fit.A]
-    comm = [commutator(A[i], A[i + 1]) for i in range(L - 1)]  # [d, d], eq. 16
     for b in batches:
         cap = capture(model, layers_paths, **b.inputs())
-        _layer_stats(S, cap, b, A, comm, window)
+        _layer_stats(S, cap, b, A, window)
         _pair_stats(S, layers, cap, b, head)
         if tick:
             tick()
     return S
 
 
-def _layer_stats(S: EvalSums, cap: Capture, b: Batch, A, comm, window: int) -> None:
+def _layer_stats(S: EvalSums, cap: Capture, b: Batch, A, window: int) -> None:
     sel, last, rows = b.sel, b.last, torch.arange(b.input_ids.shape[0], device=b.input_ids.device)
     S.n_tok += int(sel.sum())
     S.n_rows += int(rows.numel())
     L = S.n_layers
     for i in range(L):
         Xhat, Y = pair_inputs(cap.h[i], cap.h[i + 1], sel, window)
-        R = Xhat @ A[i] - Y
+        XA = Xhat @ A[i]
+        R = XA - Y
         S.resid[i] += float((R * R).sum())
         S.y_sq[i] += float((Y * Y).sum())
         S.y_sum[i] = S.y_sum[i] + Y.sum(0).cpu().numpy()
         if i < L - 1:
-            S.delta_lin[i] += float(delta_linear_per_token(Xhat, comm[i]).sum())
+            S.delta_lin[i] += float(delta_linear_per_token(Xhat, A[i], A[i + 1], XA).sum())  # eq. 16
         S.bi_cos[i] += float(cosine_per_token(cap.h[i][sel], cap.h[i + 1][sel]).sum())
         S.ang1[i] += float(angle_per_row(cap.h[i][rows, last], cap.h[i + 1][rows, last]).sum())
         if i < L - 1:

@@ -18,7 +18,7 @@ from lmsurgeon.report.progress import stage, task
 from lmsurgeon.swap.config import SwapConfig
 from lmsurgeon.swap.e2e import find_head
 from lmsurgeon.swap.engine import Batch, eval_pass, finish, fit_pass
-from lmsurgeon.swap.metrics import dep, r_of, trans
+from lmsurgeon.swap.metrics import dep, r_of, spectral_norm, trans
 from lmsurgeon.swap.plan import PlanEvaluator, parse_plan_drop, plan_drops, plan_reorder, predicted_bytes
 from lmsurgeon.swap.stats import spearman_ci
 
@@ -93,6 +93,8 @@ def analyze(
             fit = fit_pass(model, family.modules["layers"], fit_batches, L, d, cfg.window, cfg.ridge, cfg.device, tick)
             timings["fit_seconds"] = time.time() - t1
             t1 = time.time()
+            if streamed is not None and head is not None:
+                streamed.load_head()  # after the fit pass, which never reads it
             S = eval_pass(
                 model, layers, family.modules["layers"], eval_batches, fit, head, cfg.window, cfg.device, tick
             )
@@ -378,7 +380,7 @@ def assemble(fit, ev: dict, L: int, d: int, has_head: bool, bootstrap: int, seed
     """Per-layer and per-pair tables, Spearman correlations with CIs, and the safest-swap ranking."""
     A = fit.A
     T = [trans(a) for a in A]
-    snorm = [float(np.linalg.norm(a, 2)) for a in A]
+    snorm = [spectral_norm(a) for a in A]
     floor = 1e-12 * max(snorm) if snorm else 0.0
     layers = [
         {

@@ -6,8 +6,11 @@ the two things it uses from a model: a capture of every layer's input for a batc
 blocks. ``layers[j]`` loads block j when it is not resident and frees the least recently used block beyond
 ``capacity`` (at least two: δ applies block i to block i+1's output, and a swapped plan calls i+1 then i). The
 engine and the plan evaluator run a batch layer-major (every stream that needs block j advances while j is
-loaded), so a pass reads each block about once per batch. The final norm and the head stay loaded for the whole
-run: every Δloss and every plan score ends in them, and every capture starts with the embedding.
+loaded), so a pass reads each block about once per batch. The embedding stays loaded for the whole run (every
+capture starts with it); the final norm and the head are loaded once the fit pass, which never reads them, is
+done (:meth:`StreamedSwapModel.load_head`), and then stay: every Δloss and every plan score ends in them. At
+GLM-4.5-Air's vocabulary the head is 1.2 GB, and the fit pass is where the normal-equation sums (2 d × d float64
+per layer) are held.
 
 A block is called with the arguments the model's own forward passes it (recorded by ``StreamedModel.embed``:
 masks, rotary cos/sin, position ids), on the same hidden states as the plain path, so the streamed numbers are the
@@ -87,8 +90,13 @@ class StreamedSwapModel:
             spare = self.sm.plan.budget - self.sm.outside_bytes() - block  # one block's worth for activations
             capacity = max(2, int(spare // max(block, 1)))
         self.layers = BlockCache(self.sm, min(capacity, max(2, self.sm.n_layers)))
-        # the embedding (read by every capture) and the head (every Δloss and plan score) stay loaded
-        self.sm.load(["embed", "final_norm", "lm_head"] if kind == "causal-lm" else ["embed"])
+        self.kind = kind
+        self.sm.load(["embed"])  # read by every capture
+
+    def load_head(self) -> None:
+        """Load the final norm and the LM head (a causal LM's): before the first Δloss or plan score."""
+        if self.kind == "causal-lm":
+            self.sm.load(["final_norm", "lm_head"])
 
     def describe(self) -> str:
         return self.sm.plan.describe()
