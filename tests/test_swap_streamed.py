@@ -69,3 +69,27 @@ def test_a_model_larger_than_its_memory_limit_runs_with_few_blocks_resident(tiny
     cap = model.capture(**Batch(ids, torch.ones_like(ids)).inputs())
     assert len(cap.h) == len(layers) + 1
     assert resident and max(resident) <= layers.capacity
+
+
+def test_the_streamed_fit_pass_reads_each_block_once_for_all_batches_and_fits_the_same_maps(tiny_llama):
+    """The fit pass of a streamed model runs layer-major (every batch through block i, then layer i's sums
+    solved and freed): the A_i equal the batch-by-batch fit of the model in memory, with one load per block."""
+    from lmsurgeon.arch import Layout
+    from lmsurgeon.swap.engine import fit_pass
+
+    handle = open_model(tiny_llama)
+    layout = Layout(handle)
+    paths, d = layout.family.modules["layers"], layout.hidden_size
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(3, 250, (2, 16), generator=g) for _ in range(4)]
+    batches = [Batch(x, torch.ones_like(x)) for x in ids]
+    plain = handle.load_model("causal-lm", dtype=torch.float32, device="cpu")
+    want = fit_pass(plain, paths, batches, 4, d, 4, 1e-3, "cpu")
+    weights = sum(weight_bytes(handle, torch.float32).values())
+    model = StreamedSwapModel(handle, "causal-lm", torch.float32, "cpu", max_memory=weights // 2, mode="stream")
+    got = fit_pass(model, paths, batches, 4, d, 4, 1e-3, "cpu")
+    assert model.layers.loads == 4  # batch by batch it would be 4 batches × 4 blocks
+    assert got.n_fit == want.n_fit > 0
+    for a, b in zip(got.A, want.A, strict=True):
+        torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), rtol=1e-9, atol=1e-9)
+    assert got.r2_fit == pytest.approx(want.r2_fit, rel=1e-9)

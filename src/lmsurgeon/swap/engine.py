@@ -105,7 +105,31 @@ class EvalSums:
 def fit_pass(
     model, layers_paths, batches, n_layers: int, d: int, window: int, ridge: float, device, tick=None
 ) -> LinearFit:
-    """A_i for every layer from the fit split (one captured forward per batch, no block replays)."""
+    """A_i for every layer from the fit split.
+
+    A model that streams its blocks (one with ``layer_pairs``: :class:`lmsurgeon.swap.streamed.StreamedSwapModel`)
+    runs the split layer-major: every batch through block i, then layer i's sums are solved and freed. One
+    layer's normal-equation sums (2 d × d float64: 256 MiB at width 4,096) are alive instead of all L layers'
+    (11.5 GiB at 46), and each block is read once per pass instead of once per batch. Any other model: one
+    captured forward per batch, every layer's sums kept. The sums add the same batches in the same order either
+    way, so the A_i are the same."""
+    if hasattr(model, "layer_pairs"):
+        solved = []
+        for _, pairs in model.layer_pairs([b.inputs() for b in batches]):
+            one = new_sums(1, d, device)
+            for (h_i, h_next), b in zip(pairs, batches, strict=True):
+                accumulate(one, [h_i, h_next], b.sel, window)
+            solved.append(solve(one, ridge, window))
+            del one, pairs
+        for _ in batches if tick else ():
+            tick()
+        return LinearFit(
+            A=[f.A[0] for f in solved],
+            r2_fit=[f.r2_fit[0] for f in solved],
+            n_fit=solved[0].n_fit if solved else 0,
+            ridge=ridge,
+            window=window,
+        )
     sums = new_sums(n_layers, d, device)
     for b in batches:
         cap = capture(model, layers_paths, **b.inputs())

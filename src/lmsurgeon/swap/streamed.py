@@ -20,12 +20,13 @@ plain ones (tested to equality).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from lmsurgeon.errors import LmsurgeonError
-from lmsurgeon.streaming import StreamedModel
+from lmsurgeon.streaming import Residual, StreamedModel
 from lmsurgeon.swap.capture import Capture
 
 
@@ -116,6 +117,20 @@ class StreamedSwapModel:
             with torch.inference_mode():
                 cap.h.append(call(self.layers[j], cap.h[-1]))
         return cap
+
+    def layer_pairs(self, inputs: list[dict]) -> Iterator[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """For j = 0…L−1: (j, [(h_j, h_{j+1}) of each batch]), every batch through block j before block j+1.
+
+        What the fit pass reads (``engine.fit_pass``): each block is loaded once for all batches (and a block
+        whose experts run in groups reads each group once for all of them), and only two depths of the residual
+        stream are alive. The block calls are those of :meth:`capture`, so the states are the same."""
+        batches = [b for x in inputs for b in self.sm.embed(x["input_ids"], x["attention_mask"]).batches]
+        residual = Residual(batches, depth=0)
+        for j in range(len(self.layers)):
+            with torch.inference_mode():
+                after = self.sm.apply_block(j, self.layers[j], residual)
+            yield j, list(zip(residual.hidden(), after.hidden(), strict=True))
+            residual = after
 
     def resident_bytes(self) -> int:
         return self.sm.resident_bytes()
