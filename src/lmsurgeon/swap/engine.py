@@ -19,7 +19,7 @@ import torch
 
 from lmsurgeon.swap.capture import Capture, call_block, capture, swapped_output, token_delta
 from lmsurgeon.swap.e2e import Head, reference_logp, token_losses
-from lmsurgeon.swap.linear import LinearFit, accumulate, new_sums, pair_inputs, solve
+from lmsurgeon.swap.linear import DiskArrays, LinearFit, accumulate, new_sums, pair_inputs, solve
 from lmsurgeon.swap.metrics import angle_per_row, cosine_per_token, delta_linear_per_token, r_squared
 
 
@@ -114,17 +114,19 @@ def fit_pass(
     captured forward per batch, every layer's sums kept. The sums add the same batches in the same order either
     way, so the A_i are the same."""
     if hasattr(model, "layer_pairs"):
-        solved = []
+        solved, A = [], DiskArrays()  # the A_i wait on disk: the eval pass reads them a pair at a time
         for _, pairs in model.layer_pairs([b.inputs() for b in batches]):
             one = new_sums(1, d, device)
             for (h_i, h_next), b in zip(pairs, batches, strict=True):
                 accumulate(one, [h_i, h_next], b.sel, window)
             solved.append(solve(one, ridge, window))
+            A.append(solved[-1].A[0])
+            solved[-1].A = []
             del one, pairs
         for _ in batches if tick else ():
             tick()
         return LinearFit(
-            A=[f.A[0] for f in solved],
+            A=A,
             r2_fit=[f.r2_fit[0] for f in solved],
             n_fit=solved[0].n_fit if solved else 0,
             ridge=ridge,
@@ -145,30 +147,32 @@ def eval_pass(
     """All eval-split statistics, batch by batch."""
     L = len(layers)
     S = EvalSums(L)
-    A = [torch.from_numpy(a).to(device) for a in fit.A]
     for b in batches:
         cap = capture(model, layers_paths, **b.inputs())
-        _layer_stats(S, cap, b, A, window)
+        _layer_stats(S, cap, b, fit.A, window, device)
         _pair_stats(S, layers, cap, b, head)
         if tick:
             tick()
     return S
 
 
-def _layer_stats(S: EvalSums, cap: Capture, b: Batch, A, window: int) -> None:
+def _layer_stats(S: EvalSums, cap: Capture, b: Batch, maps, window: int, device) -> None:
+    """Per-layer sums of one batch; the A_i (``maps``, possibly on disk) are taken a pair at a time."""
     sel, last, rows = b.sel, b.last, torch.arange(b.input_ids.shape[0], device=b.input_ids.device)
     S.n_tok += int(sel.sum())
     S.n_rows += int(rows.numel())
     L = S.n_layers
+    A_next = torch.from_numpy(maps[0]).to(device)
     for i in range(L):
+        A_i, A_next = A_next, torch.from_numpy(maps[i + 1]).to(device) if i < L - 1 else None
         Xhat, Y = pair_inputs(cap.h[i], cap.h[i + 1], sel, window)
-        XA = Xhat @ A[i]
+        XA = Xhat @ A_i
         R = XA - Y
         S.resid[i] += float((R * R).sum())
         S.y_sq[i] += float((Y * Y).sum())
         S.y_sum[i] = S.y_sum[i] + Y.sum(0).cpu().numpy()
         if i < L - 1:
-            S.delta_lin[i] += float(delta_linear_per_token(Xhat, A[i], A[i + 1], XA).sum())  # eq. 16
+            S.delta_lin[i] += float(delta_linear_per_token(Xhat, A_i, A_next, XA).sum())  # eq. 16
         S.bi_cos[i] += float(cosine_per_token(cap.h[i][sel], cap.h[i + 1][sel]).sum())
         S.ang1[i] += float(angle_per_row(cap.h[i][rows, last], cap.h[i + 1][rows, last]).sum())
         if i < L - 1:
