@@ -230,6 +230,29 @@ def test_baselines_change_rows_and_give_the_base_back_bit_for_bit(merge_pair):
             assert torch.equal(v, before[k]), (name, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_patch_larger_than_its_limit_keeps_the_original_rows_on_disk_and_puts_them_back_bit_for_bit(dtype):
+    from lmsurgeon.merge.quality import RowPatch
+    from lmsurgeon.streaming.spill import DiskTensors
+
+    weight = torch.nn.Parameter(torch.randn(50, 12, generator=torch.Generator().manual_seed(4)).to(dtype))
+    before = weight.detach().clone()
+    ids = np.arange(3, 40, 2)
+    rows = np.random.default_rng(5).normal(size=(ids.size, 12)).astype(np.float32)
+    patch = RowPatch(weight, ids, rows, spill_bytes=0)
+    assert isinstance(patch._kept, DiskTensors)  # not held in memory
+    folder = patch._kept.folder
+    assert torch.equal(weight.detach()[ids], torch.from_numpy(rows).to(dtype))
+    patch.restore()
+    assert torch.equal(weight.detach(), before)
+    del patch
+    assert not folder.exists()
+    small = RowPatch(weight, ids, rows)  # under the limit: kept in memory
+    assert isinstance(small._kept, torch.Tensor)
+    small.restore()
+    assert torch.equal(weight.detach(), before)
+
+
 def test_mean_of_subtokens_taken_in_chunks_gives_every_row_the_float64_mean_mapped_and_blended(merge_pair):
     """The baseline maps the vocabulary a chunk at a time (its whole float64 copies do not fit at 150k × 4096);
     each row must still be y + ½(s (mean of the donor rows of its donor tokens − μ_X) R + μ_Y − y), computed

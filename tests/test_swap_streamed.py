@@ -2,7 +2,6 @@
 larger than its memory limit still runs with only a few blocks resident."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -76,8 +75,8 @@ def test_the_streamed_fit_pass_reads_each_block_once_for_all_batches_and_fits_th
     """The fit pass of a streamed model runs layer-major (every batch through block i, then layer i's sums
     solved and freed): the A_i equal the batch-by-batch fit of the model in memory, with one load per block."""
     from lmsurgeon.arch import Layout
+    from lmsurgeon.streaming.spill import DiskTensors
     from lmsurgeon.swap.engine import fit_pass
-    from lmsurgeon.swap.linear import DiskArrays
 
     handle = open_model(tiny_llama)
     layout = Layout(handle)
@@ -92,9 +91,9 @@ def test_the_streamed_fit_pass_reads_each_block_once_for_all_batches_and_fits_th
     got = fit_pass(model, paths, batches, 4, d, 4, 1e-3, "cpu")
     assert model.layers.loads == 4  # batch by batch it would be 4 batches × 4 blocks
     assert got.n_fit == want.n_fit > 0
-    assert isinstance(got.A, DiskArrays) and len(got.A) == 4  # read back a layer at a time, not held
-    folder = Path(got.A._dir.name)
-    assert sorted(p.name for p in folder.iterdir()) == ["0.npy", "1.npy", "2.npy", "3.npy"]
+    assert isinstance(got.A, DiskTensors) and len(got.A) == 4  # read back a layer at a time, not held
+    folder = got.A.folder
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i}.safetensors" for i in range(4)]
     for a, b in zip(got.A, want.A, strict=True):
         torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), rtol=1e-9, atol=1e-9)
     assert got.r2_fit == pytest.approx(want.r2_fit, rel=1e-9)

@@ -17,12 +17,14 @@ from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.merge.blend import blend_rows
 from lmsurgeon.merge.config import DTYPES, MergeConfig
 from lmsurgeon.merge.monitors import TOKEN_CLASSES, Evaluation, PromptEvaluator, relative_ppl, token_class
+from lmsurgeon.streaming.spill import DiskTensors
 
 TEXTS = ("search", "heldout", "general")
 BASELINE_ALPHA = 0.5  # the fixed blend rate of the linear, mean-of-subtokens and OMP baselines
 OMP_BASELINE_ROWS = 2000  # OMP baseline: at most this many non-shared rows (lowest ids ≈ most frequent)
 OMP_BASELINE_K = 8  # OMP baseline: anchors per row (a cheap baseline; --omp-k sets --init-nonshared's OMP)
 MEAN_CHUNK_ROWS = 8192  # mean-of-subtokens baseline: base tokens mapped at a time (bounds its float64 copies)
+SPILL_BYTES = 32 << 20  # a baseline's original rows larger than this wait on disk until they are put back
 
 
 @dataclass(frozen=True)
@@ -139,20 +141,36 @@ def donor_bpb(session, texts: MergeTexts) -> dict:
 
 
 class RowPatch:
-    """Rows of one weight matrix overwritten for a measurement and put back bit for bit afterwards."""
+    """Rows of one weight matrix overwritten for a measurement and put back bit for bit afterwards.
 
-    def __init__(self, weight: torch.Tensor, ids: np.ndarray, rows: np.ndarray):
+    Original rows of more than ``spill_bytes`` wait on disk (``streaming.spill.DiskTensors``) until they are put
+    back: the mean-of-subtokens baseline rewrites every row of the embedding and the head, and two copies of
+    those (2 × 1.2 GB at GLM-4.5-Air's vocabulary in bf16) would sit beside the live ones through the baseline's
+    three evaluations."""
+
+    def __init__(self, weight: torch.Tensor, ids: np.ndarray, rows: np.ndarray, spill_bytes: int = SPILL_BYTES):
         self.weight = weight
         self.ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        self.original = weight.detach().index_select(0, self.ids).clone()
+        original = weight.detach().index_select(0, self.ids).clone()
+        self._kept: torch.Tensor | DiskTensors = original
+        if original.numel() * original.element_size() > spill_bytes:
+            self._kept = DiskTensors()
+            self._kept.append(original)
+        del original
         new = torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(weight.dtype)
         with torch.no_grad():
             weight.index_copy_(0, self.ids, new)
 
+    @property
+    def original(self) -> torch.Tensor:
+        """The rows as they were before the patch."""
+        return self._kept if isinstance(self._kept, torch.Tensor) else self._kept[0].to(self.weight.device)
+
     def restore(self) -> None:
+        original = self.original
         with torch.no_grad():
-            self.weight.index_copy_(0, self.ids, self.original)
-        if not torch.equal(self.weight.index_select(0, self.ids), self.original):
+            self.weight.index_copy_(0, self.ids, original)
+        if not torch.equal(self.weight.index_select(0, self.ids), original):
             raise LmsurgeonError("a baseline's rows did not come back bit for bit")
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lmsurgeon.streaming.spill import DiskTensors
 from lmsurgeon.swap.capture import Capture, call_block, capture, swapped_output, token_delta
 from lmsurgeon.swap.e2e import Head, reference_logp, token_losses
-from lmsurgeon.swap.linear import DiskArrays, LinearFit, accumulate, new_sums, pair_inputs, solve
+from lmsurgeon.swap.linear import LinearFit, accumulate, new_sums, pair_inputs, solve
 from lmsurgeon.swap.metrics import angle_per_row, cosine_per_token, delta_linear_per_token, r_squared
 
 
@@ -114,7 +115,7 @@ def fit_pass(
     captured forward per batch, every layer's sums kept. The sums add the same batches in the same order either
     way, so the A_i are the same."""
     if hasattr(model, "layer_pairs"):
-        solved, A = [], DiskArrays()  # the A_i wait on disk: the eval pass reads them a pair at a time
+        solved, A = [], DiskTensors()  # the A_i wait on disk: the eval pass reads them a pair at a time
         for _, pairs in model.layer_pairs([b.inputs() for b in batches]):
             one = new_sums(1, d, device)
             for (h_i, h_next), b in zip(pairs, batches, strict=True):

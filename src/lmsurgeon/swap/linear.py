@@ -6,10 +6,8 @@ through in batches and is then discarded; R² on the fit split follows from the 
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,38 +26,13 @@ class NormalSums:
     n: int = 0
 
 
-class DiskArrays(Sequence[np.ndarray]):
-    """Arrays kept in ``.npy`` files of a temporary folder (removed with the object) and read back on access.
-
-    Why: a streamed swap's A_i are d × d float64 per layer (128 MiB at width 4,096: 1 GiB at 8 layers, 5.75 GiB
-    at 46), and the eval pass and the tables read them a layer or a pair at a time, so holding them all would
-    spend the memory budget the blocks need."""
-
-    def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="lmsurgeon-A-")
-        self._paths: list[Path] = []
-
-    def append(self, array: np.ndarray) -> None:
-        path = Path(self._dir.name) / f"{len(self._paths)}.npy"
-        np.save(path, array, allow_pickle=False)
-        self._paths.append(path)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return np.load(self._paths[i], allow_pickle=False)
-
-
 @dataclass
 class LinearFit:
     """The fitted A_i of every layer with its fit-split R².
 
     The normal-equation sums are not kept: two d × d float64 matrices per layer (256 MiB per layer at width
     4096, 11.5 GiB at 46 layers) that nothing reads after the solve would stay alive through the eval pass.
-    ``A`` is a list, or for a streamed model :class:`DiskArrays`, read a layer at a time."""
+    ``A`` is a list, or for a streamed model ``streaming.spill.DiskTensors``, read a layer at a time."""
 
     A: Sequence[np.ndarray]
     r2_fit: list[float]
