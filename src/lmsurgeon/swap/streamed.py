@@ -27,6 +27,7 @@ import torch
 
 from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.streaming import Residual, StreamedModel
+from lmsurgeon.streaming.budget import ACTIVATION_RESERVE
 from lmsurgeon.swap.capture import Capture
 
 
@@ -67,7 +68,7 @@ class StreamedSwapModel:
 
     ``mode``: ``auto`` streams only when the weights exceed ``max_memory`` (default: memory available now),
     ``stream`` and ``plain`` force a path; both paths run the same code. ``capacity``: blocks kept resident
-    (default: as many as fit in the budget left after the embedding and head, at least 2).
+    (default: as many as fit in the budget left after the embedding, head and ``ACTIVATION_RESERVE``, at least 2).
     """
 
     def __init__(
@@ -86,9 +87,12 @@ class StreamedSwapModel:
         self.streaming = self.sm.streaming
         self.model: Any = self.sm.model  # the skeleton: config, final norm and head modules for find_head
         self.config = self.model.config
-        if capacity is None:  # the budget left after the embedding and head, in blocks as they run
+        if capacity is None:  # the budget left after the embedding, head and the reserve, in blocks as they run
             block = self.sm.resident_block_bytes()
-            spare = self.sm.plan.budget - self.sm.outside_bytes() - block  # one block's worth for activations
+            # the reserve holds what is not weights: activations, logit chunks, the swap's d × d maps, allocator
+            # slack; one more block's worth too (a block's transient copies while it loads and runs)
+            reserve = ACTIVATION_RESERVE * self.sm.plan.budget
+            spare = self.sm.plan.budget - self.sm.outside_bytes() - block - reserve
             capacity = max(2, int(spare // max(block, 1)))
         self.layers = BlockCache(self.sm, min(capacity, max(2, self.sm.n_layers)))
         self.kind = kind
