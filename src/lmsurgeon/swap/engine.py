@@ -148,9 +148,11 @@ def eval_pass(
     """All eval-split statistics, batch by batch."""
     L = len(layers)
     S = EvalSums(L)
+    # held A_i go to the device once; A_i on disk (a streamed model's) are read a pair at a time per batch
+    maps = fit.A if isinstance(fit.A, DiskTensors) else [torch.from_numpy(a).to(device) for a in fit.A]
     for b in batches:
         cap = capture(model, layers_paths, **b.inputs())
-        _layer_stats(S, cap, b, fit.A, window, device)
+        _layer_stats(S, cap, b, maps, window, device)
         _pair_stats(S, layers, cap, b, head)
         if tick:
             tick()
@@ -163,9 +165,9 @@ def _layer_stats(S: EvalSums, cap: Capture, b: Batch, maps, window: int, device)
     S.n_tok += int(sel.sum())
     S.n_rows += int(rows.numel())
     L = S.n_layers
-    A_next = torch.from_numpy(maps[0]).to(device)
+    A_next = torch.as_tensor(maps[0], device=device)
     for i in range(L):
-        A_i, A_next = A_next, torch.from_numpy(maps[i + 1]).to(device) if i < L - 1 else None
+        A_i, A_next = A_next, torch.as_tensor(maps[i + 1], device=device) if i < L - 1 else None
         Xhat, Y = pair_inputs(cap.h[i], cap.h[i + 1], sel, window)
         XA = Xhat @ A_i
         R = XA - Y
