@@ -378,9 +378,11 @@ def _progress(enabled: bool, total: int, label: str = "swap: fit and eval batche
 
 def assemble(fit, ev: dict, L: int, d: int, has_head: bool, bootstrap: int, seed: int) -> dict:
     """Per-layer and per-pair tables, Spearman correlations with CIs, and the safest-swap ranking."""
-    A = fit.A
-    T = [trans(a) for a in A]
-    snorm = [spectral_norm(a) for a in A]
+    A = fit.A  # a streamed fit's A_i are on disk: each is read once here and once per pair below
+    T, snorm = [], []
+    for a in A:
+        T.append(trans(a))
+        snorm.append(spectral_norm(a))
     floor = 1e-12 * max(snorm) if snorm else 0.0
     layers = [
         {
@@ -397,10 +399,12 @@ def assemble(fit, ev: dict, L: int, d: int, has_head: bool, bootstrap: int, seed
         for i in range(L)
     ]
     pairs = []
+    A_next = A[0] if L > 1 else None
     for i in range(L - 1):
+        A_i, A_next = A_next, A[i + 1]
         pair_norms = (snorm[i], snorm[i + 1])
-        d_ij = dep(A[i], A[i + 1], floor, pair_norms)
-        d_ji = dep(A[i + 1], A[i], floor, pair_norms[::-1])
+        d_ij = dep(A_i, A_next, floor, pair_norms)
+        d_ji = dep(A_next, A_i, floor, pair_norms[::-1])
         dl = ev["dloss_swap"][i] if has_head else None
         pairs.append(
             {
