@@ -604,25 +604,33 @@ def swap_bench(args) -> None:
         print_memory(row)
         print(f"  per pair (δ, r, Δloss): {[(p['delta'], p['r'], p['dloss']) for p in row['pairs']]}")
         print(f"  Spearman ρ: {row['spearman']}\n", flush=True)
-        if args.no_compare:
-            return
-        stream, plain = streamed_vs_plain(run, row, layers, small, args.max_memory, ("pairs", "layers", "loss"))
-        print(f"  δ, r, Δloss streamed {[(p['delta'], p['r'], p['dloss']) for p in stream['pairs']]}")
-        print(f"  δ, r, Δloss in memory {[(p['delta'], p['r'], p['dloss']) for p in plain['pairs']]}")
+        if not args.no_compare:
+            streamed_vs_plain(
+                run,
+                row,
+                layers,
+                small,
+                args.max_memory,
+                ("pairs", "layers", "loss"),
+                lambda r: f"δ, r, Δloss {[(p['delta'], p['r'], p['dloss']) for p in r['pairs']]}",
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def streamed_vs_plain(run, row: dict, layers: int, small: Path, max_memory: str, numbers: tuple[str, ...]):
+def streamed_vs_plain(
+    run, row: dict, layers: int, small: Path, max_memory: str, numbers: tuple[str, ...], show
+) -> None:
     """The 2-layer twin streamed (``row`` itself when the main run was that twin) and in memory; prints their
-    time and VmHWM and the largest difference of ``numbers`` between them."""
+    time and VmHWM, the largest difference of ``numbers`` between them, and ``show(run)`` of each."""
     stream = row if layers == 2 else run(small, "stream", max_memory)
     plain = run(small, "plain", None)
     for label, r in (("streamed", stream), ("in memory", plain)):
         print(f"2 layers, {label}: wall {r['seconds'] / 60:.1f} min, VmHWM {r['peak_rss'] / 2**30:.2f} GiB")
     gap, rel, where = largest_difference({k: stream[k] for k in numbers}, {k: plain[k] for k in numbers})
     print(f"  largest difference streamed vs in memory: {gap:.3g} absolute, {rel:.3g} relative (at {where})")
-    return stream, plain
+    print(f"  {show(stream)} streamed")
+    print(f"  {show(plain)} in memory")
 
 
 def merge_bench(args) -> None:
@@ -656,11 +664,16 @@ def merge_bench(args) -> None:
         print_memory(row)
         print(f"  bits per byte: {json.dumps(row['bpb'])}")
         print(f"  trials: {row['trials']}\n", flush=True)
-        if args.no_compare:
-            return
-        stream, plain = streamed_vs_plain(run, row, layers, small, args.max_memory, ("bpb", "trials", "base_ppl"))
-        print(f"  bits per byte streamed {json.dumps(stream['bpb'])}")
-        print(f"  bits per byte in memory {json.dumps(plain['bpb'])}")
+        if not args.no_compare:
+            streamed_vs_plain(
+                run,
+                row,
+                layers,
+                small,
+                args.max_memory,
+                ("bpb", "trials", "base_ppl"),
+                lambda r: f"bits per byte {json.dumps(r['bpb'])}",
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
