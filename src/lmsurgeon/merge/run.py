@@ -73,9 +73,7 @@ class StagePlan:
         Only the unclipped rows and one factor per row are kept: at 50,000 shared rows of a 4,096-wide model a
         second float32 copy (and the float32 copy of the originals) would each be 0.8 GB per stage."""
         rows = np.asarray(rows, dtype=np.int64)
-        if not clip:
-            return self.mapped[rows]
-        return (self.mapped[rows] * self.clip_scale[rows, None]).astype(np.float32)
+        return _clipped(self.mapped[rows], self.clip_scale[rows]) if clip else self.mapped[rows]
 
     def apply(self, k: int, min_tau: float, alpha_floor: float, alpha_cap: float, clip: bool, gamma: float) -> dict:
         sched = alpha_schedule(self.cos[clip], k, min_tau, alpha_floor, alpha_cap, gamma)
@@ -181,9 +179,15 @@ def _build_stage(
         Y = original[b].float().numpy()
         scale = soft_clip_scale(np.linalg.norm(block, axis=1), np.linalg.norm(Y.astype(np.float64), axis=1), K_q)
         mapped[b], clip_scale[b] = block, scale
-        cos[False][b] = centred_cosine(mapped[b], Y, ali.mu_Y)
-        cos[True][b] = centred_cosine((block * scale[:, None]).astype(np.float32), Y, ali.mu_Y)
+        cos[False][b] = centred_cosine(mapped[b], Y, ali.mu_Y)  # the gate's cosines are those of the rows written
+        cos[True][b] = centred_cosine(_clipped(mapped[b], scale), Y, ali.mu_Y)
     return StagePlan(name, weight, idx, original, mapped, clip_scale, cos, ali)
+
+
+def _clipped(mapped: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Soft-clipped rows in float32 from the kept float32 mapped rows and their clip factors: what
+    :meth:`StagePlan.E_rows` writes and what the gate's cosines are computed on."""
+    return (mapped * scale[:, None]).astype(np.float32)
 
 
 def _finite(values: np.ndarray, tensor: str, where: str) -> np.ndarray:
