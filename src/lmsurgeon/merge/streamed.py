@@ -96,29 +96,23 @@ class StreamedLM:
         return self.head_logits(h[0, -1:]).float()[0]
 
     def save_pretrained(self, path: str | Path, rows: dict[str, torch.Tensor]) -> None:
-        """Write the base's checkpoint with the named tensors replaced (the merged embedding and head), shard by
-        shard as the base is sharded: at most one shard in memory."""
+        """Write the base's checkpoint with the named tensors replaced (the merged embedding and head), one output
+        shard in memory at a time (:func:`lmsurgeon.io.write.write_shards`): the base's own shards are about 5 GB
+        each for a 100B-class model, more than the budget leaves beside the resident embedding and head."""
         import json
 
-        from safetensors.torch import save_file
+        from lmsurgeon.io.write import from_handle, from_memory, write_shards
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        shards: dict[str, list[str]] = {}
-        for name, fname in self.handle.weight_map.items():
-            shards.setdefault(fname, []).append(name)
-        for fname, names in sorted(shards.items()):
-            tensors = {}
-            for name in names:
-                if name in rows:
-                    tensors[name] = rows[name].detach().to("cpu").contiguous()
-                else:
-                    tensors[name] = _read_tensor(self.handle, name)
-            save_file(tensors, str(path / fname), metadata={"format": "pt"})
+        write_shards(
+            path,
+            [
+                from_memory(name, rows[name]) if name in rows else from_handle(self.handle, name)
+                for name in self.handle.names()
+            ],
+        )
         (path / "config.json").write_text(json.dumps(self.handle.config, indent=2) + "\n", encoding="utf-8")
-        if len(shards) > 1:
-            index = {"metadata": {}, "weight_map": dict(sorted(self.handle.weight_map.items()))}
-            (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def parameter_names(self) -> dict[str, Any]:
         """Checkpoint name of the embedding and (untied) head weights: what a merge rewrites."""
@@ -129,16 +123,3 @@ class StreamedLM:
         if layout.has("lm_head") and not layout.tied:
             names["lm_head"] = layout.name("lm_head")
         return names
-
-
-_STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _read_tensor(handle, name: str) -> torch.Tensor:
-    """One checkpoint tensor in its stored dtype (floats pass through float32, which holds them exactly)."""
-    import numpy as np
-
-    info = handle.info(name)
-    if info.dtype in _STORED:
-        return torch.from_numpy(handle.tensor(name, dtype=np.float32)).to(_STORED[info.dtype])
-    return torch.from_numpy(np.ascontiguousarray(handle.tensor(name, dtype=None)))

@@ -36,6 +36,7 @@ from lmsurgeon.streaming import skeleton
 from lmsurgeon.streaming.budget import (
     MemoryPlan,
     check_streaming_mode,
+    map_large_allocations,
     plan_memory,
     return_freed_memory,
     weight_bytes,
@@ -179,7 +180,9 @@ class StreamedModel:
         self._expert_bytes = self._per_expert_bytes()
         self.expert_group = expert_group
         self._grouped: dict[int, list[GroupedExperts]] = {}
-        if not self.streaming:
+        if self.streaming:
+            map_large_allocations()
+        else:
             self.load(["embed", "final_norm", "lm_head", *range(self.n_layers)])
 
     def __repr__(self) -> str:

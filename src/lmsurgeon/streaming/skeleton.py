@@ -34,6 +34,7 @@ KINDS = ("causal-lm", "base")
 
 #: safetensors dtypes read as float64 (others float32) before the cast to the compute dtype: no precision lost
 _WIDE = {"F64"}
+_EXACT_IN_TORCH = {"BF16", "F16", "F32", "F64"}  # stored float dtypes that torch promotes (float8 does not)
 _INTEGER = {"I64", "I32", "I16", "I8", "U8"}
 #: tensors larger than this are read in row chunks of about this many float32 bytes
 CHUNK_BYTES = 64 * 2**20
@@ -80,9 +81,11 @@ class _DeferredTensor:
 
     The loader materialises each source tensor when the conversion that needs it runs, so a stage never holds
     its raw tensors and their converted copies all at once. Floating-point tensors arrive in the wider of their
-    stored dtype and the compute dtype (exact either way); ``ModelHandle`` decodes through float32 arrays, so a
-    large tensor (an embedding, a head) is read in row chunks of :data:`CHUNK_BYTES` into its final buffer
-    instead of existing three times over (stored, float32, cast).
+    stored dtype and the compute dtype (exact either way). A tensor up to :data:`CHUNK_BYTES` comes as stored
+    (bf16, f16, f32, f64) and is widened only when the compute dtype is wider: an MoE layer reads its experts
+    a tensor at a time, and a float32 copy of each (23 MB at GLM-4.5-Air's shape) is transient churn that the
+    C allocator keeps. A larger tensor (an embedding, a head) is read in row chunks of :data:`CHUNK_BYTES`
+    through float32 into its final buffer instead of existing three times over (stored, float32, cast).
     """
 
     def __init__(self, handle, name: str, compute_dtype: torch.dtype):
@@ -99,6 +102,10 @@ class _DeferredTensor:
         if info.dtype == "BOOL":
             return torch.from_numpy(self.handle.tensor(self.name, np.bool_))[index]
         wide = info.dtype in _WIDE
+        if info.dtype in _EXACT_IN_TORCH and (info.nbytes <= CHUNK_BYTES or len(info.shape) < 2):
+            # as stored, widened only if the compute dtype is wider: no float32 copy of every expert matrix
+            stored = self.handle.stored_tensor(self.name)
+            return stored.to(torch.promote_types(stored.dtype, self.compute_dtype))[index]
         if info.nbytes <= CHUNK_BYTES or len(info.shape) < 2 or wide:
             return torch.from_numpy(self.handle.tensor(self.name, np.float64 if wide else np.float32))[index]
         out = torch.empty(info.shape, dtype=torch.promote_types(TORCH_DTYPES[info.dtype], self.compute_dtype))

@@ -23,7 +23,6 @@ from lmsurgeon.errors import LmsurgeonError
 from lmsurgeon.swap.engine import Batch
 from lmsurgeon.swap.plan import ORACLE, plan_order
 
-SHARD_BYTES = 4 << 30
 INDEX_LISTS = ("mlp_only_layers",)  # config lists that hold layer indices rather than one value per layer
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -83,48 +82,17 @@ def rename_map(names: list[str], layout, order: list[int]) -> dict[str, str | No
     return out
 
 
-def _raw(handle, name: str) -> torch.Tensor:
-    """A tensor in its stored dtype (bf16 stays bf16)."""
-    info = handle.info(name)
-    if not info.shape:
-        return torch.tensor(handle.tensor(name, np.float64).item()).to(_dtype(info.dtype))
-    return handle._read_rows(info, 0, info.shape[0]).clone()  # noqa: SLF001 - io's row reader keeps the dtype
-
-
-def _dtype(name: str) -> torch.dtype:
-    from lmsurgeon.io.model import TORCH_DTYPES
-
-    return TORCH_DTYPES[name]
-
-
 def write_rewired(handle, layout, dest: Path, order: list[int]) -> Path:
-    """Write config, tokenizer files and renamed safetensors shards of the rewired model into ``dest``."""
-    from safetensors.torch import save_file
+    """Write config, tokenizer files and renamed safetensors shards of the rewired model into ``dest``, one
+    output shard in memory at a time (:func:`lmsurgeon.io.write.write_shards`)."""
+    from lmsurgeon.io.write import from_handle, write_shards
 
     config = rewire_config(handle.config, layout, order)  # refuses before anything is written
     dest.mkdir(parents=True, exist_ok=False)
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_side_files(handle, dest)
     mapping = rename_map(handle.names(), layout, order)
-    kept = [(old, new) for old, new in mapping.items() if new is not None]
-    shards, cur, size = [], {}, 0
-    for old, new in kept:
-        t = _raw(handle, old).contiguous()
-        if cur and size + t.numel() * t.element_size() > SHARD_BYTES:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[new] = t
-        size += t.numel() * t.element_size()
-    shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], str(dest / "model.safetensors"), metadata={"format": "pt"})
-        return dest
-    weight_map = {}
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(dest / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_shards(dest, [from_handle(handle, old, new) for old, new in mapping.items() if new is not None])
     return dest
 
 

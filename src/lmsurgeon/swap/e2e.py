@@ -2,7 +2,9 @@
 
 Only the model's own final norm and head are applied (found via the registry), plus Gemma-2-style final logit
 soft-capping when the config asks for it, so ``head_logits(h_L)`` equals the model's logits (tested). Logits are
-built in chunks of tokens: a 50k vocabulary over 8k tokens would otherwise need 1.6 GB per call.
+built in chunks of tokens sized by bytes (:data:`LOGIT_CHUNK_BYTES`): a 50k vocabulary over 8k tokens would
+otherwise need 1.6 GB per call, and at GLM-4.5-Air's 151,552 words even 480 tokens make 290 MB of float32
+logits, of which a KL step holds five copies at once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from lmsurgeon.arch import find_module
 from lmsurgeon.errors import MissingTensor
 
-CHUNK = 2048
+LOGIT_CHUNK_BYTES = 64 << 20
 
 
 @dataclass
@@ -33,6 +35,12 @@ class Head:
             if self.softcap:
                 z = torch.tanh(z / self.softcap) * self.softcap
             return z
+
+    def chunk_rows(self) -> int:
+        """Tokens per logits chunk: :data:`LOGIT_CHUNK_BYTES` of float32 logits over the vocabulary. Each token's
+        log-probabilities depend on its own row only, so the chunking does not change them."""
+        vocab = int(self.lm_head.weight.shape[0])
+        return max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
 
 
 def find_head(model, family) -> Head | None:
@@ -62,16 +70,18 @@ def token_losses(
     """
     x, tgt = h[sel], targets[sel]
     ce, kl = [], []
-    for k, a in enumerate(range(0, x.shape[0], CHUNK)):
-        logp = torch.log_softmax(head.logits(x[a : a + CHUNK]), dim=-1)
-        ce.append(-logp.gather(1, tgt[a : a + CHUNK, None])[:, 0].double())
+    rows = head.chunk_rows()
+    for k, a in enumerate(range(0, x.shape[0], rows)):
+        logp = torch.log_softmax(head.logits(x[a : a + rows]), dim=-1)
+        ce.append(-logp.gather(1, tgt[a : a + rows, None])[:, 0].double())
         if ref_logp is not None:
             ref = ref_logp[k]
             kl.append((ref.exp() * (ref - logp)).sum(-1).double())
+        del logp
     return torch.cat(ce), (torch.cat(kl) if ref_logp is not None else None)
 
 
 def reference_logp(head: Head, h: torch.Tensor, sel: torch.Tensor) -> list[torch.Tensor]:
     """The original model's log-probs at the selected positions, chunked like :func:`token_losses`."""
-    x = h[sel]
-    return [torch.log_softmax(head.logits(x[a : a + CHUNK]), dim=-1) for a in range(0, x.shape[0], CHUNK)]
+    x, rows = h[sel], head.chunk_rows()
+    return [torch.log_softmax(head.logits(x[a : a + rows]), dim=-1) for a in range(0, x.shape[0], rows)]
