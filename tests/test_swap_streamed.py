@@ -99,3 +99,37 @@ def test_the_streamed_fit_pass_reads_each_block_once_for_all_batches_and_fits_th
     assert got.r2_fit == pytest.approx(want.r2_fit, rel=1e-9)
     del got
     assert not folder.exists()  # the temporary folder goes with the fit
+
+
+def test_streamed_apply_drop_and_plan_are_checked_streamed_with_the_in_memory_losses(tiny_llama, tmp_path, monkeypatch):
+    """--apply, --drop and --apply-plan on a streamed model: the written models are read back streamed (never
+    loaded whole by transformers) and give the in-memory run's losses; the generation check says it did not run."""
+    from lmsurgeon.io.model import ModelHandle
+
+    options = {**SETTINGS, **PLANS, "apply": 1, "drop": 2, "apply_plan": "drop:0;swap:2"}
+    plain = analyze(tiny_llama, streaming="plain", out=tmp_path / "plain", **options)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a streamed run loaded a whole model")
+
+    monkeypatch.setattr(ModelHandle, "load_model", refuse)
+    streamed = analyze(tiny_llama, streaming="stream", out=tmp_path / "stream", **options)
+    a, b = plain["apply"], streamed["apply"]
+    assert [r["path"] for r in a["results"]] == [r["path"] for r in b["results"]] == ["swap_1_2", "drop_2"]
+    assert math.isclose(a["loss_before"], b["loss_before"], rel_tol=1e-6)
+    for x, y in zip(a["results"], b["results"], strict=True):
+        assert math.isclose(x["loss_after"], y["loss_after"], rel_tol=1e-6), (x, y)
+    p, s = plain["applied_plan"], streamed["applied_plan"]
+    for key in ("heldout_loss", "heldout_bpb", "heldout_loss_from_cache", "heldout_loss_before"):
+        assert math.isclose(p[key], s[key], rel_tol=1e-6), key
+    assert p["generation"]["cached_equals_uncached"] is True
+    assert s["generation"]["cached_equals_uncached"] is None and "streams" in s["generation"]["not_run"]
+
+
+def test_healing_a_streamed_model_is_refused_before_anything_runs(tiny_llama, tmp_path):
+    from lmsurgeon.errors import LmsurgeonError
+
+    with pytest.raises(LmsurgeonError, match="heal-steps"):
+        analyze(
+            tiny_llama, streaming="stream", out=tmp_path / "r", **SETTINGS, **PLANS, apply_plan="drop:1", heal_steps=2
+        )

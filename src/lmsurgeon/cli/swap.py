@@ -96,10 +96,15 @@ def swap(model, overwrite, out, as_json, **options) -> None:
         )
     if r.get("applied_plan"):
         a = r["applied_plan"]
-        same = "equals" if a["generation"]["cached_equals_uncached"] else "DIFFERS FROM"
+        same = a["generation"]["cached_equals_uncached"]
+        check = (
+            "generation not checked (streamed)"
+            if same is None
+            else "cached generation " + ("equals uncached" if same else "DIFFERS FROM uncached")
+        )
         lines.append(
             f"wrote {a['path']} ({a['n_layers']} layers): held-out loss {_num(a['heldout_loss_before'])} → "
-            f"{_num(a['heldout_loss'])}; cached generation {same} uncached"
+            f"{_num(a['heldout_loss'])}; {check}"
         )
         if a.get("heal"):
             h = a["heal"]

@@ -9,9 +9,11 @@ a layer's behaviour from its index alone (GPT-2's ``scale_attn_by_inverse_layer_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 from lmsurgeon.arch import find_module
 from lmsurgeon.data.bits import bits_per_byte
 from lmsurgeon.errors import LmsurgeonError
+from lmsurgeon.streaming import StreamedModel
 from lmsurgeon.swap.engine import Batch
 from lmsurgeon.swap.plan import ORACLE, plan_order
 
@@ -111,23 +114,61 @@ def _copy_side_files(handle, dest: Path) -> None:
 
 def mean_loss(model, batches: list[Batch]) -> float | None:
     """Mean next-token cross-entropy over the batches' real positions (padding and last positions excluded)."""
-    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+    if isinstance(model, StreamedModel):
+        if model.head is None:
+            return None
+    elif not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         return None
     total, n = nll_total(model, batches)
     return total / max(n, 1)
 
 
 def nll_total(model, batches: list[Batch]) -> tuple[float, int]:
-    """Summed next-token NLL (nats) of whole forwards over the batches' loss positions, and their count."""
+    """Summed next-token NLL (nats) of whole forwards over the batches' loss positions, and their count.
+
+    ``model``: a transformers model, or a :class:`lmsurgeon.streaming.StreamedModel` (a checkpoint larger than
+    the memory budget, its blocks read one at a time), whose per-token NLL covers the same positions."""
     total, n = 0.0, 0
     with torch.inference_mode():
         for b in batches:
-            logits = model(**b.inputs(), use_cache=False).logits.float()
             sel = b.loss_sel
-            logp = torch.log_softmax(logits[sel], dim=-1)
-            total += float(-logp.gather(1, b.targets[sel][:, None]).double().sum())
+            if isinstance(model, StreamedModel):
+                per_token = model.nll(b.input_ids, b.attention_mask)  # column t: token t+1; NaN off the text
+                total += float(per_token[sel[:, :-1]].double().sum())
+            else:
+                logits = model(**b.inputs(), use_cache=False).logits.float()
+                logp = torch.log_softmax(logits[sel], dim=-1)
+                total += float(-logp.gather(1, b.targets[sel][:, None]).double().sum())
             n += int(sel.sum())
     return total, n
+
+
+def load_rewired(dest: Path, kind: str, dtype, device, like=None):
+    """The written model back: with transformers, or streamed within the same budget when the model it was
+    written from streams (``like``, a :class:`StreamedModel`), so that checking a rewritten 100B-class model
+    needs no more memory than analysing it did."""
+    from lmsurgeon.io import open_model
+
+    if isinstance(like, StreamedModel):
+        return StreamedModel(
+            open_model(dest), kind=kind, dtype=dtype, device=device, max_memory=like.plan.budget, mode="stream"
+        )
+    return open_model(dest).load_model(kind, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def set_aside(model) -> Iterator[None]:
+    """While another model is read: a streamed model's resident embedding, final norm and head are freed, and read
+    again afterwards (its cached blocks stay); the rewritten model then has the room the budget planned for."""
+    if not isinstance(model, StreamedModel):
+        yield
+        return
+    kept = sorted((s for s in model.resident if isinstance(s, str)), key=str)
+    model.release(kept)
+    try:
+        yield
+    finally:
+        model.load(kept)
 
 
 def apply_and_evaluate(
@@ -142,9 +183,10 @@ def apply_and_evaluate(
     drop: int | None = None,
     model=None,
 ) -> dict:
-    """Write swap_i_{i+1}/ and/or drop_i/ under the run folder; load each back and measure eval perplexity."""
-    from lmsurgeon.io import open_model
+    """Write swap_i_{i+1}/ and/or drop_i/ under the run folder; load each back and measure eval perplexity.
 
+    ``model``: the base as analysed (a :class:`StreamedModel` when it streams; the rewritten models then stream
+    within the same budget, one at a time)."""
     base = model if model is not None else handle.load_model(kind, dtype=dtype, device=device)
     before = mean_loss(base, batches)
     out = {"loss_before": before, "ppl_before": _ppl(before), "results": []}
@@ -157,8 +199,10 @@ def apply_and_evaluate(
     for what, i, folder, desc in jobs:
         order = new_order(layout.n_layers, swap=i if what == "swap" else None, drop=i if what == "drop" else None)
         dest = write_rewired(handle, layout, Path(run_dir) / folder, order)
-        rewired = open_model(dest).load_model(kind, dtype=dtype, device=device)
-        after = mean_loss(rewired, batches)
+        with set_aside(base):
+            rewired = load_rewired(dest, kind, dtype, device, like=base)
+            after = mean_loss(rewired, batches)
+            del rewired
         out["results"].append(
             {
                 "kind": what,
@@ -172,7 +216,6 @@ def apply_and_evaluate(
                 "dloss": None if after is None or before is None else after - before,
             }
         )
-        del rewired
     first = out["results"][0]
     out.update(
         {
@@ -242,21 +285,41 @@ def plan_folder(drops: list[int], swaps: list[int]) -> str:
     return "plan_" + "_".join(parts) if parts else "plan_identity"
 
 
-def apply_plan(handle, layout, run_dir: Path, body: dict, cfg, evaluators, kind: str, dtype, fit_batches) -> dict:
+def apply_plan(
+    handle, layout, run_dir: Path, body: dict, cfg, evaluators, kind: str, dtype, fit_batches, streamed=None
+) -> dict:
     """Write the plan's model, load it back with transformers, and check it: held-out loss of whole forwards
     against the cached-input estimate, greedy generation with the KV cache against uncached argmax decoding,
-    and (``--heal-steps``) held-out loss before and after training the layers next to each cut."""
-    from lmsurgeon.io import open_model
+    and (``--heal-steps``) held-out loss before and after training the layers next to each cut.
 
+    ``streamed``: the run's base streams (:class:`StreamedModel`); the written model is then checked streamed
+    within the same budget, and the generation check, which needs transformers' KV cache over the whole model in
+    memory, is not run (``cached_equals_uncached`` is None, with the reason)."""
     L = layout.n_layers
     drops, swaps, source = resolve_plan(cfg.apply_plan, body, L)
     order = plan_order(L, drops, swaps)
     folder = plan_folder(drops, swaps)
     dest = write_rewired(handle, layout, Path(run_dir) / folder, order)
-    rewired = open_model(dest).load_model(kind, dtype=dtype, device=cfg.device)
     heldout = evaluators[1]
     cached = heldout.scores([order])[0]
-    total, n = nll_total(rewired, heldout.batches)
+    before = heldout.scores([list(range(L))])[0].loss
+    with set_aside(streamed):
+        rewired = load_rewired(dest, kind, dtype, cfg.device, like=streamed)
+        total, n = nll_total(rewired, heldout.batches)
+        generation = (
+            generation_check(rewired, heldout.batches[0])
+            if streamed is None
+            else {
+                "cached_equals_uncached": None,
+                "not_run": "the model streams: transformers' cached generation needs the whole model in memory",
+            }
+        )
+        healed = None
+        if cfg.heal_steps > 0:  # refused up front for a streamed model
+            layers = find_module(rewired, layout.family.modules["layers"])
+            healed_dir = Path(run_dir) / f"{folder}_healed"
+            healed = heal(rewired, layers, order, L, fit_batches, heldout, cfg.heal_steps, healed_dir, dest)
+        del rewired  # a streamed one's resident tables go before the base's are read again
     out = {
         "path": folder,
         "source": source,
@@ -267,14 +330,11 @@ def apply_plan(handle, layout, run_dir: Path, body: dict, cfg, evaluators, kind:
         "heldout_loss": total / max(n, 1),
         "heldout_bpb": bits_per_byte(total, heldout.n_bytes),
         "heldout_loss_from_cache": cached.loss,
-        "heldout_loss_before": heldout.scores([list(range(L))])[0].loss,
-        "generation": generation_check(rewired, heldout.batches[0]),
+        "heldout_loss_before": before,
+        "generation": generation,
     }
-    if cfg.heal_steps > 0:
-        layers = find_module(rewired, layout.family.modules["layers"])
-        out["heal"] = heal(
-            rewired, layers, order, L, fit_batches, heldout, cfg.heal_steps, Path(run_dir) / f"{folder}_healed", dest
-        )
+    if healed is not None:
+        out["heal"] = healed
     return out
 
 

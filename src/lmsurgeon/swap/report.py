@@ -338,11 +338,14 @@ def _applied_plan_section(a: dict) -> Section:
             }
         )
     gen = a["generation"]
-    text = (
-        f"Wrote {a['path']} ({a['source']}: drops {a['drops']}, swaps {a['swaps']}; {a['n_layers']} layers). "
-        f"Greedy generation with the KV cache {'equals' if gen['cached_equals_uncached'] else 'DIFFERS FROM'} "
+    same = gen["cached_equals_uncached"]
+    check = (
+        f"Generation not checked: {gen['not_run']}."
+        if same is None
+        else f"Greedy generation with the KV cache {'equals' if same else 'DIFFERS FROM'} "
         f"uncached argmax decoding over {gen['new_tokens']} tokens."
     )
+    text = f"Wrote {a['path']} ({a['source']}: drops {a['drops']}, swaps {a['swaps']}; {a['n_layers']} layers). {check}"
     return Section("Applied plan", text=text, table=table)
 
 

@@ -62,6 +62,12 @@ def analyze(
         torch_dtype = resolve_dtype(cfg.dtype, cfg.device, handle)
         kind = "base" if family.encoder else "causal-lm"
         model, layers, streamed = load_for_swap(handle, layout, kind, torch_dtype, cfg)
+        if streamed is not None and cfg.heal_steps:
+            raise LmsurgeonError(
+                "--heal-steps trains through the whole model, which streams here (it does not fit --max-memory,"
+                " or --streaming stream): heal in memory, or leave --heal-steps out",
+                handle.name,
+            )
         tokenizer = handle.load_tokenizer()
         L, d = len(layers), layout.hidden_size
         if L < 2:
@@ -184,7 +190,7 @@ def analyze(
                 cfg.device,
                 swap=cfg.apply,
                 drop=cfg.drop,
-                model=model if streamed is None else None,
+                model=model if streamed is None else streamed.sm,
             )
             timings["apply_seconds"] = time.time() - t1
         if cfg.apply_plan is not None:
@@ -192,7 +198,16 @@ def analyze(
 
             t1 = time.time()
             body["applied_plan"] = apply_plan(
-                handle, layout, run.path, body, cfg, evaluators, kind, torch_dtype, fit_batches
+                handle,
+                layout,
+                run.path,
+                body,
+                cfg,
+                evaluators,
+                kind,
+                torch_dtype,
+                fit_batches,
+                streamed=None if streamed is None else streamed.sm,
             )
             timings["apply_plan_seconds"] = time.time() - t1
         if streamed is not None:
