@@ -173,3 +173,23 @@ def test_stage_b_updates_the_normalisers_of_re_run_positions(session):
         with torch.no_grad():
             head.weight.copy_(head_before)
             emb.weight.copy_(emb_before)
+
+
+def test_head_scored_a_prompt_at_a_time_equals_the_whole_batch_and_float64(session, monkeypatch):
+    """A streamed model's head is scored a few prompts at a time (``SCORE_CHUNK_BYTES``): one prompt per chunk
+    gives the whole batch's numbers, the KL positions included, and the float64 reference's NLL."""
+    from lmsurgeon.merge import monitors
+
+    s, evaluator, base = session, session.evaluator, session.base_eval
+    monkeypatch.setattr(monitors, "SCORE_CHUNK_BYTES", 1)  # one prompt per chunk
+    chunked = evaluator.evaluate_head(s.head_logits, base.head_inputs)
+    whole = evaluator._score(s.head_logits(h) for h in base.head_inputs)
+    assert len(evaluator.batches[0]["ids"]) > 1
+    assert chunked.nll_sum == pytest.approx(whole.nll_sum, rel=1e-6)
+    assert chunked.logprobs.shape == whole.logprobs.shape
+    torch.testing.assert_close(chunked.logprobs, whole.logprobs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(chunked.targets, whole.targets, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    head = s.model.get_output_embeddings().weight.detach().double().numpy()
+    nll, _ = _reference(evaluator, base.head_inputs, head)
+    assert chunked.nll_sum == pytest.approx(nll, rel=1e-6)

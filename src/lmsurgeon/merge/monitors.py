@@ -101,6 +101,7 @@ class Evaluation:
         }
 
 
+SCORE_CHUNK_BYTES = 64 << 20  # float32 logits scored at once from kept head inputs (a few prompts)
 HEAD_DELTA_MAX_FRACTION = 1 / 3  # more moved head rows than this share of V: the full head is cheaper
 CANCELLATION = 1e-6  # a position whose moved rows held more than 1 − this of its mass: full head (§M8.3)
 # The same for a log-normaliser taken from float32 logits (a re-run position): its rounding δ grows to δ / (1 − Σ),
@@ -258,13 +259,13 @@ class PromptEvaluator:
         ``keep_head_inputs`` also keeps the LM head's input per batch, so a change to the head alone (Stage B)
         is evaluated by :meth:`evaluate_head` without running the transformer body again. ``keep_token_nll``
         keeps every target's NLL (what the domain gate of methods.md §M10 reads). A layer-streamed model
-        (anything with a ``batch_logits`` method) computes all batches block by block instead.
+        (anything with a ``head_inputs`` method) computes all batches block by block instead, and its head is
+        scored a few prompts at a time (:meth:`_score_hidden`).
         """
-        if hasattr(model, "batch_logits"):
-            seen_h: list[torch.Tensor] = []
-            logits = model.batch_logits(self.batches, seen_h if keep_head_inputs else None)
-            ev = self._score(logits, keep_token_nll)
-            ev.head_inputs = seen_h if keep_head_inputs else None
+        if hasattr(model, "head_inputs"):
+            hidden = model.head_inputs([(b["ids"], b["mask"]) for b in self.batches])
+            ev = self._score_hidden(model.head_logits, hidden, keep_token_nll)
+            ev.head_inputs = hidden if keep_head_inputs else None
             return ev
         seen: list[torch.Tensor] = []
         hook = None
@@ -398,13 +399,41 @@ class PromptEvaluator:
     @torch.no_grad()
     def evaluate_head(self, head_logits, head_inputs: list[torch.Tensor]) -> Evaluation:
         """The same numbers with the body's outputs reused: logits = ``head_logits(h)`` per batch."""
-        return self._score(head_logits(h) for h in head_inputs)
+        return self._score_hidden(head_logits, head_inputs)
 
     def _batch_scores(self, b: dict, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch's target log-probs [B, T−1] (float32) and its log-probs at the KL positions."""
         logp = torch.log_softmax(logits.float(), dim=-1)
         target = logp[:, :-1].gather(-1, b["ids"][:, 1:, None])[..., 0]
         return target, logp[b["pick"]].cpu()
+
+    @torch.no_grad()
+    def _score_hidden(self, head_logits, hidden: list[torch.Tensor], keep_token_nll: bool = False) -> Evaluation:
+        """:meth:`_score` from the head's inputs: each batch's logits made and scored a few prompts at a time,
+        :data:`SCORE_CHUNK_BYTES` of float32 logits at most. A batch's whole [B, T, V] logits, their float32 copy
+        and log-softmax are 1.3 GB at GLM-4.5-Air's 151,552 words for 8 prompts of 130 tokens. Each position's
+        numbers depend on its own row only, so they are those of the whole batch."""
+
+        def scores(b: dict, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            B, T = b["ids"].shape
+            target = torch.empty((B, T - 1), dtype=torch.float32, device=h.device)
+            pick_rows, pick_cols = b["pick"]  # in prompt order, so the chunks' picks concatenate in order
+            picks = []
+            a, rows = 0, 1  # the first prompt's logits give the vocabulary, and so the chunk
+            while a < B:
+                logits = head_logits(h[a : a + rows])
+                z = a + logits.shape[0]
+                mine = (pick_rows >= a) & (pick_rows < z)
+                t, p = self._batch_scores(
+                    {"ids": b["ids"][a:z], "pick": (pick_rows[mine] - a, pick_cols[mine])}, logits
+                )
+                target[a:z] = t
+                picks.append(p)
+                a, rows = z, max(1, SCORE_CHUNK_BYTES // (4 * T * logits.shape[-1]))
+                del logits
+            return target, torch.cat(picks)
+
+        return self._collect((scores(b, h) for b, h in zip(self.batches, hidden, strict=True)), keep_token_nll)
 
     def _score(self, logits_per_batch, keep_token_nll: bool = False) -> Evaluation:
         """Consume one batch's logits at a time (a [B, T, V] tensor per batch, never all batches at once)."""

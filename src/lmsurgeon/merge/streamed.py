@@ -9,7 +9,6 @@ numbers equal the in-memory path's (the same modelling code runs the same weight
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,8 @@ class StreamedLM:
     """A causal LM whose blocks stream from the checkpoint while the embedding, final norm and head stay resident.
 
     It offers what the merge reads from a ``transformers`` model (``get_input_embeddings``,
-    ``get_output_embeddings``, ``config``) and :meth:`batch_logits`, which :class:`PromptEvaluator` uses instead of
-    one forward per batch.
+    ``get_output_embeddings``, ``config``) and :meth:`head_inputs` with :meth:`head_logits`, which
+    :class:`PromptEvaluator` uses instead of one forward per batch.
     """
 
     def __init__(self, handle, *, dtype: torch.dtype, device: str, batch_size: int, max_memory=None):
@@ -81,13 +80,6 @@ class StreamedLM:
                 at += 1
             out.append(torch.cat(rows) if len(rows) > 1 else rows[0])
         return out
-
-    def batch_logits(self, batches: list[dict], seen: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
-        """Logits per evaluator batch (``ids``, ``mask``), one batch's at a time; `seen` collects the head inputs."""
-        for h in self.head_inputs([(b["ids"], b["mask"]) for b in batches]):
-            if seen is not None:
-                seen.append(h)
-            yield self.head_logits(h)
 
     @torch.no_grad()
     def next_token_logits(self, ids: list[int]) -> torch.Tensor:
