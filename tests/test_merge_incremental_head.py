@@ -193,3 +193,20 @@ def test_head_scored_a_prompt_at_a_time_equals_the_whole_batch_and_float64(sessi
     head = s.model.get_output_embeddings().weight.detach().double().numpy()
     nll, _ = _reference(evaluator, base.head_inputs, head)
     assert chunked.nll_sum == pytest.approx(nll, rel=1e-6)
+
+
+def test_a_trial_scored_a_position_at_a_time_gives_the_same_guard_numbers(session, monkeypatch):
+    """The fresh positions of a trial (those after a moved embedding row) are scored in chunks of
+    ``SCORE_CHUNK_BYTES``: one position per chunk gives the numbers of one chunk for all (targets, KL picks,
+    Stage B's share of the moved head rows)."""
+    from lmsurgeon.merge import monitors
+
+    params = {"target_emb_frac": 1.0, "min_tau_emb": -1.0, "alpha_cap_emb": 0.9, "min_tau_head": -1.0}
+    whole = session.trial(params)
+    monkeypatch.setattr(monitors, "SCORE_CHUNK_BYTES", 1)
+    chunked = session.trial(params)
+    assert whole["stage_a"]["rows"] > 0
+    numbers = [k for k, v in whole.items() if isinstance(v, float) and k != "seconds"]
+    assert {"r", "sym_kl", "bpb"} <= set(numbers)
+    for key in numbers:
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), key
