@@ -13,8 +13,12 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lmsurgeon.io.model import ModelHandle
 
 #: largest output shard: what one write holds in memory (a single larger tensor gets a shard of its own)
 SHARD_BYTES = 1 << 30
@@ -29,7 +33,7 @@ class PendingTensor:
     read: Callable[[], torch.Tensor]
 
 
-def from_handle(handle, source: str, name: str | None = None) -> PendingTensor:
+def from_handle(handle: ModelHandle, source: str, name: str | None = None) -> PendingTensor:
     """Tensor ``source`` of ``handle`` (a :class:`lmsurgeon.io.ModelHandle`) in its stored dtype, under ``name``."""
     return PendingTensor(name or source, handle.info(source).nbytes, lambda: handle.stored_tensor(source))
 
