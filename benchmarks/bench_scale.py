@@ -43,6 +43,7 @@ their numbers.
 
     python benchmarks/bench_scale.py swap [--layers 8] [--max-memory 6GiB] [--swap-tokens 480]
     python benchmarks/bench_scale.py merge [--layers 2] [--max-memory 6GiB]
+    python benchmarks/bench_scale.py save [--layers 4] [--max-memory 6GiB]
 
 ``swap``: ``analyze`` in bf16, forced ``--streaming stream`` within ``--max-memory`` (default 6GiB), on
 ``--swap-tokens`` fit and as many eval tokens of random words (rows of 128); prints δ, r and Δloss per pair.
@@ -58,6 +59,8 @@ donor, baselines and best trial and each trial's relative perplexity and symmetr
 because the merge reads only its embedding and head, which with the real vocabulary are 2 × 3.2 GB in float32
 (see docs/scale.md), and its own bits-per-byte pass runs it in float32. The merged checkpoint is not written
 (``_save_models`` is stubbed in the worker): with a streamed base that writes every shard, 36 GB at 8 layers.
+``save`` measures that write alone: the twin streamed, written with ``StreamedLM.save_pretrained`` (one output
+shard of at most 1 GiB at a time), time, VmHWM, and every tensor compared with the source bit for bit.
 
 The swap and merge workers log their stage lines and loads with RSS as they come (``<run>.log``), write the
 Python stack there at every new 2 GiB of RSS from 6 GiB, and stop themselves past 18 GiB (a shared machine).
@@ -535,6 +538,59 @@ def merge_worker(base: str, donor: str, texts: str, streaming: str, max_memory: 
     return row
 
 
+def save_worker(base: str, max_memory: str | None, out: Path) -> dict:
+    """What a streamed merge does to write its model, in this (fresh) process: the base streamed (bf16) within
+    ``max_memory``, written with its resident embedding and head as the merged rows; then every tensor compared
+    with the source, bit for bit."""
+    import shutil
+
+    import torch
+
+    from lmsurgeon.io import open_model
+    from lmsurgeon.merge.streamed import StreamedLM
+
+    handle = open_model(base)
+    lm = StreamedLM(handle, dtype=torch.bfloat16, device="cpu", batch_size=8, max_memory=max_memory)
+    names = lm.parameter_names()
+    rows = {names["embed"]: lm.get_input_embeddings().weight}
+    if "lm_head" in names:
+        rows[names["lm_head"]] = lm.get_output_embeddings().weight
+    start = time.perf_counter()
+    lm.save_pretrained(out, rows)
+    seconds, peak = time.perf_counter() - start, _status_bytes("VmHWM")
+    written = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    files = len(list(Path(out).glob("*.safetensors")))
+    del lm, rows
+    copy = open_model(out)
+    same = sorted(copy.names()) == sorted(handle.names()) and all(
+        torch.equal(copy.stored_tensor(n), handle.stored_tensor(n)) for n in handle.names()
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    return {"seconds": seconds, "peak_rss": peak, "bytes_written": written, "files": files, "bit_exact": same}
+
+
+def save_bench(args) -> None:
+    """The merge's save of a streamed base (``--layers``-layer GLM twin) under ``--max-memory``: time, VmHWM,
+    bytes written, and whether every tensor came back bit for bit. Needs the twin's size free on disk."""
+    import shutil
+    import tempfile
+
+    layers = args.layers[0] if args.layers else 4
+    big = forward_model(args, "glm-a", layers)
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-save-"))
+    try:
+        row = fresh("--save-worker", [str(big), "--dir", str(work / "out"), "--max-memory", args.max_memory])
+        print(
+            f"{layers} layers ({apparent_bytes(big) / 1e9:.1f} GB apparent), streamed merge save within "
+            f"{args.max_memory}: wrote {row['bytes_written'] / 1e9:.1f} GB in {row['files']} shards, "
+            f"{row['seconds']:.0f} s, VmHWM {row['peak_rss'] / 2**30:.2f} GiB; every tensor bit for bit: "
+            f"{row['bit_exact']}",
+            flush=True,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def fresh(flag: str, payload: list[str], env: dict | None = None) -> dict:
     """Run this file's ``flag`` worker in a fresh process (its own VmHWM); its last stdout line is the JSON row."""
     cmd = [sys.executable, __file__, flag, *payload]
@@ -680,11 +736,12 @@ def merge_bench(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="stream", choices=["stream", "lineage", "swap", "merge"])
+    ap.add_argument("mode", nargs="?", default="stream", choices=["stream", "lineage", "swap", "merge", "save"])
     ap.add_argument("--tests", default="awm,phi_u", help="lineage mode: the tests to run")
     ap.add_argument("--lineage-worker", help=argparse.SUPPRESS)
     ap.add_argument("--swap-worker", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--merge-worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--save-worker", help=argparse.SUPPRESS)
     ap.add_argument(
         "--no-compare", action="store_true", help="swap/merge: skip the 2-layer streamed vs in-memory comparison"
     )
@@ -715,9 +772,12 @@ def main() -> None:
         base, donor, texts, mode = args.merge_worker
         print(json.dumps(merge_worker(base, donor, texts, mode, args.max_memory, args.dir)))
         return
-    if args.mode in ("swap", "merge"):
+    if args.save_worker:
+        print(json.dumps(save_worker(args.save_worker, args.max_memory, args.dir)))
+        return
+    if args.mode in ("swap", "merge", "save"):
         args.max_memory = args.max_memory or "6GiB"
-        (swap_bench if args.mode == "swap" else merge_bench)(args)
+        {"swap": swap_bench, "merge": merge_bench, "save": save_bench}[args.mode](args)
         return
     args.layers = args.layers or [1, 8]
     if args.lineage_worker:
