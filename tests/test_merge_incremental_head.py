@@ -176,12 +176,12 @@ def test_stage_b_updates_the_normalisers_of_re_run_positions(session):
 
 
 def test_head_scored_a_prompt_at_a_time_equals_the_whole_batch_and_float64(session, monkeypatch):
-    """A streamed model's head is scored a few prompts at a time (``SCORE_CHUNK_BYTES``): one prompt per chunk
+    """A streamed model's head is scored a few prompts at a time (``LOGIT_CHUNK_BYTES``): one prompt per chunk
     gives the whole batch's numbers, the KL positions included, and the float64 reference's NLL."""
     from lmsurgeon.merge import monitors
 
     s, evaluator, base = session, session.evaluator, session.base_eval
-    monkeypatch.setattr(monitors, "SCORE_CHUNK_BYTES", 1)  # one prompt per chunk
+    monkeypatch.setattr(monitors, "LOGIT_CHUNK_BYTES", 1)  # one prompt per chunk
     chunked = evaluator.evaluate_head(s.head_logits, base.head_inputs)
     whole = evaluator._score(s.head_logits(h) for h in base.head_inputs)
     assert len(evaluator.batches[0]["ids"]) > 1
@@ -197,13 +197,13 @@ def test_head_scored_a_prompt_at_a_time_equals_the_whole_batch_and_float64(sessi
 
 def test_a_trial_scored_a_position_at_a_time_gives_the_same_guard_numbers(session, monkeypatch):
     """The fresh positions of a trial (those after a moved embedding row) are scored in chunks of
-    ``SCORE_CHUNK_BYTES``: one position per chunk gives the numbers of one chunk for all (targets, KL picks,
+    ``LOGIT_CHUNK_BYTES``: one position per chunk gives the numbers of one chunk for all (targets, KL picks,
     Stage B's share of the moved head rows)."""
     from lmsurgeon.merge import monitors
 
     params = {"target_emb_frac": 1.0, "min_tau_emb": -1.0, "alpha_cap_emb": 0.9, "min_tau_head": -1.0}
     whole = session.trial(params)
-    monkeypatch.setattr(monitors, "SCORE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(monitors, "LOGIT_CHUNK_BYTES", 1)
     chunked = session.trial(params)
     assert whole["stage_a"]["rows"] > 0
     numbers = [k for k, v in whole.items() if isinstance(v, float) and k != "seconds"]

@@ -17,6 +17,7 @@ import torch
 
 from lmsurgeon.data.bits import bits_per_byte
 from lmsurgeon.errors import LmsurgeonError
+from lmsurgeon.streaming.budget import LOGIT_CHUNK_BYTES
 
 TOKEN_CLASSES = ("digits", "whitespace", "punctuation", "multibyte", "words")
 SPECIAL = len(TOKEN_CLASSES)  # class index of added special tokens and padding: counted in perplexity only
@@ -101,7 +102,6 @@ class Evaluation:
         }
 
 
-SCORE_CHUNK_BYTES = 64 << 20  # float32 logits scored at once from kept head inputs (a few prompts)
 HEAD_DELTA_MAX_FRACTION = 1 / 3  # more moved head rows than this share of V: the full head is cheaper
 CANCELLATION = 1e-6  # a position whose moved rows held more than 1 − this of its mass: full head (§M8.3)
 # The same for a log-normaliser taken from float32 logits (a re-run position): its rounding δ grows to δ / (1 − Σ),
@@ -410,7 +410,7 @@ class PromptEvaluator:
     @torch.no_grad()
     def _score_hidden(self, head_logits, hidden: list[torch.Tensor], keep_token_nll: bool = False) -> Evaluation:
         """:meth:`_score` from the head's inputs: each batch's logits made and scored a few prompts at a time,
-        :data:`SCORE_CHUNK_BYTES` of float32 logits at most. A batch's whole [B, T, V] logits, their float32 copy
+        :data:`LOGIT_CHUNK_BYTES` of float32 logits at most. A batch's whole [B, T, V] logits, their float32 copy
         and log-softmax are 1.3 GB at GLM-4.5-Air's 151,552 words for 8 prompts of 130 tokens. Each position's
         numbers depend on its own row only, so they are those of the whole batch."""
 
@@ -429,7 +429,7 @@ class PromptEvaluator:
                 )
                 target[a:z] = t
                 picks.append(p)
-                a, rows = z, max(1, SCORE_CHUNK_BYTES // (4 * T * logits.shape[-1]))
+                a, rows = z, max(1, LOGIT_CHUNK_BYTES // (4 * T * logits.shape[-1]))
                 del logits
             return target, torch.cat(picks)
 
@@ -514,7 +514,7 @@ class _Scores:
         the float32 logits in place (no second [positions, V] tensor), the KL positions' log-softmax; with `keep`,
         what a later head-row change updates (log-normaliser, target logit), and with `share_of` (a [V, 1]
         indicator of head rows R) Σ_R e^{z_r − L} from the same pass. The positions are taken
-        :data:`SCORE_CHUNK_BYTES` of float32 logits at a time (8 prompts of 512 tokens at a 151,552-word vocabulary
+        :data:`LOGIT_CHUNK_BYTES` of float32 logits at a time (8 prompts of 512 tokens at a 151,552-word vocabulary
         would be 2.5 GB at once); each position's numbers depend on its own row only."""
         h_at, next_ids = h[where], self.next_ids[where]
         n, vocab = h_at.shape[0], self.picked.shape[-1]
@@ -523,7 +523,7 @@ class _Scores:
         y_logit = torch.empty(n, dtype=torch.float64, device=h.device)
         lse, total = torch.empty_like(y_logit), torch.empty_like(y_logit)
         share = torch.empty_like(y_logit) if share_of is not None else None
-        rows = max(1, SCORE_CHUNK_BYTES // (4 * vocab))
+        rows = max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
         for a in range(0, n, rows):
             z = self.head_logits(h_at[a : a + rows]).float()
             b = a + z.shape[0]

@@ -201,6 +201,10 @@ def _glibc():
     return _LIBC
 
 
+#: float32 logits made at once wherever a head runs on many positions (swap's Δloss and KL, the merge's scoring):
+#: at GLM-4.5-Air's 151,552 words a batch's whole logits are gigabytes, and each position's log-probabilities
+#: depend on its own row only, so chunking changes no number
+LOGIT_CHUNK_BYTES = 64 << 20
 MMAP_THRESHOLD = 4 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 _LIBC: object = False  # not looked up yet; None: not glibc

@@ -15,8 +15,7 @@ import torch
 
 from lmsurgeon.arch import find_module
 from lmsurgeon.errors import MissingTensor
-
-LOGIT_CHUNK_BYTES = 64 << 20
+from lmsurgeon.streaming.budget import LOGIT_CHUNK_BYTES
 
 
 @dataclass
